@@ -1,0 +1,359 @@
+"""GPT-2 as a pure function of (params, tokens, overrides).
+
+Weights follow the Hugging Face GPT-2 layout (Conv1D weights are [in, out],
+the unembedding is tied to `wte`); blocks are stacked along a leading layer
+axis and run with `jax.lax.scan`. An override is data, not a hook: for a site
+it gives a mask of the entries to replace and the values to put there, so
+`jax.vmap` over a stack of overrides runs many patched forwards in one call.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch import sites
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    d_mlp: int = 3072
+    n_ctx: int = 1024
+    d_vocab: int = 50257
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+
+    @property
+    def d_head(self):
+        return self.d_model // self.n_head
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown GPT2Config fields {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+class Override(eqx.Module):
+    """Replace a site's activation where `mask` is True by `value`.
+
+    For a per-layer site both arrays have a leading layer axis and broadcast to
+    [n_layer, *activation_shape]; for a global site to the activation shape.
+    """
+
+    value: jax.Array
+    mask: jax.Array
+
+
+def normalize(x, eps):
+    """Layer norm without its affine part, computed in float32."""
+    x = x.astype(jnp.float32)
+    x = x - x.mean(-1, keepdims=True)
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+class LayerNorm(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array
+
+    def __call__(self, x, eps):
+        return (normalize(x, eps) * self.weight + self.bias).astype(x.dtype)
+
+
+class Attention(eqx.Module):
+    c_attn_w: jax.Array  # [d_model, 3 * d_model]: q, k, v, heads contiguous within each
+    c_attn_b: jax.Array
+    c_proj_w: jax.Array  # [d_model, d_model]
+    c_proj_b: jax.Array
+
+    def qkv(self, x, n_head):
+        """x [..., d] -> q, k, v each [..., n_head, d_head]."""
+        qkv = x @ self.c_attn_w + self.c_attn_b
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        split = lambda t: t.reshape(*t.shape[:-1], n_head, -1)
+        return split(q), split(k), split(v)
+
+    def out(self, z):
+        """z [..., n_head, d_head] -> [..., d]."""
+        return z.reshape(*z.shape[:-2], -1) @ self.c_proj_w + self.c_proj_b
+
+
+class MLP(eqx.Module):
+    c_fc_w: jax.Array  # [d_model, d_mlp]
+    c_fc_b: jax.Array
+    c_proj_w: jax.Array  # [d_mlp, d_model]
+    c_proj_b: jax.Array
+
+    def __call__(self, x, activation):
+        return ACTIVATIONS[activation](x @ self.c_fc_w + self.c_fc_b) @ self.c_proj_w + self.c_proj_b
+
+
+def no_edit(site, act):
+    return act
+
+
+def causal_attention(q, k, v, key_mask=None, edit=no_edit):
+    """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens."""
+    T = q.shape[-3]
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    allowed = jnp.tril(jnp.ones((T, T), bool))
+    if key_mask is not None:
+        allowed = allowed & key_mask[..., None, None, :].astype(bool)
+    # A finite fill keeps fully masked rows (left padding) finite instead of NaN.
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    return jnp.einsum("...hqk,...khd->...qhd", pattern, v)
+
+
+class Block(eqx.Module):
+    ln_1: LayerNorm
+    attn: Attention
+    ln_2: LayerNorm
+    mlp: MLP
+
+    def __call__(self, x, config, attend, edit=no_edit):
+        """One block on rows x [..., d].
+
+        attend(q, k, v) -> z mixes positions (and applies the pattern edit);
+        edit(site, activation) -> activation is where overrides and caching happen.
+        Both are supplied by the caller, so the same block runs a plain forward
+        and the patching engine's packed rows.
+        """
+        x = edit("hook_resid_pre", x)
+        q, k, v = self.attn.qkv(self.ln_1(x, config.layer_norm_eps), config.n_head)
+        q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
+        z = edit("attn.hook_z", attend(q, k, v))
+        x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z)))
+        mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(x, config.layer_norm_eps), config.activation))
+        return edit("hook_resid_post", x + mlp_out)
+
+
+def apply_override(override, act, site):
+    if override is None:
+        return act
+    value, mask = override.value, override.mask
+    try:
+        fits = np.broadcast_shapes(value.shape, mask.shape, act.shape) == act.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"override for {site!r}: value {tuple(value.shape)} and mask {tuple(mask.shape)} "
+            f"must broadcast to the activation shape {tuple(act.shape)}"
+        )
+    return jnp.where(mask, value.astype(act.dtype), act)
+
+
+class Cache(eqx.Module):
+    """Activations keyed by TransformerLens hook names.
+
+    `stacks[site]` holds a per-layer site as one [n_layer, ...] array;
+    `cache["blocks.3.hook_resid_pre"]` gives one layer's slice.
+    """
+
+    stacks: dict
+    n_layer: int = eqx.field(static=True)
+
+    def __getitem__(self, name):
+        site, layer = sites.parse(name, self.n_layer)
+        if site not in self.stacks:
+            raise KeyError(f"{name!r} was not cached")
+        return self.stacks[site] if layer is None else self.stacks[site][layer]
+
+    def __contains__(self, name):
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    def keys(self):
+        names = []
+        for site in self.stacks:
+            if site in sites.LAYER_SITES:
+                names += [sites.full_name(site, l) for l in range(self.n_layer)]
+            else:
+                names.append(site)
+        return names
+
+    def items(self):
+        return [(name, self[name]) for name in self.keys()]
+
+    def stacked(self, site):
+        """All layers of a site as one [n_layer, ...] array."""
+        return self.stacks[sites.canonical(site)]
+
+
+class GPT2(eqx.Module):
+    config: GPT2Config = eqx.field(static=True)
+    wte: jax.Array  # [d_vocab, d_model], also the unembedding
+    wpe: jax.Array  # [n_ctx, d_model]
+    blocks: Block  # every leaf has a leading [n_layer] axis
+    ln_f: LayerNorm
+
+    @property
+    def cfg(self):
+        return self.config
+
+    @property
+    def dtype(self):
+        return self.wte.dtype
+
+    @classmethod
+    def init(cls, config, *, key, std=0.02, dtype=jnp.float32):
+        """Random weights as GPT-2 initialises them (normal(0, std) weights, zero biases)."""
+        L, d, m = config.n_layer, config.d_model, config.d_mlp
+        keys = iter(jax.random.split(key, 8))
+        normal = lambda *shape: std * jax.random.normal(next(keys), shape, dtype)
+        zeros = lambda *shape: jnp.zeros(shape, dtype)
+        ones = lambda *shape: jnp.ones(shape, dtype)
+        blocks = Block(
+            ln_1=LayerNorm(ones(L, d), zeros(L, d)),
+            attn=Attention(normal(L, d, 3 * d), zeros(L, 3 * d), normal(L, d, d), zeros(L, d)),
+            ln_2=LayerNorm(ones(L, d), zeros(L, d)),
+            mlp=MLP(normal(L, d, m), zeros(L, m), normal(L, m, d), zeros(L, d)),
+        )
+        return cls(config, normal(config.d_vocab, d), normal(config.n_ctx, d), blocks, LayerNorm(ones(d), zeros(d)))
+
+    def astype(self, dtype):
+        return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
+
+    def check_tokens(self, tokens):
+        """Raise a clear error for inputs the model cannot run."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.config.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's n_ctx={self.config.n_ctx}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        if not isinstance(tokens, jax.core.Tracer):
+            t = np.asarray(tokens)
+            bad = (t < 0) | (t >= self.config.d_vocab)
+            if bad.any():
+                b, p = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"token id {int(t[b, p])} at [batch {b}, pos {p}] is outside the vocabulary [0, {self.config.d_vocab})"
+                )
+
+    def positions(self, tokens, attention_mask=None):
+        """Position ids [batch, pos]: counted over real tokens, so left padding does not shift them."""
+        if attention_mask is None:
+            return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
+    def unembed(self, x, edit=no_edit):
+        """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
+        normalized = edit("ln_final.hook_normalized", normalize(x, self.config.layer_norm_eps))
+        x = (normalized * self.ln_f.weight + self.ln_f.bias).astype(self.dtype)
+        return (x @ self.wte.T).astype(jnp.float32)
+
+    def __call__(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
+        """tokens [batch, pos] -> logits [batch, pos, d_vocab] (or [batch, K, d_vocab] at `logits_at` [batch, K])."""
+        return self._run(tokens, overrides, attention_mask, logits_at, record=False)[0]
+
+    def run_with_cache(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
+        """Logits and a `Cache` of every site, keyed by TransformerLens hook names."""
+        return self._run(tokens, overrides, attention_mask, logits_at, record=True)
+
+    def _run(self, tokens, overrides, attention_mask, logits_at, record):
+        tokens = jnp.asarray(tokens)
+        self.check_tokens(tokens)
+        overrides = dict(overrides or {})
+        for site in overrides:
+            if sites.canonical(site) != site:
+                raise KeyError(f"override key {site!r}: use the full site name {sites.canonical(site)!r}")
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        cache = {}
+
+        def global_edit(site, act):
+            act = apply_override(overrides.get(site), act, site)
+            if record:
+                cache[site] = act
+            return act
+
+        embed = global_edit("hook_embed", self.wte[tokens])
+        pos_embed = global_edit("hook_pos_embed", self.wpe[self.positions(tokens, attention_mask)])
+        layer_overrides = {s: overrides[s] for s in sites.LAYER_SITES if s in overrides}
+        for site, ov in layer_overrides.items():
+            if ov.value.shape[:1] != (self.config.n_layer,) or ov.mask.shape[:1] != (self.config.n_layer,):
+                raise ValueError(
+                    f"override for {site!r}: value {tuple(ov.value.shape)} and mask {tuple(ov.mask.shape)} "
+                    f"need a leading layer axis of size n_layer={self.config.n_layer}"
+                )
+
+        def step(x, per_layer):
+            block, layer_ov = per_layer
+            layer_cache = {}
+
+            def edit(site, act):
+                act = apply_override(layer_ov.get(site), act, site)
+                if record:
+                    layer_cache[site] = act
+                return act
+
+            attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
+            return block(x, self.config, attend, edit), layer_cache
+
+        x = (embed + pos_embed).astype(self.dtype)
+        x, layer_cache = jax.lax.scan(step, x, (self.blocks, layer_overrides))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
+        logits = self.unembed(x, global_edit)
+        if not record:
+            return logits, None
+        return logits, Cache({**layer_cache, **cache}, self.config.n_layer)
+
+
+def override_from_cache(cache, site, *, layers=None, positions=None, heads=None):
+    """An `Override` that puts `cache`'s values at the given layers / positions / heads of `site`.
+
+    For "attn.hook_pattern" `positions` are query (destination) positions.
+    None selects everything along that axis.
+    """
+    site = sites.canonical(site)
+    value = cache.stacked(site)
+    per_layer = site in sites.LAYER_SITES
+    b = 1 if per_layer else 0  # the batch axis
+    if site == "attn.hook_pattern":
+        axes = {"layers": 0, "heads": b + 1, "positions": b + 2}
+    elif site in sites.HEAD_VECTOR_SITES:
+        axes = {"layers": 0, "positions": b + 1, "heads": b + 2}
+    else:
+        axes = {"layers": 0, "positions": b + 1}
+    if not per_layer:
+        del axes["layers"]
+    mask = np.ones(value.shape, bool)
+    for name, chosen in (("layers", layers), ("positions", positions), ("heads", heads)):
+        if chosen is None:
+            continue
+        if name not in axes:
+            raise ValueError(f"site {site!r} has no {name[:-1]} axis")
+        axis = axes[name]
+        axis_mask = np.zeros(value.shape[axis], bool)
+        axis_mask[np.asarray(chosen)] = True
+        mask &= axis_mask.reshape([-1 if a == axis else 1 for a in range(value.ndim)])
+    return Override(value, jnp.asarray(mask))

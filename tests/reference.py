@@ -1,0 +1,73 @@
+"""Independent references for parity tests: random Hugging Face GPT-2 models and
+the same weights in TransformerLens 3.9. Nothing here uses jpatch's forward."""
+
+import numpy as np
+import torch
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=211)
+SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
+
+
+def hf_model(seed=0, initializer_range=0.08, **shape):
+    """A random GPT2LMHeadModel (eager attention) whose every parameter moves the output:
+    large initial weights, and layer-norm weights and biases perturbed away from 1 and 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{**TINY, **shape}, initializer_range=initializer_range, attn_implementation="eager")
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def hf_state_dict(model):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def hf_logits(model, tokens, attention_mask=None):
+    with torch.no_grad():
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.tensor(np.asarray(attention_mask))
+        return model(torch.tensor(np.asarray(tokens)), **kwargs).logits.numpy()
+
+
+def tl_model(hf):
+    """The same weights in TransformerLens 3.9's HookedTransformer, unprocessed."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_ctx=c.n_positions,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
+        device="cpu",
+    )
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    return model.eval()
+
+
+def random_tokens(batch, pos, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, pos))
