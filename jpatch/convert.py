@@ -1,8 +1,14 @@
 """Hugging Face GPT-2 weights -> jpatch `GPT2`.
 
 The mapping is name for name (Hugging Face Conv1D weights are already [in, out]);
-the per-layer tensors are stacked along a leading layer axis.
+the per-layer tensors are stacked along a leading layer axis. `convert_hf` reads a
+checkpoint folder (safetensors, torch bin or Flax msgpack) or Hub id and writes a
+jpatch folder that `jpatch.checkpoint.load` reads.
 """
+
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import jax.numpy as jnp
@@ -74,3 +80,188 @@ def from_hf_state_dict(state, config, dtype=jnp.float32):
         blocks,
         LayerNorm(get("ln_f.weight", (d,)), get("ln_f.bias", (d,))),
     )
+
+
+# --- reading Hugging Face checkpoints -------------------------------------------------
+
+# Weight files in the order they are preferred; a sharded checkpoint has an index file.
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+FLAX_MSGPACK = "flax_model.msgpack"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FLAX_MSGPACK)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_source(src):
+    """A local checkpoint directory, or a Hugging Face Hub id downloaded with `snapshot_download`."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is not a directory; pass the folder holding config.json and the weights")
+    name = str(src)
+    if not _HUB_ID.fullmatch(name) or name.endswith(WEIGHT_FILES + ("config.json",)):
+        raise FileNotFoundError(f"no such checkpoint directory: {path}")
+    return _download(name)
+
+
+def _download(repo_id):
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory, and huggingface_hub is not installed to download it from the Hub"
+        ) from e
+    # One weight format only: the Hub's GPT-2 repos also hold TF, Rust and ONNX copies.
+    formats = (
+        [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors"],
+        [TORCH_BIN, TORCH_BIN_INDEX, "pytorch_model-*-of-*.bin"],
+        [FLAX_MSGPACK],
+    )
+    try:
+        for patterns in formats:
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", *patterns]))
+            if any((folder / f).is_file() for f in patterns[:2]):
+                return folder
+    except Exception as e:
+        raise OSError(
+            f"{repo_id!r} is not a local directory and could not be downloaded from the Hugging Face Hub: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    raise FileNotFoundError(f"Hugging Face Hub repo {repo_id!r} has no {', '.join(WEIGHT_FILES)}")
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing {path}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def _read_safetensors(path):
+    import safetensors.numpy
+
+    try:
+        return safetensors.numpy.load_file(path)
+    except TypeError:  # bfloat16, which NumPy's own dtypes lack: read through JAX
+        import safetensors.flax
+
+        return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
+
+
+def _read_torch(path):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path} is a PyTorch checkpoint and reading it needs torch (pip install torch); "
+            f"or convert from a folder with {SAFETENSORS}"
+        ) from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    to_numpy = lambda t: (t.float() if t.dtype == torch.bfloat16 else t).detach().numpy()
+    return {k: to_numpy(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_flax(path):
+    from flax.serialization import msgpack_restore
+
+    return flax_params_to_hf(msgpack_restore(Path(path).read_bytes()))
+
+
+def flax_params_to_hf(params):
+    """Hugging Face Flax GPT-2 params (nested dict) -> PyTorch state-dict names and layout.
+
+    FlaxGPT2 names its tensors transformer/h/0/attn/c_attn/kernel etc.; LayerNorm
+    weights are `scale`, embeddings `embedding`. Its `FlaxConv1D` declares `kernel`
+    as [out, in] (transposed on use), the transpose of PyTorch's Conv1D [in, out],
+    so every kernel is transposed here (as HF's own Flax<->PyTorch converter does;
+    this also maps an untied `lm_head` Dense kernel [in, out] to Linear's [out, in]).
+    """
+    state = {}
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, (*path, str(key)))
+                continue
+            leaf, value = str(key), np.asarray(value)
+            if leaf == "kernel":
+                leaf, value = "weight", np.ascontiguousarray(value.T)
+            elif leaf in ("scale", "embedding"):
+                leaf = "weight"
+            state[".".join((*path, leaf))] = value
+
+    if set(params) == {"params"}:
+        params = params["params"]
+    walk(params, ())
+    return state
+
+
+def _weight_file(folder):
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no GPT-2 weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _read_weights(path):
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{path} has no weight_map")
+        state = {}
+        for shard in shards:
+            state.update(_read_weights(path.parent / shard))
+        return state
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weight file {path}")
+    reader = _read_flax if path.suffix == ".msgpack" else _read_safetensors if path.suffix == ".safetensors" else _read_torch
+    try:
+        return reader(path)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+
+
+def load_hf_state_dict(src):
+    """Read a Hugging Face GPT-2 checkpoint: (state dict of NumPy arrays, config.json dict).
+
+    `src` is a local folder with config.json and one of model.safetensors,
+    pytorch_model.bin (needs torch) or flax_model.msgpack (tried in that order;
+    sharded *.index.json checkpoints work too), or a Hub id such as "gpt2" when
+    no such folder exists (downloaded with huggingface_hub). State-dict names and
+    layouts are PyTorch's whatever the file format.
+    """
+    folder = resolve_source(src)
+    config = _read_json(folder / "config.json")
+    return _read_weights(_weight_file(folder)), config
+
+
+def load_hf(src, *, dtype=jnp.float32):
+    """A `GPT2` straight from a Hugging Face checkpoint folder or Hub id (see `load_hf_state_dict`)."""
+    state, hf_config = load_hf_state_dict(src)
+    return from_hf_state_dict(state, config_from_hf(hf_config), dtype=dtype)
+
+
+def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
+    """Convert a Hugging Face GPT-2 checkpoint into a jpatch folder: config.json + orbax checkpoint.
+
+    The folder is written atomically (a temporary folder beside `out_dir`, renamed
+    at the end), so a failed conversion leaves nothing behind. An existing non-empty
+    `out_dir` is replaced only with `overwrite=True`. Returns the folder's path.
+    """
+    from jpatch import checkpoint
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    checkpoint.check_target(out_dir, overwrite)  # before the slow part
+    folder = resolve_source(src)
+    source = str(src) if not Path(src).expanduser().is_dir() else str(folder.resolve())
+    model = load_hf(folder, dtype=DTYPES[dtype])
+    return checkpoint.save(model, out_dir, extra_config={"source": source}, overwrite=overwrite)

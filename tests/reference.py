@@ -14,7 +14,11 @@ def hf_model(seed=0, initializer_range=0.08, **shape):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(**{**TINY, **shape}, initializer_range=initializer_range, attn_implementation="eager")
+    shape = {**TINY, **shape}
+    last = shape["vocab_size"] - 1  # GPT-2's 50256 is outside a tiny vocabulary
+    config = GPT2Config(
+        **shape, initializer_range=initializer_range, bos_token_id=last, eos_token_id=last, attn_implementation="eager"
+    )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
