@@ -1,6 +1,8 @@
 """Independent references for parity tests: random Hugging Face GPT-2 models and
 the same weights in TransformerLens 3.9. Nothing here uses jpatch's forward."""
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -62,7 +64,9 @@ def tl_model(hf):
         default_prepend_bos=False,
         device="cpu",
     )
-    model = HookedTransformer(cfg)
+    with warnings.catch_warnings():  # "HookedTransformer is deprecated": it is the reference users know
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
     model.load_and_process_state_dict(
         convert_gpt2_weights(hf, cfg),
         fold_ln=False,

@@ -1,0 +1,24 @@
+"""Shared fixtures: one tiny random GPT-2 as Hugging Face, TransformerLens and jpatch models."""
+
+import pytest
+
+import reference
+from jpatch.convert import config_from_hf, from_hf_state_dict
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """Random tiny `transformers` GPT2LMHeadModel (reference.TINY shape, perturbed layer norms)."""
+    return reference.hf_model()
+
+
+@pytest.fixture(scope="session")
+def tl_tiny(hf_tiny):
+    """The same weights in TransformerLens's HookedTransformer (no weight processing)."""
+    return reference.tl_model(hf_tiny)
+
+
+@pytest.fixture(scope="session")
+def jp_tiny(hf_tiny):
+    """The same weights as a jpatch `GPT2` (float32)."""
+    return from_hf_state_dict(reference.hf_state_dict(hf_tiny), config_from_hf(hf_tiny.config))
