@@ -1,0 +1,161 @@
+"""Patching metrics as jitted reductions over the logits a sweep computes.
+
+A `Metric` has three parts:
+- `score(logits, clean_logits) -> [batch]`: a raw per-prompt score of one run,
+  from float32 logits at the positions it reads ([batch, K, vocab]);
+- `positions`: which positions it reads ([batch, K] ids; None = the last one,
+  "all" = every position, for callables written against full logits);
+- `normalize`: how a patched score is compared with the clean and corrupted runs:
+  "none" (the raw score), "baseline" (minus the corrupted run: P_pt - P_*),
+  "range" ((s_pt - s_*) / (s_cl - s_*): 0 = corrupted, 1 = clean).
+
+The comparison is the same whichever way a sweep patches (denoising or noising),
+so 1 always means "clean behaviour", 0 "corrupted behaviour".
+"""
+
+import dataclasses
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMALIZATIONS = ("none", "baseline", "range")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Metric:
+    """score(logits [B, K, V], clean_logits [B, K, V], data) -> [B]; `data` holds
+    per-prompt arrays (answer ids, ...) with a leading batch axis, so a sweep can
+    chunk prompts and reuse one compiled `score` for new data."""
+
+    name: str
+    score: Callable
+    data: dict = dataclasses.field(default_factory=dict)
+    positions: Union[None, str, np.ndarray] = None
+    normalize: str = "range"
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalize={self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+
+    def read_positions(self, batch, pos):
+        """The [batch, K] positions this metric reads for [batch, pos] tokens (None: all)."""
+        if isinstance(self.positions, str):
+            if self.positions != "all":
+                raise ValueError(f"positions must be None, 'all' or an array, got {self.positions!r}")
+            return None
+        if self.positions is None:
+            return np.full((batch, 1), pos - 1)
+        positions = np.asarray(self.positions)
+        positions = positions.reshape(positions.shape[0], -1) if positions.ndim else np.full((batch, 1), positions)
+        if positions.shape[0] != batch:
+            raise ValueError(f"metric positions cover {positions.shape[0]} prompts, the batch has {batch}")
+        if (positions < 0).any() or (positions >= pos).any():
+            raise ValueError(f"metric positions {positions.ravel().tolist()} out of range for {pos} tokens")
+        return positions
+
+    def batch_data(self, batch):
+        """`data` checked to have one entry per prompt."""
+        for key, value in self.data.items():
+            if np.shape(value)[:1] != (batch,):
+                raise ValueError(f"metric {self.name!r}: {key} has shape {np.shape(value)}, expected one per prompt ({batch})")
+        return {k: jnp.asarray(v) for k, v in self.data.items()}
+
+    def compare(self, patched, clean, corrupted):
+        """Normalise raw scores (any shape, broadcasting) against the two baselines."""
+        if self.normalize == "none":
+            return patched
+        if self.normalize == "baseline":
+            return patched - corrupted
+        return (patched - corrupted) / (clean - corrupted)
+
+
+def _at(logits, ids):
+    """logits [B, V], ids [B] -> [B]."""
+    return jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+
+
+def _ids(ids, what):
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise ValueError(f"{what} must be one non-negative token id per prompt, got {ids.tolist()}")
+    return ids
+
+
+def _logit_diff(logits, clean_logits, data):
+    last = logits[:, -1]
+    return _at(last, data["answer"]) - _at(last, data["contrast"])
+
+
+def _probability(logits, clean_logits, data):
+    return _at(jax.nn.softmax(logits[:, -1], axis=-1), data["answer"])
+
+
+def _logprob(logits, clean_logits, data):
+    return _at(jax.nn.log_softmax(logits[:, -1], axis=-1), data["answer"])
+
+
+def kl_divergence(p_logits, q_logits):
+    """D_KL(P || Q) over the last axis, from logits."""
+    log_p = jax.nn.log_softmax(p_logits, axis=-1)
+    log_q = jax.nn.log_softmax(q_logits, axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _neg_kl(logits, clean_logits, data):
+    return -kl_divergence(clean_logits[:, -1], logits[:, -1])
+
+
+def logit_diff(answers, contrasts, *, positions=None, normalize=True):
+    """LD = logit(answer) - logit(contrast) at the last read position; normalized
+    (LD_pt - LD_*) / (LD_cl - LD_*) by default, as the paper recommends."""
+    data = {"answer": _ids(answers, "answers"), "contrast": _ids(contrasts, "contrasts")}
+    return Metric("logit_diff", _logit_diff, data, positions, "range" if normalize else "baseline")
+
+
+def probability(answers, *, positions=None, normalize=False):
+    """P(answer): P_pt(r) - P_*(r), or (P_pt - P_*) / (P_cl - P_*) when normalized."""
+    return Metric("probability", _probability, {"answer": _ids(answers, "answers")}, positions,
+                  "range" if normalize else "baseline")
+
+
+def logprob(answers, *, positions=None, normalize=False):
+    """log P(answer), compared with the corrupted run (or normalized)."""
+    return Metric("logprob", _logprob, {"answer": _ids(answers, "answers")}, positions,
+                  "range" if normalize else "baseline")
+
+
+def kl(*, positions=None, normalize=False):
+    """D_KL(P_cl || P_*) - D_KL(P_cl || P_pt) over the full next-token distribution
+    (divided by D_KL(P_cl || P_*) when normalized)."""
+    return Metric("kl", _neg_kl, {}, positions, "range" if normalize else "baseline")
+
+
+def from_callable(fn, *, normalize="none", name=None):
+    """Wrap a jittable `fn(logits [batch, pos, vocab]) -> [batch] or scalar`
+    (a TransformerLens-style metric); it sees the logits at every position."""
+    if isinstance(fn, Metric):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"metric must be a jpatch Metric or a callable on logits, got {type(fn).__name__}")
+    return Metric(name or getattr(fn, "__name__", "custom"), _CallOnLogits(fn), {}, "all", normalize)
+
+
+class _CallOnLogits:
+    """A user callable as a `score`; hashable by the callable, so jit reuses its compile."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, logits, clean_logits, data):
+        return self.fn(logits)
+
+    def __hash__(self):
+        return hash(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _CallOnLogits) and other.fn is self.fn
+
+
+METRICS = {"logit-diff": logit_diff, "prob": probability, "kl": kl, "logprob": logprob}

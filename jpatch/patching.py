@@ -1,0 +1,388 @@
+"""Activation-patching sweeps: `sweep` and TransformerLens-shaped `get_act_patch_*`.
+
+`sweep(model, clean, corrupted, site, metric)` patches `site` at every layer x
+position (x head) and returns the metric per patch, computed by the batched
+engine (`jpatch.engine`) in one compiled call per chunk. The
+`get_act_patch_<name>(model, corrupted_tokens, clean_cache, metric)` functions
+take TransformerLens's arguments and return its shapes and numbers.
+"""
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jpatch import engine, sites
+from jpatch.engine import ALL, Patches
+from jpatch.metrics import Metric, from_callable
+
+DIRECTIONS = ("denoise", "noise")
+DEFAULT_MEMORY_BUDGET = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One input to the model: tokens plus model overrides on its global sites
+    (e.g. Gaussian noise on `hook_embed`). `samples` runs of the same `batch`
+    prompts are stacked sample-major: tokens has samples x batch rows."""
+
+    tokens: np.ndarray
+    overrides: dict = dataclasses.field(default_factory=dict)
+    samples: int = 1
+
+    @property
+    def batch(self):
+        return self.tokens.shape[0] // self.samples
+
+    def tiled(self, samples):
+        """The same run repeated to `samples` x batch rows."""
+        if self.samples == samples:
+            return self
+        if self.samples != 1:
+            raise ValueError(f"cannot pair a run of {self.samples} samples with one of {samples}")
+        tile = lambda a: jnp.tile(a, (samples,) + (1,) * (a.ndim - 1))
+        return Run(np.tile(self.tokens, (samples, 1)), {}, samples) if not self.overrides else Run(
+            np.tile(self.tokens, (samples, 1)),
+            {k: jax.tree_util.tree_map(tile, v) for k, v in self.overrides.items()},
+            samples,
+        )
+
+
+def as_run(x, what):
+    if isinstance(x, Run):
+        return x
+    tokens = np.asarray(x)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{what} must be [batch, pos] token ids or a Run, got shape {tokens.shape} {tokens.dtype}")
+    return Run(tokens)
+
+
+# name -> (site, axes of the result); TransformerLens 3.9's patching functions.
+SWEEPS = {
+    "resid_pre": ("hook_resid_pre", ("layer", "pos")),
+    "resid_mid": ("hook_resid_mid", ("layer", "pos")),
+    "attn_out": ("hook_attn_out", ("layer", "pos")),
+    "mlp_out": ("hook_mlp_out", ("layer", "pos")),
+    "attn_head_out_all_pos": ("attn.hook_z", ("layer", "head")),
+    "attn_head_q_all_pos": ("attn.hook_q", ("layer", "head")),
+    "attn_head_k_all_pos": ("attn.hook_k", ("layer", "head")),
+    "attn_head_v_all_pos": ("attn.hook_v", ("layer", "head")),
+    "attn_head_pattern_all_pos": ("attn.hook_pattern", ("layer", "head")),
+    "attn_head_out_by_pos": ("attn.hook_z", ("layer", "pos", "head")),
+    "attn_head_q_by_pos": ("attn.hook_q", ("layer", "pos", "head")),
+    "attn_head_k_by_pos": ("attn.hook_k", ("layer", "pos", "head")),
+    "attn_head_v_by_pos": ("attn.hook_v", ("layer", "pos", "head")),
+    "attn_head_pattern_by_pos": ("attn.hook_pattern", ("layer", "head", "pos")),
+    "attn_head_pattern_dest_src_pos": ("attn.hook_pattern", ("layer", "head", "pos", "src")),
+}
+WINDOW_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+
+def default_axes(site):
+    site = sites.canonical(site)
+    if site in sites.HEAD_VECTOR_SITES:
+        return ("layer", "pos", "head")
+    if site == "attn.hook_pattern":
+        return ("layer", "head", "pos")
+    if site not in sites.LAYER_SITES:
+        raise ValueError(f"site {site!r} has no layers to sweep; sweepable: {', '.join(sites.LAYER_SITES)}")
+    return ("layer", "pos")
+
+
+def _choose(values, limit, what):
+    if values is None:
+        return np.arange(limit)
+    values = np.atleast_1d(np.asarray(values))
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got {values.tolist()}")
+    bad = values[(values < 0) | (values >= limit)]
+    if len(bad):
+        raise ValueError(f"{what} {bad.tolist()} out of range [0, {limit})")
+    return values
+
+
+def make_patches(config, site, axes, n_pos, n_prompts, *, window=1, layers=None, positions=None, heads=None,
+                 prompt_positions=None):
+    """The grid of patches of a sweep, in C order over `axes`, and the grid's shape.
+
+    positions: None (every position) or a list, the same for every prompt;
+    prompt_positions: one position per prompt ([n_prompts], e.g. the last subject
+    token), giving a "pos" axis of length 1.
+    """
+    if window < 1 or int(window) != window:
+        raise ValueError(f"window must be an integer >= 1, got {window}")
+    if window > 1 and site not in WINDOW_SITES:
+        raise ValueError(f"a sliding window applies to {', '.join(WINDOW_SITES)}, not {site!r}")
+    values = {
+        "layer": _choose(layers, config.n_layer, "layers"),
+        "pos": np.zeros(1, int) if prompt_positions is not None else _choose(positions, n_pos, "positions"),
+        "head": _choose(heads, config.n_head, "heads"),
+        "src": np.arange(n_pos),
+    }
+    for name, chosen in (("pos", positions), ("head", heads)):
+        if chosen is not None and name not in axes:
+            raise ValueError(f"sweep over {axes} has no {name} axis to choose")
+    grid = np.array(list(itertools.product(*(values[a] for a in axes))), dtype=int).reshape(-1, len(axes))
+    col = lambda a: grid[:, axes.index(a)] if a in axes else np.full(len(grid), ALL)
+    layer = col("layer")
+    lo = np.maximum(layer - window // 2, 0)
+    hi = np.minimum(layer - window // 2 + window, config.n_layer)
+    pos = np.broadcast_to(col("pos")[:, None], (len(grid), n_prompts))
+    if prompt_positions is not None:
+        if "pos" not in axes or positions is not None:
+            raise ValueError("prompt_positions needs a 'pos' axis and no `positions`")
+        prompt_positions = np.asarray(prompt_positions)
+        if prompt_positions.shape != (n_prompts,):
+            raise ValueError(f"prompt_positions must have one position per prompt ({n_prompts}), got {prompt_positions.shape}")
+        _choose(prompt_positions, n_pos, "prompt_positions")
+        pos = np.broadcast_to(prompt_positions, (len(grid), n_prompts))
+    patches = Patches(site, lo, hi, pos, col("head"), col("src"))
+    return patches, tuple(len(values[a]) for a in axes)
+
+
+def _sharding(mesh, ndim, axis):
+    spec = [None] * ndim
+    spec[axis] = "batch"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _take_prompts(tree, index, axis):
+    return jax.tree_util.tree_map(lambda a: a[(slice(None),) * axis + (index,)], tree)
+
+
+def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=DEFAULT_MEMORY_BUDGET,
+                 skip_layers=True, skip_positions=True, progress=True, devices=None):
+    """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
+    every patch applied to the `base` Run with values from `source_cache`."""
+    cfg = model.config
+    N, T = base.tokens.shape
+    metric = from_callable(metric)
+    read_pos = metric.read_positions(N, T)
+    read_all = read_pos is None
+    read_pos = np.zeros((N, 1), int) if read_all else read_pos
+    data = metric.batch_data(N)
+    _, cache = model.run_with_cache(base.tokens, overrides=base.overrides)
+    base_arrays = engine.base_stacks(cache)
+    source = source_cache.stacked(patches.site)
+    if source.shape[1] != N:
+        raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
+
+    score_shape = jax.eval_shape(
+        lambda lg: metric.score(lg, clean_logits, data),
+        jax.ShapeDtypeStruct((N, T if read_all else read_pos.shape[1], cfg.d_vocab), jnp.float32),
+    ).shape
+    if score_shape not in ((), (N,)):
+        raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({N}), got shape {score_shape}")
+    scalar = score_shape == ()
+
+    devices = list(devices or jax.local_devices())
+    mesh = Mesh(np.array(devices), ("batch",))
+    layout = engine.plan(patches, cfg.n_layer, T, skip_layers=skip_layers, skip_positions=skip_positions)
+    per_prompt = engine.bytes_per_prompt(cfg, layout, T if read_all else read_pos.shape[1], cfg.d_vocab)
+    # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
+    groups = max(1, math.ceil(per_prompt * (N if scalar else 1) / memory_budget))
+    chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
+    if not scalar and len(devices) > 1:
+        chunk = math.ceil(chunk / len(devices)) * len(devices)
+    n_chunks = math.ceil(N / chunk)
+    pad = n_chunks * chunk - N
+    if scalar and len(devices) > 1 and N % len(devices):
+        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a scalar metric needs the whole batch together
+
+    def padded(a, axis):
+        if not pad:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, pad)
+        return jnp.pad(a, widths, mode="edge")
+
+    base_arrays = {k: padded(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}
+    source = padded(source, 1)
+    read_pos, clean_logits = padded(jnp.asarray(read_pos), 0), padded(clean_logits, 0)
+    data = jax.tree_util.tree_map(lambda a: padded(a, 0), data)
+    pos_all = padded(jnp.asarray(patches.pos.reshape(len(patches), -1)), 1)
+
+    out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
+    group_index = np.array_split(np.arange(len(patches)), groups)
+    bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit="patch")
+    for idx in group_index:
+        group = patches.take(idx)
+        lay = layout if groups == 1 else engine.plan(group, cfg.n_layer, T, skip_layers=skip_layers,
+                                                     skip_positions=skip_positions)
+        order = idx[lay.order]
+        meta = {
+            "layer_lo": jnp.asarray(patches.layer_lo[order]),
+            "layer_hi": jnp.asarray(patches.layer_hi[order]),
+            "head": jnp.asarray(patches.head[order]),
+            "src": jnp.asarray(patches.src[order]),
+        }
+        for c in range(n_chunks):
+            rows = slice(c * chunk, (c + 1) * chunk)
+            put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
+            scores = engine.run_layout(
+                model,
+                {k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()},
+                put(source, 1),
+                {**meta, "pos": put(pos_all[order], 1)},
+                jnp.asarray(lay.row_patch),
+                jnp.asarray(lay.row_pos),
+                put(read_pos, 0),
+                put(clean_logits, 0),
+                jax.tree_util.tree_map(lambda a: put(a, 0), data),
+                score=metric.score,
+                site=patches.site,
+                stages=lay.stages,
+                n_read_all=read_all,
+            )
+            if scalar:
+                out[order] = np.asarray(scores)
+            else:
+                out[order, rows] = np.asarray(scores)
+            bar.update(len(idx) * (min(rows.stop, N) - rows.start))
+    bar.close()
+    return out if scalar else out[:, :N]
+
+
+def read_logits(model, run, metric):
+    """Logits of a run at the positions `metric` reads ([rows, K, vocab])."""
+    N, T = run.tokens.shape
+    positions = from_callable(metric).read_positions(N, T)
+    return model(run.tokens, overrides=run.overrides, logits_at=positions)
+
+
+def _describe(axes, shape, flat_index):
+    coords = np.unravel_index(flat_index, shape)
+    return ", ".join(f"{a} {int(c)}" for a, c in zip(axes, coords))
+
+
+def _check_finite(result, axes, shape):
+    bad = np.argwhere(~np.isfinite(result.reshape(int(np.prod(shape)), -1)).all(1))
+    if len(bad):
+        raise FloatingPointError(
+            f"the metric is not finite for {len(bad)} patch(es), first at {_describe(axes, shape, bad[0, 0])}; "
+            "check the metric (e.g. a normalized metric whose clean and corrupted baselines are equal)"
+        )
+
+
+def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
+          heads=None, prompt_positions=None, axes=None, per_prompt=False, memory_budget=DEFAULT_MEMORY_BUDGET, progress=True,
+          skip_layers=True, skip_positions=True, devices=None):
+    """Patch `site` at every layer x position (x head) and measure `metric`.
+
+    clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;
+    a Gaussian-noise run carries several noise samples, averaged per prompt).
+    direction: "denoise" runs the corrupted input with clean values patched in,
+    "noise" the clean input with corrupted values.
+    window: patch w consecutive layers centred on each layer (ROME's sliding window).
+    Returns the metric, normalized against the clean and corrupted runs as the
+    metric says, with shape [*grid] (mean over prompts) or [batch, *grid] when
+    per_prompt; the grid axes default to (layer, pos), (layer, pos, head) for
+    q/k/v/z, (layer, head, pos) for the pattern; choose `axes` e.g. ("layer", "head").
+    """
+    site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
+    if clean.samples != 1:
+        raise ValueError("the clean run must have a single sample")
+    if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
+        raise ValueError(
+            f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
+            f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape"
+        )
+    axes = tuple(axes or default_axes(site))
+    metric = from_callable(metric)
+    S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
+    clean_rows = clean.tiled(S)
+    metric = dataclasses.replace(metric, data={k: np.tile(np.asarray(v), (S,) + (1,) * (np.ndim(v) - 1))
+                                                for k, v in metric.batch_data(B).items()})
+    if metric.positions is not None and not isinstance(metric.positions, str):
+        metric = dataclasses.replace(metric, positions=np.tile(metric.read_positions(B, T), (S, 1)))
+
+    clean_logits = read_logits(model, clean_rows, metric)
+    corrupted_logits = read_logits(model, corrupted, metric)
+    base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
+    _, source_cache = model.run_with_cache(source.tokens, overrides=source.overrides)
+    if prompt_positions is not None:
+        prompt_positions = np.tile(np.asarray(prompt_positions), S) if np.shape(prompt_positions) == (B,) else prompt_positions
+    patches, shape = make_patches(model.config, site, axes, T, S * B, window=window, layers=layers,
+                                  positions=positions, heads=heads, prompt_positions=prompt_positions)
+    raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
+                       skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
+    baseline = lambda logits: np.asarray(metric.score(logits, clean_logits, metric.batch_data(S * B)))
+    clean_score, corrupted_score = baseline(clean_logits), baseline(corrupted_logits)
+    if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
+        result = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
+    else:
+        by_prompt = lambda a: a.reshape(a.shape[:-1] + (S, B)).mean(-2)
+        raw, clean_score, corrupted_score = by_prompt(raw), by_prompt(clean_score), by_prompt(corrupted_score)
+        if per_prompt:
+            result = np.moveaxis(metric.compare(raw, clean_score, corrupted_score), -1, 0).reshape((B,) + shape)
+        else:
+            result = metric.compare(raw.mean(-1), clean_score.mean(), corrupted_score.mean()).reshape(shape)
+    _check_finite(np.moveaxis(result, 0, -1) if per_prompt and raw.ndim > 1 else result, axes, shape)
+    return result
+
+
+# --- TransformerLens-shaped functions -------------------------------------------------
+
+
+def _tl_patch(name):
+    site, axes = SWEEPS[name]
+
+    def get_act_patch(model, corrupted_tokens, clean_cache, metric, **kwargs):
+        corrupted = as_run(corrupted_tokens, "corrupted_tokens")
+        metric = from_callable(metric)
+        # The clean logits at the read positions come from the clean cache's last residual stream.
+        N, T = corrupted.tokens.shape
+        read = metric.read_positions(N, T)
+        final = clean_cache.stacked("hook_resid_post")[-1]
+        if read is not None:
+            final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
+        clean_logits = model.unembed(final)
+        patches, shape = make_patches(model.config, site, axes, T, N)
+        raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
+        if raw.ndim == 2:
+            corrupted_logits = read_logits(model, corrupted, metric)
+            data = metric.batch_data(N)
+            clean_score = np.asarray(metric.score(clean_logits, clean_logits, data)).mean()
+            corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data)).mean()
+            raw = metric.compare(raw.mean(-1), clean_score, corrupted_score)
+        return raw.reshape(shape)
+
+    get_act_patch.__name__ = f"get_act_patch_{name}"
+    get_act_patch.__doc__ = (
+        f"TransformerLens's `get_act_patch_{name}`: patch {site} over {axes} of the corrupted run "
+        f"with clean values; returns the metric per patch, shape {tuple(axes)}."
+    )
+    return get_act_patch
+
+
+for _name in SWEEPS:
+    globals()[f"get_act_patch_{_name}"] = _tl_patch(_name)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
+    return np.stack([globals()[f"get_act_patch_{n}"](model, corrupted_tokens, clean_cache, metric, **kwargs)
+                     for n in ("resid_pre", "attn_out", "mlp_out")])
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[5, layer, head]: output (z), q, k, v, pattern."""
+    return np.stack([globals()[f"get_act_patch_attn_head_{n}_all_pos"](model, corrupted_tokens, clean_cache, metric,
+                                                                         **kwargs)
+                     for n in ("out", "q", "k", "v", "pattern")])
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
+    parts = [globals()[f"get_act_patch_attn_head_{n}_by_pos"](model, corrupted_tokens, clean_cache, metric, **kwargs)
+             for n in ("out", "q", "k", "v", "pattern")]
+    parts[-1] = np.swapaxes(parts[-1], 1, 2)
+    return np.stack(parts)
