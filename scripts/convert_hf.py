@@ -26,7 +26,8 @@ def main(argv=None):
     try:
         out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        print(f"convert_hf: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"convert_hf: error: {message}", file=sys.stderr)
         return 1
     print(out)
     return 0
