@@ -91,6 +91,7 @@ FLAX_MSGPACK = "flax_model.msgpack"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FLAX_MSGPACK)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HF_CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -229,6 +230,17 @@ def _read_weights(path):
         raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
 
 
+def _check_hf_config(config, path):
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a GPT-2 config: expected a JSON object")
+    model_type = config.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"{path} describes a {model_type!r} model; jpatch converts GPT-2 checkpoints only")
+    missing = [k for k in HF_CONFIG_KEYS if config.get(k) is None]
+    if missing:
+        raise ValueError(f"{path} is not a GPT-2 config: missing {', '.join(missing)}")
+
+
 def load_hf_state_dict(src):
     """Read a Hugging Face GPT-2 checkpoint: (state dict of NumPy arrays, config.json dict).
 
@@ -240,6 +252,7 @@ def load_hf_state_dict(src):
     """
     folder = resolve_source(src)
     config = _read_json(folder / "config.json")
+    _check_hf_config(config, folder / "config.json")
     return _read_weights(_weight_file(folder)), config
 
 
@@ -258,10 +271,14 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
     """
     from jpatch import checkpoint
 
-    if dtype not in DTYPES:
+    try:
+        dtype_name = jnp.dtype(dtype).name
+    except TypeError:
+        dtype_name = None
+    if dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     checkpoint.check_target(out_dir, overwrite)  # before the slow part
     folder = resolve_source(src)
     source = str(src) if not Path(src).expanduser().is_dir() else str(folder.resolve())
-    model = load_hf(folder, dtype=DTYPES[dtype])
+    model = load_hf(folder, dtype=DTYPES[dtype_name])
     return checkpoint.save(model, out_dir, extra_config={"source": source}, overwrite=overwrite)

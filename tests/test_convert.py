@@ -286,7 +286,8 @@ def test_torch_bin_without_torch(hf_dirs, monkeypatch):
         load_hf_state_dict(hf_dirs["bin"])
 
 
-def test_unknown_dtype(hf_dirs, tmp_path):
+def test_dtype_names_and_objects(hf_dirs, tmp_path):
+    assert checkpoint.load(convert_hf(hf_dirs["bin"], tmp_path / "bf", dtype=jnp.bfloat16)).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16"):
         convert_hf(hf_dirs["safetensors"], tmp_path / "out", dtype="float8")
 
@@ -383,3 +384,20 @@ def test_convert_script(hf_dirs, tmp_path, capsys):
     assert script.main([str(hf_dirs["safetensors"]), str(out), "--overwrite"]) == 0
     assert script.main([str(tmp_path / "missing"), str(tmp_path / "o2")]) == 1
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_not_a_gpt2_config(hf_dirs, tmp_path):
+    for name, config in {"llama": {"model_type": "llama"}, "partial": {"model_type": "gpt2", "n_layer": 2}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=f"{folder / 'config.json'}.*(llama|missing n_head)"):
+            load_hf_state_dict(folder)
+
+
+def test_sharded_safetensors(hf_tiny, hf_tiny_logits, tmp_path):
+    hf_tiny.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    model = checkpoint.load(convert_hf(tmp_path / "hf", tmp_path / "out"))
+    assert max_err(model(TOKENS), hf_tiny_logits) < 1e-4
