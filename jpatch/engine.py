@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch import sites
-from jpatch.model import causal_attention
 
 ALL = -1  # "every position / head" in a patch's description
 
@@ -66,6 +65,7 @@ class Layout:
     stages: tuple  # ((first_layer, end_layer, n_patches_alive, n_rows_alive), ...)
     row_patch: np.ndarray  # [R] index into the sorted patches
     row_pos: np.ndarray  # [R]
+    dense_idx: np.ndarray  # [n, T] row of (patch, position), -1 where the position is not recomputed
 
 
 def plan(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, max_stages=12):
@@ -83,12 +83,14 @@ def plan(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, ma
     counts = pos_len - start_pos[order]
     row_patch = np.repeat(np.arange(n), counts)
     row_pos = np.concatenate([np.arange(start_pos[i], pos_len) for i in order]) if n else np.zeros(0, int)
+    dense_idx = np.full((n, pos_len), -1)
+    dense_idx[row_patch, row_pos] = np.arange(len(row_patch))
     ends = list(starts[1:]) + [n_layer]
     stages = []
     for k, (first, end) in enumerate(zip(starts, ends)):
         alive = int((stage_of <= k).sum())
         stages.append((int(first), int(end), alive, int(counts[:alive].sum())))
-    return Layout(order, tuple(stages), row_patch, row_pos)
+    return Layout(order, tuple(stages), row_patch, row_pos, dense_idx)
 
 
 def bytes_per_prompt(config, layout, n_read, vocab_read):
@@ -103,6 +105,15 @@ def bytes_per_prompt(config, layout, n_read, vocab_read):
     return 4 * 2 * (rows * per_row + dense + final)
 
 
+def dense_attention(q, k, v, edit):
+    """Causal attention on [..., H, T, d_head] (batched matmuls, no transposes inside)."""
+    T = q.shape[-2]
+    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, jnp.finfo(jnp.float32).min)
+    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    return jnp.matmul(pattern, v)
+
+
 def _mask_at(layer, lo, hi):
     return (lo <= layer) & (layer < hi)
 
@@ -112,7 +123,7 @@ def _matches(chosen, index):
 
 
 @functools.partial(jax.jit, static_argnames=("score", "site", "stages", "n_read_all"))
-def run_layout(model, base, source, meta, row_patch, row_pos, read_pos, clean_logits, data, *, score, site, stages, n_read_all):
+def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, clean_logits, data, *, score, site, stages, n_read_all):
     """Patched runs of every patch for a chunk of prompts.
 
     base: dict of the base run's cache stacks ("hook_resid_pre", "attn.hook_k",
@@ -159,12 +170,14 @@ def run_layout(model, base, source, meta, row_patch, row_pos, read_pos, clean_lo
                 return jnp.where(sel, src_j[:, None], pattern)
 
             def attend(q, k, v):
-                dense = lambda base_act, rows_act: jnp.broadcast_to(
-                    base_act[:, None], (B, alive) + base_act.shape[1:]
-                ).at[:, rp, rq].set(rows_act)
-                q_dense = jnp.zeros((B, alive) + k_base.shape[1:], q.dtype).at[:, rp, rq].set(q)
-                z = causal_attention(q_dense, dense(k_base, k), dense(v_base, v), edit=pattern_edit)
-                return z[:, rp, rq]
+                # Dense per-patch [B, n, H, T, d_head]: own rows where recomputed, cached keys/values before.
+                idx = dense_idx[:alive]
+                own = (idx >= 0)[None, :, :, None, None]
+                dense = lambda rows_act, base_act: jnp.swapaxes(
+                    jnp.where(own, rows_act[:, jnp.maximum(idx, 0)], base_act[:, None]), 2, 3
+                )
+                z = dense_attention(dense(q, jnp.zeros_like(k_base)), dense(k, k_base), dense(v, v_base), pattern_edit)
+                return jnp.swapaxes(z, 2, 3)[:, rp, rq]
 
             return block(x, cfg, attend, edit), None
 

@@ -286,6 +286,13 @@ class GPT2(eqx.Module):
         for site in overrides:
             if sites.canonical(site) != site:
                 raise KeyError(f"override key {site!r}: use the full site name {sites.canonical(site)!r}")
+        if logits_at is not None:
+            logits_at = jnp.asarray(logits_at)
+            if logits_at.ndim != 2 or logits_at.shape[0] != tokens.shape[0]:
+                raise ValueError(f"logits_at must be [batch, K] positions, got shape {tuple(logits_at.shape)}")
+        return _forward(self, tokens, overrides, attention_mask, logits_at, record)
+
+    def _forward(self, tokens, overrides, attention_mask, logits_at, record):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         cache = {}
 
@@ -326,6 +333,11 @@ class GPT2(eqx.Module):
         if not record:
             return logits, None
         return logits, Cache({**layer_cache, **cache}, self.config.n_layer)
+
+
+# Compiled once per shape; called from Python it avoids op-by-op dispatch, inside a
+# user's jit it is simply inlined.
+_forward = eqx.filter_jit(GPT2._forward)
 
 
 def override_from_cache(cache, site, *, layers=None, positions=None, heads=None):

@@ -231,6 +231,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 {**meta, "pos": put(pos_all[order], 1)},
                 jnp.asarray(lay.row_patch),
                 jnp.asarray(lay.row_pos),
+                jnp.asarray(lay.dense_idx),
                 put(read_pos, 0),
                 put(clean_logits, 0),
                 jax.tree_util.tree_map(lambda a: put(a, 0), data),
