@@ -1,0 +1,30 @@
+"""jpatch: fast, batched activation patching for GPT-2 models in JAX.
+
+Zhang & Nanda, "Towards Best Practices of Activation Patching in Language
+Models: Metrics and Methods" (ICLR 2024), as a library of pure functions.
+"""
+
+import os
+
+import jax
+
+__version__ = "0.1.0"
+
+
+def _enable_compilation_cache():
+    """Keep compiled sweeps across processes (a cold start then skips most of the
+    compile), unless the user configured a cache of their own."""
+    if jax.config.jax_compilation_cache_dir is None and not os.environ.get("JPATCH_NO_COMPILE_CACHE"):
+        base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jpatch", "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_enable_compilation_cache()
+
+from jpatch.model import GPT2, GPT2Config, Cache, Override, override_from_cache  # noqa: E402
+from jpatch.checkpoint import load, save  # noqa: E402
+from jpatch.convert import convert_hf  # noqa: E402
+from jpatch.patching import Run, sweep  # noqa: E402
+from jpatch import metrics, patching, sites  # noqa: E402
+from jpatch.tokenizer import get_tokenizer  # noqa: E402
