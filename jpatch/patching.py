@@ -291,6 +291,18 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
     if clean.samples != 1:
         raise ValueError("the clean run must have a single sample")
+    # The engine starts each patched run from the base run's cache and recomputes the
+    # layers after the patch without re-applying the base run's overrides: only overrides
+    # that act before the first block (the embeddings) are honoured in the base run.
+    base_name, base_run = ("corrupted", corrupted) if direction == "denoise" else ("clean", clean)
+    late = sorted(set(base_run.overrides) - {"hook_embed", "hook_pos_embed"})
+    if late:
+        raise ValueError(
+            f"the {base_name} run is the base run of a {direction!r} sweep, but it overrides {', '.join(late)}; "
+            "a base run may only override hook_embed / hook_pos_embed, since patched runs are recomputed from "
+            "its cache without its per-layer overrides. Use such a run (e.g. a zero / mean ablation) as the "
+            "source of patched values instead: pass it as `corrupted` with direction='noise'"
+        )
     if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
         raise ValueError(
             f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
