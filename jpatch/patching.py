@@ -185,7 +185,8 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     layout = engine.plan(patches, cfg.n_layer, T, skip_layers=skip_layers, skip_positions=skip_positions)
     per_prompt = engine.bytes_per_prompt(cfg, layout, T if read_all else read_pos.shape[1], cfg.d_vocab)
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
-    groups = max(1, math.ceil(per_prompt * (N if scalar else 1) / memory_budget))
+    # At most one group per patch: more would leave groups empty.
+    groups = max(1, min(len(patches), math.ceil(per_prompt * (N if scalar else 1) / memory_budget)))
     chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
     if not scalar and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
