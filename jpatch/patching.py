@@ -161,6 +161,15 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     every patch applied to the `base` Run with values from `source_cache`."""
     cfg = model.config
     N, T = base.tokens.shape
+    # Each patched run starts from the base run's cache and recomputes the later layers
+    # without the base run's per-layer overrides: only the embeddings may be overridden.
+    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
+    if late:
+        raise ValueError(
+            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
+            f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
+            "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
+        )
     metric = from_callable(metric)
     read_pos = metric.read_positions(N, T)
     read_all = read_pos is None
@@ -292,18 +301,6 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
     if clean.samples != 1:
         raise ValueError("the clean run must have a single sample")
-    # The engine starts each patched run from the base run's cache and recomputes the
-    # layers after the patch without re-applying the base run's overrides: only overrides
-    # that act before the first block (the embeddings) are honoured in the base run.
-    base_name, base_run = ("corrupted", corrupted) if direction == "denoise" else ("clean", clean)
-    late = sorted(set(base_run.overrides) - {"hook_embed", "hook_pos_embed"})
-    if late:
-        raise ValueError(
-            f"the {base_name} run is the base run of a {direction!r} sweep, but it overrides {', '.join(late)}; "
-            "a base run may only override hook_embed / hook_pos_embed, since patched runs are recomputed from "
-            "its cache without its per-layer overrides. Use such a run (e.g. a zero / mean ablation) as the "
-            "source of patched values instead: pass it as `corrupted` with direction='noise'"
-        )
     if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
         raise ValueError(
             f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
