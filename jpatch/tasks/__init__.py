@@ -1,0 +1,258 @@
+"""The paper's three patching tasks as clean / corrupted token batches.
+
+A `Task` is one batch of equal-length prompts with their symmetric token
+replacement (STR) corruptions, the answer and contrast tokens of a logit
+difference, the key positions a Gaussian-noise corruption should perturb, and
+the task's default metric::
+
+    task = get_task("ioi", n_prompts=64)
+    task.clean_tokens.shape            # (64, 15)
+    sweep(model, task.clean_tokens, task.corrupted_tokens, "resid_pre", task.metric())
+
+Loaders (`TASKS`): "ioi" (`ioi.ioi_task`), "factual" (`factual.factual_task`,
+one Task per token-length bucket: a list), "greater-than"
+(`greater_than.greater_than_task`). `get_task` also takes a path to a
+paired-facts file or to a file written by `Task.to_jsonl`.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from jpatch import metrics as _metrics
+from jpatch.tokenizer import get_tokenizer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """N prompts of one token length T, clean and STR-corrupted.
+
+    clean_tokens, corrupted_tokens: [N, T] int32, differing only at corrupted tokens.
+    answers, contrasts: [N] token ids (the clean answer, and the answer the
+        corrupted prompt calls for).
+    key_positions: [N, k] the tokens a Gaussian-noise corruption perturbs
+        (IOI names, factual subject tokens, the greater-than YY token).
+    last_key_position: [N] the last key token (e.g. the last subject token).
+    prompts, corrupted_prompts: [N] texts.
+    metric_fn: `metric_fn(task, **kw) -> Metric` for tasks whose default metric is
+        not the normalized logit difference of answers vs contrasts.
+    info: per-prompt arrays with a leading N axis (template ids, years, ...).
+    """
+
+    name: str
+    clean_tokens: np.ndarray
+    corrupted_tokens: np.ndarray
+    answers: np.ndarray
+    contrasts: np.ndarray
+    key_positions: np.ndarray
+    last_key_position: np.ndarray
+    prompts: tuple
+    corrupted_prompts: tuple
+    metric_fn: Optional[Callable] = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        as_int = lambda name: object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int32))
+        for name in ("clean_tokens", "corrupted_tokens", "answers", "contrasts", "key_positions", "last_key_position"):
+            as_int(name)
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "corrupted_prompts", tuple(self.corrupted_prompts))
+        clean, corrupted = self.clean_tokens, self.corrupted_tokens
+        if clean.ndim != 2 or corrupted.shape != clean.shape:
+            raise ValueError(f"task {self.name!r}: clean tokens {clean.shape} and corrupted tokens "
+                             f"{corrupted.shape} must be the same [N, T] shape")
+        n, t = clean.shape
+        for name in ("answers", "contrasts", "last_key_position"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"task {self.name!r}: {name} has shape {getattr(self, name).shape}, expected ({n},)")
+        if self.key_positions.ndim != 2 or self.key_positions.shape[0] != n:
+            raise ValueError(f"task {self.name!r}: key_positions has shape {self.key_positions.shape}, expected ({n}, k)")
+        for name in ("key_positions", "last_key_position"):
+            pos = getattr(self, name)
+            if pos.size and (pos.min() < 0 or pos.max() >= t):
+                raise ValueError(f"task {self.name!r}: {name} out of range for {t} tokens")
+        if len(self.prompts) != n or len(self.corrupted_prompts) != n:
+            raise ValueError(f"task {self.name!r}: {len(self.prompts)} prompts and {len(self.corrupted_prompts)} "
+                             f"corrupted prompts for {n} token rows")
+        for key, value in self.info.items():
+            if np.shape(value)[:1] != (n,):
+                raise ValueError(f"task {self.name!r}: info[{key!r}] has shape {np.shape(value)}, expected ({n}, ...)")
+
+    def __len__(self):
+        return self.clean_tokens.shape[0]
+
+    @property
+    def seq_len(self):
+        """T, the token length shared by every prompt."""
+        return self.clean_tokens.shape[1]
+
+    def __repr__(self):
+        n, t = self.clean_tokens.shape
+        return f"Task({self.name!r}, prompts={n}, tokens={t}, key_positions={self.key_positions.shape[1]})"
+
+    def metric(self, **kw):
+        """The task's default jpatch Metric (normalized logit difference of answers
+        vs contrasts at the last position, unless the task defines its own)."""
+        if self.metric_fn is not None:
+            return self.metric_fn(self, **kw)
+        return _metrics.logit_diff(self.answers, self.contrasts, **kw)
+
+    def select(self, indices):
+        """A Task of the prompts at `indices` (ints, a slice or a boolean mask)."""
+        idx = np.arange(len(self))[indices]
+        idx = np.atleast_1d(idx)
+        return dataclasses.replace(
+            self,
+            clean_tokens=self.clean_tokens[idx], corrupted_tokens=self.corrupted_tokens[idx],
+            answers=self.answers[idx], contrasts=self.contrasts[idx],
+            key_positions=self.key_positions[idx], last_key_position=self.last_key_position[idx],
+            prompts=[self.prompts[i] for i in idx], corrupted_prompts=[self.corrupted_prompts[i] for i in idx],
+            info={k: np.asarray(v)[idx] for k, v in self.info.items()},
+        )
+
+    def key_token_ids(self):
+        """Sorted unique clean token ids at the key positions (e.g. `std_tokens` for
+        measuring the embedding std of Gaussian noise over the subjects, as ROME does)."""
+        return np.unique(np.take_along_axis(self.clean_tokens, self.key_positions, axis=1))
+
+    def examples(self):
+        """One dict per prompt, in the `to_jsonl` format."""
+        tok = get_tokenizer()
+        answers = tok.to_str_tokens(self.answers)
+        contrasts = tok.to_str_tokens(self.contrasts)
+        return [
+            {"clean": self.prompts[i], "corrupted": self.corrupted_prompts[i], "answer": answers[i],
+             "contrast": contrasts[i], "key_positions": self.key_positions[i].tolist(),
+             "last_key_position": int(self.last_key_position[i])}
+            for i in range(len(self))
+        ]
+
+    def to_jsonl(self, path):
+        """Write one example per line: {"clean", "corrupted", "answer", "contrast",
+        "key_positions", "last_key_position"} (answer/contrast as token strings)."""
+        with open(path, "w", encoding="utf-8") as f:
+            for example in self.examples():
+                f.write(json.dumps(example) + "\n")
+        return path
+
+
+def _bucket(examples, name, *, metric_fn=None):
+    """Tasks from examples (dicts with clean/corrupted texts and ids, answer/contrast
+    ids, key_positions, last_key_position, info), one per (T, k), sorted by (T, k)."""
+    groups = {}
+    for ex in examples:
+        groups.setdefault((len(ex["clean_ids"]), len(ex["key_positions"])), []).append(ex)
+    tasks = []
+    for (t, k), group in sorted(groups.items()):
+        info_keys = group[0].get("info", {}).keys()
+        tasks.append(Task(
+            name=f"{name}-T{t}-k{k}",
+            clean_tokens=np.array([ex["clean_ids"] for ex in group], dtype=np.int32).reshape(len(group), t),
+            corrupted_tokens=np.array([ex["corrupted_ids"] for ex in group], dtype=np.int32).reshape(len(group), t),
+            answers=[ex["answer"] for ex in group],
+            contrasts=[ex["contrast"] for ex in group],
+            key_positions=np.array([ex["key_positions"] for ex in group], dtype=np.int32).reshape(len(group), k),
+            last_key_position=[ex["last_key_position"] for ex in group],
+            prompts=[ex["clean"] for ex in group],
+            corrupted_prompts=[ex["corrupted"] for ex in group],
+            metric_fn=metric_fn,
+            info={key: np.array([ex["info"][key] for ex in group]) for key in info_keys},
+        ))
+    return tasks
+
+
+def read_jsonl(path):
+    """Tasks from a file written by `Task.to_jsonl` (or by hand in that format),
+    one per (token length, number of key positions), sorted by those.
+
+    Raises ValueError naming the line for a malformed example, a prompt pair of
+    unequal token lengths, an answer that is not one token, or a key position out of range.
+    """
+    tok = get_tokenizer()
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(ex, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+            for key in ("clean", "corrupted", "answer", "contrast"):
+                if not isinstance(ex.get(key), str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got {ex.get(key)!r:.80}")
+            clean, corrupted = tok.encode(ex["clean"]), tok.encode(ex["corrupted"])
+            if len(clean) != len(corrupted):
+                raise ValueError(f"{where}: clean and corrupted prompts have different token lengths "
+                                 f"({len(clean)} vs {len(corrupted)})")
+            ids = {}
+            for key in ("answer", "contrast"):
+                try:
+                    ids[key] = tok.token_id(ex[key])
+                except ValueError as e:
+                    raise ValueError(f"{where}: {key}: {e}") from None
+            keys = ex.get("key_positions", [])
+            if (not isinstance(keys, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in keys)
+                    or any(not 0 <= p < len(clean) for p in keys)):
+                raise ValueError(f"{where}: key_positions must be a list of token positions in [0, {len(clean)}), "
+                                 f"got {keys!r:.80}")
+            last = ex.get("last_key_position", max(keys) if keys else len(clean) - 1)
+            if not isinstance(last, int) or not 0 <= last < len(clean):
+                raise ValueError(f"{where}: last_key_position must be a token position in [0, {len(clean)}), got {last!r}")
+            examples.append({"clean": ex["clean"], "corrupted": ex["corrupted"], "clean_ids": clean,
+                             "corrupted_ids": corrupted, "answer": ids["answer"], "contrast": ids["contrast"],
+                             "key_positions": keys, "last_key_position": last, "info": {"line": lineno}})
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return _bucket(examples, os.path.splitext(os.path.basename(str(path)))[0])
+
+
+from jpatch.tasks.ioi import ioi_task  # noqa: E402
+from jpatch.tasks.factual import factual_task  # noqa: E402
+from jpatch.tasks.greater_than import greater_than_task  # noqa: E402
+
+TASKS = {"ioi": ioi_task, "factual": factual_task, "greater-than": greater_than_task}
+
+
+def _sniff(path):
+    """'pairs' for a paired-facts file, 'examples' for a `to_jsonl` file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if isinstance(first, dict) and "pair" in first:
+                    return "pairs"
+                if isinstance(first, dict) and "clean" in first:
+                    return "examples"
+                break
+    raise ValueError(f"{path}: not a paired-facts file ({{\"pair\": [...], \"answer\": [...]}} per line) "
+                     f"nor a task file ({{\"clean\": ..., \"corrupted\": ..., ...}} per line)")
+
+
+def get_task(name_or_path, **kw):
+    """The task `name_or_path` names: a key of `TASKS` (keyword arguments go to its
+    loader; "factual" returns a list of Tasks, one per token-length bucket), or the
+    path of a paired-facts JSONL file (-> `factual_task(path, **kw)`) or of a
+    `Task.to_jsonl` file (-> `read_jsonl(path)`, a list of Tasks)."""
+    if name_or_path in TASKS:
+        return TASKS[name_or_path](**kw)
+    if isinstance(name_or_path, (str, os.PathLike)) and os.path.isfile(name_or_path):
+        if _sniff(name_or_path) == "pairs":
+            return factual_task(name_or_path, **kw)
+        if kw:
+            raise TypeError(f"reading a task file takes no options, got {sorted(kw)}")
+        return read_jsonl(name_or_path)
+    raise ValueError(f"unknown task {name_or_path!r}: valid names are {', '.join(TASKS)}, "
+                     "or the path of an existing .jsonl file (paired facts or Task.to_jsonl output)")
+
+
+__all__ = ["Task", "TASKS", "get_task", "read_jsonl", "ioi_task", "factual_task", "greater_than_task"]
