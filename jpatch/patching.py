@@ -45,12 +45,11 @@ class Run:
             return self
         if self.samples != 1:
             raise ValueError(f"cannot pair a run of {self.samples} samples with one of {samples}")
-        tile = lambda a: jnp.tile(a, (samples,) + (1,) * (a.ndim - 1))
-        return Run(np.tile(self.tokens, (samples, 1)), {}, samples) if not self.overrides else Run(
-            np.tile(self.tokens, (samples, 1)),
-            {k: jax.tree_util.tree_map(tile, v) for k, v in self.overrides.items()},
-            samples,
-        )
+        if set(self.overrides) - set(sites.GLOBAL_SITES):
+            raise ValueError("only a run whose overrides are on global sites (e.g. hook_embed) can be tiled over samples")
+        tile = lambda a: jnp.tile(a, (samples,) + (1,) * (a.ndim - 1))  # global sites: batch is axis 0
+        overrides = {k: jax.tree_util.tree_map(tile, v) for k, v in self.overrides.items()}
+        return Run(np.tile(self.tokens, (samples, 1)), overrides, samples)
 
 
 def as_run(x, what):
