@@ -52,8 +52,7 @@ def test_ioi_task_answers_and_abc_corruption():
     assert (task.answers != task.contrasts).all()
     assert set(task.info["abba"].tolist()) == {False, True}
     # corrupted differs from clean exactly at the three name positions
-    key = np.zeros_like(clean, dtype=bool)
-    key[rows[:, None], task.key_positions] = True
+    key = task.key_mask()
     assert (task.key_positions == [2, 4, 10]).all() and (task.last_key_position == 10).all()
     assert ((clean != corrupted) == key).all()
     names = set(ids(ioi.NAMES))
@@ -325,3 +324,13 @@ def test_task_select_and_validation():
     with pytest.raises(ValueError, match="key_positions"):
         Task("x", task.clean_tokens, task.corrupted_tokens, task.answers, task.contrasts,
              task.key_positions + 20, task.last_key_position, task.prompts, task.corrupted_prompts)
+
+
+def test_to_jsonl_reads_in_bulk_sweeps(tmp_path):
+    bulk = pytest.importorskip("jpatch.bulk")
+    task = ioi.ioi_task(6)
+    path = task.to_jsonl(tmp_path / "ioi.jsonl")
+    for corruption in ("str", "noise"):
+        dataset = bulk.read_dataset(path, corruption=corruption)
+        assert len(dataset.examples) == len(task)
+        assert all(e.key_positions == (2, 4, 10) for e in dataset.examples)

@@ -113,6 +113,12 @@ class Task:
             info={k: np.asarray(v)[idx] for k, v in self.info.items()},
         )
 
+    def key_mask(self):
+        """[N, T] bool, True at the key positions (the other form `jpatch.corrupt` takes)."""
+        mask = np.zeros(self.clean_tokens.shape, dtype=bool)
+        mask[np.arange(len(self))[:, None], self.key_positions] = True
+        return mask
+
     def key_token_ids(self):
         """Sorted unique clean token ids at the key positions (e.g. `std_tokens` for
         measuring the embedding std of Gaussian noise over the subjects, as ROME does)."""

@@ -22,8 +22,6 @@ import dataclasses
 import importlib.resources
 import json
 
-import numpy as np
-
 from jpatch.tokenizer import get_tokenizer
 
 
@@ -45,9 +43,9 @@ class FactPair:
     line: int
 
 
-def _subject_span(tokens_text, subject, ids):
-    """Token span [start, stop) of the first occurrence of `subject` in the text."""
-    text, offsets = tokens_text
+def _subject_span(text, offsets, subject):
+    """Token span [start, stop) of the first occurrence of `subject` in `text`
+    (`offsets`: each token's character range), or None."""
     at = text.find(subject)
     if at < 0:
         return None
@@ -94,7 +92,7 @@ def _check_line(obj, tok, where):
         subjects = obj["subject"]
         if not isinstance(subjects, list) or len(subjects) != 2 or not all(isinstance(s, str) and s for s in subjects):
             raise ValueError(f"{where}: 'subject' must be a list of two non-empty strings, got {subjects!r:.100}")
-        spans = [_subject_span((p, e.offsets), s, e.ids) for p, e, s in zip(prompts, encodings, subjects)]
+        spans = [_subject_span(p, e.offsets, s) for p, e, s in zip(prompts, encodings, subjects)]
         for p, s, sp in zip(prompts, subjects, spans):
             if sp is None:
                 raise ValueError(f"{where}: subject {s!r} does not occur in prompt {p!r}")
