@@ -218,7 +218,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
 
     out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
     group_index = np.array_split(np.arange(len(patches)), groups)
-    bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit="patch")
+    bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit=" runs")
     for idx in group_index:
         group = patches.take(idx)
         lay = layout if groups == 1 else engine.plan(group, cfg.n_layer, T, skip_layers=skip_layers,

@@ -1,0 +1,257 @@
+"""The `jpatch` command: demo, sweep, convert, paper, bulk."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
+METRICS = ("logit-diff", "prob", "kl", "logprob")
+DIRECTIONS = ("denoise", "noise")
+
+
+def _choice_error(what, value, valid):
+    return SystemExit(f"jpatch: unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def load_task(name, n_prompts, seed):
+    """The task's prompts as one Task (for factual recall: the largest length bucket)."""
+    from jpatch.tasks import TASKS, get_task
+
+    kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
+    if name == "ioi":
+        kw["split"] = "test"  # names the bundled toy model never saw in IOI prompts
+    try:
+        task = get_task(name, **kw)
+    except ValueError as e:
+        raise SystemExit(f"jpatch: {e}") from None
+    if isinstance(task, list):
+        task = max(task, key=len)
+    return task.select(slice(0, n_prompts)) if len(task) > n_prompts else task
+
+
+def make_corruption(model, task, corruption, site, *, noise_samples, seed):
+    """The corrupted Run for a task."""
+    from jpatch import corrupt
+
+    clean = task.clean_tokens
+    if corruption == "str":
+        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions)
+    if corruption == "noise":
+        return corrupt.gaussian_noise(model, clean, task.key_positions, n_samples=noise_samples,
+                                      std_tokens=task.key_token_ids(), seed=seed)
+    if corruption == "zero":
+        return corrupt.zero_ablation(model, clean, site)
+    if corruption == "mean":
+        return corrupt.mean_ablation(model, clean, site, clean)
+    if corruption == "resample":
+        return corrupt.resample_ablation(clean, clean, seed=seed)
+    raise _choice_error("corruption", corruption, CORRUPTIONS)
+
+
+def make_metric(task, name):
+    from jpatch import metrics
+
+    if name == "logit-diff":
+        return task.metric()
+    if name == "prob":
+        return metrics.probability(task.answers)
+    if name == "kl":
+        return metrics.kl()
+    if name == "logprob":
+        return metrics.logprob(task.answers)
+    raise _choice_error("metric", name, METRICS)
+
+
+def load_model(name):
+    import jpatch
+
+    try:
+        return jpatch.load(name)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"jpatch: cannot load model {name!r}: {e}") from None
+
+
+def top_components(result, axes, tokens=None, k=8):
+    """The k entries of largest |value|, as printable lines."""
+    flat = np.argsort(-np.abs(np.nan_to_num(result)).ravel())[:k]
+    lines = []
+    for index in flat:
+        coords = np.unravel_index(index, result.shape)
+        parts = dict(zip(axes, (int(c) for c in coords)))
+        if set(parts) == {"layer", "head"}:
+            label = f"head {parts['layer']}.{parts['head']}"
+        else:
+            label = ", ".join(f"{a} {c}" for a, c in parts.items())
+            if tokens is not None and "pos" in parts:
+                label += f" {tokens[parts['pos']]!r}"
+        lines.append(f"  {label:<32} {result[coords]:+.3f}")
+    return lines
+
+
+def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, seed):
+    from jpatch import patching
+
+    corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
+    return patching.sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
+                          direction=direction, window=window, axes=axes)
+
+
+def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
+    """Write each sweep's result.npz + settings.json and heatmap into `out`, atomically."""
+    from jpatch import plot
+    from jpatch.checkpoint import atomic_dir
+    from jpatch.results import save_result
+    from jpatch.tokenizer import get_tokenizer
+
+    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    with atomic_dir(Path(out), overwrite) as tmp:
+        for name, (site, axes, result) in sweeps.items():
+            save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)})
+            title = plot.title_for(model_name, site, settings["corruption"].upper(), settings["metric"],
+                                   settings["direction"], settings["window"])
+            fig = plot.plot_sweep(result, axes, tokens=tokens, title=title, metric_name=settings["metric"])
+            plot.save(fig, tmp / f"{name}.png")
+    return Path(out)
+
+
+def cmd_demo(args):
+    model = load_model(args.model)
+    task = load_task("ioi", args.n_prompts, args.seed)
+    from jpatch.tokenizer import get_tokenizer
+
+    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    print(f"model {args.model}: {model.config.n_layer} layers x {model.config.n_head} heads; "
+          f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
+    print("corruption: symmetric token replacement (ABC names); metric: normalized logit difference; denoising")
+    common = dict(corruption="str", metric="logit-diff", direction="denoise", window=1,
+                  noise_samples=1, seed=args.seed)
+    start = time.perf_counter()
+    sweeps = {
+        "resid_pre": ("hook_resid_pre", ("layer", "pos"),
+                      run_sweep(model, task, "hook_resid_pre", ("layer", "pos"), **common)),
+        "heads": ("attn.hook_z", ("layer", "head"), run_sweep(model, task, "attn.hook_z", ("layer", "head"), **common)),
+    }
+    elapsed = time.perf_counter() - start
+    for name, (site, axes, result) in sweeps.items():
+        print(f"\ntop {site} components ({' x '.join(axes)}):")
+        print("\n".join(top_components(result, axes, tokens)))
+    settings = {"model": args.model, "task": "ioi", "n_prompts": len(task), **common}
+    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True)
+    print(f"\n{sum(np.prod(r.shape) for _, _, r in sweeps.values())} patches in {elapsed:.1f} s; "
+          f"heatmaps and results in {out}/")
+
+
+def cmd_sweep(args):
+    from jpatch import patching, sites
+
+    if args.corruption not in CORRUPTIONS:
+        raise _choice_error("corruption", args.corruption, CORRUPTIONS)
+    if args.metric not in METRICS:
+        raise _choice_error("metric", args.metric, METRICS)
+    try:
+        site = sites.canonical(args.site)
+    except KeyError as e:
+        raise SystemExit(f"jpatch: {e.args[0]}") from None
+    axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+    model = load_model(args.model)
+    task = load_task(args.task, args.n_prompts, args.seed)
+    try:
+        result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
+                           direction=args.direction, window=args.window, noise_samples=args.noise_samples,
+                           seed=args.seed)
+    except (ValueError, FloatingPointError) as e:
+        raise SystemExit(f"jpatch: {e}") from None
+    print(f"{site} over {' x '.join(axes)}: top components")
+    from jpatch.tokenizer import get_tokenizer
+
+    print("\n".join(top_components(result, axes, get_tokenizer().to_str_tokens(task.clean_tokens[0]))))
+    settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
+                "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
+                "noise_samples": args.noise_samples}
+    if len(axes) == 2:
+        out = write_sweeps(args.out, args.model, task, {"sweep": (site, axes, result)}, settings, args.overwrite)
+    else:
+        from jpatch.results import save_result
+
+        out = save_result(args.out, {"result": result}, {**settings, "site": site, "axes": list(axes)},
+                          overwrite=args.overwrite)
+    print(f"results in {out}/")
+
+
+def cmd_convert(args):
+    from jpatch.convert import convert_hf
+
+    try:
+        out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError) as e:
+        raise SystemExit(f"jpatch convert: {e}") from None
+    print(f"converted {args.src} -> {out}")
+
+
+def _delegate(module, command):
+    """Subcommands whose module defines add_arguments(parser) and main(args)."""
+    import importlib
+
+    def add(subparsers, help):
+        parser = subparsers.add_parser(command, help=help, description=help)
+        mod = importlib.import_module(module)
+        mod.add_arguments(parser)
+        parser.set_defaults(func=mod.main)
+
+    return add
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="jpatch", description="Fast batched activation patching for GPT-2 (JAX).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="IOI sweeps (resid_pre, heads) on the bundled model, with heatmaps",
+                          description="Run the IOI sweeps of resid_pre (layer x position) and attention-head "
+                                      "outputs (layer x head) with symmetric token replacement and normalized "
+                                      "logit difference; print the top components and write heatmaps.")
+    demo.add_argument("--model", default="toy", help="a folder or a name under weights/ (default: toy)")
+    demo.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
+    demo.add_argument("--n-prompts", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.")
+    sweep.add_argument("--model", default="toy")
+    sweep.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
+    sweep.add_argument("--site", default="resid_pre", help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
+    sweep.add_argument("--axes", help="comma-separated result axes, e.g. layer,head (default per site)")
+    sweep.add_argument("--corruption", default="str", help=" | ".join(CORRUPTIONS))
+    sweep.add_argument("--metric", default="logit-diff", help=" | ".join(METRICS))
+    sweep.add_argument("--direction", default="denoise", choices=DIRECTIONS)
+    sweep.add_argument("--window", type=int, default=1)
+    sweep.add_argument("--n-prompts", type=int, default=32)
+    sweep.add_argument("--noise-samples", type=int, default=10)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--out", required=True)
+    sweep.add_argument("--overwrite", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
+
+    convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights",
+                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.")
+    convert.add_argument("src")
+    convert.add_argument("out")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(func=cmd_convert)
+
+    _delegate("jpatch.paper", "paper")(sub, "rerun the paper's comparisons and write a Markdown report")
+    _delegate("jpatch.bulk", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
