@@ -113,6 +113,15 @@ def make_patches(config, site, axes, n_pos, n_prompts, *, window=1, layers=None,
     prompt_positions: one position per prompt ([n_prompts], e.g. the last subject
     token), giving a "pos" axis of length 1.
     """
+    valid = ("layer", "pos") + {"attn.hook_pattern": ("head", "src")}.get(
+        site, ("head",) if site in sites.HEAD_VECTOR_SITES else ())
+    for a in axes:
+        if a not in ("layer", "pos", "head", "src"):
+            raise ValueError(f"unknown axis {a!r}; valid: layer, pos, head, src")
+        if a not in valid:
+            raise ValueError(f"site {site!r} has no {a} axis; its axes: {', '.join(valid)}")
+    if len(set(axes)) != len(axes) or "layer" not in axes:
+        raise ValueError(f"a sweep needs a layer axis and no repeated axis, got axes {tuple(axes)}")
     if window < 1 or int(window) != window:
         raise ValueError(f"window must be an integer >= 1, got {window}")
     if window > 1 and site not in WINDOW_SITES:
