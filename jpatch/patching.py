@@ -361,6 +361,9 @@ def _tl_patch(name):
         N, T = corrupted.tokens.shape
         read = metric.read_positions(N, T)
         final = clean_cache.stacked("hook_resid_post")[-1]
+        if final.shape[:2] != (N, T):
+            raise ValueError(f"clean_cache holds activations of {tuple(final.shape[:2])} tokens, "
+                             f"corrupted_tokens are {(N, T)}: they must have the same [batch, pos] shape")
         if read is not None:
             final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
         clean_logits = model.unembed(final)
