@@ -370,11 +370,13 @@ def _tl_patch(name):
         patches, shape = make_patches(model.config, site, axes, T, N)
         raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
         if raw.ndim == 2:
+            raw = raw.mean(-1)
+        if metric.normalize != "none":  # a scalar callable too may ask for normalization
             corrupted_logits = read_logits(model, corrupted, metric)
             data = metric.batch_data(N)
             clean_score = np.asarray(metric.score(clean_logits, clean_logits, data)).mean()
             corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data)).mean()
-            raw = metric.compare(raw.mean(-1), clean_score, corrupted_score)
+            raw = metric.compare(raw, clean_score, corrupted_score)
         return raw.reshape(shape)
 
     get_act_patch.__name__ = f"get_act_patch_{name}"
