@@ -191,11 +191,13 @@ def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_po
         )
         x, _ = jax.lax.scan(layer, x, xs)
 
-    final = jnp.broadcast_to(base["final"][:, None], (B, n, T, cfg.d_model)).at[:, row_patch, row_pos].set(x)
-    if n_read_all:
-        resid = final
-    else:
-        resid = jnp.take_along_axis(final, read_pos[:, None, :, None], axis=2)  # [B, n, K, d]
+    # The final residual at the read positions: a patch's own row where it was
+    # recomputed, else the base run's (positions before the patch never change).
+    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if n_read_all else read_pos  # [B, K]
+    idx = jnp.moveaxis(dense_idx[:, read], 0, 1)  # [B, n, K]
+    own = jnp.take_along_axis(x, jnp.maximum(idx, 0).reshape(B, -1, 1), axis=1).reshape(idx.shape + (-1,))
+    cached = jnp.take_along_axis(base["final"], read[..., None], axis=1)[:, None]  # [B, 1, K, d]
+    resid = jnp.where((idx >= 0)[..., None], own, cached)  # [B, n, K, d]
     logits = model.unembed(resid)
     return jax.vmap(lambda lg: score(lg, clean_logits, data), in_axes=1)(logits)  # [n, B] (or [n])
 
