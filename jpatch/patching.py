@@ -331,10 +331,12 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
         prompt_positions = np.tile(np.asarray(prompt_positions), S) if np.shape(prompt_positions) == (B,) else prompt_positions
     patches, shape = make_patches(model.config, site, axes, T, S * B, window=window, layers=layers,
                                   positions=positions, heads=heads, prompt_positions=prompt_positions)
-    raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
-                       skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
     baseline = lambda logits: np.asarray(metric.score(logits, clean_logits, metric.batch_data(S * B)))
     clean_score, corrupted_score = baseline(clean_logits), baseline(corrupted_logits)
+    if per_prompt and clean_score.ndim == 0:
+        raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
+    raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
+                       skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
         result = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
     else:
