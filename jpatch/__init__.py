@@ -28,3 +28,5 @@ from jpatch.convert import convert_hf  # noqa: E402
 from jpatch.patching import Run, sweep  # noqa: E402
 from jpatch import metrics, patching, sites  # noqa: E402
 from jpatch.tokenizer import get_tokenizer  # noqa: E402
+from jpatch.results import load_result  # noqa: E402
+from jpatch.bulk import bulk_sweep  # noqa: E402

@@ -101,7 +101,8 @@ def run_sweep(model, task, site, axes, *, corruption, metric, direction, window,
 
 
 def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
-    """Write each sweep's result.npz + settings.json and heatmap into `out`, atomically."""
+    """Write each sweep's result.npz + settings.json and heatmap into `out`, atomically:
+    into out/<name>/ and out/<name>.png, or straight into `out` for a single sweep named ""."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
     from jpatch.results import save_result
@@ -110,11 +111,13 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
     tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
     with atomic_dir(Path(out), overwrite) as tmp:
         for name, (site, axes, result) in sweeps.items():
-            save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)})
+            save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)},
+                        overwrite=not name)
             title = plot.title_for(model_name, site, settings["corruption"].upper(), settings["metric"],
                                    settings["direction"], settings["window"])
-            fig = plot.plot_sweep(result, axes, tokens=tokens, title=title, metric_name=settings["metric"])
-            plot.save(fig, tmp / f"{name}.png")
+            if len(axes) == 2:
+                fig = plot.plot_sweep(result, axes, tokens=tokens, title=title, metric_name=settings["metric"])
+                plot.save(fig, tmp / f"{name or 'heatmap'}.png")
     return Path(out)
 
 
@@ -172,13 +175,7 @@ def cmd_sweep(args):
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples}
-    if len(axes) == 2:
-        out = write_sweeps(args.out, args.model, task, {"sweep": (site, axes, result)}, settings, args.overwrite)
-    else:
-        from jpatch.results import save_result
-
-        out = save_result(args.out, {"result": result}, {**settings, "site": site, "axes": list(axes)},
-                          overwrite=args.overwrite)
+    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite)
     print(f"results in {out}/")
 
 

@@ -1,0 +1,93 @@
+"""The jpatch command: help, demo and sweep on a small random model, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jpatch
+from jpatch import cli
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small random model with GPT-2's vocabulary, saved like a converted one."""
+    config = jpatch.GPT2Config(n_layer=2, n_head=4, d_model=64, d_mlp=256, n_ctx=64)
+    path = tmp_path_factory.mktemp("model") / "m"
+    jpatch.save(jpatch.GPT2.init(config, key=jax.random.PRNGKey(0), std=0.1), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["demo", "sweep", "convert", "paper", "bulk"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([command, "--help"])
+    assert exit.value.code == 0
+    assert f"usage: jpatch {command}" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "jpatch.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "sweep" in out.stdout
+
+
+def test_demo_prints_top_components_and_writes_heatmaps(model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--model", model_dir, "--out", str(out), "--n-prompts", "4"])
+    printed = capsys.readouterr().out
+    assert "top hook_resid_pre components" in printed and "head " in printed
+    for name in ("resid_pre", "heads"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+        settings = json.loads((out / name / "settings.json").read_text())
+        assert settings["corruption"] == "str" and settings["metric"] == "logit-diff"
+        result = jpatch.load_result(out / name)["result"]
+        assert result.shape == ((2, 15) if name == "resid_pre" else (2, 4))
+        assert np.isfinite(result).all()
+
+
+def test_sweep_equals_library_call(model_dir, tmp_path):
+    """The command's saved result is the library's sweep of the same task."""
+    from jpatch.tasks import ioi_task
+
+    out = tmp_path / "s"
+    cli.main(["sweep", "--model", model_dir, "--task", "ioi", "--site", "mlp_out", "--n-prompts", "4",
+              "--out", str(out)])
+    task = ioi_task(4, seed=0, split="test")
+    expected = jpatch.sweep(jpatch.load(model_dir), task.clean_tokens, task.corrupted_tokens, "mlp_out",
+                            task.metric(), progress=False)
+    np.testing.assert_allclose(jpatch.load_result(out)["result"], expected, atol=1e-5)
+    assert (out / "heatmap.png").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, listed",
+    [
+        ("--task", "nope", "ioi, factual, greater-than"),
+        ("--site", "resid_pree", "hook_resid_pre"),
+        ("--corruption", "blur", "str, noise, zero, mean, resample"),
+        ("--metric", "accuracy", "logit-diff, prob, kl, logprob"),
+    ],
+)
+def test_unknown_names_list_the_valid_ones(model_dir, tmp_path, flag, value, listed):
+    args = ["sweep", "--model", model_dir, "--n-prompts", "2", "--out", str(tmp_path / "x"), flag, value]
+    with pytest.raises(SystemExit, match=listed):
+        cli.main(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere"):
+        cli.main(["demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()
+
+
+def test_failed_sweep_leaves_no_output(model_dir, tmp_path):
+    """A sweep that fails (noising with a zero ablation as the base run) writes nothing."""
+    out = tmp_path / "fail"
+    with pytest.raises(SystemExit, match="base run"):
+        cli.main(["sweep", "--model", model_dir, "--site", "mlp_out", "--corruption", "zero", "--n-prompts", "2",
+                  "--direction", "denoise", "--out", str(out)])
+    assert not out.exists()
