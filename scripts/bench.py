@@ -166,7 +166,6 @@ def bench_bulk(tmp, tl, n_prompts, figures):
     for n in (n_prompts // 10, n_prompts):
         data = os.path.join(tmp, f"ioi-{n}.jsonl")
         ioi_task(n, seed=1).to_jsonl(data)
-        bulk_process(os.path.join(tmp, "jp"), data, os.path.join(tmp, f"warm-{n}"), n) if n == n_prompts // 10 else None
         rows[n] = bulk_process(os.path.join(tmp, "jp"), data, os.path.join(tmp, f"bulk-{n}"), n)
         rate = n * patches / rows[n]["s"]
         print(f"bulk resid_pre, {n} IOI prompts x {patches} patches: {rows[n]['s']:.1f} s, "
