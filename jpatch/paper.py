@@ -364,6 +364,7 @@ def section_corruption_ioi(run):
         _table(["run", "logit diff (IO - S)", "accuracy (IO > S)", "P(IO)"],
                [[name, _f(b["logit_diff"]), _f(b["accuracy"]), _f(b["p_answer"])] for name, b in
                 (("clean", base["clean"]), ("STR (ABC)", base["str"]), ("GN", base["gn"]))]),
+        *_caution(base["clean"], base["str"]),
         "",
         f"![GN vs STR on IOI heads]({fig})",
         "",
@@ -380,6 +381,16 @@ def section_corruption_ioi(run):
         f"(top-{k} overlap {overlap}/{k}, Spearman {_f(rho, 2)}; 'agree' means the same top-{k} and rho >= 0.9, "
         f"'partly agree' at least half of them and rho >= 0.5).",
     ]
+
+
+def _caution(clean, corrupted):
+    """A warning line when the model hardly does the task: normalized effects then
+    divide by a small clean - corrupted gap and mean little."""
+    gap = clean["logit_diff"] - corrupted["logit_diff"]
+    if clean["accuracy"] >= 0.6 and gap >= 0.5:
+        return []
+    return ["", f"**Caution:** the model hardly does this task (clean accuracy {_f(clean['accuracy'], 2)}, clean - "
+                f"corrupted logit difference {_f(gap, 3)}); normalized effects divide by that gap and mean little."]
 
 
 def _bucket_table(run, tasks):
@@ -427,6 +438,7 @@ def section_corruption_factual(run):
         _table(["run", "logit diff (answer - pair's answer)", "accuracy", "P(answer)"],
                [[name, _f(b["logit_diff"]), _f(b["accuracy"]), _f(b["p_answer"])] for name, b in
                 (("clean", mean["clean"]), ("STR", mean["str"]), ("GN", mean["gn"]))]),
+        *_caution(mean["clean"], mean["str"]),
         "",
         f"![GN vs STR on factual-recall MLPs]({fig})",
         "",
