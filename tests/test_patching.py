@@ -429,3 +429,48 @@ def test_non_finite_message_names_the_first_bad_patch(jp_tiny, setup, tl_results
     with pytest.raises(FloatingPointError, match=rf"not finite for {len(moved)} patch\(es\), first at layer {layer}, pos {pos};"):
         patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", metrics.from_callable(nan_where_moved),
                        progress=False)
+
+
+def test_get_act_patch_normalizes_a_scalar_callable(jp_tiny, setup, jp_caches, tl_results):
+    """from_callable(normalize="range") on a raw mean-LD callable: the same as the hand-normalized TL metric."""
+    ans, con, rows = jnp.asarray(setup.answers), jnp.asarray(setup.contrasts), jnp.arange(B)
+    mean_ld = lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean()
+    for normalize, expected in (("range", tl_results("resid_pre", "denoise")),
+                                ("baseline", tl_results("resid_pre", "denoise") * (setup.CL - setup.CO))):
+        got = patching.get_act_patch_resid_pre(jp_tiny, setup.corrupted, jp_caches["clean"],
+                                               metrics.from_callable(mean_ld, normalize=normalize), progress=False)
+        assert_close(got, expected, what=f"normalize={normalize}")
+
+
+def test_get_act_patch_checks_the_cache_matches_the_tokens(jp_tiny, setup, jp_caches):
+    _, short = jp_tiny.run_with_cache(setup.clean[:, :-1])
+    _, fewer = jp_tiny.run_with_cache(setup.clean[:2])
+    for cache, shape in ((short, r"\(3, 6\)"), (fewer, r"\(2, 7\)")):
+        with pytest.raises(ValueError, match=rf"clean_cache holds activations of {shape} tokens, corrupted_tokens are \(3, 7\)"):
+            patching.get_act_patch_resid_pre(jp_tiny, setup.corrupted, cache, setup.jp_metric, progress=False)
+
+
+def test_per_prompt_needs_a_metric_per_prompt(jp_tiny, setup):
+    mean_ld = lambda logits: logits[:, -1, 0].mean()  # a scalar: no per-prompt values to report
+    with pytest.raises(ValueError, match=r"per_prompt=True needs a metric with one value per prompt"):
+        patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", metrics.from_callable(mean_ld),
+                       per_prompt=True, progress=False)
+
+
+def test_axes_must_exist_for_the_site(jp_tiny, setup, tl_results):
+    def run(site, axes):
+        return patching.sweep(jp_tiny, setup.clean, setup.corrupted, site, setup.jp_metric, axes=axes, progress=False)
+
+    with pytest.raises(ValueError, match=r"site 'hook_resid_pre' has no head axis; its axes: layer, pos"):
+        run("resid_pre", ("layer", "head"))
+    with pytest.raises(ValueError, match=r"site 'attn.hook_z' has no src axis; its axes: layer, pos, head"):
+        run("z", ("layer", "pos", "src"))
+    with pytest.raises(ValueError, match=r"unknown axis 'banana'; valid: layer, pos, head, src"):
+        run("resid_pre", ("layer", "banana"))
+    with pytest.raises(ValueError, match=r"needs a layer axis and no repeated axis, got axes \('layer', 'layer'\)"):
+        run("resid_pre", ("layer", "layer"))
+    with pytest.raises(ValueError, match=r"needs a layer axis and no repeated axis, got axes \('pos',\)"):
+        run("resid_pre", ("pos",))
+    # any order of valid axes is the transposed grid
+    assert_close(run("resid_pre", ("pos", "layer")), tl_results("resid_pre", "denoise").T, what="(pos, layer)")
+    assert_close(run("z", ("head", "layer")), tl_results("attn_head_out_all_pos", "denoise").T, what="(head, layer)")
