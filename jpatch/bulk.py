@@ -32,6 +32,7 @@ dataset index, so it does not depend on shards, batches or processes.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -87,8 +88,9 @@ class Dataset:
     def __len__(self):
         return len(self.examples)
 
-    @property
+    @functools.cached_property
     def lengths(self):
+        """Token length of each clean prompt [n]."""
         return np.array([len(e.clean) for e in self.examples], np.int64)
 
 
@@ -177,6 +179,8 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
         clean = prompt("clean")
         corrupted = prompt("corrupted") if corruption == "str" else None
         answer, contrast = token("answer"), token("contrast")
+        if metric in (None, "logit-diff") and answer is not None and answer == contrast:
+            bad("answer and contrast are the same token: their logit difference is always 0")
         if clean is not None and corrupted is not None:
             if len(corrupted) != len(clean):
                 bad(
@@ -478,14 +482,16 @@ def _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar):
         members = np.flatnonzero(lengths == T)
         group = [int(indices[m]) for m in members]
         try:
-            batch = _sweep_batch(model, dataset, group, specs, cfg, devices)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                batch = _sweep_batch(model, dataset, group, specs, cfg, devices)
         except FloatingPointError:
             # Some prompt's metric is undefined (e.g. equal clean and corrupted baselines): sweep
             # prompt by prompt and store NaN for those.
             batch = {s.name: np.full((len(group),) + s.grid(model.config, T), np.nan, np.float32) for s in specs}
             for j, i in enumerate(group):
                 try:
-                    one = _sweep_batch(model, dataset, [i], specs, cfg, devices)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        one = _sweep_batch(model, dataset, [i], specs, cfg, devices)
                 except FloatingPointError:
                     undefined.append(dataset.examples[i].line)
                     continue
@@ -697,14 +703,18 @@ def main(args):
     if (args.process_index is None) != (args.process_count is None):
         raise SystemExit("--process-index and --process-count go together")
     corruption, metric = args.corruption, args.metric
-    # Validate the data before loading weights, so a bad line is reported at once.
-    dataset = read_dataset(args.data, corruption=corruption, metric=metric)
-    model = load(args.model, dtype=args.dtype)
-    run = bulk_sweep(model, dataset, args.sites, corruption, metric, args.out, direction=args.direction,
-                     window=args.window, shard_size=args.shard_size, memory_budget=args.memory_budget, seed=args.seed,
-                     n_samples=args.n_samples, noise_scale=args.noise_scale, noise_std=args.noise_std,
-                     model_name=str(args.model), progress=not args.no_progress, process_index=args.process_index,
-                     process_count=args.process_count)
+    try:
+        resolve_sites(args.sites, args.window)
+        # Validate the data before loading weights, so a bad line is reported at once.
+        dataset = read_dataset(args.data, corruption=corruption, metric=metric)
+        model = load(args.model, dtype=args.dtype)
+        run = bulk_sweep(model, dataset, args.sites, corruption, metric, args.out, direction=args.direction,
+                         window=args.window, shard_size=args.shard_size, memory_budget=args.memory_budget,
+                         seed=args.seed, n_samples=args.n_samples, noise_scale=args.noise_scale,
+                         noise_std=args.noise_std, model_name=str(args.model), progress=not args.no_progress,
+                         process_index=args.process_index, process_count=args.process_count)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TimeoutError) as e:
+        raise SystemExit(f"jpatch bulk: {e}") from None
     part = f"process {run.process_index}/{run.process_count}: " if run.process_count > 1 else ""
     print(f"{part}{len(run.computed)} shard(s) computed, {len(run.skipped)} already done, in {run.out_dir}")
     if run.complete:

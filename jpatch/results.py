@@ -15,9 +15,12 @@ Bulk sweep (`jpatch.bulk.bulk_sweep`), written shard by shard::
                                 "length" [n] their token lengths, "run_hash" (the manifest's hash),
                                 and per site name [n, *grid] float32
 
-A shard file exists only once complete (temporary file + `os.replace`). Grid
-axes over positions ("pos", "src") are padded to the dataset's longest prompt
-(`max_len`) with NaN: prompt i's values live at positions [0, length[i]).
+Shard k holds the prompts k * shard_size ... (k + 1) * shard_size - 1 of the dataset
+ordered by (token length, line), so a shard's prompts share few lengths. A shard
+file exists only once complete (temporary file + `os.replace`). Grid axes over
+positions ("pos", "src") are padded to the dataset's longest prompt (`max_len`)
+with NaN: prompt i's values live at positions [0, length[i]). A prompt whose
+metric is undefined (e.g. equal clean and corrupted baselines) is NaN throughout.
 
 `load_result(path)` reads either kind and returns a `Result`.
 """

@@ -94,13 +94,14 @@ def str_run(model, data7, tmp_path_factory):
 # --- per-prompt equality with single-prompt sweeps -----------------------------------------
 
 
-def single_sweeps(model, dataset, i, corruption, metric, specs, *, direction="denoise", window=1, std=None, seed=0):
+def single_sweeps(model, dataset, i, corruption, metric, specs, *, direction="denoise", window=1, std=None, seed=0,
+                  n_samples=10):
     e = dataset.examples[i]
     clean = e.clean[None]
     if corruption == "str":
         corrupted = e.corrupted[None]
     else:
-        corrupted = noise_run(model, clean, [e.key_positions], [i], n_samples=10, std=std, scale=3.0, seed=seed)
+        corrupted = noise_run(model, clean, [e.key_positions], [i], n_samples=n_samples, std=std, scale=3.0, seed=seed)
     m = make_metric(metric, [e.answer], [e.contrast])
     return {s.name: patching.sweep(model, clean, corrupted, s.site, m, axes=s.axes, per_prompt=True, direction=direction,
                                    window=window, progress=False)[0]
@@ -146,20 +147,30 @@ def test_str_logit_diff_matches_single_prompt_sweeps(model, data7, str_run):
         results.Result({"x": np.zeros(3)}, {}).mean("x")
 
 
-def test_noise_kl_noising_window_matches_single_prompt_sweeps(model, data7, tmp_path):
-    run = bulk_sweep(model, data7, "mlp_out", "noise", "kl", tmp_path / "out", direction="noise", window=3,
-                     shard_size=4, seed=5, progress=False)
+def test_noise_kl_noising_window_matches_single_prompt_sweeps(model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", examples(3))
+    run = bulk_sweep(model, data, "mlp_out", "noise", "kl", tmp_path / "out", direction="noise", window=3,
+                     shard_size=4, seed=5, n_samples=4, progress=False)
     result = load_result(run.out_dir)
     s = result.settings
-    assert (s["corruption"], s["metric"], s["direction"], s["window"], s["n_samples"]) == ("noise", "kl", "noise", 3, 10)
-    assert s["noise_std"] == pytest.approx(bulk.key_token_std(model, read_dataset(data7)), rel=1e-12)
-    check_against_single(model, data7, result, "noise", "kl", [0, 2], direction="noise", window=3, seed=5)
+    assert (s["corruption"], s["metric"], s["direction"], s["window"], s["n_samples"]) == ("noise", "kl", "noise", 3, 4)
+    assert s["noise_std"] == pytest.approx(bulk.key_token_std(model, read_dataset(data)), rel=1e-12)
+    check_against_single(model, data, result, "noise", "kl", [0, 2], direction="noise", window=3, seed=5, n_samples=4)
+
+
+def test_key_token_std_is_roms_embedding_std(model, data7):
+    from jpatch.corrupt import embedding_std
+
+    dataset = read_dataset(data7)
+    ids = np.concatenate([e.clean[list(e.key_positions)] for e in dataset.examples])
+    assert bulk.key_token_std(model, dataset) == pytest.approx(embedding_std(model, ids), rel=1e-10)
 
 
 @pytest.mark.parametrize("metric", ["prob", "logprob"])
-def test_prob_and_logprob_match_single_prompt_sweeps(model, data7, tmp_path, metric):
-    run = bulk_sweep(model, data7, "resid_pre", "str", metric, tmp_path / "out", shard_size=4, progress=False)
-    check_against_single(model, data7, load_result(run.out_dir), "str", metric, [2, 3])
+def test_prob_and_logprob_match_single_prompt_sweeps(model, tmp_path, metric):
+    data = write_jsonl(tmp_path / "d.jsonl", examples(3))
+    run = bulk_sweep(model, data, "resid_pre", "str", metric, tmp_path / "out", shard_size=4, progress=False)
+    check_against_single(model, data, load_result(run.out_dir), "str", metric, [1, 2])
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -335,7 +346,7 @@ def test_cli_main(model, data7, tmp_path, capsys):
 
     save(model, tmp_path / "weights" / "tiny")
     parser = bulk.add_arguments(argparse.ArgumentParser())
-    argv = ["--model", str(tmp_path / "weights" / "tiny"), "--data", str(data7), "--sites", SITES, "--out",
+    argv = ["--model", str(tmp_path / "weights" / "tiny"), "--data", str(data7), "--sites", "resid_pre", "--out",
             str(tmp_path / "cli"), "--shard-size", "4", "--memory-budget", "512M", "--no-progress"]
     args = parser.parse_args(argv)
     assert args.memory_budget == 512 << 20 and args.metric == "logit-diff" and args.corruption == "str"
@@ -349,3 +360,18 @@ def test_cli_main(model, data7, tmp_path, capsys):
     assert bulk.parse_bytes("4G") == 4 << 30 and bulk.parse_bytes("1e6") == 10**6 and bulk.parse_bytes("2GiB") == 2 << 30
     with pytest.raises(ValueError):
         bulk.parse_bytes("lots")
+    with pytest.raises(SystemExit, match="(?s)jpatch bulk: invalid dataset .*line 1: missing field 'answer'"):
+        bad = write_jsonl(tmp_path / "bad.jsonl", [{k: v for k, v in GOOD.items() if k != "answer"}])
+        bulk.main(parser.parse_args(argv[:2] + ["--data", str(bad)] + argv[4:]))
+
+
+def test_undefined_metric_is_stored_as_nan_with_a_warning(model, tmp_path):
+    # zero noise: the corrupted run is the clean run, so a normalized logit difference is 0 / 0
+    data = write_jsonl(tmp_path / "d.jsonl", examples(3))
+    with pytest.warns(RuntimeWarning, match=r"undefined .* for 3 prompt\(s\), stored as NaN: dataset line\(s\) \[1, 2, 3\]"):
+        run = bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", n_samples=1, noise_std=0.0,
+                         progress=False)
+    assert run.undefined_lines == [1, 2, 3]
+    assert np.isnan(load_result(run.out_dir)["resid_pre"]).all()
+    with pytest.raises(ValueError, match="line 1: answer and contrast are the same token"):
+        read_dataset(write_jsonl(tmp_path / "same.jsonl", [{**GOOD, "contrast": GOOD["answer"]}]))
