@@ -1,0 +1,93 @@
+"""The bundled toy model (weights/toy/, trained by scripts/train_toy.py) solves the three
+paper tasks on held-out prompts, over the full vocabulary, in bfloat16.
+
+The figures are recomputed here from the model, independently of training.json, and
+then compared with the numbers training.json records."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpatch
+from jpatch.checkpoint import resolve
+from jpatch.tasks import factual, greater_than, ioi
+
+N_IOI = N_GT = 1000  # the sets training.json's figures were computed on (seed 123, test splits)
+SEED = 123
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jpatch.load("toy")
+
+
+@pytest.fixture(scope="module")
+def record():
+    return json.loads((resolve("toy") / "training.json").read_text())
+
+
+def last_logits(model, tokens):
+    tokens = jnp.asarray(tokens)
+    return np.asarray(model(tokens, logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))[:, 0])
+
+
+@pytest.fixture(scope="module")
+def figures(model):
+    out = {}
+    task = ioi.ioi_task(N_IOI, seed=SEED, split="test")
+    assert not set(task.answers) & {get_id(n) for n in ioi.split_names()[0]}  # held-out names only
+    logits = last_logits(model, task.clean_tokens)
+    n = np.arange(len(task))
+    out["ioi_logit_diff_positive_frac"] = float((logits[n, task.answers] - logits[n, task.contrasts] > 0).mean())
+
+    ok = {}
+    for task in factual.factual_task():
+        top1 = last_logits(model, task.clean_tokens).argmax(-1)  # over all 50257 tokens
+        for pair, hit in zip(task.info["pair"], top1 == task.answers):
+            ok[int(pair)] = ok.get(int(pair), True) and bool(hit)
+    assert len(ok) == len(factual.load_pairs())
+    out["factual_pair_top1"] = float(np.mean(list(ok.values())))
+
+    task = greater_than.greater_than_task(N_GT, seed=SEED, split="test")
+    assert set(np.unique([p.split()[1] for p in task.prompts])) <= set(greater_than.split_nouns()[1])
+    logits = last_logits(model, task.clean_tokens).astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = probs / probs.sum(-1, keepdims=True)
+    years = probs[:, greater_than.YEAR_TOKEN_IDS]
+    greater = np.arange(100)[None, :] > task.info["yy"][:, None]
+    out["greater_than_prob_diff"] = float((np.where(greater, years, 0).sum(-1) - np.where(greater, 0, years).sum(-1)).mean())
+    return out
+
+
+def get_id(name):
+    return jpatch.get_tokenizer().token_id(" " + name)
+
+
+def test_bf16_and_small(model):
+    assert model.dtype == jnp.bfloat16
+    assert all(a.dtype == jnp.bfloat16 for a in jpatch.checkpoint.named_arrays(model).values())
+    assert model.config.d_vocab == 50257
+    size = sum(f.stat().st_size for f in resolve("toy").rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"weights/toy is {size / 2**20:.1f} MiB"
+
+
+def test_ioi_held_out_names(figures):
+    assert figures["ioi_logit_diff_positive_frac"] >= 0.95
+
+
+def test_factual_recall_full_vocab_top1(figures):
+    assert figures["factual_pair_top1"] >= 0.90
+
+
+def test_greater_than_prob_diff_held_out_nouns(figures):
+    assert figures["greater_than_prob_diff"] >= 0.5
+
+
+def test_training_json_matches(figures, record):
+    for key in ("seed", "steps", "train_seconds", "losses", "eval"):
+        assert key in record
+    assert record["saved_dtype"] == "bfloat16"
+    for key, value in figures.items():
+        assert abs(record["eval"][key] - value) < 0.01, (key, record["eval"][key], value)
