@@ -283,7 +283,8 @@ def resolve_sites(names, window=1):
         else:
             try:
                 if name.startswith("blocks."):
-                    raise KeyError(f"{name!r} names one layer; a bulk sweep covers every layer: pass {sites.parse(name)[0]!r}")
+                    raise KeyError(f"{name!r} names one layer; a bulk sweep covers every layer: "
+                                   f"pass {sites.parse(name)[0]!r}")
                 site = sites.canonical(name)
                 axes = patching.default_axes(site)
             except (KeyError, ValueError) as e:
@@ -564,7 +565,8 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
     if not memory_budget or memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    if corruption == "noise" and (isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1):
+    bad_samples = isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1
+    if corruption == "noise" and bad_samples:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
@@ -603,17 +605,18 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
     mine = [i for i in range(n_shards) if i % process_count == process_index]
     shard_prompts = lambda i: order[i * shard_size : (i + 1) * shard_size]  # noqa: E731
     done = [i for i in mine if (out_dir / results.shard_name(i)).is_file()]
+    done_set = set(done)
     for i in done:
         _check_shard(out_dir / results.shard_name(i), manifest["hash"])
-    todo = [i for i in mine if i not in set(done)]
+    todo = [i for i in mine if i not in done_set]
     devices = list(devices or jax.local_devices())
     if len(devices) > 1:
         # The patched calls shard prompts over these devices; the model is replicated on them.
         mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
         model = jax.device_put(model, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     bar = tqdm(total=sum(len(shard_prompts(i)) for i in mine), initial=sum(len(shard_prompts(i)) for i in done),
-               disable=not progress, desc=f"bulk {out_dir.name}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""),
-               unit="prompt", dynamic_ncols=True)
+               disable=not progress, unit="prompt", dynamic_ncols=True,
+               desc=f"bulk {out_dir.name}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""))
     undefined = []
     try:
         for i in todo:
@@ -668,7 +671,8 @@ def parse_bytes(text):
 def add_arguments(parser):
     """The `jpatch bulk` options."""
     parser.add_argument("--model", required=True, help="model folder or name under weights/ (jpatch.checkpoint.load)")
-    parser.add_argument("--data", required=True, help="JSONL dataset: one {clean, corrupted, answer, contrast, key_positions} per line")
+    parser.add_argument("--data", required=True,
+                        help="JSONL dataset: one {clean, corrupted, answer, contrast, key_positions} per line")
     parser.add_argument("--sites", default="resid_pre",
                         help=f"comma-separated sweeps ({', '.join(patching.SWEEPS)}) or sites (default: resid_pre)")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="str",
@@ -677,7 +681,8 @@ def add_arguments(parser):
     parser.add_argument("--direction", choices=patching.DIRECTIONS, default="denoise", help="default: denoise")
     parser.add_argument("--window", type=int, default=1, help="sliding window of layers (default: 1)")
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"prompts per shard file (default: {DEFAULT_SHARD_SIZE})")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"prompts per shard file (default: {DEFAULT_SHARD_SIZE})")
     parser.add_argument("--memory-budget", type=parse_bytes, default=patching.DEFAULT_MEMORY_BUDGET,
                         help="bytes per compiled call, e.g. 4G (default: 4G)")
     parser.add_argument("--seed", type=int, default=0, help="Gaussian-noise seed (default: 0)")

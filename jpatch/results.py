@@ -265,7 +265,8 @@ def _load_bulk(out_dir):
     manifest = read_manifest(out_dir)
     missing = missing_shards(out_dir, manifest)
     if missing:
-        names = ", ".join(shard_name(i) for i in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        names = ", ".join(shard_name(i) for i in missing[:10])
+        names += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise FileNotFoundError(
             f"bulk result {out_dir} is incomplete: {len(missing)} of {manifest['n_shards']} shards missing ({names}); "
             "rerun the same bulk command to finish it"
