@@ -19,6 +19,8 @@ How it stays fast and still evaluates honestly over the full 50257-token vocabul
   greater-than nouns are FROZEN at their random initialisation. A held-out name is
   then, to the model, exactly like a training name: a random init-scale vector it has
   learned to copy. Greater-than nouns are likewise replaced half the time by pool words.
+  (One held-out name, " Angela", occurs in a factual prompt, "Angela Merkel"; its row is
+  frozen like every name's, so it too stays at its init.)
 * No BOS token: `Task.clean_tokens` carry none, so neither does the training data.
 * Prompts are right-padded to one length and the logits are read at each prompt's
   last real token (causal attention: padding after it changes nothing).
@@ -254,8 +256,11 @@ def main():
     saved = jpatch.load(str(out))
     figures = evaluate(saved)
     info.update({"config": CONFIG.to_dict(), "saved_dtype": str(saved.dtype), "bos": False,
-                 "ioi_holdout": "strict: held-out names never in training data; all name/noun embedding rows "
-                                "frozen at init; IOI names drawn from train names + extra capitalised words",
+                 "ioi_holdout": "strict: held-out names never occur in IOI training prompts (nor anywhere else, "
+                                "except ' Angela' in the factual prompt 'The mother tongue of Angela Merkel is'); "
+                                "every IOI name and greater-than noun embedding row, held-out or not, stays frozen "
+                                "at its random init; training IOI names are drawn from the train-split names plus "
+                                f"{N_EXTRA_NAMES} other capitalised single-token words (also frozen)",
                  "eval": figures, "thresholds": THRESHOLDS,
                  "eval_sets": {"ioi": "ioi_task(1000, seed=123, split='test')", "factual": "all pairs",
                                "greater_than": "greater_than_task(1000, seed=123, split='test')"}})
