@@ -230,7 +230,7 @@ def load(path_or_name, *, dtype=None):
             unexpected = sorted(set(stored) - set(expected))
             if unexpected:
                 raise ValueError(f"checkpoint {directory} has arrays the model lacks: {unexpected}")
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]  # under jax.distributed, devices()[0] may be another host's)
             target = {
                 name: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype else stored[name][1], sharding=sharding)
                 for name, s in expected.items()
