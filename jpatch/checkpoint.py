@@ -230,7 +230,8 @@ def load(path_or_name, *, dtype=None):
             unexpected = sorted(set(stored) - set(expected))
             if unexpected:
                 raise ValueError(f"checkpoint {directory} has arrays the model lacks: {unexpected}")
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]  # under jax.distributed, devices()[0] may be another host's)
+            # Under jax.distributed, jax.devices()[0] may belong to another process.
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = {
                 name: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype else stored[name][1], sharding=sharding)
                 for name, s in expected.items()
