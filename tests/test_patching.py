@@ -484,3 +484,26 @@ def test_axes_must_exist_for_the_site(jp_tiny, setup, tl_results):
     # any order of valid axes is the transposed grid
     assert_close(run("resid_pre", ("pos", "layer")), tl_results("resid_pre", "denoise").T, what="(pos, layer)")
     assert_close(run("z", ("head", "layer")), tl_results("attn_head_out_all_pos", "denoise").T, what="(head, layer)")
+
+
+@pytest.mark.parametrize("site,axes", [("resid_post", ("layer", "pos")), ("pattern", ("layer", "head", "src"))])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_sweeps_without_a_transformer_lens_function(jp_tiny, tl_tiny, setup, site, axes, direction):
+    """resid_post by position, and the pattern by source (key) position at every query position,
+    against TransformerLens hooks."""
+    tokens, source = (setup.corrupted, setup.tl_clean_cache) if direction == "denoise" else (
+        setup.clean, setup.tl_corr_cache)
+    H = tl_tiny.cfg.n_heads
+    expected = np.zeros((2, T) if site == "resid_post" else (2, H, T))
+    for index in np.ndindex(expected.shape):
+        if site == "resid_post":
+            name, where = f"blocks.{index[0]}.hook_resid_post", (slice(None), index[1])
+        else:
+            name, where = f"blocks.{index[0]}.attn.hook_pattern", (slice(None), index[1], slice(None), index[2])
+        ld = hand_ld(tl_last_logits(tl_tiny, tokens, [(name, tl_hook(where, source[name]))]),
+                     setup.answers, setup.contrasts).mean()
+        expected[index] = (ld - setup.CO) / (setup.CL - setup.CO)
+    assert_nontrivial(expected, size=5e-3)
+    got = patching.sweep(jp_tiny, setup.clean, setup.corrupted, site, setup.jp_metric, axes=axes,
+                         direction=direction, progress=False)
+    assert_close(got, expected, what=f"{site} {axes} {direction}")
