@@ -163,6 +163,17 @@ def _take_prompts(tree, index, axis):
     return jax.tree_util.tree_map(lambda a: a[(slice(None),) * axis + (index,)], tree)
 
 
+def checked_metric(metric, d_vocab):
+    """`metric` as a Metric, its token ids checked against the vocabulary."""
+    metric = from_callable(metric)
+    for key in ("answer", "contrast"):
+        ids = np.asarray(metric.data.get(key, []))
+        if ids.size and ids.max() >= d_vocab:
+            raise ValueError(f"metric {metric.name!r}: {key} token id {int(ids.max())} is outside the vocabulary "
+                             f"[0, {d_vocab})")
+    return metric
+
+
 def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=DEFAULT_MEMORY_BUDGET,
                  skip_layers=True, skip_positions=True, progress=True, devices=None):
     """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
@@ -178,7 +189,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
             f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
             "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
         )
-    metric = from_callable(metric)
+    metric = checked_metric(metric, model.config.d_vocab)
     read_pos = metric.read_positions(N, T)
     read_all = read_pos is None
     read_pos = np.zeros((N, 1), int) if read_all else read_pos
@@ -315,7 +326,7 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
             f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape"
         )
     axes = tuple(axes or default_axes(site))
-    metric = from_callable(metric)
+    metric = checked_metric(metric, model.config.d_vocab)
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     clean_rows = clean.tiled(S)
     metric = dataclasses.replace(metric, data={k: np.tile(np.asarray(v), (S,) + (1,) * (np.ndim(v) - 1))
@@ -358,7 +369,7 @@ def _tl_patch(name):
 
     def get_act_patch(model, corrupted_tokens, clean_cache, metric, **kwargs):
         corrupted = as_run(corrupted_tokens, "corrupted_tokens")
-        metric = from_callable(metric)
+        metric = checked_metric(metric, model.config.d_vocab)
         # The clean logits at the read positions come from the clean cache's last residual stream.
         N, T = corrupted.tokens.shape
         read = metric.read_positions(N, T)

@@ -287,3 +287,12 @@ def test_wrong_number_of_answers_in_a_sweep(jp_tiny, runs):
     with pytest.raises(ValueError, match=r"answer has shape \(4,\), expected one per prompt \(3\)"):
         patching.sweep(jp_tiny, runs.clean, runs.corrupted, "resid_pre", metrics.probability([1, 2, 3, 4]),
                        progress=False)
+
+
+def test_answer_outside_vocabulary_is_named(jp_tiny):
+    from jpatch import patching
+
+    tokens = np.zeros((2, 4), int)
+    bad = metrics.logit_diff([1, jp_tiny.config.d_vocab + 5], [2, 3])
+    with pytest.raises(ValueError, match=f"answer token id {jp_tiny.config.d_vocab + 5} is outside the vocabulary"):
+        patching.sweep(jp_tiny, tokens, tokens + 1, "resid_pre", bad, progress=False)
