@@ -396,7 +396,7 @@ def _tl_patch(name):
     get_act_patch.__doc__ = (
         f"TransformerLens's `get_act_patch_{name}`: patch {site} over {axes} of the corrupted run "
         f"with clean values; returns the metric per patch, shape {tuple(axes)}.\n\n"
-        "metric: a TransformerLens-style callable on logits (wrap it with metrics.from_callable) or a\n"
+        "metric: a jittable TransformerLens-style function of the logits (written with jnp) or a\n"
         "jpatch Metric; a Metric is normalized with the cache's run as 1 and the tokens' run as 0\n"
         "(for noising, pass the clean tokens and the corrupted cache: 1 then means fully corrupted).\n"
         "Keyword arguments (memory_budget, progress, devices, ...) go to `patch_scores`."
