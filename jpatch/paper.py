@@ -246,6 +246,7 @@ def _heatmaps(panels, *, rows="layer", cols="head", col_labels=None):
 def _curves(panels, n_layer):
     """Per-layer line plots: panels = [(title, [(label, curve), ...])]."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 0.12 * n_layer + 4) * len(panels), 3.6),
                              squeeze=False)
@@ -253,6 +254,7 @@ def _curves(panels, n_layer):
         for label, curve in lines:
             ax.plot(np.arange(n_layer), curve, marker="o", markersize=3, label=label)
         ax.axhline(0, color="grey", linewidth=0.7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("normalized logit difference")
         ax.set_title(title, fontsize=10)
@@ -695,7 +697,9 @@ def _header(run, total):
         "",
         *[f"{i}. {r}" for i, r in enumerate(RECOMMENDATIONS, 1)],
         "",
-        "Raw results: `results.npz` (every sweep, keyed as in `results.json`), numbers quoted here: `results.json`.",
+        "Raw results: `results.npz` (every sweep result, e.g. `ioi_heads_str_ld_denoise` [layer, head], "
+        "`factual_mlp_gn_w1` [layer]; one factual bucket's under `<key>/<bucket>`); the numbers quoted here: "
+        "`results.json`.",
         "",
     ]
 
@@ -790,7 +794,8 @@ def main(args):
                          ioi_split=args.ioi_split, seed=args.seed, overwrite=args.overwrite,
                          progress=not args.quiet)
     except (OSError, ValueError) as e:
-        print(f"jpatch paper: error: {e}", file=sys.stderr)
+        message = str(e).replace("pass overwrite=True", "pass --overwrite")
+        print(f"jpatch paper: error: {message}", file=sys.stderr)
         return 1
     print(path)
     return 0
