@@ -302,7 +302,7 @@ def test_read_jsonl_names_bad_line(tmp_path):
             "contrast": " John", "key_positions": [1, 3]}
     bad = dict(good, corrupted="When Christopherson and Paul")
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(ValueError, match="line 2: .*different token lengths"):
+    with pytest.raises(ValueError, match="line 2: the corrupted prompt is .* tokens but the clean prompt is"):
         read_jsonl(path)
 
 

@@ -171,49 +171,28 @@ def _bucket(examples, name, *, metric_fn=None):
 
 
 def read_jsonl(path):
-    """Tasks from a file written by `Task.to_jsonl` (or by hand in that format),
+    """Tasks from a file in the dataset format of `Task.to_jsonl` and `jpatch bulk`,
     one per (token length, number of key positions), sorted by those.
 
-    Raises ValueError naming the line for a malformed example, a prompt pair of
-    unequal token lengths, an answer that is not one token, or a key position out of range.
+    Validation is `jpatch.bulk.read_dataset`'s (a ValueError names each bad line:
+    malformed JSON, prompt pairs of unequal token lengths, answers that are not one
+    token, key positions out of range); this adds the optional "last_key_position".
     """
-    tok = get_tokenizer()
-    examples = []
+    from jpatch.bulk import read_dataset
+
+    dataset = read_dataset(path)
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(ex, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
-            for key in ("clean", "corrupted", "answer", "contrast"):
-                if not isinstance(ex.get(key), str):
-                    raise ValueError(f"{where}: {key!r} must be a string, got {ex.get(key)!r:.80}")
-            clean, corrupted = tok.encode(ex["clean"]), tok.encode(ex["corrupted"])
-            if len(clean) != len(corrupted):
-                raise ValueError(f"{where}: clean and corrupted prompts have different token lengths "
-                                 f"({len(clean)} vs {len(corrupted)})")
-            ids = {}
-            for key in ("answer", "contrast"):
-                try:
-                    ids[key] = tok.token_id(ex[key])
-                except ValueError as e:
-                    raise ValueError(f"{where}: {key}: {e}") from None
-            keys = ex.get("key_positions", [])
-            if (not isinstance(keys, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in keys)
-                    or any(not 0 <= p < len(clean) for p in keys)):
-                raise ValueError(f"{where}: key_positions must be a list of token positions in [0, {len(clean)}), "
-                                 f"got {keys!r:.80}")
-            last = ex.get("last_key_position", max(keys) if keys else len(clean) - 1)
-            if not isinstance(last, int) or not 0 <= last < len(clean):
-                raise ValueError(f"{where}: last_key_position must be a token position in [0, {len(clean)}), got {last!r}")
-            examples.append({"clean": ex["clean"], "corrupted": ex["corrupted"], "clean_ids": clean,
-                             "corrupted_ids": corrupted, "answer": ids["answer"], "contrast": ids["contrast"],
-                             "key_positions": keys, "last_key_position": last, "info": {"line": lineno}})
+        lines = {n: json.loads(line) for n, line in enumerate(f, 1) if line.strip()}
+    examples = []
+    for ex in dataset.examples:
+        raw, keys = lines[ex.line], list(ex.key_positions)
+        last = raw.get("last_key_position", max(keys) if keys else len(ex.clean) - 1)
+        if not isinstance(last, int) or not 0 <= last < len(ex.clean):
+            raise ValueError(f"{path}, line {ex.line}: last_key_position must be a token position in "
+                             f"[0, {len(ex.clean)}), got {last!r}")
+        examples.append({"clean": raw["clean"], "corrupted": raw["corrupted"], "clean_ids": list(ex.clean),
+                         "corrupted_ids": list(ex.corrupted), "answer": ex.answer, "contrast": ex.contrast,
+                         "key_positions": keys, "last_key_position": last, "info": {"line": ex.line}})
     if not examples:
         raise ValueError(f"{path}: no examples")
     return _bucket(examples, os.path.splitext(os.path.basename(str(path)))[0])
