@@ -91,3 +91,18 @@ def test_failed_sweep_leaves_no_output(model_dir, tmp_path):
         cli.main(["sweep", "--model", model_dir, "--site", "mlp_out", "--corruption", "zero", "--n-prompts", "2",
                   "--direction", "denoise", "--out", str(out)])
     assert not out.exists()
+
+
+def test_convert_then_load_gives_transformers_logits(hf_tiny, tmp_path, capsys):
+    """`jpatch convert` of a locally saved random GPT-2, then `jpatch.load`."""
+    import reference
+
+    hf_tiny.save_pretrained(tmp_path / "hf")
+    cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "jp")])
+    assert "converted" in capsys.readouterr().out
+    tokens = reference.random_tokens(2, 9, hf_tiny.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(jpatch.load(tmp_path / "jp")(tokens)), reference.hf_logits(hf_tiny, tokens),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(SystemExit, match="no such checkpoint directory: .*missing"):
+        cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "jp2")])
+    assert not (tmp_path / "jp2").exists()
