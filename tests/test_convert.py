@@ -121,14 +121,18 @@ def test_flax_state_dict_equals_torch(hf_tiny, hf_dirs):
     np.testing.assert_array_equal(bare["h.0.attn.c_proj.weight"], np.eye(3)[::-1].T)
 
 
-def test_gpt2_small_shape(tmp_path):
+@pytest.fixture(scope="module")
+def hf_small():
+    return reference.hf_model(initializer_range=0.02, **reference.SMALL)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "msgpack"])
+def test_gpt2_small_shape(fmt, hf_small, tmp_path):
     """The real GPT-2 small shape (12 layers, 768, vocab 50257), random weights, one short prompt."""
-    hf = reference.hf_model(initializer_range=0.02, **reference.SMALL)
-    hf.save_pretrained(tmp_path / "hf")
-    model = checkpoint.load(convert_hf(tmp_path / "hf", tmp_path / "jp"))
+    model = checkpoint.load(convert_hf(write_hf(hf_small, tmp_path / "hf", fmt), tmp_path / "jp"))
     assert model.config.n_layer == 12 and model.wte.shape == (50257, 768) and model.wpe.shape == (1024, 768)
     tokens = np.array([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]])
-    assert max_err(model(tokens), reference.hf_logits(hf, tokens)) < 1e-4
+    assert max_err(model(tokens), reference.hf_logits(hf_small, tokens)) < 1e-4
 
 
 def test_bfloat16(hf_dirs, hf_tiny_logits, tmp_path):
