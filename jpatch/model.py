@@ -168,6 +168,18 @@ def apply_override(override, act, site):
     return jnp.where(mask, value.astype(act.dtype), act)
 
 
+def _editor(overrides, cache, record):
+    """An `edit(site, act)` that applies `overrides` and, when recording, stores into `cache`."""
+
+    def edit(site, act):
+        act = apply_override(overrides.get(site), act, site)
+        if record:
+            cache[site] = act
+        return act
+
+    return edit
+
+
 class Cache(eqx.Module):
     """Activations keyed by TransformerLens hook names.
 
@@ -295,13 +307,7 @@ class GPT2(eqx.Module):
     def _forward(self, tokens, overrides, attention_mask, logits_at, record):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         cache = {}
-
-        def global_edit(site, act):
-            act = apply_override(overrides.get(site), act, site)
-            if record:
-                cache[site] = act
-            return act
-
+        global_edit = _editor(overrides, cache, record)
         embed = global_edit("hook_embed", self.wte[tokens])
         pos_embed = global_edit("hook_pos_embed", self.wpe[self.positions(tokens, attention_mask)])
         layer_overrides = {s: overrides[s] for s in sites.LAYER_SITES if s in overrides}
@@ -315,13 +321,7 @@ class GPT2(eqx.Module):
         def step(x, per_layer):
             block, layer_ov = per_layer
             layer_cache = {}
-
-            def edit(site, act):
-                act = apply_override(layer_ov.get(site), act, site)
-                if record:
-                    layer_cache[site] = act
-                return act
-
+            edit = _editor(layer_ov, layer_cache, record)
             attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
             return block(x, self.config, attend, edit), layer_cache
 

@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny random GPT-2 as Hugging Face, TransformerLens and jpatch models."""
 
 import pytest
+import torch
 
 import reference
 from jpatch.convert import config_from_hf, from_hf_state_dict
@@ -22,3 +23,13 @@ def tl_tiny(hf_tiny):
 def jp_tiny(hf_tiny):
     """The same weights as a jpatch `GPT2` (float32)."""
     return from_hf_state_dict(reference.hf_state_dict(hf_tiny), config_from_hf(hf_tiny.config))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """TransformerLens's many tiny forwards run tens of times slower with several torch threads
+    on a shared, busy CPU; restore the setting after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ B, T, L = 3, 7, 2
 CHANGED = (2, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """TransformerLens's many tiny forwards run tens of times slower with several torch threads
-    on a shared, busy CPU; restore the setting after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_close(actual, expected, tol, what=""):

@@ -28,14 +28,7 @@ CHANGED = (1, 4)  # the corrupted prompts differ from the clean ones at these po
 TL_NAMES = list(patching.SWEEPS) + ["block_every", "attn_head_all_pos_every", "attn_head_by_pos_every"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """TransformerLens's many tiny forwards run tens of times slower with several torch threads
-    on a shared, busy CPU; restore the setting after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_close(actual, expected, tol=TOL, what=""):
