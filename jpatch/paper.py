@@ -366,10 +366,7 @@ def section_corruption_ioi(run):
         "",
         "**Task baselines** (last position, mean over prompts; GN over every noise sample):",
         "",
-        _table(["run", "logit diff (IO - S)", "accuracy (IO > S)", "P(IO)"],
-               [[name, _f(b["logit_diff"]), _f(b["accuracy"]), _f(b["p_answer"])] for name, b in
-                (("clean", base["clean"]), ("STR (ABC)", base["str"]), ("GN", base["gn"]))]),
-        *_caution(base["clean"], base["str"]),
+        *_baseline_table(["logit diff (IO - S)", "accuracy (IO > S)", "P(IO)"], base, "STR (ABC)"),
         "",
         f"![GN vs STR on IOI heads]({fig})",
         "",
@@ -386,6 +383,14 @@ def section_corruption_ioi(run):
         f"(top-{k} overlap {overlap}/{k}, Spearman {_f(rho, 2)}; 'agree' means the same top-{k} and rho >= 0.9, "
         f"'partly agree' at least half of them and rho >= 0.5).",
     ]
+
+
+def _baseline_table(columns, baselines, str_label):
+    """The clean / STR / GN task baselines as a table, with a caution when the model hardly does the task."""
+    runs = (("clean", baselines["clean"]), (str_label, baselines["str"]), ("GN", baselines["gn"]))
+    table = _table(["run"] + columns, [[name, _f(b["logit_diff"]), _f(b["accuracy"]), _f(b["p_answer"])]
+                                       for name, b in runs])
+    return [table, *_caution(baselines["clean"], baselines["str"])]
 
 
 def _caution(clean, corrupted):
@@ -452,10 +457,7 @@ def section_corruption_factual(run):
         "",
         "**Task baselines** (weighted mean over buckets):",
         "",
-        _table(["run", "logit diff (answer - pair's answer)", "accuracy", "P(answer)"],
-               [[name, _f(b["logit_diff"]), _f(b["accuracy"]), _f(b["p_answer"])] for name, b in
-                (("clean", mean["clean"]), ("STR", mean["str"]), ("GN", mean["gn"]))]),
-        *_caution(mean["clean"], mean["str"]),
+        *_baseline_table(["logit diff (answer - pair's answer)", "accuracy", "P(answer)"], mean, "STR"),
         "",
         f"![GN vs STR on factual-recall MLPs]({fig})",
         "",
