@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from jpatch import metrics, patching, results, sites
 
 CORRUPTIONS = ("str", "noise")
-METRICS = ("logit-diff", "prob", "kl", "logprob")
+METRICS = metrics.METRICS
 METRIC_FIELDS = {"logit-diff": ("answer", "contrast"), "prob": ("answer",), "logprob": ("answer",), "kl": ()}
 DEFAULT_SHARD_SIZE = 64
 MAX_ERRORS = 20
@@ -296,17 +296,7 @@ def resolve_sites(names, window=1):
     return specs
 
 
-def make_metric(name, answers=None, contrasts=None):
-    """The jpatch Metric of a CLI metric name for a batch of prompts (logit-diff normalized per prompt)."""
-    if name == "logit-diff":
-        return metrics.logit_diff(answers, contrasts)
-    if name == "prob":
-        return metrics.probability(answers)
-    if name == "logprob":
-        return metrics.logprob(answers)
-    if name == "kl":
-        return metrics.kl()
-    raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+make_metric = metrics.by_name  # a CLI metric name for a batch of prompts
 
 
 def key_token_std(model, dataset):

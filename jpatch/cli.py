@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jpatch import metrics
+from jpatch.metrics import METRICS
+
 CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
-METRICS = ("logit-diff", "prob", "kl", "logprob")
 DIRECTIONS = ("denoise", "noise")
 
 
@@ -53,17 +55,13 @@ def make_corruption(model, task, corruption, site, *, noise_samples, seed):
 
 
 def make_metric(task, name):
-    from jpatch import metrics
-
+    """The task's own metric for "logit-diff" (Greater-Than: its probability difference), else by name."""
     if name == "logit-diff":
         return task.metric()
-    if name == "prob":
-        return metrics.probability(task.answers)
-    if name == "kl":
-        return metrics.kl()
-    if name == "logprob":
-        return metrics.logprob(task.answers)
-    raise _choice_error("metric", name, METRICS)
+    try:
+        return metrics.by_name(name, task.answers, task.contrasts)
+    except ValueError:
+        raise _choice_error("metric", name, METRICS) from None
 
 
 def load_model(name):

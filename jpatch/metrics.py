@@ -158,4 +158,17 @@ class _CallOnLogits:
         return isinstance(other, _CallOnLogits) and other.fn is self.fn
 
 
-METRICS = {"logit-diff": logit_diff, "prob": probability, "kl": kl, "logprob": logprob}
+METRICS = ("logit-diff", "prob", "kl", "logprob")  # the names the command line takes
+
+
+def by_name(name, answers=None, contrasts=None):
+    """The Metric a command-line name stands for ("logit-diff" is normalized)."""
+    if name == "logit-diff":
+        return logit_diff(answers, contrasts)
+    if name == "prob":
+        return probability(answers)
+    if name == "logprob":
+        return logprob(answers)
+    if name == "kl":
+        return kl()
+    raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
