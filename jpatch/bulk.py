@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpatch import metrics, patching, results, sites
+from jpatch import corrupt, metrics, patching, results, sites
 
 CORRUPTIONS = ("str", "noise")
 METRICS = metrics.METRICS
@@ -300,17 +300,11 @@ make_metric = metrics.by_name  # a CLI metric name for a batch of prompts
 
 
 def key_token_std(model, dataset):
-    """ROME's embedding std (ddof=1, every key token counted each time it occurs) over the key
-    tokens of every clean prompt, computed from unique ids so memory stays bounded."""
+    """ROME's embedding std over the key tokens of every clean prompt (each occurrence counted)."""
     ids = np.concatenate([e.clean[list(e.key_positions)] for e in dataset.examples if e.key_positions] or [[]])
     if ids.size == 0:
         raise ValueError("the dataset has no key positions to measure the embedding std over; pass noise_std")
-    unique, counts = np.unique(ids.astype(np.int64), return_counts=True)
-    rows = np.asarray(model.wte[unique], np.float64)  # [u, d]
-    n = counts.sum() * rows.shape[1]
-    mean = (counts[:, None] * rows).sum() / n
-    var = (counts[:, None] * (rows - mean) ** 2).sum() / (n - 1)
-    return float(np.sqrt(var))
+    return corrupt.embedding_std(model, ids.astype(np.int64))
 
 
 def noise_key(seed, index):
@@ -321,7 +315,6 @@ def noise_key(seed, index):
 def noise_run(model, tokens, key_positions, indices, *, n_samples, std, scale, seed):
     """Gaussian-noise Run of prompts `tokens` [B, T] (dataset indices `indices`), each prompt's noise
     from `noise_key(seed, index)`, stacked sample-major like `corrupt.gaussian_noise`."""
-    from jpatch import corrupt
     from jpatch.model import Override
 
     runs = [

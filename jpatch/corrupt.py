@@ -128,22 +128,27 @@ def embedding_std(model, token_ids=None):
     token_ids: any-shaped int token ids (e.g. the subject tokens of every prompt),
     or None for the whole vocabulary. Returns a Python float.
     """
-    wte = np.asarray(model.wte, np.float64)
+    vocab = model.wte.shape[0]
     if token_ids is None:
-        rows = wte
+        ids = np.arange(vocab)
     else:
         ids = np.asarray(token_ids).ravel()
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"token_ids must be integer token ids, got dtype {ids.dtype}")
         if ids.size == 0:
             raise ValueError("embedding_std needs at least one token id (got none); pass None for the whole vocabulary")
-        bad = ids[(ids < 0) | (ids >= wte.shape[0])]
+        bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {wte.shape[0]})")
-        rows = wte[ids]
-    if rows.size < 2:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab})")
+    # Over the distinct rows, each weighted by how often it occurs: the std of the stacked
+    # rows without stacking them (a dataset's subject tokens repeat a lot).
+    unique, counts = np.unique(ids.astype(np.int64), return_counts=True)
+    rows = np.asarray(model.wte[unique], np.float64)  # [u, d]
+    n = counts.sum() * rows.shape[1]
+    if n < 2:
         raise ValueError("embedding_std needs at least two embedding elements")
-    return float(rows.std(ddof=1))
+    mean = (counts[:, None] * rows).sum() / n
+    return float(np.sqrt((counts[:, None] * (rows - mean) ** 2).sum() / (n - 1)))
 
 
 def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=None, std_tokens=None, seed=1, key=None):
