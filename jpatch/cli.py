@@ -1,7 +1,6 @@
 """The `jpatch` command: demo, sweep, convert, paper, bulk."""
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ def _choice_error(what, value, valid):
 
 def load_task(name, n_prompts, seed):
     """The task's prompts as one Task (for factual recall: the largest length bucket)."""
-    from jpatch.tasks import TASKS, get_task
+    from jpatch.tasks import get_task
 
     kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
     if name == "ioi":

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,7 +131,6 @@ def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_po
     and pos [n, B]; data: the metric's per-prompt arrays. Returns raw metric scores [n, B].
     """
     cfg = model.config
-    n = meta["layer_lo"].shape[0]
     B, T = base["final"].shape[:2]
     bidx = jnp.arange(B)[:, None]
     x = jnp.zeros((B, 0, cfg.d_model), model.dtype)

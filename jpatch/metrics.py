@@ -14,7 +14,7 @@ so 1 always means "clean behaviour", 0 "corrupted behaviour".
 """
 
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp

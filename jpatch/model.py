@@ -9,7 +9,6 @@ it gives a mask of the entries to replace and the values to put there, so
 
 import dataclasses
 import math
-from typing import Callable, Optional
 
 import equinox as eqx
 import jax

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from jpatch import engine, sites
 from jpatch.engine import ALL, Patches
-from jpatch.metrics import Metric, from_callable
+from jpatch.metrics import from_callable
 
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -157,10 +157,6 @@ def _sharding(mesh, ndim, axis):
     spec = [None] * ndim
     spec[axis] = "batch"
     return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def _take_prompts(tree, index, axis):
-    return jax.tree_util.tree_map(lambda a: a[(slice(None),) * axis + (index,)], tree)
 
 
 def checked_metric(metric, d_vocab):

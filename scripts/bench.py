@@ -202,7 +202,6 @@ def main():
     import torch
     from transformer_lens import patching as tl_patching
 
-    import jpatch
     from jpatch import metrics, patching
 
     figures = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
