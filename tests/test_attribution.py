@@ -1,0 +1,196 @@
+"""Attribution patching (AtP, AtP*'s QK fix and GradDrop) against hand-written
+torch.autograd references on transformers' GPT2LMHeadModel with the same weights
+(tests/torch_attribution.py: hooks record activations and gradients). The expected
+values are aggregated and normalized here by hand, from the reference's per-prompt
+logit differences; nothing is compared with jpatch's own output."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+import torch_attribution as ref
+from jpatch import attribution, metrics, patching
+
+TOL = 1e-4
+V = reference.TINY["vocab_size"]
+B, T = 3, 7
+L, H = reference.TINY["n_layer"], reference.TINY["n_head"]
+SHORT = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
+         "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out", "attn.hook_q": "q", "attn.hook_k": "k",
+         "attn.hook_v": "v", "attn.hook_z": "z", "attn.hook_pattern": "pattern"}
+
+
+def assert_close(actual, expected, tol=TOL, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 1e-3, f"{what}: trivial reference"
+    err = float(np.abs(actual - expected).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+
+
+@pytest.fixture(scope="module")
+def setup(hf_tiny):
+    clean = reference.random_tokens(B, T, V, seed=5)
+    corrupted = clean.copy()
+    for p in (1, 4):
+        corrupted[:, p] = (clean[:, p] + 17 + p) % V
+    gap = reference.hf_logits(hf_tiny, clean)[:, -1] - reference.hf_logits(hf_tiny, corrupted)[:, -1]
+    answers, contrasts = gap.argmax(-1), gap.argmin(-1)
+    runs = {}
+    for name, tokens in (("clean", clean), ("corrupted", corrupted)):
+        runs[name] = ref.run(hf_tiny, tokens, answers, contrasts)  # (ld [B], acts, grads)
+    ld_clean, ld_corr = runs["clean"][0], runs["corrupted"][0]
+    assert (ld_clean - ld_corr > 0.2).all()
+    return types.SimpleNamespace(clean=clean, corrupted=corrupted, answers=answers, contrasts=contrasts, runs=runs,
+                                 ld_clean=ld_clean, ld_corr=ld_corr, metric=metrics.logit_diff(answers, contrasts))
+
+
+def reference_atp(setup, direction):
+    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+    return ref.atp(setup.runs[base][1], setup.runs[source][1], setup.runs[base][2])
+
+
+def by_prompt_default_axes(site, delta):
+    """Full-resolution per-prompt estimates -> [batch, *sweep's default grid]."""
+    if site == "attn.hook_pattern":  # [L, B, H, Tq, Tk] -> [B, layer, head, pos]
+        return np.moveaxis(delta.sum(-1), 1, 0)
+    return np.moveaxis(delta, 1, 0)  # [B, layer, pos(, head)]
+
+
+@pytest.mark.parametrize("site", ref.SITES)
+def test_atp_matches_torch(jp_tiny, setup, site):
+    delta = reference_atp(setup, "denoise")[site]
+    gap = setup.ld_clean - setup.ld_corr
+    # per prompt, (layer, pos[, head]) grid: the denoised score minus corrupted, over the gap
+    expected = by_prompt_default_axes(site, delta)
+    expected = expected / gap.reshape((B,) + (1,) * (expected.ndim - 1))
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, SHORT[site], setup.metric, per_prompt=True)
+    assert_close(got, expected, what=f"{site} per prompt")
+    # mean over prompts, every position patched at once: the estimates add over positions
+    axes = ("layer", "head") if site.startswith("attn.") else ("layer",)
+    summed = delta.sum((3, 4)) if site == "attn.hook_pattern" else delta.sum(2)  # [L, B(, H)]
+    expected = summed.mean(1) / gap.mean()
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, axes=axes)
+    assert_close(got, expected, what=f"{site} {axes}")
+
+
+@pytest.mark.parametrize("site", ["hook_resid_pre", "attn.hook_z"])
+def test_atp_noising_matches_torch(jp_tiny, setup, site):
+    delta = reference_atp(setup, "noise")[site]
+    gap = setup.ld_clean - setup.ld_corr
+    # noising patches the clean run: 1 + (estimated change) / gap, averaged as the sweep does
+    expected = (setup.ld_clean + np.moveaxis(delta, 1, -1)).mean(-1)
+    expected = (expected - setup.ld_corr.mean()) / gap.mean()
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, direction="noise")
+    assert_close(got, expected, what=f"{site} noising")
+
+
+def exact_pattern_change(hf, setup, site, layer, pos, head):
+    """The base (corrupted) run's pattern at `layer` with one q (or k) entry set to the clean run's,
+    from a real torch forward."""
+    source = torch.tensor(setup.runs["clean"][1][site][layer])  # [B, T, H, d_head]
+
+    def edit(t):
+        t = t.clone()
+        index = (slice(None), slice(None) if pos is None else pos, head)
+        t[index] = source[index].to(t.dtype)
+        return t
+
+    _, acts, _ = ref.run(hf, setup.corrupted, setup.answers, setup.contrasts, edits={(site, layer): edit},
+                         grad=False)
+    return acts["attn.hook_pattern"][layer]  # [B, H, Tq, Tk]
+
+
+@pytest.mark.parametrize("site", ["attn.hook_q", "attn.hook_k"])
+def test_qk_fix_is_the_exact_pattern_change(hf_tiny, jp_tiny, setup, site):
+    """AtP*'s QK fix: sum (A' - A) . dM/dA with A' the pattern of a torch run patched at q / k."""
+    _, base_acts, grads = setup.runs["corrupted"]
+    gap = setup.ld_clean - setup.ld_corr
+    expected = np.zeros((B, L, T, H))
+    for layer in range(L):
+        for pos in range(T):
+            for head in range(H):
+                change = exact_pattern_change(hf_tiny, setup, site, layer, pos, head) - base_acts["attn.hook_pattern"][layer]
+                expected[:, layer, pos, head] = (change * grads["attn.hook_pattern"][layer]).sum((1, 2, 3))
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, method="atp-qk",
+                                per_prompt=True)
+    assert_close(got, expected / gap[:, None, None, None], what=f"{site} QK fix by position")
+    # every position at once (the all_pos sweeps): one recompute of the whole pattern
+    expected = np.zeros((L, H))
+    for layer in range(L):
+        for head in range(H):
+            change = exact_pattern_change(hf_tiny, setup, site, layer, None, head) - base_acts["attn.hook_pattern"][layer]
+            expected[layer, head] = (change * grads["attn.hook_pattern"][layer]).sum((1, 2, 3)).mean()
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, method="atp-qk",
+                                axes=("layer", "head"))
+    assert_close(got, expected / gap.mean(), what=f"{site} QK fix, all positions")
+    # plain AtP differs from the QK fix (the softmax is not linear): the test can tell them apart
+    plain = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, axes=("layer", "head"))
+    assert np.abs(plain - got).max() > 1e-4
+
+
+@pytest.mark.parametrize("site", ["attn.hook_z", "attn.hook_k"])
+def test_graddrop_matches_torch(hf_tiny, jp_tiny, setup, site):
+    """GradDrop: (1/(L-1)) sum_l |estimate with layer l's attention and MLP outputs cut from the backward pass|."""
+    gap = setup.ld_clean - setup.ld_corr
+    base_acts = setup.runs["corrupted"][1]
+    source_acts = setup.runs["clean"][1]
+    sizes = np.zeros((B, L, T, H))
+    for drop in range(L):
+        _, acts, grads = ref.run(hf_tiny, setup.corrupted, setup.answers, setup.contrasts, drop_layer=drop)
+        if site == "attn.hook_z":
+            est = ((source_acts[site] - acts[site]) * grads[site]).sum(-1)  # [L, B, T, H]
+        else:  # QK fix with the dropped gradient at the pattern
+            est = np.zeros((L, B, T, H))
+            for layer in range(L):
+                for pos in range(T):
+                    for head in range(H):
+                        change = exact_pattern_change(hf_tiny, setup, site, layer, pos, head) - base_acts["attn.hook_pattern"][layer]
+                        est[layer, :, pos, head] = (change * grads["attn.hook_pattern"][layer]).sum((1, 2, 3))
+        sizes += np.abs(np.moveaxis(est, 1, 0))
+    sizes /= L - 1
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, method="atp*",
+                                per_prompt=True)
+    assert_close(got, sizes / np.abs(gap)[:, None, None, None], what=f"{site} GradDrop")
+    assert (got >= 0).all()
+
+
+def test_right_padded_prompts_match_unpadded_torch_runs(hf_tiny, jp_tiny, setup):
+    """With an attention mask, each prompt equals the torch reference on its unpadded tokens, NaN after its end."""
+    lengths = np.array([7, 5, 4])
+    mask = (np.arange(T) < lengths[:, None]).astype(int)
+    clean = np.where(mask, setup.clean, 0)
+    corrupted = np.where(mask, setup.corrupted, 0)
+    answers, contrasts = setup.answers, setup.contrasts
+    metric = metrics.logit_diff(answers, contrasts)
+    got = attribution.attribute(jp_tiny, clean, corrupted, "z", metric, per_prompt=True, attention_mask=mask)
+    for p, n in enumerate(lengths):
+        ans, con = answers[p:p + 1], contrasts[p:p + 1]
+        ld_c, acts_c, _ = ref.run(hf_tiny, clean[p:p + 1, :n], ans, con)
+        ld_x, acts_x, grads_x = ref.run(hf_tiny, corrupted[p:p + 1, :n], ans, con)
+        delta = ((acts_c["attn.hook_z"] - acts_x["attn.hook_z"]) * grads_x["attn.hook_z"]).sum(-1)[:, 0]
+        assert_close(got[p][:, :n], delta / (ld_c - ld_x), what=f"prompt {p} ({n} tokens)")
+        assert np.isnan(got[p][:, n:]).all()
+
+
+def test_tl_shaped_functions(jp_tiny, setup):
+    names = {n[len("get_act_patch_"):] for n in dir(patching) if n.startswith("get_act_patch_")}
+    assert names == {n[len("get_attr_patch_"):] for n in dir(attribution) if n.startswith("get_attr_patch_")}
+    _, cache = jp_tiny.run_with_cache(setup.clean)
+    delta = reference_atp(setup, "denoise")["attn.hook_z"].sum(2)  # [L, B, H]: every position at once
+    got = attribution.get_attr_patch_attn_head_out_all_pos(jp_tiny, setup.corrupted, cache, setup.metric)
+    gap = setup.ld_clean - setup.ld_corr
+    assert_close(got, delta.mean(1) / gap.mean(), what="get_attr_patch_attn_head_out_all_pos")
+
+
+def test_refusals(jp_tiny, setup):
+    with pytest.raises(ValueError, match="unknown method"):
+        attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", setup.metric, method="ig")
+    with pytest.raises(ValueError, match="right-padded"):
+        attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", setup.metric,
+                              attention_mask=np.array([[0] + [1] * (T - 1)] * B))
+    with pytest.raises(ValueError, match="no src axis"):
+        attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", setup.metric, axes=("layer", "src"))
