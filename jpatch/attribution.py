@@ -54,8 +54,10 @@ def _scale_grad(x, scale):
 _scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, ct: (ct * scale.astype(ct.dtype), jnp.zeros_like(scale)))
 
 
-def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, record=(), keep=None):
-    """The base run with `eps[site]` ([n_layer, *activation]) added at each site in `eps`.
+def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, record=(), keep=None,
+                      embed_shift=None):
+    """The base run with `eps[site]` ([n_layer, *activation]) added at each site in `eps`
+    (and `embed_shift` [rows, pos, d_model] added to the embeddings).
 
     The same blocks, attention and unembedding as `GPT2.__call__` (through the
     `edit` callback), so d logits / d eps is the gradient with respect to the
@@ -85,8 +87,9 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
         attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
         return block(x, cfg, attend, edit), acts
 
+    x = embed + pos_embed if embed_shift is None else embed + pos_embed + embed_shift
     keep_xs = jnp.ones(cfg.n_layer) if keep is None else keep
-    x, acts = jax.lax.scan(step, (embed + pos_embed).astype(model.dtype), (model.blocks, eps, keep_xs))
+    x, acts = jax.lax.scan(step, x.astype(model.dtype), (model.blocks, eps, keep_xs))
     if read_pos is not None:
         x = jnp.take_along_axis(x, read_pos[..., None], axis=1)
     return model.unembed(x), acts

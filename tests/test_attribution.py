@@ -4,6 +4,7 @@ torch.autograd references on transformers' GPT2LMHeadModel with the same weights
 values are aggregated and normalized here by hand, from the reference's per-prompt
 logit differences; nothing is compared with jpatch's own output."""
 
+import json
 import types
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 import reference
 import torch_attribution as ref
-from jpatch import attribution, metrics, patching
+from jpatch import attribution, edges, metrics, patching
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
@@ -194,3 +195,82 @@ def test_refusals(jp_tiny, setup):
                               attention_mask=np.array([[0] + [1] * (T - 1)] * B))
     with pytest.raises(ValueError, match="no src axis"):
         attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", setup.metric, axes=("layer", "src"))
+
+
+# --- edges ------------------------------------------------------------------------------
+
+
+def reference_edges(hf, setup, runs):
+    """EAP / EAP-IG in torch: the base (corrupted) run's writes and the reader-input gradients
+    averaged over `runs` ({"embed": alpha, ("hook_attn_out", l): alpha, ...}: each group moved
+    alpha of the way to the clean run), normalized like the sweep's mean."""
+    _, base, _ = setup.runs["corrupted"]
+    _, source, _ = setup.runs["clean"]
+    diff = lambda site, l: torch.tensor(source[site][l] - base[site][l], dtype=torch.float32)
+    readers = 0
+    for alphas in runs:
+        shifts = {key: a * diff(*key) for key, a in alphas.items() if key != "embed"}
+        embed_shift = alphas.get("embed", 0.0) * (source["hook_resid_pre"][0] - base["hook_resid_pre"][0])
+        _, acts, grads = ref.run(hf, setup.corrupted, setup.answers, setup.contrasts, shifts=shifts,
+                                 embed_shift=embed_shift)
+        readers = readers + ref.reader_input_grads(hf, acts, grads)
+    scores = np.einsum("wbtd,rbtd->wr", ref.writes(hf, base, source), readers / len(runs))
+    scores = scores / B / (setup.ld_clean - setup.ld_corr).mean()
+    return np.where(ref.edge_mask(L, H), scores, 0.0)
+
+
+def test_eap_matches_torch(hf_tiny, jp_tiny, setup):
+    got = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric)
+    assert got.scores.shape == (1 + L * (H + 1), L * (3 * H + 1) + 1)
+    assert_close(got.scores, reference_edges(hf_tiny, setup, [{}]), what="EAP")
+    assert (got.valid == ref.edge_mask(L, H)).all()
+
+
+def test_eap_ig_matches_torch(hf_tiny, jp_tiny, setup):
+    steps = 3
+    expected = reference_edges(hf_tiny, setup, [{"embed": k / steps} for k in range(steps)])
+    got = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, method="eap-ig-inputs",
+                                 steps=steps)
+    assert_close(got.scores, expected, what="EAP-IG inputs")
+    steps = 2
+    groups = ["embed"] + [(site, l) for l in range(L) for site in ("hook_attn_out", "hook_mlp_out")]
+    expected = reference_edges(hf_tiny, setup, [{g: k / steps} for g in groups for k in range(steps)])
+    got = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, method="eap-ig-activations",
+                                 steps=steps)
+    assert_close(got.scores, expected, what="EAP-IG activations")
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_edge_sums_are_node_atp(jp_tiny, setup, direction):
+    """Each writer's scores summed over its readers equal AtP of the writer (a head's z, an MLP's
+    output, the embeddings = resid_pre at layer 0), and EAP-IG with one step is EAP."""
+    eap = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, direction=direction)
+    totals = eap.scores.sum(1)
+    node = lambda site, axes: attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric,
+                                                    axes=axes, direction=direction)
+    unpatched = 0.0 if direction == "denoise" else 1.0  # the normalized score of the base run
+    per_layer = totals[1:].reshape(L, H + 1)
+    assert_close(totals[0], node("resid_pre", ("layer",))[0] - unpatched, what="embeddings")
+    assert_close(per_layer[:, :H], node("z", ("layer", "head")) - unpatched, what="heads")
+    assert_close(per_layer[:, H], node("mlp_out", ("layer",)) - unpatched, what="MLPs")
+    if direction == "denoise":
+        for method in ("eap-ig-inputs", "eap-ig-activations"):
+            one = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, method=method, steps=1)
+            np.testing.assert_allclose(one.scores, eap.scores, atol=1e-6)
+
+
+def test_edges_object(jp_tiny, setup, tmp_path):
+    got = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, per_position=True)
+    assert got.scores.shape[-1] == T
+    top = got.top(5)
+    sizes = [abs(s) for _, _, s in top]
+    assert sizes == sorted(sizes, reverse=True)
+    totals = got.totals()
+    assert sizes[0] == pytest.approx(np.abs(totals[got.valid]).max())
+    writer, reader, score = top[0]
+    assert totals[got.writers.index(writer), got.readers.index(reader)] == pytest.approx(score)
+    data = json.loads(got.to_json(tmp_path / "edges.json"))
+    assert len(data["edges"]) == got.valid.sum() and len(data["edges"][0]["by_pos"]) == T
+    assert json.loads((tmp_path / "edges.json").read_text()) == data
+    with pytest.raises(ValueError, match="unknown method"):
+        edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, method="acdc")

@@ -21,12 +21,14 @@ def _first(out):
 
 
 @contextlib.contextmanager
-def recording(hf, store, edits=None, drop_layer=None):
+def recording(hf, store, edits=None, drop_layer=None, shifts=None):
     """Record activations (tensors kept in the graph, grads retained) into `store[site][layer]`.
 
     edits: {(site, layer): fn(tensor) -> tensor} replaces q / k before attention
     (site "attn.hook_q" / "attn.hook_k", tensors [B, T, H, d_head]).
-    drop_layer: cut the gradient through that layer's attention and MLP outputs (GradDrop)."""
+    drop_layer: cut the gradient through that layer's attention and MLP outputs (GradDrop).
+    shifts: {("hook_attn_out" | "hook_mlp_out", layer): tensor} added to those outputs."""
+    shifts = shifts or {}
     H = hf.config.n_head
     handles = []
     original = hf_gpt2.eager_attention_forward
@@ -40,12 +42,16 @@ def recording(hf, store, edits=None, drop_layer=None):
             keep("hook_resid_post", l, _first(out))
 
         def attn_out(mod, args, out, l=l):
+            if ("hook_attn_out", l) in shifts:
+                out = (out[0] + shifts["hook_attn_out", l],) + tuple(out[1:])
             if drop_layer == l:
                 out = (out[0].detach(),) + tuple(out[1:])
             keep("hook_attn_out", l, out[0])
             return out
 
         def mlp_out(mod, args, out, l=l):
+            if ("hook_mlp_out", l) in shifts:
+                out = out + shifts["hook_mlp_out", l]
             if drop_layer == l:
                 out = out.detach()
             keep("hook_mlp_out", l, out)
@@ -121,12 +127,18 @@ def last_logit_diff(logits, answers, contrasts):
     return last[rows, torch.tensor(answers)] - last[rows, torch.tensor(contrasts)]
 
 
-def run(hf, tokens, answers, contrasts, *, edits=None, drop_layer=None, grad=True):
-    """Per-prompt logit differences, activations and (if grad) gradients of their sum."""
+def run(hf, tokens, answers, contrasts, *, edits=None, drop_layer=None, grad=True, shifts=None, embed_shift=None):
+    """Per-prompt logit differences, activations and (if grad) gradients of their sum.
+    embed_shift [B, T, d]: added to the token embeddings (inputs_embeds)."""
     store = {}
-    with torch.enable_grad(), recording(hf, store, edits, drop_layer):
+    with torch.enable_grad(), recording(hf, store, edits, drop_layer, shifts):
         hf.zero_grad()
-        logits = hf(torch.tensor(np.asarray(tokens))).logits
+        tokens = torch.tensor(np.asarray(tokens))
+        if embed_shift is None:
+            logits = hf(tokens).logits
+        else:
+            embeds = hf.transformer.wte(tokens) + torch.tensor(embed_shift, dtype=torch.float32)
+            logits = hf(inputs_embeds=embeds).logits
         ld = last_logit_diff(logits, answers, contrasts)
         if grad:
             ld.sum().backward()
@@ -143,3 +155,60 @@ def atp(base_acts, source_acts, grads):
         prod = (source_acts[site] - base_acts[site]) * grads[site]
         out[site] = prod if site == "attn.hook_pattern" else prod.sum(-1)
     return out
+
+
+# --- edges ------------------------------------------------------------------------------
+
+
+def edge_mask(n_layer, n_head):
+    """Which writer feeds which reader, by layer (writers: embed, per layer heads then MLP;
+    readers: per layer q, k, v heads then MLP, then the logits)."""
+    writers = [("embed", -1)] + [(kind, l) for l in range(n_layer) for kind in ["head"] * n_head + ["mlp"]]
+    readers = [(kind, l) for l in range(n_layer) for kind in ["attn"] * 3 * n_head + ["mlp"]] + [("logits", n_layer)]
+
+    def feeds(w, r):
+        (wk, wl), (rk, rl) = w, r
+        if wk == "embed" or rk == "logits":
+            return True
+        if rk == "attn":
+            return wl < rl
+        return wl < rl or (wl == rl and wk == "head")  # an MLP reads its own layer's attention
+
+    return np.array([[feeds(w, r) for r in readers] for w in writers])
+
+
+def reader_input_grads(hf, acts, grads):
+    """dM/d(input of each reader) [n_readers, B, T, d] by torch.autograd.grad through each
+    reader's own layer norm and projection (one head's columns for q / k / v)."""
+    c = hf.config
+    d, H = c.n_embd, c.n_head
+    dh = d // H
+    out = []
+    for l, block in enumerate(hf.transformer.h):
+        x = torch.tensor(acts["hook_resid_pre"][l], dtype=torch.float32, requires_grad=True)
+        for i, site in enumerate(("attn.hook_q", "attn.hook_k", "attn.hook_v")):
+            for h in range(H):
+                cols = slice(i * d + h * dh, i * d + (h + 1) * dh)
+                y = block.ln_1(x) @ block.attn.c_attn.weight[:, cols] + block.attn.c_attn.bias[cols]
+                g = torch.tensor(grads[site][l][:, :, h], dtype=torch.float32)
+                out.append(torch.autograd.grad(y, x, g)[0].double().numpy())
+        x = torch.tensor(acts["hook_resid_mid"][l], dtype=torch.float32, requires_grad=True)
+        y = block.mlp(block.ln_2(x))
+        out.append(torch.autograd.grad(y, x, torch.tensor(grads["hook_mlp_out"][l], dtype=torch.float32))[0]
+                   .double().numpy())
+    out.append(grads["hook_resid_post"][-1])
+    return np.stack(out)
+
+
+def writes(hf, base_acts, source_acts):
+    """Source - base writes [n_writers, B, T, d]: embeddings, each head's z_h W_O[h], each MLP."""
+    c = hf.config
+    d, H = c.n_embd, c.n_head
+    dh = d // H
+    out = [source_acts["hook_resid_pre"][0] - base_acts["hook_resid_pre"][0]]
+    for l, block in enumerate(hf.transformer.h):
+        w_o = block.attn.c_proj.weight.detach().double().numpy()
+        dz = source_acts["attn.hook_z"][l] - base_acts["attn.hook_z"][l]  # [B, T, H, dh]
+        out += [dz[:, :, h] @ w_o[h * dh:(h + 1) * dh] for h in range(H)]
+        out.append(source_acts["hook_mlp_out"][l] - base_acts["hook_mlp_out"][l])
+    return np.stack(out)
