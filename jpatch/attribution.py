@@ -316,12 +316,13 @@ def _finish(grid, base_score, clean_score, corrupted_score, metric, S, B, per_pr
         return grid / abs(clean_score - corrupted_score) if metric.normalize == "range" else grid
     by_prompt = lambda a: a.reshape(a.shape[:-1] + (S, B)).mean(-2)
     clean_score, corrupted_score = by_prompt(clean_score), by_prompt(corrupted_score)
-    if magnitude:
+    if magnitude:  # sizes: mean over samples (and prompts), over |clean - corrupted| for "range"
         size = by_prompt(grid)
-        scale = np.abs(clean_score - corrupted_score) if metric.normalize == "range" else np.ones(B)
-        result = size / scale if per_prompt else size.mean(-1) / (scale.mean() if metric.normalize != "range"
-                                                                  else abs(clean_score.mean() - corrupted_score.mean()))
-        return np.moveaxis(result, -1, 0) if per_prompt else result
+        if per_prompt:
+            scale = np.abs(clean_score - corrupted_score) if metric.normalize == "range" else 1.0
+            return np.moveaxis(size / scale, -1, 0)
+        scale = abs(clean_score.mean() - corrupted_score.mean()) if metric.normalize == "range" else 1.0
+        return size.mean(-1) / scale
     raw = by_prompt(base_score + grid)
     if per_prompt:
         return np.moveaxis(metric.compare(raw, clean_score, corrupted_score), -1, 0)
