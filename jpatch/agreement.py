@@ -18,16 +18,6 @@ import numpy as np
 SIGN_FLOOR = 0.01  # components with |exact| below this fraction of the largest do not count for signs
 
 
-def _ranks(x):
-    """Ranks 0..n-1 with ties averaged."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, ranks)
-    return (sums / counts)[inverse]
-
-
 def _pearson(a, b):
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
@@ -36,13 +26,16 @@ def _pearson(a, b):
 
 def top_k_recall(estimate, exact, k):
     """The fraction of the k largest-|exact| components among the k largest-|estimate| ones."""
-    k = min(int(k), len(exact))
-    top = lambda x: set(np.argsort(-np.abs(x), kind="stable")[:k].tolist())
-    return len(top(exact) & top(estimate)) / k if k else float("nan")
+    from jpatch.paper import top_k
+
+    k = min(int(k), np.size(exact))
+    return len(set(top_k(exact, k)) & set(top_k(estimate, k))) / k if k else float("nan")
 
 
 def agreement(estimate, exact, axes, *, misses=5):
     """Agreement between an estimate and the exact result of the same sweep (same shape)."""
+    from jpatch.paper import spearman
+
     estimate, exact = np.asarray(estimate, np.float64), np.asarray(exact, np.float64)
     if estimate.shape != exact.shape:
         raise ValueError(f"estimate {estimate.shape} and exact {exact.shape} must have the same shape")
@@ -56,7 +49,7 @@ def agreement(estimate, exact, axes, *, misses=5):
     return {
         "components": n,
         "pearson": _pearson(e, x),
-        "spearman": _pearson(_ranks(e), _ranks(x)),
+        "spearman": spearman(e, x),
         "top_k_recall": {str(k): top_k_recall(e, x, k) for k in sorted({10, k5})},
         "sign_agreement": float((np.sign(e[big]) == np.sign(x[big])).mean()) if big.any() else float("nan"),
         "largest_misses": [{**{a: int(c) for a, c in zip(axes, coords[i])}, "estimate": float(e[i]),
@@ -109,6 +102,10 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     _, cache = model.run_with_cache(source.tokens, overrides=source.overrides)
     value = cache.stacked(site)
     names = attribution._DIMS[site]  # the activation's layout, with "row" for prompts
+    base_score = score(base)
+    if base_score.ndim:  # per-prompt scores: the sweep's mean over prompts
+        base_score, clean_score, corrupted_score = base_score.mean(), clean_score.mean(), corrupted_score.mean()
+    unpatched = metric.compare(base_score, clean_score, corrupted_score)
     effects = []
     for grid_mask in chosen:
         mask = np.zeros([value.shape[i] if n != "row" else 1 for i, n in enumerate(names)], bool)
@@ -117,12 +114,8 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
             mask[tuple(at.get(n, slice(None)) if n != "row" else 0 for n in names)] = True
         if site != "attn.hook_pattern":
             mask = mask[..., None]  # the feature axis
-        raw = score(base, {site: Override(value, jnp.asarray(mask))})
-        if raw.ndim:
-            raw, clean_s, corr_s = raw.mean(), clean_score.mean(), corrupted_score.mean()
-        else:
-            clean_s, corr_s = clean_score, corrupted_score
-        effects.append(float(metric.compare(raw, clean_s, corr_s) - metric.compare(score(base).mean(), clean_s, corr_s)))
+        raw = np.mean(score(base, {site: Override(value, jnp.asarray(mask))}))
+        effects.append(float(metric.compare(raw, clean_score, corrupted_score) - unpatched))
     return np.array(effects)
 
 

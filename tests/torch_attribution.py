@@ -32,7 +32,12 @@ def recording(hf, store, edits=None, drop_layer=None, shifts=None):
     H = hf.config.n_head
     handles = []
     original = hf_gpt2.eager_attention_forward
-    keep = lambda site, l, t: (t.retain_grad() if t.requires_grad else None, store.setdefault(site, {}).__setitem__(l, t))
+
+    def keep(site, layer, t):
+        if t.requires_grad:
+            t.retain_grad()
+        store.setdefault(site, {})[layer] = t
+
 
     for l, block in enumerate(hf.transformer.h):
         def pre_block(mod, args, kwargs, l=l):
