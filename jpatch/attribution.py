@@ -276,6 +276,11 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
         lengths = _check_mask(attention_mask, (B, T))
         if metric.positions is None:
             metric = dataclasses.replace(metric, positions=(lengths - 1)[:, None])
+        read = metric.read_positions(B, T)
+        if read is not None and (read >= lengths[:, None]).any():
+            p = int(np.argmax((read >= lengths[:, None]).any(1)))
+            raise ValueError(f"the metric reads prompt {p} at positions {read[p].tolist()}, past its "
+                             f"{lengths[p]} real tokens")
     clean_rows = clean.tiled(S)
     metric = dataclasses.replace(metric, data={k: np.tile(np.asarray(v), (S,) + (1,) * (np.ndim(v) - 1))
                                                 for k, v in metric.batch_data(B).items()})

@@ -228,6 +228,12 @@ def test_refusals(jp_tiny, setup):
     with pytest.raises(ValueError, match="right-padded"):
         attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", setup.metric,
                               attention_mask=np.array([[0] + [1] * (T - 1)] * B))
+    mask = np.ones((B, T), int)
+    mask[0, 5:] = 0
+    with pytest.raises(ValueError, match="past its 5 real tokens"):
+        attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z",
+                              metrics.logit_diff(setup.answers, setup.contrasts, positions=np.full(B, T - 1)),
+                              attention_mask=mask)
     with pytest.raises(ValueError, match="no src axis"):
         attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z", setup.metric, axes=("layer", "src"))
 
