@@ -34,7 +34,7 @@ import numpy as np
 
 from jpatch import sites
 from jpatch.attribution import _check_base, perturbed_forward
-from jpatch.patching import DIRECTIONS, as_run, checked_metric
+from jpatch.patching import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, checked_metric
 
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 
@@ -195,7 +195,7 @@ _edge_scores_jit = jax.jit(_edge_scores, static_argnames=("score", "noise", "per
 
 
 def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, direction="denoise",
-                     per_position=False):
+                     per_position=False, memory_budget=DEFAULT_MEMORY_BUDGET):
     """EAP / EAP-IG scores of every edge writer -> reader, as an `Edges`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (a Gaussian-noise run's samples are
@@ -204,6 +204,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     over prompts and divided by (clean - corrupted) for a "range" metric.
     method: "eap" (one backward pass), "eap-ig-inputs" (steps passes),
     "eap-ig-activations" (steps x (2 n_layer + 1) passes); per_position: [.., pos] scores.
+    memory_budget (bytes): prompts are split into chunks that fit it (a per-prompt metric only).
     """
     if method not in EDGE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(EDGE_METHODS)}")
@@ -227,13 +228,30 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
     _check_base(base)
     read_pos = metric.read_positions(S * B, T)
-    scores, clean_score, corrupted_score = jax.device_get(_edge_scores_jit(
-        model, jnp.asarray(base.tokens), base.overrides, jnp.asarray(source.tokens), source.overrides,
-        None if read_pos is None else jnp.asarray(read_pos), metric.batch_data(S * B),
-        jnp.asarray(_alphas(method, int(steps), model.config.n_layer), jnp.float32),
-        score=metric.score, noise=direction == "noise", per_position=per_position))
-    scores = np.asarray(scores, np.float64)
-    clean_score, corrupted_score = np.asarray(clean_score, np.float64), np.asarray(corrupted_score, np.float64)
+    rows = S * B
+    data = metric.batch_data(rows)
+    K = T if read_pos is None else read_pos.shape[1]
+    per_row = jax.eval_shape(lambda lg: metric.score(lg, lg, data),
+                             jax.ShapeDtypeStruct((rows, K, model.config.d_vocab), jnp.float32)).shape == (rows,)
+    # The gradients at every reader's input dominate memory: n_readers x rows x pos x d_model floats.
+    n_readers = len(graph_names(model.config)[1])
+    row_bytes = 4 * 3 * n_readers * T * model.config.d_model
+    chunk = max(1, min(rows, int(memory_budget // row_bytes))) if per_row else rows
+    alphas = jnp.asarray(_alphas(method, int(steps), model.config.n_layer), jnp.float32)
+    parts = []
+    for start in range(0, rows, chunk):  # a per-prompt metric's scores add over prompts
+        sl = slice(start, start + chunk)
+        take = lambda a: a[sl] if np.ndim(a) and np.shape(a)[0] == rows else a
+        ov = lambda run: {k: jax.tree_util.tree_map(take, v) for k, v in run.overrides.items()}
+        parts.append(jax.device_get(_edge_scores_jit(
+            model, jnp.asarray(base.tokens[sl]), ov(base), jnp.asarray(source.tokens[sl]), ov(source),
+            None if read_pos is None else jnp.asarray(read_pos[sl]), jax.tree_util.tree_map(take, data), alphas,
+            score=metric.score, noise=direction == "noise", per_position=per_position)))
+    scores = sum(np.asarray(p[0], np.float64) for p in parts)
+    clean_score, corrupted_score = (np.concatenate([np.atleast_1d(np.asarray(p[i], np.float64)) for p in parts])
+                                    for i in (1, 2))
+    if not per_row:
+        clean_score, corrupted_score = clean_score[0], corrupted_score[0]
     if clean_score.ndim:  # one value per row: the mean over prompts (and samples)
         scores = scores / (S * B)
     if metric.normalize == "range":
