@@ -33,7 +33,8 @@ import numpy as np
 
 from jpatch import sites
 from jpatch.model import apply_override, causal_attention
-from jpatch.patching import DIRECTIONS, SWEEPS, as_run, checked_metric, default_axes, make_patches
+from jpatch.patching import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, SWEEPS, as_run, checked_metric, default_axes,
+                             make_patches)
 
 METHODS = ("atp", "atp-qk", "atp*")
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
@@ -240,8 +241,22 @@ def _check_mask(attention_mask, shape):
     return lengths
 
 
+def take_rows(tree, rows_slice, rows):
+    """The rows `rows_slice` of every array in `tree` whose leading axis has `rows` entries."""
+    return jax.tree_util.tree_map(lambda a: a[rows_slice] if np.ndim(a) and np.shape(a)[0] == rows else a, tree)
+
+
+def row_chunks(model, metric, data, rows, n_read, row_bytes, memory_budget):
+    """Slices of prompt rows that fit `memory_budget`; one slice for a metric that is a
+    single number for the whole batch (it cannot be split)."""
+    per_row = jax.eval_shape(lambda lg: metric.score(lg, lg, data), jax.ShapeDtypeStruct(
+        (rows, n_read, model.config.d_vocab), jnp.float32)).shape == (rows,)
+    chunk = max(1, min(rows, int(memory_budget // row_bytes))) if per_row else rows
+    return [slice(start, start + chunk) for start in range(0, rows, chunk)]
+
+
 def attribute(model, clean, corrupted, site, metric, *, method="atp", direction="denoise", axes=None,
-              per_prompt=False, attention_mask=None):
+              per_prompt=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
     """The attribution-patching estimate of `sweep(model, clean, corrupted, site, metric, ...)`.
 
     Same arguments, grid axes, shape and normalization as `jpatch.sweep`: [*grid] (mean
@@ -253,6 +268,8 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
     attention_mask [batch, pos]: right padding; the metric reads each prompt's last real
     token (unless it names positions) and position axes are NaN past a prompt's end (per
     prompt) or past every prompt's end (the mean, where a padded position has no effect).
+    memory_budget (bytes): prompts are split into chunks that fit it (one call per chunk;
+    a metric that is one number for the whole batch is never split).
     """
     site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
     if site not in _DIMS:
@@ -290,13 +307,24 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
     _check_base(base)
     read_pos = metric.read_positions(S * B, T)
     mask = None if attention_mask is None else jnp.asarray(np.tile(np.asarray(attention_mask), (S, 1)))
-    delta, base_score, clean_score, corrupted_score = jax.device_get(_estimate_from_runs(
-        model, jnp.asarray(base.tokens), base.overrides, jnp.asarray(source.tokens), source.overrides,
-        None if read_pos is None else jnp.asarray(read_pos), metric.batch_data(S * B), mask,
+    rows, data = S * B, metric.batch_data(S * B)
+    cfg = model.config
+    # Per prompt row: the activations the backward pass keeps (x n_layer for GradDrop's vmapped passes).
+    row_bytes = 4 * cfg.n_layer * T * (16 * cfg.d_model + 4 * cfg.n_head * T) * (cfg.n_layer if method == "atp*" else 1)
+    parts = [jax.device_get(_estimate_from_runs(
+        model, jnp.asarray(base.tokens[sl]), take_rows(base.overrides, sl, rows), jnp.asarray(source.tokens[sl]),
+        take_rows(source.overrides, sl, rows), None if read_pos is None else jnp.asarray(read_pos[sl]),
+        take_rows(data, sl, rows), None if mask is None else mask[sl],
         score=metric.score, site=site, **_static(site, method, axes), noise=direction == "noise"))
+        for sl in row_chunks(model, metric, data, rows, T if read_pos is None else read_pos.shape[1], row_bytes,
+                             memory_budget)]
+    row_axis = 2 if method == "atp*" else 1  # [(drop,) layer, row, ...]
+    delta = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=row_axis)
+    base_score, clean_score, corrupted_score = (
+        np.concatenate([np.asarray(p[i]) for p in parts]) if len(parts) > 1 else parts[0][i] for i in (1, 2, 3))
     if per_prompt and np.ndim(clean_score) == 0:
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
-    result = _finish(to_grid(np.asarray(delta, np.float64), site, axes), base_score, clean_score, corrupted_score,
+    result = _finish(to_grid(delta, site, axes), base_score, clean_score, corrupted_score,
                      metric, S, B, per_prompt, magnitude=method == "atp*")
     if lengths is not None:
         result = _mask_positions(result, axes, lengths, per_prompt)

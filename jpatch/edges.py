@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch import sites
-from jpatch.attribution import _check_base, perturbed_forward
+from jpatch.attribution import _check_base, perturbed_forward, row_chunks, take_rows
 from jpatch.patching import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, checked_metric
 
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
@@ -230,28 +230,19 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     read_pos = metric.read_positions(S * B, T)
     rows = S * B
     data = metric.batch_data(rows)
-    K = T if read_pos is None else read_pos.shape[1]
-    per_row = jax.eval_shape(lambda lg: metric.score(lg, lg, data),
-                             jax.ShapeDtypeStruct((rows, K, model.config.d_vocab), jnp.float32)).shape == (rows,)
     # The gradients at every reader's input dominate memory: n_readers x rows x pos x d_model floats.
-    n_readers = len(graph_names(model.config)[1])
-    row_bytes = 4 * 3 * n_readers * T * model.config.d_model
-    chunk = max(1, min(rows, int(memory_budget // row_bytes))) if per_row else rows
+    row_bytes = 4 * 3 * len(graph_names(model.config)[1]) * T * model.config.d_model
     alphas = jnp.asarray(_alphas(method, int(steps), model.config.n_layer), jnp.float32)
-    parts = []
-    for start in range(0, rows, chunk):  # a per-prompt metric's scores add over prompts
-        sl = slice(start, start + chunk)
-        take = lambda a: a[sl] if np.ndim(a) and np.shape(a)[0] == rows else a
-        ov = lambda run: {k: jax.tree_util.tree_map(take, v) for k, v in run.overrides.items()}
-        parts.append(jax.device_get(_edge_scores_jit(
-            model, jnp.asarray(base.tokens[sl]), ov(base), jnp.asarray(source.tokens[sl]), ov(source),
-            None if read_pos is None else jnp.asarray(read_pos[sl]), jax.tree_util.tree_map(take, data), alphas,
-            score=metric.score, noise=direction == "noise", per_position=per_position)))
+    chunks = row_chunks(model, metric, data, rows, T if read_pos is None else read_pos.shape[1], row_bytes,
+                        memory_budget)
+    parts = [jax.device_get(_edge_scores_jit(  # a per-prompt metric's scores add over prompts
+        model, jnp.asarray(base.tokens[sl]), take_rows(base.overrides, sl, rows), jnp.asarray(source.tokens[sl]),
+        take_rows(source.overrides, sl, rows), None if read_pos is None else jnp.asarray(read_pos[sl]),
+        take_rows(data, sl, rows), alphas, score=metric.score, noise=direction == "noise",
+        per_position=per_position)) for sl in chunks]
     scores = sum(np.asarray(p[0], np.float64) for p in parts)
-    clean_score, corrupted_score = (np.concatenate([np.atleast_1d(np.asarray(p[i], np.float64)) for p in parts])
-                                    for i in (1, 2))
-    if not per_row:
-        clean_score, corrupted_score = clean_score[0], corrupted_score[0]
+    clean_score, corrupted_score = (np.concatenate([np.asarray(p[i], np.float64) for p in parts])
+                                    if len(parts) > 1 else np.asarray(parts[0][i], np.float64) for i in (1, 2))
     if clean_score.ndim:  # one value per row: the mean over prompts (and samples)
         scores = scores / (S * B)
     if metric.normalize == "range":
