@@ -673,7 +673,8 @@ def add_arguments(parser):
     parser.add_argument("--noise-scale", type=float, default=3.0, help="noise std = scale x embedding std (default: 3)")
     parser.add_argument("--noise-std", type=float, default=None,
                         help="embedding std (default: measured over the dataset's key tokens)")
-    parser.add_argument("--dtype", default=None, help="cast the weights on load, e.g. bfloat16")
+    parser.add_argument("--dtype", default="float32", help="the weights' dtype for the sweep: float32 (default) or "
+                        "bfloat16 (half the memory; attention and logits still accumulate in float32)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (TPU pod slices, SLURM / GPU clusters)")
     parser.add_argument("--process-index", type=int, default=None, help="this process's share without jax.distributed")

@@ -197,12 +197,13 @@ def _stored_arrays(checkpointer, directory):
     return {name: (tuple(m.shape), jnp.dtype(m.dtype)) for name, m in dict(tree).items()}
 
 
-def load(path_or_name, *, dtype=None):
+def load(path_or_name, *, dtype="float32"):
     """Load a `GPT2` saved by `save` / `convert_hf`.
 
     `path_or_name` is a folder, or a bare name resolved to weights/<name>/ (working
     directory first, then the repository root). `dtype` casts the weights while
-    reading (None keeps the stored dtype).
+    reading: float32 by default, so analysis runs in full precision whatever the
+    checkpoint stores; "bfloat16" halves the memory; None keeps the stored dtype.
     """
     folder = resolve(path_or_name)
     config, _ = read_config(folder)

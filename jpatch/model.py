@@ -118,14 +118,16 @@ def no_edit(site, act):
 def causal_attention(q, k, v, key_mask=None, edit=no_edit):
     """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens."""
     T = q.shape[-3]
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    # Scores, softmax and the pattern-weighted sum accumulate in float32 even for bfloat16 weights.
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     allowed = jnp.tril(jnp.ones((T, T), bool))
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :].astype(bool)
     # A finite fill keeps fully masked rows (left padding) finite instead of NaN.
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
-    return jnp.einsum("...hqk,...khd->...qhd", pattern, v)
+    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
+    z = jnp.einsum("...hqk,...khd->...qhd", pattern, v, preferred_element_type=jnp.float32)
+    return z.astype(q.dtype)
 
 
 class Block(eqx.Module):
@@ -280,7 +282,7 @@ class GPT2(eqx.Module):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = edit("ln_final.hook_normalized", normalize(x, self.config.layer_norm_eps))
         x = (normalized * self.ln_f.weight + self.ln_f.bias).astype(self.dtype)
-        return (x @ self.wte.T).astype(jnp.float32)
+        return jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
         """tokens [batch, pos] -> logits [batch, pos, d_vocab] (or [batch, K, d_vocab] at `logits_at` [batch, K])."""

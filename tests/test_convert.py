@@ -139,7 +139,8 @@ def test_bfloat16(hf_dirs, hf_tiny_logits, tmp_path):
     f32 = convert_hf(hf_dirs["safetensors"], tmp_path / "f32")
     bf16 = convert_hf(hf_dirs["safetensors"], tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
-    model = checkpoint.load(bf16)
+    assert checkpoint.load(bf16).dtype == jnp.float32  # analysis defaults to float32
+    model = checkpoint.load(bf16, dtype=None)  # the stored dtype
     assert model.dtype == jnp.bfloat16 and model.blocks.attn.c_attn_w.dtype == jnp.bfloat16
     logits = np.asarray(model(TOKENS))
     scale = np.abs(hf_tiny_logits).max()
