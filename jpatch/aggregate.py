@@ -49,15 +49,20 @@ def small_gap_prompts(clean, corrupted):
     return np.flatnonzero(gap < SMALL_GAP * np.median(gap)) if gap.size else np.zeros(0, int)
 
 
+def warn_small_gaps(normalization, clean, corrupted):
+    """Warn, with their count, about prompts whose per-prompt normalized values are unstable."""
+    small = small_gap_prompts(clean, corrupted) if normalization == "range" else ()
+    if len(small):
+        warnings.warn(
+            f"{len(small)} prompt(s) (e.g. {small[:5].tolist()}) have a clean-corrupted gap under "
+            f"{SMALL_GAP:g} x the median gap: their per-prompt normalized values are unstable; the default "
+            "aggregate (normalize the mean over prompts) is not affected", stacklevel=3)
+
+
 def per_prompt(normalization, raw, clean, corrupted, *, warn=True):
     """raw [..., B] -> [..., B] each prompt normalized by its own baselines (flags tiny gaps)."""
-    if warn and normalization == "range":
-        small = small_gap_prompts(clean, corrupted)
-        if len(small):
-            warnings.warn(
-                f"{len(small)} prompt(s) (e.g. {small[:5].tolist()}) have a clean-corrupted gap under "
-                f"{SMALL_GAP:g} x the median gap: their per-prompt normalized values are unstable; the default "
-                "aggregate (normalize the mean over prompts) is not affected", stacklevel=3)
+    if warn:
+        warn_small_gaps(normalization, clean, corrupted)
     with np.errstate(invalid="ignore", divide="ignore"):
         return normalize(normalization, np.asarray(raw), clean, corrupted).astype(np.float32)
 
@@ -67,13 +72,16 @@ class SweepResult(np.ndarray):
 
     clean, corrupted: the overall baseline scores (means over prompts);
     clean_per_prompt, corrupted_per_prompt: [batch] baseline scores (None for a scalar metric);
+    raw: [batch, *grid] patched scores before normalization (noise samples averaged; NaN past a
+    prompt's end), so any other aggregate can be computed (None for a scalar metric);
     per_prompt: True when the array holds per-prompt normalized values [batch, *grid],
     False for the default aggregate (normalize the mean over prompts);
     axes: the grid's axis names; normalization: the metric's ("none", "baseline", "range").
     Arithmetic on it gives plain arrays: the attributes describe this array only.
     """
 
-    ATTRS = ("clean", "corrupted", "clean_per_prompt", "corrupted_per_prompt", "per_prompt", "axes", "normalization")
+    ATTRS = ("clean", "corrupted", "clean_per_prompt", "corrupted_per_prompt", "raw", "per_prompt", "axes",
+             "normalization")
 
     def __new__(cls, values, **attrs):
         obj = np.asarray(values).view(cls)

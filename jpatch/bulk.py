@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpatch import corrupt, metrics, patching, results, sites
+from jpatch import aggregate, corrupt, metrics, padding, patching, results, sites
+from jpatch.results import RAW_PREFIX
 
 CORRUPTIONS = ("str", "noise")
 METRICS = metrics.METRICS
@@ -312,25 +313,30 @@ def noise_key(seed, index):
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
-def noise_run(model, tokens, key_positions, indices, *, n_samples, std, scale, seed):
+def noise_run(model, tokens, key_positions, indices, *, n_samples, std, scale, seed, lengths=None):
     """Gaussian-noise Run of prompts `tokens` [B, T] (dataset indices `indices`), each prompt's noise
-    from `noise_key(seed, index)`, stacked sample-major like `corrupt.gaussian_noise`."""
+    from `noise_key(seed, index)` drawn at its own length `lengths[b]` (so it does not depend on the
+    batch it is padded into), stacked sample-major like `corrupt.gaussian_noise`."""
     from jpatch.model import Override
 
+    B, T = tokens.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     runs = [
-        corrupt.gaussian_noise(model, tokens[b : b + 1], [list(key_positions[b])], n_samples=n_samples, scale=scale,
-                               std=std, key=noise_key(seed, int(indices[b])))
-        for b in range(len(tokens))
+        corrupt.gaussian_noise(model, tokens[b : b + 1, : lengths[b]], [list(key_positions[b])], n_samples=n_samples,
+                               scale=scale, std=std, key=noise_key(seed, int(indices[b])))
+        for b in range(B)
     ]
-    S, B = n_samples, len(tokens)
+    S = n_samples
 
-    def interleave(arrays):  # B arrays of [S, ...] -> [S * B, ...] sample-major
-        joined = np.stack([np.asarray(a) for a in arrays], axis=1)  # [S, B, ...]
+    def interleave(arrays):  # B arrays of [S, length, ...] -> [S * B, T, ...] sample-major, padded to T
+        padded = [np.pad(np.asarray(a), [(0, 0), (0, T - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
+        joined = np.stack(padded, axis=1)  # [S, B, T, ...]
         return joined.reshape((S * B,) + joined.shape[2:])
 
     ov = [r.overrides["hook_embed"] for r in runs]
     override = Override(jnp.asarray(interleave([o.value for o in ov])), jnp.asarray(interleave([o.mask for o in ov])))
-    return patching.Run(interleave([r.tokens for r in runs]), {"hook_embed": override}, S)
+    mask = np.tile(np.arange(T) < lengths[:, None], (S, 1)).astype(np.int32)
+    return patching.Run(np.tile(tokens, (S, 1)), {"hook_embed": override}, S, mask)
 
 
 # --- hashing and the manifest -------------------------------------------------------------
@@ -436,56 +442,50 @@ def _batch_rows(n, shard_size):
 
 
 def _sweep_batch(model, dataset, indices, specs, cfg, devices):
-    """Per-prompt sweeps of prompts `indices` (one token length) -> {name: [n, *grid]}."""
+    """Sweeps of prompts `indices` (of any lengths, padded together with an attention mask) ->
+    {name: [n, *grid] raw patched scores}, clean and corrupted baselines [n]."""
     ex = [dataset.examples[i] for i in indices]
     rows = _batch_rows(len(ex), cfg["shard_size"])
     take = [min(b, len(ex) - 1) for b in range(rows)]  # padding rows repeat the last prompt
-    clean = np.stack([ex[b].clean for b in take])
+    clean, mask = padding.pad([ex[b].clean for b in take])
+    lengths = mask.sum(1)
     if cfg["corruption"] == "str":
-        corrupted = patching.Run(np.stack([ex[b].corrupted for b in take]))
+        corrupted = patching.Run(padding.pad([ex[b].corrupted for b in take])[0], attention_mask=mask)
     else:
         corrupted = noise_run(model, clean, [ex[b].key_positions for b in take], [indices[b] for b in take],
-                              n_samples=cfg["n_samples"], std=cfg["noise_std"], scale=cfg["noise_scale"], seed=cfg["seed"])
+                              n_samples=cfg["n_samples"], std=cfg["noise_std"], scale=cfg["noise_scale"], seed=cfg["seed"],
+                              lengths=lengths)
     answers = np.array([ex[b].answer if ex[b].answer is not None else 0 for b in take])
     contrasts = np.array([ex[b].contrast if ex[b].contrast is not None else 0 for b in take])
     metric = make_metric(cfg["metric"], answers, contrasts)
-    out = {}
+    raw, baselines = {}, None
     for spec in specs:
-        r = patching.sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"], window=cfg["window"],
-                           axes=spec.axes, per_prompt=True, memory_budget=cfg["memory_budget"], progress=False,
-                           devices=devices)
-        out[spec.name] = np.asarray(r, np.float32)[: len(ex)]
-    return out
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = patching.sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"],
+                               window=cfg["window"], axes=spec.axes, attention_mask=mask,
+                               memory_budget=cfg["memory_budget"], progress=False, devices=devices, check_finite=False)
+        raw[spec.name] = r.raw[: len(ex)]
+        baselines = (r.clean_per_prompt[: len(ex)], r.corrupted_per_prompt[: len(ex)])
+    return raw, baselines
 
 
 def _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar):
-    lengths = dataset.lengths[indices]
-    arrays = {s.name: np.full((len(indices),) + s.grid(model.config, max_len), np.nan, np.float32) for s in specs}
-    undefined = []
-    for T in np.unique(lengths):
-        members = np.flatnonzero(lengths == T)
-        group = [int(indices[m]) for m in members]
-        try:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                batch = _sweep_batch(model, dataset, group, specs, cfg, devices)
-        except FloatingPointError:
-            # Some prompt's metric is undefined (e.g. equal clean and corrupted baselines): sweep
-            # prompt by prompt and store NaN for those.
-            batch = {s.name: np.full((len(group),) + s.grid(model.config, T), np.nan, np.float32) for s in specs}
-            for j, i in enumerate(group):
-                try:
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        one = _sweep_batch(model, dataset, [i], specs, cfg, devices)
-                except FloatingPointError:
-                    undefined.append(dataset.examples[i].line)
-                    continue
-                for name, a in one.items():
-                    batch[name][j] = a[0]
-        for spec in specs:
-            region = (members,) + tuple(slice(0, T) if a in ("pos", "src") else slice(None) for a in spec.axes)
-            arrays[spec.name][region] = batch[spec.name]
-        if bar is not None:
-            bar.update(len(members))
+    """Every prompt of a shard swept in one padded batch: per site the raw patched scores and the
+    per-prompt normalized values [n, *grid] (NaN past each prompt's end), and the baselines [n]."""
+    raw, (clean, corrupted) = _sweep_batch(model, dataset, [int(i) for i in indices], specs, cfg, devices)
+    normalization = make_metric(cfg["metric"], [0], [0]).normalize
+    arrays = {"clean_score": clean, "corrupted_score": corrupted}
+    for spec in specs:
+        full = np.full((len(indices),) + spec.grid(model.config, max_len), np.nan, np.float32)
+        region = (slice(None),) + tuple(slice(0, raw[spec.name].shape[i + 1]) for i in range(len(spec.axes)))
+        full[region] = raw[spec.name]
+        arrays[RAW_PREFIX + spec.name] = full
+        values = aggregate.per_prompt(normalization, np.moveaxis(full, 0, -1), clean, corrupted, warn=False)
+        arrays[spec.name] = np.moveaxis(values, -1, 0)
+    undefined = [dataset.examples[int(i)].line for i, c, x in zip(indices, clean, corrupted)
+                 if normalization == "range" and c == x]
+    if bar is not None:
+        bar.update(len(indices))
     return arrays, undefined
 
 
@@ -580,6 +580,7 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         "shard_size": int(shard_size),
         "n_shards": n_shards,
         "max_len": max_len,
+        "normalization": make_metric(metric, [0], [0]).normalize,  # how Result.mean normalizes raw scores
         "sites": {s.name: {"site": s.site, "axes": list(s.axes), "grid": list(s.grid(model.config, max_len))}
                   for s in specs},
     }

@@ -366,18 +366,21 @@ def _describe(axes, shape, flat_index):
     return ", ".join(f"{a} {int(c)}" for a, c in zip(axes, coords))
 
 
-def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, samples=1, per_prompt=False):
+def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, samples=1, per_prompt=False,
+           check=True):
     """Raw patched scores -> the sweep's `SweepResult`.
 
     raw [n_patches, samples * batch] (or [n_patches] for a scalar metric), NaN where a patch does not
     apply to a prompt; defined: the same shape, where it applies; clean_score / corrupted_score: the
     baselines per row (or scalars). Noise samples are averaged per prompt first; then the default
     aggregate normalizes the mean over prompts, or per_prompt normalizes each prompt.
+    check: raise FloatingPointError where a defined value is not finite.
     """
+    _check = _check_finite if check else (lambda *args: None)
     info = dict(axes=tuple(axes), normalization=metric.normalize)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
         values = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
-        _check_finite(values.reshape(-1), defined, axes, shape)
+        _check(values.reshape(-1), defined, axes, shape)
         return aggregate.SweepResult(values, clean=float(clean_score), corrupted=float(corrupted_score),
                                      per_prompt=False, **info)
     by_prompt = lambda a: np.asarray(a, np.float64).reshape(a.shape[:-1] + (samples, -1)).mean(-2)
@@ -386,16 +389,17 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, s
     raw = np.where(defined, raw, np.nan)
     if per_prompt:
         values = aggregate.per_prompt(metric.normalize, raw, clean_score, corrupted_score)
-        _check_finite(values, defined, axes, shape)
+        _check(values, defined, axes, shape)
         values = np.moveaxis(values, -1, 0).reshape((-1,) + tuple(shape))
     else:
         values = aggregate.normalized_mean(metric.normalize, raw, clean_score, corrupted_score)
-        _check_finite(values, defined.any(-1), axes, shape)
+        _check(values, defined.any(-1), axes, shape)
         values = values.reshape(shape)
     return aggregate.SweepResult(
         values, clean=float(clean_score.mean()), corrupted=float(corrupted_score.mean()),
         clean_per_prompt=clean_score.astype(np.float32), corrupted_per_prompt=corrupted_score.astype(np.float32),
-        per_prompt=bool(per_prompt), **info)
+        raw=np.moveaxis(raw, -1, 0).reshape((-1,) + tuple(shape)).astype(np.float32), per_prompt=bool(per_prompt),
+        **info)
 
 
 def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
@@ -417,7 +421,8 @@ def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
 
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
           heads=None, prompt_positions=None, axes=None, per_prompt=False, attention_mask=None,
-          memory_budget=DEFAULT_MEMORY_BUDGET, progress=True, skip_layers=True, skip_positions=True, devices=None):
+          memory_budget=DEFAULT_MEMORY_BUDGET, progress=True, skip_layers=True, skip_positions=True, devices=None,
+          check_finite=True):
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;
@@ -433,6 +438,8 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     TransformerLens's aggregate), or [batch, *grid] each prompt normalized alone when per_prompt.
     The grid axes default to (layer, pos), (layer, pos, head) for q/k/v/z, (layer, head, pos)
     for the pattern; choose `axes` e.g. ("layer", "head").
+    check_finite: raise FloatingPointError naming the first patch whose value is not finite
+    (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
     """
     site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
     if direction not in DIRECTIONS:
@@ -477,7 +484,7 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
         raw = np.where(no_op, corrupted_score if direction == "denoise" else clean_score, raw)
     defined = applies(patches, np.tile(lengths, S))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,
-                  shape, samples=S, per_prompt=per_prompt)
+                  shape, samples=S, per_prompt=per_prompt, check=check_finite)
 
 
 # --- TransformerLens-shaped functions -------------------------------------------------

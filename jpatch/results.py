@@ -13,7 +13,9 @@ Bulk sweep (`jpatch.bulk.bulk_sweep`), written shard by shard::
                                  "sites": {name: {"site", "axes", "grid"}}}
     out_dir/shard-00000.npz     "index" [n] dataset indices (0-based, file order) of its prompts,
                                 "length" [n] their token lengths, "run_hash" (the manifest's hash),
-                                and per site name [n, *grid] float32
+                                "clean_score" / "corrupted_score" [n] the baselines, and per site
+                                name "raw.<name>" [n, *grid] the patched scores and "<name>"
+                                [n, *grid] each prompt normalized by its own baselines (float32)
 
 Shard k holds the prompts k * shard_size ... (k + 1) * shard_size - 1 of the dataset
 ordered by (token length, line), so a shard's prompts share few lengths. A shard
@@ -33,12 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jpatch import aggregate
+
 RESULT_FILE = "result.npz"
 SETTINGS_FILE = "settings.json"
 MANIFEST_FILE = "manifest.json"
 BULK_FORMAT = "jpatch-bulk"
-BULK_FORMAT_VERSION = 1
-SHARD_META = ("index", "length", "run_hash")
+BULK_FORMAT_VERSION = 2
+SHARD_META = ("index", "length", "run_hash", "clean_score", "corrupted_score")
+RAW_PREFIX = "raw."  # shard arrays "raw.<name>": patched scores before normalization
 
 
 def shard_name(i):
@@ -164,19 +169,26 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
 class Result:
     """A loaded result: `settings` (dict) and `arrays` ({name: np.ndarray}); `result[name]` is an array.
 
-    For a bulk result (`kind == "bulk"`) every site's array is [n_prompts, *grid]
-    in dataset order, NaN-padded along position axes beyond each prompt's length
-    (`lengths`); `mean(site)` / `std(site)` / `count(site)` reduce over prompts
-    ignoring NaN. `manifest` holds the bulk manifest (None for a single sweep).
+    For a bulk result (`kind == "bulk"`) every site's array is [n_prompts, *grid] of
+    per-prompt normalized values in dataset order, NaN-padded along position axes beyond
+    each prompt's length (`lengths`); `raw[name]` holds the patched scores and
+    `clean_score` / `corrupted_score` [n_prompts] the baselines. `mean(site)` is the
+    paper's aggregate (normalize the mean over prompts); `std(site)` / `count(site)`
+    describe the per-prompt normalized values. `manifest` holds the bulk manifest
+    (None for a single sweep).
     """
 
-    def __init__(self, arrays, settings, *, kind="sweep", lengths=None, manifest=None, path=None):
+    def __init__(self, arrays, settings, *, kind="sweep", lengths=None, manifest=None, path=None, raw=None,
+                 clean_score=None, corrupted_score=None):
         self.arrays = dict(arrays)
         self.settings = settings
         self.kind = kind
         self.lengths = lengths
         self.manifest = manifest
         self.path = path
+        self.raw = raw
+        self.clean_score = clean_score
+        self.corrupted_score = corrupted_score
 
     def __getitem__(self, name):
         try:
@@ -213,16 +225,24 @@ class Result:
         return self[site]
 
     def mean(self, site):
-        """Mean over prompts, ignoring NaN (padding, or prompts whose metric was undefined): [*grid]."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(self._per_prompt(site), axis=0)
+        """The paper's and TransformerLens's aggregate, [*grid]: the mean patched score over the
+        prompts that reach each entry, normalized by the mean baselines of those prompts."""
+        self._per_prompt(site)
+        return aggregate.normalized_mean(self.manifest["normalization"], np.moveaxis(self.raw[site], 0, -1),
+                                         self.clean_score, self.corrupted_score)
+
+    def per_prompt(self, site):
+        """[n_prompts, *grid] each prompt normalized by its own baselines; warns about prompts
+        whose clean-corrupted gap is tiny next to the others' (their values are unstable)."""
+        values = self._per_prompt(site)
+        aggregate.warn_small_gaps(self.manifest["normalization"], self.clean_score, self.corrupted_score)
+        return values
 
     def std(self, site, ddof=0):
-        """Standard deviation over prompts, ignoring NaN: [*grid]."""
+        """Standard deviation of the per-prompt normalized values, ignoring NaN: [*grid]."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanstd(self._per_prompt(site), axis=0, ddof=ddof)
+            return np.nanstd(self.per_prompt(site), axis=0, ddof=ddof)
 
     def count(self, site):
         """Number of prompts with a value at each grid entry: [*grid]."""
@@ -272,7 +292,10 @@ def _load_bulk(out_dir):
             "rerun the same bulk command to finish it"
         )
     n = manifest["n_prompts"]
-    arrays = {name: np.full((n, *spec["grid"]), np.nan, np.float32) for name, spec in manifest["sites"].items()}
+    names = list(manifest["sites"]) + [RAW_PREFIX + name for name in manifest["sites"]]
+    arrays = {name: np.full((n, *manifest["sites"][name.removeprefix(RAW_PREFIX)]["grid"]), np.nan, np.float32)
+              for name in names}
+    baselines = {k: np.zeros(n, np.float32) for k in ("clean_score", "corrupted_score")}
     lengths = np.zeros(n, np.int64)
     seen = np.zeros(n, bool)
     for i in range(manifest["n_shards"]):
@@ -285,11 +308,13 @@ def _load_bulk(out_dir):
             raise ValueError(f"{path} repeats prompts already in another shard")
         seen[index] = True
         lengths[index] = shard["length"]
-        for name in arrays:
-            arrays[name][index] = shard[name]
+        for name, a in {**arrays, **baselines}.items():
+            a[index] = shard[name]
     if not seen.all():
         raise ValueError(f"bulk result {out_dir}: shards cover {int(seen.sum())} of {n} prompts")
-    return Result(arrays, manifest["settings"], kind="bulk", lengths=lengths, manifest=manifest, path=Path(out_dir))
+    raw = {name: arrays.pop(RAW_PREFIX + name) for name in manifest["sites"]}
+    return Result(arrays, manifest["settings"], kind="bulk", lengths=lengths, manifest=manifest, path=Path(out_dir),
+                  raw=raw, **baselines)
 
 
 def load_result(path):

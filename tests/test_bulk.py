@@ -104,7 +104,7 @@ def single_sweeps(model, dataset, i, corruption, metric, specs, *, direction="de
         corrupted = noise_run(model, clean, [e.key_positions], [i], n_samples=n_samples, std=std, scale=3.0, seed=seed)
     m = make_metric(metric, [e.answer], [e.contrast])
     return {s.name: patching.sweep(model, clean, corrupted, s.site, m, axes=s.axes, per_prompt=True, direction=direction,
-                                   window=window, progress=False)[0]
+                                   window=window, progress=False)
             for s in specs}
 
 
@@ -126,7 +126,7 @@ def check_against_single(model, data, result, corruption, metric, prompts, **kw)
             else:
                 real = got
             assert np.isfinite(real).all()
-            assert_same(real, expected[s.name], tol=1e-5, what=f"prompt {i} {s.name}")
+            assert_same(real, np.asarray(expected[s.name])[0], tol=1e-5, what=f"prompt {i} {s.name}")
 
 
 def test_str_logit_diff_matches_single_prompt_sweeps(model, data7, str_run):
@@ -137,10 +137,19 @@ def test_str_logit_diff_matches_single_prompt_sweeps(model, data7, str_run):
     assert result["resid_pre"].shape == (7, 2, 14) and result["attn_head_out_all_pos"].shape == (7, 2, 4)
     assert result.axes("resid_pre") == ("prompt", "layer", "pos")
     check_against_single(model, data7, result, "str", "logit-diff", range(7))
-    # mean / std over prompts ignore the NaN padding
+    # mean: the paper's aggregate, normalize the mean over the prompts reaching each position, built
+    # here from single-prompt sweeps' raw scores and baselines; std over per-prompt values ignores padding
+    dataset = read_dataset(data7, corruption="str")
+    specs = [s for s in bulk.resolve_sites(["resid_pre"]) if s.name == "resid_pre"]
+    single = [single_sweeps(model, dataset, i, "str", "logit-diff", specs)["resid_pre"] for i in range(7)]
+    for positions, prompts in ((slice(0, 8), range(7)), (slice(8, 14), [0, 1, 3, 4, 6])):
+        raw = np.mean([single[i].raw[0][:, positions] for i in prompts], 0)
+        cl = np.mean([single[i].clean_per_prompt[0] for i in prompts])
+        co = np.mean([single[i].corrupted_per_prompt[0] for i in prompts])
+        assert_same(result.mean("resid_pre")[:, positions], (raw - co) / (cl - co), tol=1e-5)
+        np.testing.assert_allclose(result.clean_score[list(prompts)], [single[i].clean_per_prompt[0] for i in prompts],
+                                   atol=1e-5)
     per = result["resid_pre"]
-    assert_same(result.mean("resid_pre")[:, :8], per[:, :, :8].mean(0), tol=1e-6)
-    assert_same(result.mean("resid_pre")[:, 8:], per[[0, 1, 3, 4, 6], :, 8:].mean(0), tol=1e-6)
     assert_same(result.std("resid_pre")[:, 8:], per[[0, 1, 3, 4, 6], :, 8:].std(0), tol=1e-6)
     assert (result.count("resid_pre")[:, 8:] == 5).all() and (result.count("resid_pre")[:, :8] == 7).all()
     with pytest.raises(ValueError, match="only a bulk result"):
