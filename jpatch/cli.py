@@ -19,8 +19,8 @@ def _choice_error(what, value, valid):
 
 
 def load_task(name, n_prompts, seed):
-    """The task's prompts as one Task (for factual recall: the largest length bucket)."""
-    from jpatch.tasks import get_task
+    """The task's first `n_prompts` prompts as one Task (prompts of several lengths padded together)."""
+    from jpatch.tasks import combine, get_task
 
     kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
     if name == "ioi":
@@ -30,7 +30,7 @@ def load_task(name, n_prompts, seed):
     except ValueError as e:
         raise SystemExit(f"jpatch: {e}") from None
     if isinstance(task, list):
-        task = max(task, key=len)
+        task = combine(task, name)
     return task.select(slice(0, n_prompts)) if len(task) > n_prompts else task
 
 
@@ -38,12 +38,12 @@ def make_corruption(model, task, corruption, site, *, noise_samples, seed):
     """The corrupted Run for a task."""
     from jpatch import corrupt
 
-    clean = task.clean_tokens
+    clean, mask = task.clean_tokens, task.attention_mask
     if corruption == "str":
-        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions)
+        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions, attention_mask=mask)
     if corruption == "noise":
         return corrupt.gaussian_noise(model, clean, task.key_positions, n_samples=noise_samples,
-                                      std_tokens=task.key_token_ids(), seed=seed)
+                                      std_tokens=task.key_token_ids(), seed=seed, attention_mask=mask)
     if corruption == "zero":
         return corrupt.zero_ablation(model, clean, site)
     if corruption == "mean":
@@ -94,7 +94,15 @@ def run_sweep(model, task, site, axes, *, corruption, metric, direction, window,
 
     corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
     return patching.sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
-                          direction=direction, window=window, axes=axes)
+                          direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
+
+
+def longest_prompt_tokens(task):
+    """The token strings of the task's longest prompt: labels for a position axis."""
+    from jpatch.tokenizer import get_tokenizer
+
+    b = int(np.argmax(task.lengths))
+    return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
 
 
 def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
@@ -103,9 +111,8 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
     from jpatch.results import save_result
-    from jpatch.tokenizer import get_tokenizer
 
-    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    tokens = longest_prompt_tokens(task)
     with atomic_dir(Path(out), overwrite) as tmp:
         for name, (site, axes, result) in sweeps.items():
             save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)},
@@ -121,9 +128,7 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
 def cmd_demo(args):
     model = load_model(args.model)
     task = load_task("ioi", args.n_prompts, args.seed)
-    from jpatch.tokenizer import get_tokenizer
-
-    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    tokens = longest_prompt_tokens(task)
     print(f"model {args.model}: {model.config.n_layer} layers x {model.config.n_head} heads; "
           f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
     print("corruption: symmetric token replacement (ABC names); metric: normalized logit difference; denoising")
@@ -166,9 +171,7 @@ def cmd_sweep(args):
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"jpatch: {e}") from None
     print(f"{site} over {' x '.join(axes)}: top components")
-    from jpatch.tokenizer import get_tokenizer
-
-    print("\n".join(top_components(result, axes, get_tokenizer().to_str_tokens(task.clean_tokens[0]))))
+    print("\n".join(top_components(result, axes, longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples}

@@ -292,7 +292,8 @@ def test_torch_bin_without_torch(hf_dirs, monkeypatch):
 
 
 def test_dtype_names_and_objects(hf_dirs, tmp_path):
-    assert checkpoint.load(convert_hf(hf_dirs["bin"], tmp_path / "bf", dtype=jnp.bfloat16)).dtype == jnp.bfloat16
+    stored = checkpoint.load(convert_hf(hf_dirs["bin"], tmp_path / "bf", dtype=jnp.bfloat16), dtype=None)
+    assert stored.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16"):
         convert_hf(hf_dirs["safetensors"], tmp_path / "out", dtype="float8")
 
