@@ -267,7 +267,8 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
 
     The folder is written atomically (a temporary folder beside `out_dir`, renamed
     at the end), so a failed conversion leaves nothing behind. An existing non-empty
-    `out_dir` is replaced only with `overwrite=True`. Returns the folder's path.
+    `out_dir` is replaced only when it is a jpatch model folder and `overwrite=True`;
+    the source (or a folder containing it) is never a valid `out_dir`. Returns the folder's path.
     """
     from jpatch import checkpoint
 
@@ -277,8 +278,9 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
         dtype_name = None
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    checkpoint.check_target(out_dir, overwrite)  # before the slow part
+    local = [Path(src).expanduser()] if Path(src).expanduser().exists() else []
+    checkpoint.check_target(out_dir, overwrite, kind="model", inputs=local)  # before the slow part
     folder = resolve_source(src)
     source = str(src) if not Path(src).expanduser().is_dir() else str(folder.resolve())
     model = load_hf(folder, dtype=DTYPES[dtype_name])
-    return checkpoint.save(model, out_dir, extra_config={"source": source}, overwrite=overwrite)
+    return checkpoint.save(model, out_dir, extra_config={"source": source}, overwrite=overwrite, inputs=[folder])

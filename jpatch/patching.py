@@ -53,12 +53,13 @@ class Run:
 
 
 def as_run(x, what):
-    if isinstance(x, Run):
-        return x
-    tokens = np.asarray(x)
+    run = x if isinstance(x, Run) else None
+    tokens = np.asarray(x.tokens if run else x)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{what} must be [batch, pos] token ids or a Run, got shape {tokens.shape} {tokens.dtype}")
-    return Run(tokens)
+    if 0 in tokens.shape:
+        raise ValueError(f"{what} holds no tokens (shape {tokens.shape}): need at least one prompt of at least one token")
+    return run or Run(tokens)
 
 
 # name -> (site, axes of the result); TransformerLens 3.9's patching functions.
@@ -295,6 +296,14 @@ def _check_finite(result, axes, shape):
         )
 
 
+def check_memory_budget(memory_budget):
+    """Refuse a memory budget that is not a positive number of bytes (0 would divide by zero)."""
+    if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, np.number))
+            or not 0 < memory_budget < math.inf):
+        raise ValueError(f"memory_budget must be a positive number of bytes (e.g. 4 << 30), got {memory_budget!r}")
+    return memory_budget
+
+
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
           heads=None, prompt_positions=None, axes=None, per_prompt=False, memory_budget=DEFAULT_MEMORY_BUDGET, progress=True,
           skip_layers=True, skip_positions=True, devices=None):
@@ -310,7 +319,11 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     per_prompt; the grid axes default to (layer, pos), (layer, pos, head) for
     q/k/v/z, (layer, head, pos) for the pattern; choose `axes` e.g. ("layer", "head").
     """
-    site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
+    try:  # a full name ("blocks.0.hook_resid_pre") is its site's sweep; its layer must exist
+        site = sites.parse(site, model.config.n_layer)[0] if site.startswith("blocks.") else sites.canonical(site)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    check_memory_budget(memory_budget)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")

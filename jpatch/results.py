@@ -27,7 +27,6 @@ metric is undefined (e.g. equal clean and corrupted baselines) is NaN throughout
 
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 
@@ -81,8 +80,10 @@ def to_json(obj):
 
 
 def _tmp_path(path):
+    from jpatch.safety import tmp_name
+
     path = Path(path)
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / tmp_name(path.name)
 
 
 def atomic_write(path, write):
@@ -141,7 +142,8 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
     `out_dir` gets result.npz and settings.json; "jpatch_version" is added to the
     settings when missing. Nothing is written when anything fails (the folder is
     built under a temporary name and renamed at the end). Refuses to replace a
-    non-empty `out_dir` unless `overwrite=True`. Returns the folder's Path.
+    non-empty `out_dir` unless it is a jpatch result folder and `overwrite=True`
+    (`jpatch.checkpoint.check_target`). Returns the folder's Path.
     """
     from jpatch.checkpoint import atomic_dir
 
@@ -151,7 +153,7 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
     settings = to_json({**settings, "jpatch_version": settings.get("jpatch_version", _version())})
     text = json.dumps(settings, indent=2) + "\n"
     out_dir = Path(out_dir).expanduser()
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, kind="result") as tmp:
         with open(tmp / RESULT_FILE, "wb") as f:
             np.savez(f, **arrays)
         (tmp / SETTINGS_FILE).write_text(text)
