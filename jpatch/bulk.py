@@ -96,7 +96,9 @@ class Dataset:
         return np.array([len(e.clean) for e in self.examples], np.int64)
 
 
-def _records_from_file(path):
+def jsonl_records(path):
+    """(line number, raw bytes) of a JSONL file, lines split at b"\\n" only: the one reader of
+    dataset files (bulk and `jpatch sweep --task FILE`), so line numbers always agree."""
     path = Path(path).expanduser()
     try:
         f = open(path, "rb")
@@ -233,7 +235,7 @@ def read_dataset(path, *, corruption="str", metric=None, n_ctx=None, tokenizer=N
     (None: both). Blank lines are skipped; other fields are ignored. Raises
     ValueError listing each bad line ("line 7: ...") with its reason.
     """
-    return parse_examples(_records_from_file(path), corruption=corruption, metric=metric, n_ctx=n_ctx,
+    return parse_examples(jsonl_records(path), corruption=corruption, metric=metric, n_ctx=n_ctx,
                           source=str(path), tokenizer=tokenizer)
 
 
