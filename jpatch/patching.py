@@ -10,6 +10,7 @@ take TransformerLens's arguments and return its shapes and numbers.
 import dataclasses
 import itertools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from jpatch.metrics import from_callable
 
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MEMORY_BUDGET = 4 << 30
+MANY_COMPILES = 8  # more patch groups than this (a tiny memory budget) is warned about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +214,10 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
     # At most one group per patch: more would leave groups empty.
     groups = max(1, min(len(patches), math.ceil(per_prompt * (N if scalar else 1) / memory_budget)))
+    if groups > MANY_COMPILES:
+        warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, compiled "
+                      f"one by one (slow); {per_prompt * (N if scalar else 1)} bytes would need one",
+                      RuntimeWarning, stacklevel=3)
     chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
     if not scalar and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
@@ -319,10 +325,8 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     per_prompt; the grid axes default to (layer, pos), (layer, pos, head) for
     q/k/v/z, (layer, head, pos) for the pattern; choose `axes` e.g. ("layer", "head").
     """
-    try:  # a full name ("blocks.0.hook_resid_pre") is its site's sweep; its layer must exist
-        site = sites.parse(site, model.config.n_layer)[0] if site.startswith("blocks.") else sites.canonical(site)
-    except KeyError as e:
-        raise ValueError(e.args[0]) from None
+    # a full name ("blocks.0.hook_resid_pre") is its site's sweep; its layer must exist (KeyError)
+    site = sites.parse(site, model.config.n_layer)[0] if site.startswith("blocks.") else sites.canonical(site)
     check_memory_budget(memory_budget)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")

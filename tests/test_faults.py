@@ -193,8 +193,24 @@ def test_sweep_refuses_before_computing(model, clean, kwargs, message, monkeypat
     kwargs = {"site": "resid_pre", **kwargs}
     metric = jpatch.metrics.logit_diff([1, 1], [2, 2])
     corrupted = np.full(clean.shape, 3, np.int32)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, KeyError), match=message):  # unknown sites are KeyErrors
         patching.sweep(model, clean, corrupted, kwargs.pop("site"), metric, progress=False, **kwargs)
+
+
+def test_tiny_memory_budget_is_warned_about(model, monkeypatch):
+    """A budget below one patch's memory splits the sweep into one compiled group per patch
+    (2 layers x 6 positions = 12) instead of one: said with the numbers before the work."""
+    from jpatch import engine
+
+    def stop(*a, **k):
+        raise RuntimeError("stopped before computing")
+
+    monkeypatch.setattr(engine, "run_layout", stop)
+    metric = jpatch.metrics.logit_diff([1, 1], [2, 2])
+    clean, corrupted = np.ones((2, 6), np.int32), np.full((2, 6), 3, np.int32)
+    with pytest.warns(RuntimeWarning, match=r"memory_budget=1000 bytes splits this sweep into 12 patch groups"):
+        with pytest.raises(RuntimeError, match="stopped"):
+            patching.sweep(model, clean, corrupted, "resid_pre", metric, memory_budget=1000, progress=False)
 
 
 def test_weight_map_outside_the_folder_is_refused(hf_tiny, tmp_path):
