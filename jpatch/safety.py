@@ -19,11 +19,13 @@ import datetime
 import json
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
 MARKER = ".jpatch-output.json"
 _TMP_KINDS = ("tmp", "old")
+UNREADABLE_LOCK_AGE = 60.0  # seconds after which a lock file that holds no owner counts as stale
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -152,7 +154,9 @@ def check_output(out_dir, kind, overwrite=False, *, inputs=()):
             raise FileExistsError(f"refusing to write into {out_dir}: it is or contains the input {source}")
     if not out_dir.exists() and not out_dir.is_symlink():
         return out_dir
-    if not out_dir.is_dir() or out_dir.is_symlink():
+    if out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} is a symbolic link; name the folder itself")
+    if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if not any(out_dir.iterdir()):
         return out_dir
@@ -220,7 +224,13 @@ class Lock:
         if who is None:  # released meanwhile
             return self.acquire()
         self.holder = who
-        if not who or is_alive(who) is not False:
+        if not who:  # unreadable: being written now, or its writer died mid-write long ago
+            try:
+                if time.time() - self.path.stat().st_mtime < UNREADABLE_LOCK_AGE:
+                    return False
+            except FileNotFoundError:
+                return self.acquire()
+        elif is_alive(who) is not False:
             return False
         # Dead owner: move its lock aside atomically (one process wins the rename) and check
         # that what moved is still that stale lock before creating ours.

@@ -423,6 +423,10 @@ def test_stale_lock_is_taken_over_and_a_live_one_respected(model, data4, tmp_pat
     assert not other.acquire() and other.holder["pid"] == os.getpid()  # a live holder keeps it
     mine.release()
     assert not lock_path.exists()
+    lock_path.write_text("")  # a writer killed between creating and filling its lock
+    assert not safety.Lock(lock_path).acquire(), "a fresh unreadable lock may be being written"
+    os.utime(lock_path, (time.time() - 2 * safety.UNREADABLE_LOCK_AGE,) * 2)
+    assert safety.Lock(lock_path).acquire()
 
     out = tmp_path / "bulk"
     out.mkdir()
