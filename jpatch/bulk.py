@@ -31,6 +31,7 @@ clean prompt); each prompt's noise comes from PRNGKey(seed) folded with its
 dataset index, so it does not depend on shards, batches or processes.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -47,13 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpatch import aggregate, corrupt, metrics, padding, patching, results, sites
+from jpatch import aggregate, corrupt, metrics, padding, patching, results, safety, sites
 from jpatch.results import RAW_PREFIX
 
 CORRUPTIONS = ("str", "noise")
 METRICS = metrics.METRICS
 METRIC_FIELDS = {"logit-diff": ("answer", "contrast"), "prob": ("answer",), "logprob": ("answer",), "kl": ()}
 DEFAULT_SHARD_SIZE = 64
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype
 MAX_ERRORS = 20
 # Settings that identify a run's numbers (a resume must match them); "model" and "dataset"
 # (a name and a path) are informational: the hashes identify the weights and the content.
@@ -95,7 +97,9 @@ class Dataset:
         return np.array([len(e.clean) for e in self.examples], np.int64)
 
 
-def _records_from_file(path):
+def jsonl_records(path):
+    """(line number, raw bytes) of a JSONL file, lines split at b"\\n" only: the one reader of
+    dataset files (bulk and `jpatch sweep --task FILE`), so line numbers always agree."""
     path = Path(path).expanduser()
     try:
         f = open(path, "rb")
@@ -232,7 +236,7 @@ def read_dataset(path, *, corruption="str", metric=None, n_ctx=None, tokenizer=N
     (None: both). Blank lines are skipped; other fields are ignored. Raises
     ValueError listing each bad line ("line 7: ...") with its reason.
     """
-    return parse_examples(_records_from_file(path), corruption=corruption, metric=metric, n_ctx=n_ctx,
+    return parse_examples(jsonl_records(path), corruption=corruption, metric=metric, n_ctx=n_ctx,
                           source=str(path), tokenizer=tokenizer)
 
 
@@ -387,31 +391,95 @@ def _check_manifest(out_dir, manifest, expected):
     )
 
 
-def _prepare_out_dir(out_dir, expected, process_index, timeout):
-    """Write or verify manifest.json (process 0 writes it; the others wait for it)."""
-    path = out_dir / results.MANIFEST_FILE
+@contextlib.contextmanager
+def _manifest_lock(out_dir, timeout=60.0):
+    """Serialize writes of manifest.json between processes sharing the folder."""
+    lock = safety.Lock(out_dir / f".{results.MANIFEST_FILE}.lock")
+    deadline = time.monotonic() + timeout
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{lock.path} is held for over {timeout:.0f} s ({lock.describe()}); "
+                               "delete it if that process is gone")
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _ours(name):
+    """Files a bulk run keeps in its folder besides manifest.json and the shards."""
+    return name == safety.MARKER or name.startswith((f".{results.MANIFEST_FILE}.", ".shard-"))
+
+
+def _read_or_rebuild(out_dir, path):
+    """The folder's manifest; rebuilt from the shards when manifest.json is missing or unreadable."""
     if path.is_file():
-        _check_manifest(out_dir, results.read_manifest(out_dir), expected)
-        return
+        try:
+            return results.read_manifest(out_dir)
+        except ValueError as e:
+            if not any(out_dir.glob("shard-*.npz")):
+                raise
+            print(f"jpatch bulk: {e}; rebuilding it from the shards", file=sys.stderr)
+    else:
+        print(f"jpatch bulk: {out_dir} has shards but no {path.name}; rebuilding it from the shards", file=sys.stderr)
+    return results.rebuild_manifest(out_dir)
+
+
+def _prepare_out_dir(out_dir, expected, process_index, timeout):
+    """Write or verify manifest.json (process 0 writes it; the others wait for it).
+
+    A missing or damaged manifest is rebuilt from the shards; a folder holding anything
+    else is refused. Returns the manifest on disk (with the checksums recorded so far)."""
+    path = out_dir / results.MANIFEST_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    has_shards = out_dir.is_dir() and any(out_dir.glob("shard-*.npz"))
+    if path.is_file() or has_shards:
+        with _manifest_lock(out_dir):
+            manifest = _read_or_rebuild(out_dir, path)
+        _check_manifest(out_dir, manifest, expected)
+        return manifest
     if process_index == 0:
         if out_dir.exists():
-            if not out_dir.is_dir():
-                raise FileExistsError(f"{out_dir} exists and is not a directory")
-            others = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
+            others = [p.name for p in out_dir.iterdir() if not _ours(p.name)]
             if others:
                 raise FileExistsError(
                     f"{out_dir} is not empty ({', '.join(sorted(others)[:5])}) and holds no bulk manifest; "
                     "use an empty or new folder"
                 )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.atomic_write_json(path, expected)
-        return
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"cannot create the output folder {out_dir}: {e.strerror}") from None
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"the output folder {out_dir} is not writable")
+        with _manifest_lock(out_dir):
+            if not path.is_file():  # another run into the same folder may have written it meanwhile
+                results.atomic_write_json(path, expected)
+                safety.write_marker(out_dir, "bulk", files=[])
+            manifest = results.read_manifest(out_dir)
+        _check_manifest(out_dir, manifest, expected)
+        return manifest
+    print(f"jpatch bulk: process {process_index}: waiting up to {timeout:.0f} s for process 0 to write {path}",
+          file=sys.stderr)
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"process {process_index}: no {path} after {timeout:.0f} s (process 0 writes it)")
+            raise TimeoutError(f"process {process_index}: no {path} after {timeout:.0f} s; process 0 writes it "
+                               "(is it running, with the same --out?)")
         time.sleep(0.2)
-    _check_manifest(out_dir, results.read_manifest(out_dir), expected)
+    manifest = results.read_manifest(out_dir)
+    _check_manifest(out_dir, manifest, expected)
+    return manifest
+
+
+def _record_checksums(out_dir, digests):
+    """Add {shard name: sha256} to manifest.json (read, update and replace under the manifest lock)."""
+    with _manifest_lock(out_dir):
+        manifest = results.read_manifest(out_dir)
+        manifest["shards"] = {**manifest.get("shards", {}), **digests}
+        results.atomic_write_json(out_dir / results.MANIFEST_FILE, manifest)
 
 
 # --- computing shards ---------------------------------------------------------------------
@@ -512,6 +580,12 @@ def _settings(model_name, model_digest, dataset, specs, cfg):
     }
 
 
+def _check_positive(name, value):
+    """Zero, negative or non-finite noise would give an uncorrupted (all-NaN) or meaningless run."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction="denoise", window=1,
                shard_size=DEFAULT_SHARD_SIZE, memory_budget=patching.DEFAULT_MEMORY_BUDGET, seed=0, n_samples=10,
                noise_scale=3.0, noise_std=None, model_name=None, progress=True, process_index=None,
@@ -546,14 +620,19 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
-    if not memory_budget or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    patching.check_memory_budget(memory_budget)
     bad_samples = isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1
     if corruption == "noise" and bad_samples:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    if corruption == "noise":
+        _check_positive("noise_scale", noise_scale)
+        if noise_std is not None:
+            _check_positive("noise_std", noise_std)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
-    if not 0 <= process_index < process_count:
+    if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     specs = resolve_sites(sites, int(window))
     dataset = _as_dataset(dataset, corruption, metric, model.config.n_ctx)
@@ -564,6 +643,7 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
                noise_std=None)
     if corruption == "noise":
         std = key_token_std(model, dataset) if noise_std is None else float(noise_std)
+        _check_positive("noise_std (measured over the key tokens)", std)
         cfg.update(n_samples=int(n_samples), noise_scale=float(noise_scale), noise_std=std)
     settings = _settings(model_name, model_hash(model), dataset, specs, cfg)
     lengths = dataset.lengths
@@ -584,15 +664,35 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         "sites": {s.name: {"site": s.site, "axes": list(s.axes), "grid": list(s.grid(model.config, max_len))}
                   for s in specs},
     }
-    _prepare_out_dir(out_dir, manifest, process_index, manifest_timeout)
+    on_disk = _prepare_out_dir(out_dir, manifest, process_index, manifest_timeout)
+    safety.remove_stale(out_dir, results.MANIFEST_FILE)
+    embedded = np.array(json.dumps(results.to_json(manifest)))  # each shard carries its run's manifest
 
     mine = [i for i in range(n_shards) if i % process_count == process_index]
     shard_prompts = lambda i: order[i * shard_size : (i + 1) * shard_size]  # noqa: E731
-    done = [i for i in mine if (out_dir / results.shard_name(i)).is_file()]
-    done_set = set(done)
-    for i in done:
-        _check_shard(out_dir / results.shard_name(i), manifest["hash"])
-    todo = [i for i in mine if i not in done_set]
+    unrecorded = {}
+
+    def finished(i, known=None):
+        """Shard i exists and passes its check against the manifest (`known`, or as on disk now);
+        a corrupt one is reported (and then recomputed)."""
+        name = results.shard_name(i)
+        if not (out_dir / name).is_file():
+            return False
+        now = known or results.read_manifest(out_dir)
+        try:
+            digest = results.check_shard(out_dir, now, i)
+        except results.CorruptShard as e:
+            print(f"jpatch bulk: {e}; recomputing it", file=sys.stderr)
+            return False
+        if name not in now.get("shards", {}):
+            unrecorded[name] = digest
+        return True
+
+    done = [i for i in mine if finished(i, on_disk)]
+    if unrecorded:  # shards whose writer was killed before recording their checksum
+        _record_checksums(out_dir, unrecorded)
+        unrecorded.clear()
+    todo = [i for i in mine if i not in set(done)]
     devices = list(devices or jax.local_devices())
     if len(devices) > 1:
         # The patched calls shard prompts over these devices; the model is replicated on them.
@@ -601,35 +701,55 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
     bar = tqdm(total=sum(len(shard_prompts(i)) for i in mine), initial=sum(len(shard_prompts(i)) for i in done),
                disable=not progress, unit="prompt", dynamic_ncols=True,
                desc=f"bulk {out_dir.name}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""))
-    undefined = []
+    undefined, computed, by_others, queue, told = [], [], [], list(todo), False
     try:
-        for i in todo:
-            path = out_dir / results.shard_name(i)
-            for stale in results.stale_temporaries(out_dir, path.name):
-                stale.unlink(missing_ok=True)
-            indices = shard_prompts(i)
-            arrays, bad = _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar)
-            undefined += bad
-            results.atomic_write_npz(path, {"index": indices.astype(np.int64), "length": lengths[indices],
-                                            "run_hash": np.array(manifest["hash"]), **arrays})
+        while queue:
+            busy = []
+            for i in queue:
+                lock = safety.Lock(out_dir / f".{results.shard_name(i)}.lock")
+                if not lock.acquire():  # another run is computing it
+                    busy.append((i, lock))
+                    continue
+                try:
+                    if finished(i):  # finished by another run meanwhile
+                        by_others.append(i)
+                        bar.update(len(shard_prompts(i)))
+                        continue
+                    safety.remove_stale(out_dir, results.shard_name(i))
+                    indices = shard_prompts(i)
+                    arrays, bad = _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar)
+                    undefined += bad
+                    path = results.atomic_write_npz(out_dir / results.shard_name(i), {
+                        "index": indices.astype(np.int64), "length": lengths[indices],
+                        "run_hash": np.array(manifest["hash"]), "manifest": embedded, **arrays})
+                    _record_checksums(out_dir, {path.name: results.file_sha256(path)})
+                    computed.append(i)
+                finally:
+                    lock.release()
+            queue = []
+            for i, lock in busy:
+                if finished(i):
+                    by_others.append(i)
+                    bar.update(len(shard_prompts(i)))
+                else:
+                    queue.append(i)
+            if queue:
+                if not told:
+                    print(f"jpatch bulk: waiting for {len(queue)} shard(s) another run is computing (e.g. "
+                          f"{lock.path.name}: {lock.describe()})", file=sys.stderr)
+                    told = True
+                time.sleep(0.5)
     finally:
         bar.close()
+    if unrecorded:
+        _record_checksums(out_dir, unrecorded)
     if undefined:
         warnings.warn(
             f"the metric was undefined (not finite) for {len(undefined)} prompt(s), stored as NaN: dataset line(s) "
             f"{sorted(undefined)[:MAX_ERRORS]}", RuntimeWarning, stacklevel=2
         )
-    return BulkRun(out_dir, n, n_shards, todo, done, process_index, process_count, sorted(undefined))
-
-
-def _check_shard(path, expected_hash):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            stored = str(z["run_hash"])
-    except Exception as e:
-        raise ValueError(f"cannot read shard {path} ({type(e).__name__}: {e}); delete it to recompute it") from e
-    if stored != expected_hash:
-        raise ValueError(f"shard {path} belongs to another run (its hash differs from the manifest)")
+    return BulkRun(out_dir, n, n_shards, computed, sorted(done + by_others), process_index, process_count,
+                   sorted(undefined))
 
 
 # --- command line -------------------------------------------------------------------------
@@ -674,27 +794,44 @@ def add_arguments(parser):
     parser.add_argument("--noise-scale", type=float, default=3.0, help="noise std = scale x embedding std (default: 3)")
     parser.add_argument("--noise-std", type=float, default=None,
                         help="embedding std (default: measured over the dataset's key tokens)")
-    parser.add_argument("--dtype", default="float32", help="the weights' dtype for the sweep: float32 (default) or "
-                        "bfloat16 (half the memory; attention and logits still accumulate in float32)")
+    parser.add_argument("--dtype", default="float32", help=f"the weights' dtype: {' | '.join(DTYPES)} (default: "
+                        "float32; bfloat16 halves the memory, attention and logits still accumulate in float32)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (TPU pod slices, SLURM / GPU clusters)")
     parser.add_argument("--process-index", type=int, default=None, help="this process's share without jax.distributed")
     parser.add_argument("--process-count", type=int, default=None, help="number of processes sharing --out")
+    parser.add_argument("--manifest-timeout", type=float, default=600.0,
+                        help="seconds a process other than 0 waits for process 0's manifest (default: 600)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(args):
-    """Run `jpatch bulk` from parsed `args`; returns the exit status."""
-    if args.distributed:
-        jax.distributed.initialize()
+    """Run `jpatch bulk` from parsed `args`; returns the exit status (refusals: `jpatch.cli.Fail`, status 2)."""
     from jpatch.checkpoint import load
+    from jpatch.cli import Fail
 
     if (args.process_index is None) != (args.process_count is None):
-        raise SystemExit("--process-index and --process-count go together")
+        raise Fail("jpatch bulk: --process-index and --process-count go together")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise Fail(f"jpatch bulk: unknown --dtype {args.dtype!r}; valid: {', '.join(DTYPES)}")
+    if args.distributed:
+        try:
+            jax.distributed.initialize()
+        except Exception as e:  # jax raises ValueError / RuntimeError / XlaRuntimeError here
+            raise Fail(f"jpatch bulk: --distributed: jax.distributed.initialize() failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); it needs a cluster environment (TPU pod, "
+                       "SLURM, ...) or a coordinator address; without one use --process-index/--process-count") from None
     corruption, metric = args.corruption, args.metric
     try:
         resolve_sites(args.sites, args.window)
+        for name in ("window", "shard_size", "n_samples"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
+        if corruption == "noise":
+            _check_positive("--noise-scale", args.noise_scale)
+            if args.noise_std is not None:
+                _check_positive("--noise-std", args.noise_std)
         # Validate the data before loading weights, so a bad line is reported at once.
         dataset = read_dataset(args.data, corruption=corruption, metric=metric)
         model = load(args.model, dtype=args.dtype)
@@ -702,9 +839,10 @@ def main(args):
                          window=args.window, shard_size=args.shard_size, memory_budget=args.memory_budget,
                          seed=args.seed, n_samples=args.n_samples, noise_scale=args.noise_scale,
                          noise_std=args.noise_std, model_name=str(args.model), progress=not args.no_progress,
-                         process_index=args.process_index, process_count=args.process_count)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TimeoutError) as e:
-        raise SystemExit(f"jpatch bulk: {e}") from None
+                         process_index=args.process_index, process_count=args.process_count,
+                         manifest_timeout=args.manifest_timeout)
+    except (ValueError, OSError, TimeoutError) as e:
+        raise Fail(f"jpatch bulk: {e}") from None
     part = f"process {run.process_index}/{run.process_count}: " if run.process_count > 1 else ""
     print(f"{part}{len(run.computed)} shard(s) computed, {len(run.skipped)} already done, in {run.out_dir}")
     if run.complete:
@@ -720,6 +858,6 @@ def main(args):
 
 
 if __name__ == "__main__":  # python -m jpatch.bulk ...
-    import argparse
+    from jpatch import cli
 
-    sys.exit(main(add_arguments(argparse.ArgumentParser(prog="jpatch bulk")).parse_args()))
+    sys.exit(cli.main(["bulk", *sys.argv[1:]]))

@@ -14,8 +14,30 @@ CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
 DIRECTIONS = ("denoise", "noise")
 
 
+class Fail(SystemExit):
+    """A refused command: one `jpatch: ...` line on stderr and exit status 2, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message if message.startswith("jpatch") else f"jpatch: {message}"
+
+    def __str__(self):
+        return self.message
+
+
+# Errors that describe a bad setting or path (raised by the library's checks): reported as one line.
+USER_ERRORS = (ValueError, OSError, TimeoutError)
+
+
 def _choice_error(what, value, valid):
-    return SystemExit(f"jpatch: unknown {what} {value!r}; valid: {', '.join(valid)}")
+    return Fail(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def check_at_least(minimum, **options):
+    """Refuse any option (given as name=value, "_" for "-") below `minimum`."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            raise Fail(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
 
 
 def load_task(name, n_prompts, seed):
@@ -28,7 +50,7 @@ def load_task(name, n_prompts, seed):
     try:
         task = get_task(name, **kw)
     except ValueError as e:
-        raise SystemExit(f"jpatch: {e}") from None
+        raise Fail(str(e)) from None
     if isinstance(task, list):
         task = combine(task, name)
     return task.select(slice(0, n_prompts)) if len(task) > n_prompts else task
@@ -69,7 +91,7 @@ def load_model(name):
     try:
         return jpatch.load(name)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"jpatch: cannot load model {name!r}: {e}") from None
+        raise Fail(f"cannot load model {name!r}: {e}") from None
 
 
 def top_components(result, axes, tokens=None, k=8):
@@ -105,15 +127,16 @@ def longest_prompt_tokens(task):
     return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
 
 
-def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
-    """Write each sweep's result.npz + settings.json and heatmap into `out`, atomically:
-    into out/<name>/ and out/<name>.png, or straight into `out` for a single sweep named ""."""
+def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind):
+    """Write each sweep's result.npz + settings.json and heatmap into `out` (a jpatch `kind`
+    output), atomically: into out/<name>/ and out/<name>.png, or straight into `out` for a
+    single sweep named ""."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
     from jpatch.results import save_result
 
     tokens = longest_prompt_tokens(task)
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, kind=kind) as tmp:
         for name, (site, axes, result) in sweeps.items():
             save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)},
                         overwrite=not name)
@@ -125,7 +148,19 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
     return Path(out)
 
 
+def check_out(out, overwrite, kind):
+    """Refuse an output folder jpatch may not write, before any work."""
+    from jpatch.checkpoint import check_target
+
+    try:
+        check_target(out, overwrite, kind=kind)
+    except (FileExistsError, OSError) as e:
+        raise Fail(str(e).replace("pass overwrite=True (command line: --overwrite)", "pass --overwrite")) from None
+
+
 def cmd_demo(args):
+    check_at_least(1, n_prompts=args.n_prompts)
+    check_out(args.out, True, "demo")  # replaces only an earlier demo output
     model = load_model(args.model)
     task = load_task("ioi", args.n_prompts, args.seed)
     tokens = longest_prompt_tokens(task)
@@ -145,7 +180,7 @@ def cmd_demo(args):
         print(f"\ntop {site} components ({' x '.join(axes)}):")
         print("\n".join(top_components(result, axes, tokens)))
     settings = {"model": args.model, "task": "ioi", "n_prompts": len(task), **common}
-    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True)
+    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True, kind="demo")
     print(f"\n{sum(np.prod(r.shape) for _, _, r in sweeps.values())} patches in {elapsed:.1f} s; "
           f"heatmaps and results in {out}/")
 
@@ -160,8 +195,13 @@ def cmd_sweep(args):
     try:
         site = sites.canonical(args.site)
     except KeyError as e:
-        raise SystemExit(f"jpatch: {e.args[0]}") from None
-    axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+        raise Fail(e.args[0]) from None
+    check_at_least(1, window=args.window, n_prompts=args.n_prompts, noise_samples=args.noise_samples)
+    try:
+        axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+    except (KeyError, ValueError) as e:
+        raise Fail(f"--site {args.site}: {e.args[0]}") from None
+    check_out(args.out, args.overwrite, "sweep")
     model = load_model(args.model)
     task = load_task(args.task, args.n_prompts, args.seed)
     try:
@@ -169,13 +209,13 @@ def cmd_sweep(args):
                            direction=args.direction, window=args.window, noise_samples=args.noise_samples,
                            seed=args.seed)
     except (ValueError, FloatingPointError) as e:
-        raise SystemExit(f"jpatch: {e}") from None
+        raise Fail(str(e)) from None
     print(f"{site} over {' x '.join(axes)}: top components")
     print("\n".join(top_components(result, axes, longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples}
-    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite)
+    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite, "sweep")
     print(f"results in {out}/")
 
 
@@ -185,7 +225,8 @@ def cmd_convert(args):
     try:
         out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError) as e:
-        raise SystemExit(f"jpatch convert: {e}") from None
+        raise Fail(f"jpatch convert: {e}".replace("pass overwrite=True (command line: --overwrite)",
+                                                  "pass --overwrite")) from None
     print(f"converted {args.src} -> {out}")
 
 
@@ -211,7 +252,8 @@ def build_parser():
                                       "outputs (layer x head) with symmetric token replacement and normalized "
                                       "logit difference; print the top components and write heatmaps.")
     demo.add_argument("--model", default="toy", help="a folder or a name under weights/ (default: toy)")
-    demo.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
+    demo.add_argument("--out", default="results/demo",
+                      help="output folder (default: results/demo); replaces only an earlier demo output")
     demo.add_argument("--n-prompts", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
@@ -247,7 +289,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        fail = Fail(f"jpatch {args.command}: {e}")
+    except Fail as e:
+        fail = e
+    print(fail, file=sys.stderr)
+    raise fail
 
 
 if __name__ == "__main__":

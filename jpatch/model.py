@@ -36,6 +36,15 @@ class GPT2Config:
     activation: str = "gelu_new"
 
     def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GPT2Config {name} must be an integer >= 1, got {value!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < math.inf:
+            raise ValueError(f"GPT2Config layer_norm_eps must be a finite number > 0, got {eps!r}")
+        if not isinstance(self.activation, str):
+            raise ValueError(f"GPT2Config activation must be a string, got {self.activation!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:

@@ -25,6 +25,7 @@ from jpatch.metrics import from_callable
 
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MEMORY_BUDGET = 4 << 30
+MANY_COMPILES = 8  # more patch groups than this (a tiny memory budget) is warned about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +59,13 @@ class Run:
 
 
 def as_run(x, what):
-    if isinstance(x, Run):
-        return x
-    tokens = np.asarray(x)
+    run = x if isinstance(x, Run) else None
+    tokens = np.asarray(x.tokens if run else x)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{what} must be [batch, pos] token ids or a Run, got shape {tokens.shape} {tokens.dtype}")
-    return Run(tokens)
+    if 0 in tokens.shape:
+        raise ValueError(f"{what} holds no tokens (shape {tokens.shape}): need at least one prompt of at least one token")
+    return run or Run(tokens)
 
 
 # name -> (site, axes of the result); TransformerLens 3.9's patching functions.
@@ -216,6 +218,10 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
     # At most one group per patch: more would leave groups empty.
     groups = max(1, min(len(patches), math.ceil(per_prompt * (N if scalar else 1) / memory_budget)))
+    if groups > MANY_COMPILES:
+        warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, compiled "
+                      f"one by one (slow); {per_prompt * (N if scalar else 1)} bytes would need one",
+                      RuntimeWarning, stacklevel=3)
     chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
     if not scalar and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
@@ -419,6 +425,14 @@ def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     return dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
 
 
+def check_memory_budget(memory_budget):
+    """Refuse a memory budget that is not a positive number of bytes (0 would divide by zero)."""
+    if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, np.number))
+            or not 0 < memory_budget < math.inf):
+        raise ValueError(f"memory_budget must be a positive number of bytes (e.g. 4 << 30), got {memory_budget!r}")
+    return memory_budget
+
+
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
           heads=None, prompt_positions=None, axes=None, per_prompt=False, attention_mask=None,
           memory_budget=DEFAULT_MEMORY_BUDGET, progress=True, skip_layers=True, skip_positions=True, devices=None,
@@ -441,7 +455,9 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     check_finite: raise FloatingPointError naming the first patch whose value is not finite
     (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
     """
-    site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
+    # a full name ("blocks.0.hook_resid_pre") is its site's sweep; its layer must exist (KeyError)
+    site = sites.parse(site, model.config.n_layer)[0] if site.startswith("blocks.") else sites.canonical(site)
+    check_memory_budget(memory_budget)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")

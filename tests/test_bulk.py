@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,14 +222,18 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(model, data7, tmp_p
     mtimes = {p.name: p.stat().st_mtime_ns for p in written}
     with pytest.raises(FileNotFoundError, match="incomplete.*shard-00003.npz"):
         load_result(out)
-    stale = out / ".shard-00003.npz.tmp-999-deadbeef"  # as a writer killed mid-write leaves it
+    # as the killed writer leaves it (host, pid, start ticks in the name), and one of a live process
+    stale = out / f".shard-00003.npz.tmp-{socket.gethostname()}-{child.pid}-1-deadbeef"
     stale.write_bytes(b"partial")
+    live = out / f".shard-00003.npz.tmp-{socket.gethostname()}-{os.getppid()}-None-cafef00d"
+    live.write_bytes(b"someone else's")
 
     resumed = bulk_sweep(model, data7, "resid_pre", "str", "logit-diff", out, shard_size=2, progress=False)
     assert resumed.skipped == [int(n[6:11]) for n in mtimes]
     assert sorted(resumed.computed + resumed.skipped) == [0, 1, 2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in written} == mtimes, "finished shards were rewritten"
-    assert not stale.exists()
+    assert not stale.exists() and live.read_bytes() == b"someone else's"
+    live.unlink()
     again = bulk_sweep(model, data7, "resid_pre", "str", "logit-diff", out, shard_size=2, progress=False)
     assert again.computed == [] and again.skipped == [0, 1, 2, 3]
 
@@ -375,10 +380,14 @@ def test_cli_main(model, data7, tmp_path, capsys):
 
 
 def test_undefined_metric_is_stored_as_nan_with_a_warning(model, tmp_path):
-    # zero noise: the corrupted run is the clean run, so a normalized logit difference is 0 / 0
+    # noise below float32 resolution: the corrupted run is the clean run, so a normalized logit
+    # difference is 0 / 0 (noise_std=0 itself is refused before anything is written)
     data = write_jsonl(tmp_path / "d.jsonl", examples(3))
+    with pytest.raises(ValueError, match="noise_std must be a finite number > 0, got 0.0"):
+        bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", noise_std=0.0, progress=False)
+    assert not (tmp_path / "out").exists()
     with pytest.warns(RuntimeWarning, match=r"undefined .* for 3 prompt\(s\), stored as NaN: dataset line\(s\) \[1, 2, 3\]"):
-        run = bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", n_samples=1, noise_std=0.0,
+        run = bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", n_samples=1, noise_std=1e-30,
                          progress=False)
     assert run.undefined_lines == [1, 2, 3]
     assert np.isnan(load_result(run.out_dir)["resid_pre"]).all()

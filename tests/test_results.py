@@ -18,7 +18,7 @@ SETTINGS = {"model": "gpt2", "task": "ioi", "site": "resid_pre", "corruption": "
 def test_save_and_load_a_sweep(tmp_path):
     arrays = {"resid_pre": np.arange(6, dtype=np.float32).reshape(2, 3), "attn.hook_z": np.ones((2, 4))}
     out = save_result(tmp_path / "a" / "b", arrays, SETTINGS)
-    assert sorted(p.name for p in out.iterdir()) == ["result.npz", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".jpatch-output.json", "result.npz", "settings.json"]
     loaded = load_result(out)
     assert loaded.kind == "sweep" and set(loaded.keys()) == set(arrays)
     for name, a in arrays.items():

@@ -222,11 +222,10 @@ def read_jsonl(path):
     malformed JSON, prompt pairs of unequal token lengths, answers that are not one
     token, key positions out of range); this adds the optional "last_key_position".
     """
-    from jpatch.bulk import read_dataset
+    from jpatch.bulk import jsonl_records, read_dataset
 
     dataset = read_dataset(path)
-    with open(path, encoding="utf-8") as f:
-        lines = {n: json.loads(line) for n, line in enumerate(f, 1) if line.strip()}
+    lines = {n: json.loads(raw.decode("utf-8", errors="replace")) for n, raw in jsonl_records(path) if raw.strip()}
     examples = []
     for ex in dataset.examples:
         raw, keys = lines[ex.line], list(ex.key_positions)
@@ -251,18 +250,19 @@ TASKS = {"ioi": ioi_task, "factual": factual_task, "greater-than": greater_than_
 
 def _sniff(path):
     """'pairs' for a paired-facts file, 'examples' for a `to_jsonl` file."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(first, dict) and "pair" in first:
-                    return "pairs"
-                if isinstance(first, dict) and "clean" in first:
-                    return "examples"
+    from jpatch.bulk import jsonl_records
+
+    for _, line in jsonl_records(path):
+        if line.strip():
+            try:
+                first = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 break
+            if isinstance(first, dict) and "pair" in first:
+                return "pairs"
+            if isinstance(first, dict) and "clean" in first:
+                return "examples"
+            break
     raise ValueError(f"{path}: not a paired-facts file ({{\"pair\": [...], \"answer\": [...]}} per line) "
                      f"nor a task file ({{\"clean\": ..., \"corrupted\": ..., ...}} per line)")
 
