@@ -147,7 +147,7 @@ def check_out(out, overwrite, kind):
 
     try:
         check_target(out, overwrite, kind=kind)
-    except (FileExistsError, OSError) as e:
+    except OSError as e:
         raise Fail(str(e).replace("pass overwrite=True (command line: --overwrite)", "pass --overwrite")) from None
 
 
