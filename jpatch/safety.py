@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 MARKER = ".jpatch-output.json"
+OVERWRITE_HINT = "pass overwrite=True"  # the command line says "pass --overwrite" (jpatch.cli.cli_message)
 _TMP_KINDS = ("tmp", "old")
 UNREADABLE_LOCK_AGE = 60.0  # seconds after which a lock file that holds no owner counts as stale
 
@@ -176,8 +177,7 @@ def check_output(out_dir, kind, overwrite=False, *, inputs=()):
         raise FileExistsError(f"{out_dir} holds files jpatch did not write there ({_listing(extra)}); "
                               "move them away or choose another folder")
     if not overwrite:
-        raise FileExistsError(f"{out_dir} holds a previous jpatch {kind} output; pass overwrite=True "
-                              "(command line: --overwrite) to replace it")
+        raise FileExistsError(f"{out_dir} holds a previous jpatch {kind} output; {OVERWRITE_HINT} to replace it")
     return out_dir
 
 
