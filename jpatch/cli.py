@@ -29,6 +29,13 @@ class Fail(SystemExit):
 USER_ERRORS = (ValueError, OSError, TimeoutError)
 
 
+def cli_message(error):
+    """An API error's text in command-line words."""
+    from jpatch.safety import OVERWRITE_HINT
+
+    return str(error).replace(OVERWRITE_HINT, "pass --overwrite")
+
+
 def _choice_error(what, value, valid):
     return Fail(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
@@ -154,8 +161,8 @@ def check_out(out, overwrite, kind):
 
     try:
         check_target(out, overwrite, kind=kind)
-    except (FileExistsError, OSError) as e:
-        raise Fail(str(e).replace("pass overwrite=True (command line: --overwrite)", "pass --overwrite")) from None
+    except OSError as e:
+        raise Fail(cli_message(e)) from None
 
 
 def cmd_demo(args):
@@ -225,8 +232,7 @@ def cmd_convert(args):
     try:
         out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError) as e:
-        raise Fail(f"jpatch convert: {e}".replace("pass overwrite=True (command line: --overwrite)",
-                                                  "pass --overwrite")) from None
+        raise Fail(f"jpatch convert: {cli_message(e)}") from None
     print(f"converted {args.src} -> {out}")
 
 
@@ -292,7 +298,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        fail = Fail(f"jpatch {args.command}: {e}")
+        fail = Fail(f"jpatch {args.command}: {cli_message(e)}")
     except Fail as e:
         fail = e
     print(fail, file=sys.stderr)

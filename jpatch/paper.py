@@ -814,7 +814,9 @@ def main(args):
                          ioi_split=args.ioi_split, seed=args.seed, overwrite=args.overwrite,
                          progress=not args.quiet)
     except (OSError, ValueError) as e:
-        message = str(e).replace("pass overwrite=True (command line: --overwrite)", "pass --overwrite")
+        from jpatch.cli import cli_message
+
+        message = cli_message(e)
         message = re.sub(r"\b(n_prompts|n_factual|noise_samples|noise_scale|window|ioi_split)\b",
                          lambda m: "--" + m.group(1).replace("_", "-"), message, count=1)
         print(f"jpatch paper: {message}", file=sys.stderr)

@@ -18,12 +18,14 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
 from pathlib import Path
 
 MARKER = ".jpatch-output.json"
+OVERWRITE_HINT = "pass overwrite=True"  # the command line says "pass --overwrite" (jpatch.cli.cli_message)
 _TMP_KINDS = ("tmp", "old")
 UNREADABLE_LOCK_AGE = 60.0  # seconds after which a lock file that holds no owner counts as stale
 
@@ -76,29 +78,29 @@ def tmp_name(name, kind="tmp"):
 
 
 def _tmp_owner(path, name):
-    """The owner encoded in a `tmp_name`, or None when `path` is not one of ours."""
+    """(kind, owner) encoded in a `tmp_name`, or None when `path` is not one of ours."""
     for kind in _TMP_KINDS:
         prefix = f".{name}.{kind}-"
         if path.name.startswith(prefix):
             parts = path.name[len(prefix):].rsplit("-", 3)
             if len(parts) == 4 and parts[1].isdigit():
                 ticks = int(parts[2]) if parts[2].isdigit() else None
-                return {"host": parts[0], "pid": int(parts[1]), "ticks": ticks}
+                return kind, {"host": parts[0], "pid": int(parts[1]), "ticks": ticks}
     return None
 
 
 def remove_stale(folder, name):
     """Remove the temporaries beside `folder/name` left by dead processes of this host; returns them."""
-    import shutil
-
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for path in folder.iterdir():
-        who = _tmp_owner(path, name)
-        if who is None or is_alive(who) is not False:
+        found = _tmp_owner(path, name)
+        if found is None or is_alive(found[1]) is not False:
             continue
+        if found[0] == "old" and not (folder / name).exists():
+            continue  # killed between moving the old folder aside and renaming the new one in: the only copy
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -175,8 +177,7 @@ def check_output(out_dir, kind, overwrite=False, *, inputs=()):
         raise FileExistsError(f"{out_dir} holds files jpatch did not write there ({_listing(extra)}); "
                               "move them away or choose another folder")
     if not overwrite:
-        raise FileExistsError(f"{out_dir} holds a previous jpatch {kind} output; pass overwrite=True "
-                              "(command line: --overwrite) to replace it")
+        raise FileExistsError(f"{out_dir} holds a previous jpatch {kind} output; {OVERWRITE_HINT} to replace it")
     return out_dir
 
 
