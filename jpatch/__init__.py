@@ -26,6 +26,8 @@ from jpatch.model import GPT2, GPT2Config, Cache, Override, override_from_cache 
 from jpatch.checkpoint import load, save  # noqa: E402
 from jpatch.convert import convert_hf  # noqa: E402
 from jpatch.patching import Run, sweep  # noqa: E402
+from jpatch.padding import pad  # noqa: E402
+from jpatch.aggregate import SweepResult  # noqa: E402
 from jpatch import metrics, patching, sites  # noqa: E402
 from jpatch.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.results import load_result  # noqa: E402

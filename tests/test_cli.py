@@ -106,3 +106,34 @@ def test_convert_then_load_gives_transformers_logits(hf_tiny, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such checkpoint directory: .*missing"):
         cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "jp2")])
     assert not (tmp_path / "jp2").exists()
+
+
+def test_sweep_task_file_sweeps_every_prompt_of_every_length(model_dir, tmp_path):
+    """A dataset file with prompts of two token lengths: every prompt is swept (padded together), and
+    the saved aggregate is the normalized mean over the prompts reaching each position, built here
+    from library sweeps of each length on its own."""
+    import json as _json
+
+    from jpatch.tasks import factual_task
+
+    buckets = [t.select(slice(0, 2)) for t in factual_task()[:2]]
+    assert buckets[0].seq_len != buckets[1].seq_len
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(_json.dumps(ex) + "\n" for t in buckets for ex in t.examples()))
+    out = tmp_path / "s"
+    cli.main(["sweep", "--model", model_dir, "--task", str(data), "--site", "resid_pre", "--out", str(out)])
+    saved = jpatch.load_result(out)
+    assert saved.settings["n_prompts"] == 4
+    model = jpatch.load(model_dir)
+    parts = [jpatch.sweep(model, t.clean_tokens, t.corrupted_tokens, "resid_pre", t.metric(), progress=False)
+             for t in buckets]
+    T = max(t.seq_len for t in buckets)
+    raw = np.concatenate([np.pad(p.raw, [(0, 0), (0, 0), (0, T - p.raw.shape[-1])], constant_values=np.nan)
+                          for p in parts])
+    clean = np.concatenate([p.clean_per_prompt for p in parts])
+    corrupted = np.concatenate([p.corrupted_per_prompt for p in parts])
+    reach = ~np.isnan(raw)
+    mean = lambda a: np.where(reach, a, 0).sum(0) / reach.sum(0)
+    expected = (mean(raw) - mean(corrupted[:, None, None] + 0 * raw)) / (
+        mean(clean[:, None, None] + 0 * raw) - mean(corrupted[:, None, None] + 0 * raw))
+    np.testing.assert_allclose(saved["result"], expected, atol=1e-4)
