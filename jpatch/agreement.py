@@ -76,7 +76,8 @@ def scatter(estimate, exact, *, title=None, label="metric"):
     return fig
 
 
-def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direction="denoise"):
+def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direction="denoise",
+                   attention_mask=None):
     """Exact effect (normalized as `sweep`) of patching every component in each subset at once.
 
     chosen: a list of boolean arrays over the sweep's grid (its shape over `axes`)."""
@@ -91,15 +92,16 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
         raise ValueError("the subset diagnostic takes runs of a single sample")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     attribution._check_base(base)
-    metric = patching.checked_metric(metric, model.config.d_vocab)
     N, T = clean.tokens.shape
-    data = metric.batch_data(N)
-    clean_logits = patching.read_logits(model, clean, metric)
-    score = lambda run, overrides=None: np.asarray(metric.score(
-        model(run.tokens, overrides={**run.overrides, **(overrides or {})}, logits_at=metric.read_positions(N, T)),
-        clean_logits, data))
+    mask = patching.batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    metric = patching.prepare_metric(metric, model.config.d_vocab, N, T, mask)
+    data, read = metric.batch_data(N), metric.read_positions(N, T)
+    run = lambda r, overrides=None: model(r.tokens, overrides={**r.overrides, **(overrides or {})},
+                                          attention_mask=mask, logits_at=read)
+    clean_logits = run(clean)
+    score = lambda r, overrides=None: np.asarray(metric.score(run(r, overrides), clean_logits, data))
     clean_score, corrupted_score = score(clean), score(corrupted)
-    _, cache = model.run_with_cache(source.tokens, overrides=source.overrides)
+    _, cache = model.run_with_cache(source.tokens, overrides=source.overrides, attention_mask=mask)
     value = cache.stacked(site)
     names = attribution._DIMS[site]  # the activation's layout, with "row" for prompts
     base_score = score(base)
@@ -108,19 +110,19 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     unpatched = metric.compare(base_score, clean_score, corrupted_score)
     effects = []
     for grid_mask in chosen:
-        mask = np.zeros([value.shape[i] if n != "row" else 1 for i, n in enumerate(names)], bool)
+        select = np.zeros([value.shape[i] if n != "row" else 1 for i, n in enumerate(names)], bool)
         for index in np.argwhere(grid_mask):
             at = dict(zip(axes, index))
-            mask[tuple(at.get(n, slice(None)) if n != "row" else 0 for n in names)] = True
+            select[tuple(at.get(n, slice(None)) if n != "row" else 0 for n in names)] = True
         if site != "attn.hook_pattern":
-            mask = mask[..., None]  # the feature axis
-        raw = np.mean(score(base, {site: Override(value, jnp.asarray(mask))}))
+            select = select[..., None]  # the feature axis
+        raw = np.mean(score(base, {site: Override(value, jnp.asarray(select))}))
         effects.append(float(metric.compare(raw, clean_score, corrupted_score) - unpatched))
     return np.array(effects)
 
 
 def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direction="denoise", axes=None,
-                  diagnostic=0, top=None, seed=0):
+                  diagnostic=0, top=None, seed=0, attention_mask=None):
     """Run `attribute` and the exact `sweep`; their agreement, and with diagnostic=K the exact
     effect of K random subsets (a tenth of the rest each) of the components outside the
     estimate's top set (default: 5% of the components). Returns (estimate, exact, report)."""
@@ -128,8 +130,9 @@ def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direct
 
     axes = tuple(axes or patching.default_axes(site))
     estimate = attribution.attribute(model, clean, corrupted, site, metric, method=method, direction=direction,
-                                     axes=axes)
-    exact = patching.sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False)
+                                     axes=axes, attention_mask=attention_mask)
+    exact = patching.sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False,
+                           attention_mask=attention_mask)
     report = {"site": site, "method": method, "direction": direction, "axes": list(axes),
               **agreement(estimate, exact, axes)}
     if diagnostic:
@@ -143,7 +146,8 @@ def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direct
             grid = np.zeros(n, bool)
             grid[rng.choice(rest, size, replace=False)] = True
             chosen.append(grid.reshape(estimate.shape))
-        effects = subset_effects(model, clean, corrupted, site, metric, axes, chosen, direction=direction)
+        effects = subset_effects(model, clean, corrupted, site, metric, axes, chosen, direction=direction,
+                                 attention_mask=attention_mask)
         report["diagnostic"] = {"outside_top": top, "subsets": int(diagnostic), "subset_size": size,
                                 "max_abs_effect": float(np.abs(effects).max()), "effects": effects.tolist()}
     return estimate, exact, report
@@ -201,44 +205,48 @@ def main(args):
     if args.corruption not in cli.CORRUPTIONS:
         raise cli._choice_error("corruption", args.corruption, cli.CORRUPTIONS)
     if args.diagnostic and not args.compare_exact:
-        raise SystemExit("jpatch: --diagnostic needs --compare-exact")
+        raise cli.Fail("--diagnostic needs --compare-exact")
+    cli.check_at_least(1, n_prompts=args.n_prompts, noise_samples=args.noise_samples)
+    cli.check_at_least(0, diagnostic=args.diagnostic)
     try:
         site = sites.canonical(args.site)
-    except KeyError as e:
-        raise SystemExit(f"jpatch: {e.args[0]}") from None
-    axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+        axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+    except (KeyError, ValueError) as e:
+        raise cli.Fail(f"--site {args.site}: {e.args[0]}") from None
     cli.check_out(args.out, args.overwrite, "attribute")
     model = cli.load_model(args.model)
     task = cli.load_task(args.task, args.n_prompts, args.seed)
     corrupted = cli.make_corruption(model, task, args.corruption, site, noise_samples=args.noise_samples,
                                     seed=args.seed)
     metric = cli.make_metric(task, args.metric)
+    clean = task.clean_tokens
     try:
         if args.compare_exact:
-            estimate, exact, report = compare_exact(model, task.clean_tokens, corrupted, site, metric,
-                                                    method=args.method, direction=args.direction, axes=axes,
-                                                    diagnostic=args.diagnostic, seed=args.seed)
+            estimate, exact, report = compare_exact(model, clean, corrupted, site, metric, method=args.method,
+                                                    direction=args.direction, axes=axes,
+                                                    diagnostic=args.diagnostic, seed=args.seed,
+                                                    attention_mask=task.attention_mask)
         else:
-            estimate = attribution.attribute(model, task.clean_tokens, corrupted, site, metric, method=args.method,
-                                             direction=args.direction, axes=axes)
+            estimate = attribution.attribute(model, clean, corrupted, site, metric, method=args.method,
+                                             direction=args.direction, axes=axes, attention_mask=task.attention_mask)
     except (ValueError, FloatingPointError) as e:
-        raise SystemExit(f"jpatch: {e}") from None
-    tokens = cli.longest_prompt_tokens(task)
+        raise cli.Fail(cli.cli_message(e)) from None
     print(f"{site} over {' x '.join(axes)}, {args.method} estimate: top components")
-    print("\n".join(cli.top_components(estimate, axes, tokens)))
+    print("\n".join(cli.top_components(estimate, axes, cli.longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": 1, "seed": args.seed,
                 "noise_samples": args.noise_samples, "method": args.method}
-    sweeps = {"estimate": (site, axes, estimate)}
-    if args.compare_exact:
-        sweeps["exact"] = (site, axes, exact)
-    def write_report(folder):
-        (folder / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
-        fig = scatter(estimate, exact, title=f"{args.model} | {site} | {args.method} vs exact", label=args.metric)
-        plot.save(fig, folder / "scatter.png")
+    sweeps = {"estimate": (site, axes, np.asarray(estimate))}
 
-    out = cli.write_sweeps(args.out, args.model, task, sweeps, settings, args.overwrite, "attribute",
-                           extra=write_report if args.compare_exact else None)
+    def extra(folder):
+        if args.compare_exact:
+            (folder / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
+            fig = scatter(estimate, exact, title=f"{args.model} | {site} | {args.method} vs exact",
+                          label=args.metric)
+            plot.save(fig, folder / "scatter.png")
+
     if args.compare_exact:
+        sweeps["exact"] = (site, axes, np.asarray(exact))
         print(format_report(report))
+    out = cli.write_sweeps(args.out, args.model, task, sweeps, settings, args.overwrite, "attribute", extra=extra)
     print(f"results in {out}/")

@@ -24,7 +24,6 @@ methods: "atp", "atp-qk" (the QK fix alone: signed, comparable with `sweep`),
 "atp*" (QK fix and GradDrop: non-negative sizes).
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -33,8 +32,9 @@ import numpy as np
 
 from jpatch import sites
 from jpatch.model import apply_override, causal_attention
-from jpatch.patching import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, SWEEPS, as_run, checked_metric, default_axes,
-                             make_patches)
+from jpatch.patching import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, SWEEPS, _prompt_lengths, applies, as_run,
+                             batch_mask, check_memory_budget, default_axes, finish, make_patches, prepare_metric,
+                             sweep_site)
 
 METHODS = ("atp", "atp-qk", "atp*")
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
@@ -224,23 +224,6 @@ def _check_base(base):
             "hook_embed / hook_pos_embed. Use such a run as the source of patched values: direction='noise'")
 
 
-def _check_mask(attention_mask, shape):
-    """A right-padding mask [batch, pos] of 0/1 with at least one real token per prompt; its lengths."""
-    mask = np.asarray(attention_mask)
-    if mask.shape != shape:
-        raise ValueError(f"attention_mask must have the tokens' shape {shape}, got {mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (real token) only")
-    lengths = mask.sum(1).astype(int)
-    if (lengths == 0).any():
-        raise ValueError(f"attention_mask: prompt {int(np.argmin(lengths))} has no real token")
-    if (mask != (np.arange(shape[1]) < lengths[:, None])).any():
-        bad = int(np.argmax((mask != (np.arange(shape[1]) < lengths[:, None])).any(1)))
-        raise ValueError(f"attention_mask: prompt {bad} is not right-padded (real tokens first, then padding); "
-                         "attribution supports right padding only")
-    return lengths
-
-
 def take_rows(tree, rows_slice, rows):
     """The rows `rows_slice` of every array in `tree` whose leading axis has `rows` entries."""
     return jax.tree_util.tree_map(lambda a: a[rows_slice] if np.ndim(a) and np.shape(a)[0] == rows else a, tree)
@@ -259,21 +242,21 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
               per_prompt=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
     """The attribution-patching estimate of `sweep(model, clean, corrupted, site, metric, ...)`.
 
-    Same arguments, grid axes, shape and normalization as `jpatch.sweep`: [*grid] (mean
-    over prompts) or [batch, *grid] when per_prompt. method: "atp" (first order), "atp-qk"
-    (AtP*'s QK fix for q / k, exact through the softmax), "atp*" (QK fix and GradDrop:
-    non-negative sizes (1/(L-1)) sum_l |delta_l|, in the metric's units; for a "range"
-    metric divided by |clean - corrupted|). Every layer, prompt and noise sample comes from
-    one compiled call (two forwards, one backward; "atp*": n_layer backward passes, vmapped).
-    attention_mask [batch, pos]: right padding; the metric reads each prompt's last real
-    token (unless it names positions) and position axes are NaN past a prompt's end (per
-    prompt) or past every prompt's end (the mean, where a padded position has no effect).
-    memory_budget (bytes): prompts are split into chunks that fit it (one call per chunk;
-    a metric that is one number for the whole batch is never split).
+    Same arguments, grid axes, shape, normalization and aggregate as `jpatch.sweep` (a
+    `SweepResult`: [*grid], the normalized mean over prompts, or [batch, *grid] per prompt),
+    right-padded prompts with `attention_mask` included (NaN past a prompt's end).
+    method: "atp" (first order), "atp-qk" (AtP*'s QK fix for q / k, exact through the
+    softmax), "atp*" (QK fix and GradDrop: non-negative sizes (1/(L-1)) sum_l |delta_l| in
+    the metric's units, for a "range" metric divided by |clean - corrupted|; a plain array).
+    Every layer, prompt and noise sample comes from one compiled call (two forwards, one
+    backward; "atp*": n_layer backward passes, vmapped), or one per chunk of prompts when
+    they do not fit `memory_budget` (bytes; a metric that is one number for the whole
+    batch is never split).
     """
-    site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
+    site = sweep_site(site, model.config.n_layer)
     if site not in _DIMS:
         default_axes(site)  # raises: the site has no layers to sweep
+    check_memory_budget(memory_budget)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if direction not in DIRECTIONS:
@@ -285,30 +268,17 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
         raise ValueError(f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
                          f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape")
     axes = tuple(axes or default_axes(site))
-    metric = checked_metric(metric, model.config.d_vocab)
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
-    _, shape = make_patches(model.config, site, axes, T, S * B)  # validates the axes
-    lengths = None
-    if attention_mask is not None:
-        lengths = _check_mask(attention_mask, (B, T))
-        if metric.positions is None:
-            metric = dataclasses.replace(metric, positions=(lengths - 1)[:, None])
-        read = metric.read_positions(B, T)
-        if read is not None and (read >= lengths[:, None]).any():
-            p = int(np.argmax((read >= lengths[:, None]).any(1)))
-            raise ValueError(f"the metric reads prompt {p} at positions {read[p].tolist()}, past its "
-                             f"{lengths[p]} real tokens")
-    clean_rows = clean.tiled(S)
-    metric = dataclasses.replace(metric, data={k: np.tile(np.asarray(v), (S,) + (1,) * (np.ndim(v) - 1))
-                                                for k, v in metric.batch_data(B).items()})
-    if metric.positions is not None and not isinstance(metric.positions, str):
-        metric = dataclasses.replace(metric, positions=np.tile(metric.read_positions(B, T), (S, 1)))
-    base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    _check_base(base)
-    read_pos = metric.read_positions(S * B, T)
-    mask = None if attention_mask is None else jnp.asarray(np.tile(np.asarray(attention_mask), (S, 1)))
-    rows, data = S * B, metric.batch_data(S * B)
     cfg = model.config
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=cfg.d_vocab - 1)
+    lengths = np.tile(_prompt_lengths(mask, B, T), S)
+    metric = prepare_metric(metric, cfg.d_vocab, B, T, mask, S)
+    patches, shape = make_patches(cfg, site, axes, T, S * B)  # validates the axes
+    base, source = (corrupted, clean.tiled(S)) if direction == "denoise" else (clean.tiled(S), corrupted)
+    _check_base(base)
+    rows, data = S * B, metric.batch_data(S * B)
+    read_pos = metric.read_positions(rows, T)
+    mask = None if mask is None else jnp.asarray(np.tile(mask, (S, 1)).astype(np.int32))
     # Per prompt row: the activations the backward pass keeps (x n_layer for GradDrop's vmapped passes).
     row_bytes = 4 * cfg.n_layer * T * (16 * cfg.d_model + 4 * cfg.n_head * T) * (cfg.n_layer if method == "atp*" else 1)
     parts = [jax.device_get(_estimate_from_runs(
@@ -321,64 +291,35 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
     row_axis = 2 if method == "atp*" else 1  # [(drop,) layer, row, ...]
     delta = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=row_axis)
     base_score, clean_score, corrupted_score = (
-        np.concatenate([np.asarray(p[i]) for p in parts]) if len(parts) > 1 else parts[0][i] for i in (1, 2, 3))
-    if per_prompt and np.ndim(clean_score) == 0:
+        np.concatenate([np.asarray(p[i]) for p in parts]) if len(parts) > 1 else np.asarray(parts[0][i])
+        for i in (1, 2, 3))
+    if per_prompt and clean_score.ndim == 0:
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
-    result = _finish(to_grid(delta, site, axes), base_score, clean_score, corrupted_score,
-                     metric, S, B, per_prompt, magnitude=method == "atp*")
-    if lengths is not None:
-        result = _mask_positions(result, axes, lengths, per_prompt)
-    return result
+    return _result(delta, base_score, clean_score, corrupted_score, metric, site, patches, axes, shape, lengths,
+                   samples=S, per_prompt=per_prompt, magnitude=method == "atp*")
 
 
-def _finish(grid, base_score, clean_score, corrupted_score, metric, S, B, per_prompt, magnitude=False):
-    """Estimated raw scores -> the sweep's normalized result (see `patching.sweep`).
+def _result(delta, base_score, clean_score, corrupted_score, metric, site, patches, axes, shape, lengths, *,
+            samples=1, per_prompt=False, magnitude=False):
+    """Estimated changes -> estimated patched scores -> `patching.finish`, the sweep's own
+    aggregate (prompts where a patch does not apply, past a prompt's end, are left out).
 
-    grid [(drop,) *shape, rows]: per-row estimated changes of the metric; magnitude:
-    GradDrop sizes (1/(L-1)) sum_l |delta_l| instead of signed estimates."""
-    base_score, clean_score, corrupted_score = (np.asarray(a, np.float64) for a in (base_score, clean_score,
-                                                                                 corrupted_score))
-    scalar = clean_score.ndim == 0
-    if scalar:
+    magnitude: GradDrop sizes (1/(L-1)) sum_l |delta_l|, reported as |finish(base + size) -
+    finish(base)|: the size in the sweep's normalized units."""
+    grid = to_grid(delta, site, axes)  # [(drop,) *shape, rows]
+    grid = grid.reshape(grid.shape[: grid.ndim - len(shape) - 1] + (len(patches), -1))
+    scalar = np.ndim(clean_score) == 0
+    if scalar:  # one number for the whole batch: the rows' changes add up
         grid = grid.sum(-1)
     if magnitude:
         grid = np.abs(grid).sum(0) / max(grid.shape[0] - 1, 1)
-    if scalar:
-        if not magnitude:
-            return metric.compare(base_score + grid, clean_score, corrupted_score)
-        return grid / abs(clean_score - corrupted_score) if metric.normalize == "range" else grid
-    by_prompt = lambda a: a.reshape(a.shape[:-1] + (S, B)).mean(-2)
-    clean_score, corrupted_score = by_prompt(clean_score), by_prompt(corrupted_score)
-    if magnitude:  # sizes: mean over samples (and prompts), over |clean - corrupted| for "range"
-        size = by_prompt(grid)
-        if per_prompt:
-            scale = np.abs(clean_score - corrupted_score) if metric.normalize == "range" else 1.0
-            return np.moveaxis(size / scale, -1, 0)
-        scale = abs(clean_score.mean() - corrupted_score.mean()) if metric.normalize == "range" else 1.0
-        return size.mean(-1) / scale
-    raw = by_prompt(base_score + grid)
-    if per_prompt:
-        return np.moveaxis(metric.compare(raw, clean_score, corrupted_score), -1, 0)
-    return metric.compare(raw.mean(-1), clean_score.mean(), corrupted_score.mean())
-
-
-def _mask_positions(result, axes, lengths, per_prompt):
-    """NaN at positions past a prompt's end (per prompt) or past every prompt's end (the mean)."""
-    result = np.array(result, np.float64)
-    for a in ("pos", "src"):
-        if a not in axes:
-            continue
-        axis = axes.index(a) + (1 if per_prompt else 0)
-        T = result.shape[axis]
-        past = np.arange(T)[None, :] >= lengths[:, None]  # [B, T]
-        if not per_prompt:
-            past = past.all(0)[None]
-        shape = [1] * result.ndim
-        shape[axis] = T
-        if per_prompt:
-            shape[0] = len(lengths)
-        result = np.where(past.reshape(shape), np.nan, result)
-    return result
+    defined = applies(patches, lengths)
+    defined = defined.all(1) if scalar else defined
+    score = lambda change: finish(base_score + change, defined, metric, clean_score, corrupted_score, axes, shape,
+                                  samples=samples, per_prompt=per_prompt)
+    if not magnitude:
+        return score(grid)
+    return np.abs(score(grid) - score(np.zeros_like(grid)))
 
 
 # --- TransformerLens-shaped functions -------------------------------------------------
@@ -387,13 +328,14 @@ def _mask_positions(result, axes, lengths, per_prompt):
 def _tl_attr(name):
     site, axes = SWEEPS[name]
 
-    def get_attr_patch(model, corrupted_tokens, clean_cache, metric, *, method="atp"):
+    def get_attr_patch(model, corrupted_tokens, clean_cache, metric, *, method="atp", attention_mask=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         corrupted = as_run(corrupted_tokens, "corrupted_tokens")
         _check_base(corrupted)
-        metric = checked_metric(metric, model.config.d_vocab)
         N, T = corrupted.tokens.shape
+        mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
+        metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
         read = metric.read_positions(N, T)
         final = clean_cache.stacked("hook_resid_post")[-1]
         if final.shape[:2] != (N, T):
@@ -401,18 +343,19 @@ def _tl_attr(name):
                              f"corrupted_tokens are {(N, T)}: they must have the same [batch, pos] shape")
         if read is not None:
             final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
-        clean_logits = model.unembed(final)
+        clean_logits = model.unembed(final)  # the clean logits at the read positions, from the cache
         data = metric.batch_data(N)
         source = {s: clean_cache.stacked(s) for s in _needs(site, method)[1]}
         delta, base_score, base_logits = jax.device_get(_estimate_from_cache(
             model, jnp.asarray(corrupted.tokens), corrupted.overrides, source, clean_logits,
-            None if read is None else jnp.asarray(read), data, None,
+            None if read is None else jnp.asarray(read), data, None if mask is None else jnp.asarray(mask, jnp.int32),
             score=metric.score, site=site, **_static(site, method, axes)))
-        clean_score = metric.score(clean_logits, clean_logits, data)
-        corrupted_score = metric.score(base_logits, clean_logits, data)
+        clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
+        corrupted_score = np.asarray(metric.score(base_logits, clean_logits, data))
+        patches, shape = make_patches(model.config, site, axes, T, N)
         # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
-        return _finish(to_grid(np.asarray(delta, np.float64), site, axes), base_score, clean_score,
-                       corrupted_score, metric, 1, N, False, magnitude=method == "atp*")
+        return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
+                       site, patches, axes, shape, _prompt_lengths(mask, N, T), magnitude=method == "atp*")
 
     get_attr_patch.__name__ = f"get_attr_patch_{name}"
     get_attr_patch.__doc__ = (

@@ -137,7 +137,7 @@ def longest_prompt_tokens(task):
 def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra=None):
     """Write each sweep's result.npz + settings.json and heatmap into `out` (a jpatch `kind`
     output), atomically: into out/<name>/ and out/<name>.png, or straight into `out` for a
-    single sweep named "". `extra(folder)` writes any further files into the same output."""
+    single sweep named "". extra(folder): writes further files into the same output."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
     from jpatch.results import save_result

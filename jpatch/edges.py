@@ -34,7 +34,7 @@ import numpy as np
 
 from jpatch import sites
 from jpatch.attribution import _check_base, perturbed_forward, row_chunks, take_rows
-from jpatch.patching import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, checked_metric
+from jpatch.patching import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, batch_mask, check_memory_budget, prepare_metric
 
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 
@@ -195,7 +195,7 @@ _edge_scores_jit = jax.jit(_edge_scores, static_argnames=("score", "noise", "per
 
 
 def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, direction="denoise",
-                     per_position=False, memory_budget=DEFAULT_MEMORY_BUDGET):
+                     per_position=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
     """EAP / EAP-IG scores of every edge writer -> reader, as an `Edges`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (a Gaussian-noise run's samples are
@@ -204,6 +204,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     over prompts and divided by (clean - corrupted) for a "range" metric.
     method: "eap" (one backward pass), "eap-ig-inputs" (steps passes),
     "eap-ig-activations" (steps x (2 n_layer + 1) passes); per_position: [.., pos] scores.
+    attention_mask: [batch, pos] for right-padded prompts of different lengths (as in `sweep`).
     memory_budget (bytes): prompts are split into chunks that fit it (a per-prompt metric only).
     """
     if method not in EDGE_METHODS:
@@ -212,18 +213,18 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
+    check_memory_budget(memory_budget)
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
     if clean.samples != 1:
         raise ValueError("the clean run must have a single sample")
     if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
         raise ValueError(f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
                          f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape")
-    metric = checked_metric(metric, model.config.d_vocab)
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
-    metric = dataclasses.replace(metric, data={k: np.tile(np.asarray(v), (S,) + (1,) * (np.ndim(v) - 1))
-                                                for k, v in metric.batch_data(B).items()})
-    if metric.positions is not None and not isinstance(metric.positions, str):
-        metric = dataclasses.replace(metric, positions=np.tile(metric.read_positions(B, T), (S, 1)))
+    # Right padding needs no mask in the forward: real positions never attend to later pads, and
+    # the metric reads each prompt's last real token, so pad positions get no gradient.
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     clean_rows = clean.tiled(S)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
     _check_base(base)

@@ -168,6 +168,7 @@ def test_right_padded_prompts_match_unpadded_torch_runs(hf_tiny, jp_tiny, setup)
     answers, contrasts = setup.answers, setup.contrasts
     metric = metrics.logit_diff(answers, contrasts)
     got = attribution.attribute(jp_tiny, clean, corrupted, "z", metric, per_prompt=True, attention_mask=mask)
+    deltas, gaps = [], []
     for p, n in enumerate(lengths):
         ans, con = answers[p:p + 1], contrasts[p:p + 1]
         ld_c, acts_c, _ = ref.run(hf_tiny, clean[p:p + 1, :n], ans, con)
@@ -175,6 +176,14 @@ def test_right_padded_prompts_match_unpadded_torch_runs(hf_tiny, jp_tiny, setup)
         delta = ((acts_c["attn.hook_z"] - acts_x["attn.hook_z"]) * grads_x["attn.hook_z"]).sum(-1)[:, 0]
         assert_close(got[p][:, :n], delta / (ld_c - ld_x), what=f"prompt {p} ({n} tokens)")
         assert np.isnan(got[p][:, n:]).all()
+        deltas.append(np.pad(delta, ((0, 0), (0, T - n), (0, 0))))
+        gaps.append((ld_c - ld_x)[0])
+    # the mean over prompts (the sweep's aggregate): at each position, over the prompts that have it
+    has = np.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    total = np.einsum("bt,blth->lth", has, np.stack(deltas))
+    expected = total / np.einsum("bt,b->t", has, np.array(gaps))[None, :, None]
+    got = attribution.attribute(jp_tiny, clean, corrupted, "z", metric, attention_mask=mask)
+    assert_close(got, expected, what="mean over the prompts that have each position")
 
 
 def test_gaussian_noise_samples_match_torch(hf_tiny, jp_tiny, setup):
@@ -241,7 +250,7 @@ def test_refusals(jp_tiny, setup):
                               attention_mask=np.array([[0] + [1] * (T - 1)] * B))
     mask = np.ones((B, T), int)
     mask[0, 5:] = 0
-    with pytest.raises(ValueError, match="past its 5 real tokens"):
+    with pytest.raises(ValueError, match="of prompt 0 is padding"):
         attribution.attribute(jp_tiny, setup.clean, setup.corrupted, "z",
                               metrics.logit_diff(setup.answers, setup.contrasts, positions=np.full(B, T - 1)),
                               attention_mask=mask)
@@ -319,6 +328,21 @@ def test_edge_chunks_add_up(jp_tiny, setup):
     rows = edges.edge_attribution(jp_tiny, setup.clean, noisy, setup.metric, memory_budget=1)
     np.testing.assert_allclose(rows.scores, whole.scores, atol=1e-5)
     assert np.abs(whole.scores).max() > 1e-2
+
+
+def test_edges_of_right_padded_prompts_add_up_to_each_prompt_alone(jp_tiny, setup):
+    """Unnormalized EAP of a padded batch is the mean over prompts of each prompt's EAP run
+    unpadded (pad positions neither write differences nor get gradients)."""
+    lengths = np.array([7, 5, 4])
+    mask = (np.arange(T) < lengths[:, None]).astype(int)
+    clean, corrupted = np.where(mask, setup.clean, V - 1), np.where(mask, setup.corrupted, V - 1)
+    raw = lambda a, c: metrics.logit_diff(a, c, normalize=False)
+    padded = edges.edge_attribution(jp_tiny, clean, corrupted, raw(setup.answers, setup.contrasts),
+                                    attention_mask=mask)
+    alone = sum(edges.edge_attribution(jp_tiny, clean[p:p + 1, :n], corrupted[p:p + 1, :n],
+                                       raw(setup.answers[p:p + 1], setup.contrasts[p:p + 1])).scores
+                for p, n in enumerate(lengths))
+    assert_close(padded.scores, alone / B, what="padded EAP vs unpadded prompts")
 
 
 def test_edges_object(jp_tiny, setup, tmp_path):

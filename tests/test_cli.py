@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("command", ["demo", "sweep", "convert", "paper", "bulk"])
+@pytest.mark.parametrize("command", ["demo", "sweep", "convert", "paper", "bulk", "attribute"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main([command, "--help"])
