@@ -127,5 +127,5 @@ def apply(entries, site, act, layer=None):
         elif at is None:
             act = iv(act, site)
         else:
-            act = jnp.where(layer == at, iv(act, site), act)
+            act = jnp.where(layer == at, iv(act, sites.full_name(site, at)), act)
     return act
