@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch import interventions, sites
+from jpatch import analysis, interventions, sites
 from jpatch.front import FrontDoor
 from jpatch.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
 
@@ -202,6 +202,15 @@ class Cache(eqx.Module):
 
     stacks: dict
     n_layer: int = eqx.field(static=True)
+    model: object = None  # the GPT2 that made it, for the analysis helpers (attached outside jit)
+
+    # TransformerLens's ActivationCache helpers (see jpatch.analysis)
+    accumulated_resid = analysis.accumulated_resid
+    decompose_resid = analysis.decompose_resid
+    stack_head_results = analysis.stack_head_results
+    apply_ln_to_stack = analysis.apply_ln_to_stack
+    logit_attrs = analysis.logit_attrs
+    logit_lens = analysis.logit_lens
 
     def __contains__(self, name):
         try:
@@ -318,7 +327,8 @@ class GPT2(FrontDoor, eqx.Module):
             logits_at = jnp.asarray(logits_at)
             if logits_at.ndim != 2 or logits_at.shape[0] != tokens.shape[0]:
                 raise ValueError(f"logits_at must be [batch, K] positions, got shape {tuple(logits_at.shape)}")
-        return _forward(self, tokens, overrides, attention_mask, logits_at, record)
+        logits, cache = _forward(self, tokens, overrides, attention_mask, logits_at, record)
+        return logits, None if cache is None else eqx.tree_at(lambda c: c.model, cache, self, is_leaf=lambda x: x is None)
 
     def _forward(self, tokens, overrides, attention_mask, logits_at, record):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
