@@ -139,22 +139,15 @@ def apply_ln_to_stack(cache, residual_stack, layer=None, mlp_input=False, pos_sl
     return stack / scale
 
 
-def tokens_to_residual_directions(model, tokens):
-    """The unembedding column(s) of `tokens` (a one-token str, an int or an array): [..., d_model]."""
-    if isinstance(tokens, str):
-        tokens = model.to_single_token(tokens)
-    return jnp.moveaxis(model.W_U[:, jnp.asarray(tokens)], 0, -1)
-
-
 def logit_attrs(cache, residual_stack, tokens, incorrect_tokens=None, pos_slice=None, batch_slice=None,
                 has_batch_dim=True):
     """Direct logit attribution: each component of `residual_stack`, scaled by the final layer
     norm's cached scale, dotted with the unembedding of `tokens` (minus that of `incorrect_tokens`):
     [components, *batch_and_pos]."""
     model = _model(cache)
-    directions = tokens_to_residual_directions(model, tokens)
+    directions = model.tokens_to_residual_directions(tokens)
     if incorrect_tokens is not None:
-        wrong = tokens_to_residual_directions(model, incorrect_tokens)
+        wrong = model.tokens_to_residual_directions(incorrect_tokens)
         if wrong.shape != directions.shape:
             raise ValueError(f"tokens and incorrect_tokens must have the same shape, got {directions.shape[:-1]} "
                              f"and {wrong.shape[:-1]}")

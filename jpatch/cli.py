@@ -90,11 +90,18 @@ def top_components(result, axes, tokens=None, k=8):
 
 
 def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, seed):
+    """The sweep's result and the metric of the unpatched clean run (result - clean: a noising effect)."""
     from jpatch import patching
 
     corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
     return patching.sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
-                          direction=direction, window=window, axes=axes)
+                          direction=direction, window=window, axes=axes, with_clean=True)
+
+
+def shown(result, clean, direction):
+    """What the summary and heatmap show: the metric, or for noising its change (patched - clean),
+    since every patch that does nothing reads as the clean value."""
+    return result - clean if direction == "noise" else result
 
 
 def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
@@ -102,18 +109,17 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
     into out/<name>/ and out/<name>.png, or straight into `out` for a single sweep named ""."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
-    from jpatch.results import save_result
+    from jpatch.results import load_result, save_result
     from jpatch.tokenizer import get_tokenizer
 
     tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
     with atomic_dir(Path(out), overwrite) as tmp:
-        for name, (site, axes, result) in sweeps.items():
-            save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)},
-                        overwrite=not name)
-            title = plot.title_for(model_name, site, settings["corruption"].upper(), settings["metric"],
-                                   settings["direction"], settings["window"])
+        for name, (site, axes, (result, clean)) in sweeps.items():
+            saved = save_result(tmp / name, {site: result},
+                                {**settings, "site": site, "axes": list(axes), "clean": float(clean)},
+                                overwrite=not name)
             if len(axes) == 2:
-                fig = plot.plot_sweep(result, axes, tokens=tokens, title=title, metric_name=settings["metric"])
+                fig = plot.plot_sweep(load_result(saved), tokens=tokens)
                 plot.save(fig, tmp / f"{name or 'heatmap'}.png")
     return Path(out)
 
@@ -136,12 +142,12 @@ def cmd_demo(args):
         "heads": ("attn.hook_z", ("layer", "head"), run_sweep(model, task, "attn.hook_z", ("layer", "head"), **common)),
     }
     elapsed = time.perf_counter() - start
-    for name, (site, axes, result) in sweeps.items():
+    for name, (site, axes, (result, clean)) in sweeps.items():
         print(f"\ntop {site} components ({' x '.join(axes)}):")
-        print("\n".join(top_components(result, axes, tokens)))
+        print("\n".join(top_components(shown(result, clean, "denoise"), axes, tokens)))
     settings = {"model": args.model, "task": "ioi", "n_prompts": len(task), **common}
     out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True)
-    print(f"\n{sum(np.prod(r.shape) for _, _, r in sweeps.values())} patches in {elapsed:.1f} s; "
+    print(f"\n{sum(np.prod(r.shape) for _, _, (r, _) in sweeps.values())} patches in {elapsed:.1f} s; "
           f"heatmaps and results in {out}/")
 
 
@@ -157,22 +163,30 @@ def cmd_sweep(args):
     except KeyError as e:
         raise SystemExit(f"jpatch: {e.args[0]}") from None
     axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+    from jpatch.checkpoint import check_target
+
+    try:
+        check_target(args.out, args.overwrite)  # before computing
+    except FileExistsError as e:
+        raise SystemExit(f"jpatch: --out {e}") from None
     model = load_model(args.model)
     task = load_task(args.task, args.n_prompts, args.seed)
     try:
-        result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
+        result, clean = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
                            direction=args.direction, window=args.window, noise_samples=args.noise_samples,
                            seed=args.seed)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"jpatch: {e}") from None
-    print(f"{site} over {' x '.join(axes)}: top components")
+    effect = " (noising: patched - clean)" if args.direction == "noise" else ""
+    print(f"{site} over {' x '.join(axes)}: top components{effect}")
     from jpatch.tokenizer import get_tokenizer
 
-    print("\n".join(top_components(result, axes, get_tokenizer().to_str_tokens(task.clean_tokens[0]))))
+    print("\n".join(top_components(shown(result, clean, args.direction), axes,
+                                    get_tokenizer().to_str_tokens(task.clean_tokens[0]))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples}
-    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite)
+    out = write_sweeps(args.out, args.model, task, {"": (site, axes, (result, clean))}, settings, args.overwrite)
     print(f"results in {out}/")
 
 
@@ -186,12 +200,31 @@ def cmd_convert(args):
     print(f"converted {args.src} -> {out}")
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help lists every option's default (options without a help text too)."""
+
+    @staticmethod
+    def _shows_default(action):
+        return action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints nothing for an option without help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if self._shows_default(action) and "default" not in help:
+            help = f"{help} (default: %(default)s)"
+        return help
+
+
 def _delegate(module, command):
     """Subcommands whose module defines add_arguments(parser) and main(args)."""
     import importlib
 
     def add(subparsers, help):
-        parser = subparsers.add_parser(command, help=help, description=help)
+        parser = subparsers.add_parser(command, help=help, description=help, formatter_class=_HelpWithDefaults)
         mod = importlib.import_module(module)
         mod.add_arguments(parser)
         parser.set_defaults(func=mod.main)
@@ -200,20 +233,23 @@ def _delegate(module, command):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="jpatch", description="Fast batched activation patching for GPT-2 (JAX).")
+    parser = argparse.ArgumentParser(prog="jpatch", description="Fast batched activation patching for GPT-2 (JAX).",
+                                     formatter_class=_HelpWithDefaults)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="IOI sweeps (resid_pre, heads) on the bundled model, with heatmaps",
                           description="Run the IOI sweeps of resid_pre (layer x position) and attention-head "
                                       "outputs (layer x head) with symmetric token replacement and normalized "
-                                      "logit difference; print the top components and write heatmaps.")
-    demo.add_argument("--model", default="toy", help="a folder or a name under weights/ (default: toy)")
-    demo.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
+                                      "logit difference; print the top components and write heatmaps.",
+                          formatter_class=_HelpWithDefaults)
+    demo.add_argument("--model", default="toy", help="a folder or a name under weights/")
+    demo.add_argument("--out", default="results/demo", help="output folder")
     demo.add_argument("--n-prompts", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.")
+    sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.",
+                           formatter_class=_HelpWithDefaults)
     sweep.add_argument("--model", default="toy")
     sweep.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
     sweep.add_argument("--site", default="resid_pre", help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
@@ -230,7 +266,8 @@ def build_parser():
     sweep.set_defaults(func=cmd_sweep)
 
     convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights",
-                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.")
+                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.",
+                             formatter_class=_HelpWithDefaults)
     convert.add_argument("src")
     convert.add_argument("out")
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

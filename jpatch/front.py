@@ -119,6 +119,12 @@ class FrontDoor:
     W_out = property(lambda self: self.blocks.mlp.c_proj_w, doc="[n_layers, d_mlp, d_model]")
     b_out = property(lambda self: self.blocks.mlp.c_proj_b, doc="[n_layers, d_model]")
 
+    def tokens_to_residual_directions(self, tokens):
+        """The unembedding direction(s) of `tokens` (a one-token str, an id or an array of ids): [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return jnp.moveaxis(self.W_U[:, jnp.asarray(tokens)], 0, -1)
+
     # --- generation ------------------------------------------------------------------
 
     def generate(self, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=0,

@@ -299,7 +299,7 @@ def _check_finite(result, axes, shape):
 
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
           heads=None, prompt_positions=None, axes=None, per_prompt=False, memory_budget=DEFAULT_MEMORY_BUDGET, progress=True,
-          skip_layers=True, skip_positions=True, devices=None):
+          skip_layers=True, skip_positions=True, devices=None, with_clean=False):
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;
@@ -311,6 +311,9 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     metric says, with shape [*grid] (mean over prompts) or [batch, *grid] when
     per_prompt; the grid axes default to (layer, pos), (layer, pos, head) for
     q/k/v/z, (layer, head, pos) for the pattern; choose `axes` e.g. ("layer", "head").
+    with_clean: return (result, clean) where clean is the metric of the unpatched clean run,
+    compared the same way (1 for a normalized metric; [batch] when per_prompt), so that
+    result - clean is a noising sweep's effect.
     """
     site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
     if direction not in DIRECTIONS:
@@ -348,15 +351,18 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
                        skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
         result = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
+        clean_value = metric.compare(clean_score, clean_score, corrupted_score)
     else:
         by_prompt = lambda a: a.reshape(a.shape[:-1] + (S, B)).mean(-2)
         raw, clean_score, corrupted_score = by_prompt(raw), by_prompt(clean_score), by_prompt(corrupted_score)
         if per_prompt:
             result = np.moveaxis(metric.compare(raw, clean_score, corrupted_score), -1, 0).reshape((B,) + shape)
+            clean_value = metric.compare(clean_score, clean_score, corrupted_score)
         else:
             result = metric.compare(raw.mean(-1), clean_score.mean(), corrupted_score.mean()).reshape(shape)
+            clean_value = metric.compare(clean_score.mean(), clean_score.mean(), corrupted_score.mean())
     _check_finite(np.moveaxis(result, 0, -1) if per_prompt and raw.ndim > 1 else result, axes, shape)
-    return result
+    return (result, np.asarray(clean_value)) if with_clean else result
 
 
 # --- TransformerLens-shaped functions -------------------------------------------------

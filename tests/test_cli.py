@@ -43,7 +43,7 @@ def test_demo_prints_top_components_and_writes_heatmaps(model_dir, tmp_path, cap
         assert (out / f"{name}.png").stat().st_size > 1000
         settings = json.loads((out / name / "settings.json").read_text())
         assert settings["corruption"] == "str" and settings["metric"] == "logit-diff"
-        result = jpatch.load_result(out / name)["result"]
+        result = jpatch.load_result(out / name)[settings["site"]]
         assert result.shape == ((2, 15) if name == "resid_pre" else (2, 4))
         assert np.isfinite(result).all()
 
@@ -58,7 +58,7 @@ def test_sweep_equals_library_call(model_dir, tmp_path):
     task = ioi_task(4, seed=0, split="test")
     expected = jpatch.sweep(jpatch.load(model_dir), task.clean_tokens, task.corrupted_tokens, "mlp_out",
                             task.metric(), progress=False)
-    np.testing.assert_allclose(jpatch.load_result(out)["result"], expected, atol=1e-5)
+    np.testing.assert_allclose(jpatch.load_result(out)["hook_mlp_out"], expected, atol=1e-5)
     assert (out / "heatmap.png").exists()
 
 
@@ -106,3 +106,31 @@ def test_convert_then_load_gives_transformers_logits(hf_tiny, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such checkpoint directory: .*missing"):
         cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "jp2")])
     assert not (tmp_path / "jp2").exists()
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    for default in ("(default: toy)", "(default: 32)", "(default: denoise)", "(default: 0)", "(default: resid_pre)"):
+        assert default in out
+
+
+def test_out_is_checked_before_computing(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--out .*not empty"):  # before the (missing) model is loaded
+        cli.main(["sweep", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "full")])
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_noising_sweep_summary_shows_the_effect(model_dir, tmp_path, capsys):
+    out = tmp_path / "noise"
+    cli.main(["sweep", "--model", model_dir, "--site", "attn_out", "--direction", "noise", "--n-prompts", "3",
+              "--out", str(out)])
+    printed = capsys.readouterr().out
+    r = jpatch.load_result(out)
+    assert r.settings["clean"] == 1.0  # the normalized metric of the clean run
+    effect = r["hook_attn_out"] - 1.0
+    top = np.unravel_index(np.argmax(np.abs(effect)), effect.shape)
+    assert "patched - clean" in printed and f"{effect[top]:+.3f}" in printed
