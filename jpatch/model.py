@@ -177,7 +177,7 @@ def _editor(plan, cache, record, layer=None):
     return edit
 
 
-def record_sites(names_filter):
+def record_sites(names_filter, n_layer):
     """run_with_cache's names_filter -> the frozenset of sites to record.
 
     None: every site except the per-head attn.hook_result (only when asked); a name or
@@ -187,7 +187,7 @@ def record_sites(names_filter):
     if names_filter is None:
         return frozenset(sites.ALL_SITES) - frozenset(sites.ON_REQUEST_SITES)
     if callable(names_filter):
-        full = lambda s: [sites.full_name(s, 0)] if s in sites.LAYER_SITES else [s]
+        full = lambda s: [sites.full_name(s, l) for l in range(n_layer)] if s in sites.LAYER_SITES else [s]
         return frozenset(s for s in sites.ALL_SITES if any(names_filter(n) for n in full(s)))
     names = [names_filter] if isinstance(names_filter, (str, tuple)) else list(names_filter)
     return frozenset(sites.resolve(n)[0] for n in names)
@@ -317,7 +317,7 @@ class GPT2(FrontDoor, eqx.Module):
 
         names_filter: None (every hook point but the per-head attn.hook_result), a name or
         list of names in any spelling, or a function of a full hook name; only those are kept."""
-        return self._run(tokens, overrides, attention_mask, logits_at, record=record_sites(names_filter))
+        return self._run(tokens, overrides, attention_mask, logits_at, record=record_sites(names_filter, self.config.n_layer))
 
     def _run(self, tokens, overrides, attention_mask, logits_at, record):
         tokens, attention_mask = self.as_tokens(tokens, attention_mask)

@@ -147,3 +147,21 @@ def test_intervention_errors(jp_tiny):
         jp_tiny(tokens, overrides={"blocks.0.hook_mlp_out": jpatch.Apply(lambda a: a.sum(-1))})
     with pytest.raises(TypeError, match="expected Override, Add, Scale or Apply"):
         jp_tiny(tokens, overrides={"z": np.ones(3)})
+
+
+def test_every_hook_point_is_an_override_site(jp_tiny, tl_tiny):
+    """Rewriting any hook point (at layer 1 for block sites) equals the TransformerLens hook that does it
+    (a nonlinear rewrite: a layer norm would undo a plain scaling of the last residual)."""
+    from jpatch import sites
+
+    tokens = reference.random_tokens(1, 5, V, seed=36)
+    plain = np.asarray(jp_tiny(tokens))
+    tl_tiny.set_use_attn_result(True)
+    try:
+        for site in sites.ALL_SITES:
+            name = sites.full_name(site, 1) if site in sites.LAYER_SITES else site
+            ours = np.asarray(jp_tiny(tokens, overrides={name: jpatch.Apply(lambda a: 1.25 * a + 0.1 * jnp.tanh(a))}))
+            close(ours, tl_run(tl_tiny, tokens, [(name, lambda a, hook: 1.25 * a + 0.1 * torch.tanh(a))]), tol=2e-4)
+            assert np.abs(ours - plain).max() > 1e-3, f"rewriting {name} changed nothing"
+    finally:
+        tl_tiny.set_use_attn_result(False)

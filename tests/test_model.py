@@ -62,6 +62,8 @@ def test_per_head_result_and_names_filter_match_transformer_lens(jp_tiny, tl_tin
     # a TransformerLens-style filter function on full names
     _, cache = jp_tiny.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     assert list(cache.keys()) == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+    _, cache = jp_tiny.run_with_cache(tokens, names_filter=lambda name: name == "blocks.1.mlp.hook_post")
+    assert set(cache.stacks) == {"mlp.hook_post"}  # kept at every layer: a site is one stacked array
     with pytest.raises(KeyError, match="only when asked"):
         jp_tiny.run_with_cache(tokens)[1]["blocks.0.attn.hook_result"]
 
