@@ -13,7 +13,9 @@ class FrontDoor:
 
     # --- text and tokens -------------------------------------------------------------
 
+    @property
     def tokenizer(self):
+        """GPT-2's tokenizer (`jpatch.tokenizer.GPT2Tokenizer`: encode, decode, to_str_tokens, ...)."""
         if self.config.d_vocab != VOCAB_SIZE:
             raise ValueError(f"this model's vocabulary has {self.config.d_vocab} tokens, not GPT-2's {VOCAB_SIZE}: "
                              "the GPT-2 tokenizer does not apply; pass token ids")
@@ -23,7 +25,7 @@ class FrontDoor:
         """Text -> int32 tokens [batch, pos], with <|endoftext|> (50256) first when prepend_bos,
         as TransformerLens's `to_tokens`. A list of texts of different token lengths is padded
         (with 50256, on `padding_side`) and returns (tokens, attention_mask)."""
-        tok = self.tokenizer()
+        tok = self.tokenizer
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"to_tokens takes a str or a non-empty list of str, got {input!r:.80}")
@@ -46,7 +48,7 @@ class FrontDoor:
     def to_str_tokens(self, input, prepend_bos=True):
         """Each token as its own string: of a text (tokenized as `to_tokens`), a list of texts
         (a list per text) or tokens ([pos] or [1, pos])."""
-        tok = self.tokenizer()
+        tok = self.tokenizer
         if isinstance(input, str):
             return tok.to_str_tokens(np.asarray(self.to_tokens(input, prepend_bos))[0])
         if isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
@@ -63,11 +65,11 @@ class FrontDoor:
         ids = np.asarray(tokens)
         if ids.ndim == 2:
             return [self.to_string(row) for row in ids]
-        return self.tokenizer().decode(np.atleast_1d(ids))
+        return self.tokenizer.decode(np.atleast_1d(ids))
 
     def to_single_token(self, string):
         """The id of a one-token string (" Mary" -> 5335); a clear error naming the pieces otherwise."""
-        return self.tokenizer().token_id(string)
+        return self.tokenizer.token_id(string)
 
     def as_tokens(self, tokens, attention_mask=None):
         """A model input (text, list of texts, [pos] or [batch, pos] ids) -> ([batch, pos] tokens, mask)."""
