@@ -27,6 +27,8 @@ from jpatch.interventions import Add, Apply, Override, Scale  # noqa: E402
 from jpatch.checkpoint import load, save  # noqa: E402
 from jpatch.convert import convert_hf  # noqa: E402
 from jpatch.patching import Run, sweep  # noqa: E402
+from jpatch.padding import pad  # noqa: E402
+from jpatch.aggregate import SweepResult  # noqa: E402
 from jpatch import metrics, patching, sites, utils  # noqa: E402
 from jpatch.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.results import load_result  # noqa: E402

@@ -31,6 +31,7 @@ clean prompt); each prompt's noise comes from PRNGKey(seed) folded with its
 dataset index, so it does not depend on shards, batches or processes.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -47,12 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpatch import corrupt, metrics, patching, results, sites
+from jpatch import aggregate, corrupt, metrics, padding, patching, results, safety, sites
+from jpatch.results import RAW_PREFIX
 
 CORRUPTIONS = ("str", "noise")
 METRICS = metrics.METRICS
 METRIC_FIELDS = {"logit-diff": ("answer", "contrast"), "prob": ("answer",), "logprob": ("answer",), "kl": ()}
 DEFAULT_SHARD_SIZE = 64
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype
 MAX_ERRORS = 20
 # Settings that identify a run's numbers (a resume must match them); "model" and "dataset"
 # (a name and a path) are informational: the hashes identify the weights and the content.
@@ -94,7 +97,9 @@ class Dataset:
         return np.array([len(e.clean) for e in self.examples], np.int64)
 
 
-def _records_from_file(path):
+def jsonl_records(path):
+    """(line number, raw bytes) of a JSONL file, lines split at b"\\n" only: the one reader of
+    dataset files (bulk and `jpatch sweep --task FILE`), so line numbers always agree."""
     path = Path(path).expanduser()
     try:
         f = open(path, "rb")
@@ -231,7 +236,7 @@ def read_dataset(path, *, corruption="str", metric=None, n_ctx=None, tokenizer=N
     (None: both). Blank lines are skipped; other fields are ignored. Raises
     ValueError listing each bad line ("line 7: ...") with its reason.
     """
-    return parse_examples(_records_from_file(path), corruption=corruption, metric=metric, n_ctx=n_ctx,
+    return parse_examples(jsonl_records(path), corruption=corruption, metric=metric, n_ctx=n_ctx,
                           source=str(path), tokenizer=tokenizer)
 
 
@@ -312,25 +317,30 @@ def noise_key(seed, index):
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
-def noise_run(model, tokens, key_positions, indices, *, n_samples, std, scale, seed):
+def noise_run(model, tokens, key_positions, indices, *, n_samples, std, scale, seed, lengths=None):
     """Gaussian-noise Run of prompts `tokens` [B, T] (dataset indices `indices`), each prompt's noise
-    from `noise_key(seed, index)`, stacked sample-major like `corrupt.gaussian_noise`."""
+    from `noise_key(seed, index)` drawn at its own length `lengths[b]` (so it does not depend on the
+    batch it is padded into), stacked sample-major like `corrupt.gaussian_noise`."""
     from jpatch.model import Override
 
+    B, T = tokens.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     runs = [
-        corrupt.gaussian_noise(model, tokens[b : b + 1], [list(key_positions[b])], n_samples=n_samples, scale=scale,
-                               std=std, key=noise_key(seed, int(indices[b])))
-        for b in range(len(tokens))
+        corrupt.gaussian_noise(model, tokens[b : b + 1, : lengths[b]], [list(key_positions[b])], n_samples=n_samples,
+                               scale=scale, std=std, key=noise_key(seed, int(indices[b])))
+        for b in range(B)
     ]
-    S, B = n_samples, len(tokens)
+    S = n_samples
 
-    def interleave(arrays):  # B arrays of [S, ...] -> [S * B, ...] sample-major
-        joined = np.stack([np.asarray(a) for a in arrays], axis=1)  # [S, B, ...]
+    def interleave(arrays):  # B arrays of [S, length, ...] -> [S * B, T, ...] sample-major, padded to T
+        padded = [np.pad(np.asarray(a), [(0, 0), (0, T - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
+        joined = np.stack(padded, axis=1)  # [S, B, T, ...]
         return joined.reshape((S * B,) + joined.shape[2:])
 
     ov = [r.overrides["hook_embed"] for r in runs]
     override = Override(jnp.asarray(interleave([o.value for o in ov])), jnp.asarray(interleave([o.mask for o in ov])))
-    return patching.Run(interleave([r.tokens for r in runs]), {"hook_embed": override}, S)
+    mask = np.tile(np.arange(T) < lengths[:, None], (S, 1)).astype(np.int32)
+    return patching.Run(np.tile(tokens, (S, 1)), {"hook_embed": override}, S, mask)
 
 
 # --- hashing and the manifest -------------------------------------------------------------
@@ -381,31 +391,95 @@ def _check_manifest(out_dir, manifest, expected):
     )
 
 
-def _prepare_out_dir(out_dir, expected, process_index, timeout):
-    """Write or verify manifest.json (process 0 writes it; the others wait for it)."""
-    path = out_dir / results.MANIFEST_FILE
+@contextlib.contextmanager
+def _manifest_lock(out_dir, timeout=60.0):
+    """Serialize writes of manifest.json between processes sharing the folder."""
+    lock = safety.Lock(out_dir / f".{results.MANIFEST_FILE}.lock")
+    deadline = time.monotonic() + timeout
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{lock.path} is held for over {timeout:.0f} s ({lock.describe()}); "
+                               "delete it if that process is gone")
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _ours(name):
+    """Files a bulk run keeps in its folder besides manifest.json and the shards."""
+    return name == safety.MARKER or name.startswith((f".{results.MANIFEST_FILE}.", ".shard-"))
+
+
+def _read_or_rebuild(out_dir, path):
+    """The folder's manifest; rebuilt from the shards when manifest.json is missing or unreadable."""
     if path.is_file():
-        _check_manifest(out_dir, results.read_manifest(out_dir), expected)
-        return
+        try:
+            return results.read_manifest(out_dir)
+        except ValueError as e:
+            if not any(out_dir.glob("shard-*.npz")):
+                raise
+            print(f"jpatch bulk: {e}; rebuilding it from the shards", file=sys.stderr)
+    else:
+        print(f"jpatch bulk: {out_dir} has shards but no {path.name}; rebuilding it from the shards", file=sys.stderr)
+    return results.rebuild_manifest(out_dir)
+
+
+def _prepare_out_dir(out_dir, expected, process_index, timeout):
+    """Write or verify manifest.json (process 0 writes it; the others wait for it).
+
+    A missing or damaged manifest is rebuilt from the shards; a folder holding anything
+    else is refused. Returns the manifest on disk (with the checksums recorded so far)."""
+    path = out_dir / results.MANIFEST_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    has_shards = out_dir.is_dir() and any(out_dir.glob("shard-*.npz"))
+    if path.is_file() or has_shards:
+        with _manifest_lock(out_dir):
+            manifest = _read_or_rebuild(out_dir, path)
+        _check_manifest(out_dir, manifest, expected)
+        return manifest
     if process_index == 0:
         if out_dir.exists():
-            if not out_dir.is_dir():
-                raise FileExistsError(f"{out_dir} exists and is not a directory")
-            others = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
+            others = [p.name for p in out_dir.iterdir() if not _ours(p.name)]
             if others:
                 raise FileExistsError(
                     f"{out_dir} is not empty ({', '.join(sorted(others)[:5])}) and holds no bulk manifest; "
                     "use an empty or new folder"
                 )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.atomic_write_json(path, expected)
-        return
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"cannot create the output folder {out_dir}: {e.strerror}") from None
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"the output folder {out_dir} is not writable")
+        with _manifest_lock(out_dir):
+            if not path.is_file():  # another run into the same folder may have written it meanwhile
+                results.atomic_write_json(path, expected)
+                safety.write_marker(out_dir, "bulk", files=[])
+            manifest = results.read_manifest(out_dir)
+        _check_manifest(out_dir, manifest, expected)
+        return manifest
+    print(f"jpatch bulk: process {process_index}: waiting up to {timeout:.0f} s for process 0 to write {path}",
+          file=sys.stderr)
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"process {process_index}: no {path} after {timeout:.0f} s (process 0 writes it)")
+            raise TimeoutError(f"process {process_index}: no {path} after {timeout:.0f} s; process 0 writes it "
+                               "(is it running, with the same --out?)")
         time.sleep(0.2)
-    _check_manifest(out_dir, results.read_manifest(out_dir), expected)
+    manifest = results.read_manifest(out_dir)
+    _check_manifest(out_dir, manifest, expected)
+    return manifest
+
+
+def _record_checksums(out_dir, digests):
+    """Add {shard name: sha256} to manifest.json (read, update and replace under the manifest lock)."""
+    with _manifest_lock(out_dir):
+        manifest = results.read_manifest(out_dir)
+        manifest["shards"] = {**manifest.get("shards", {}), **digests}
+        results.atomic_write_json(out_dir / results.MANIFEST_FILE, manifest)
 
 
 # --- computing shards ---------------------------------------------------------------------
@@ -436,56 +510,50 @@ def _batch_rows(n, shard_size):
 
 
 def _sweep_batch(model, dataset, indices, specs, cfg, devices):
-    """Per-prompt sweeps of prompts `indices` (one token length) -> {name: [n, *grid]}."""
+    """Sweeps of prompts `indices` (of any lengths, padded together with an attention mask) ->
+    {name: [n, *grid] raw patched scores}, clean and corrupted baselines [n]."""
     ex = [dataset.examples[i] for i in indices]
     rows = _batch_rows(len(ex), cfg["shard_size"])
     take = [min(b, len(ex) - 1) for b in range(rows)]  # padding rows repeat the last prompt
-    clean = np.stack([ex[b].clean for b in take])
+    clean, mask = padding.pad([ex[b].clean for b in take])
+    lengths = mask.sum(1)
     if cfg["corruption"] == "str":
-        corrupted = patching.Run(np.stack([ex[b].corrupted for b in take]))
+        corrupted = patching.Run(padding.pad([ex[b].corrupted for b in take])[0], attention_mask=mask)
     else:
         corrupted = noise_run(model, clean, [ex[b].key_positions for b in take], [indices[b] for b in take],
-                              n_samples=cfg["n_samples"], std=cfg["noise_std"], scale=cfg["noise_scale"], seed=cfg["seed"])
+                              n_samples=cfg["n_samples"], std=cfg["noise_std"], scale=cfg["noise_scale"], seed=cfg["seed"],
+                              lengths=lengths)
     answers = np.array([ex[b].answer if ex[b].answer is not None else 0 for b in take])
     contrasts = np.array([ex[b].contrast if ex[b].contrast is not None else 0 for b in take])
     metric = make_metric(cfg["metric"], answers, contrasts)
-    out = {}
+    raw, baselines = {}, None
     for spec in specs:
-        r = patching.sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"], window=cfg["window"],
-                           axes=spec.axes, per_prompt=True, memory_budget=cfg["memory_budget"], progress=False,
-                           devices=devices)
-        out[spec.name] = np.asarray(r, np.float32)[: len(ex)]
-    return out
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = patching.sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"],
+                               window=cfg["window"], axes=spec.axes, attention_mask=mask,
+                               memory_budget=cfg["memory_budget"], progress=False, devices=devices, check_finite=False)
+        raw[spec.name] = r.raw[: len(ex)]
+        baselines = (r.clean_per_prompt[: len(ex)], r.corrupted_per_prompt[: len(ex)])
+    return raw, baselines
 
 
 def _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar):
-    lengths = dataset.lengths[indices]
-    arrays = {s.name: np.full((len(indices),) + s.grid(model.config, max_len), np.nan, np.float32) for s in specs}
-    undefined = []
-    for T in np.unique(lengths):
-        members = np.flatnonzero(lengths == T)
-        group = [int(indices[m]) for m in members]
-        try:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                batch = _sweep_batch(model, dataset, group, specs, cfg, devices)
-        except FloatingPointError:
-            # Some prompt's metric is undefined (e.g. equal clean and corrupted baselines): sweep
-            # prompt by prompt and store NaN for those.
-            batch = {s.name: np.full((len(group),) + s.grid(model.config, T), np.nan, np.float32) for s in specs}
-            for j, i in enumerate(group):
-                try:
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        one = _sweep_batch(model, dataset, [i], specs, cfg, devices)
-                except FloatingPointError:
-                    undefined.append(dataset.examples[i].line)
-                    continue
-                for name, a in one.items():
-                    batch[name][j] = a[0]
-        for spec in specs:
-            region = (members,) + tuple(slice(0, T) if a in ("pos", "src") else slice(None) for a in spec.axes)
-            arrays[spec.name][region] = batch[spec.name]
-        if bar is not None:
-            bar.update(len(members))
+    """Every prompt of a shard swept in one padded batch: per site the raw patched scores and the
+    per-prompt normalized values [n, *grid] (NaN past each prompt's end), and the baselines [n]."""
+    raw, (clean, corrupted) = _sweep_batch(model, dataset, [int(i) for i in indices], specs, cfg, devices)
+    normalization = make_metric(cfg["metric"], [0], [0]).normalize
+    arrays = {"clean_score": clean, "corrupted_score": corrupted}
+    for spec in specs:
+        full = np.full((len(indices),) + spec.grid(model.config, max_len), np.nan, np.float32)
+        region = (slice(None),) + tuple(slice(0, raw[spec.name].shape[i + 1]) for i in range(len(spec.axes)))
+        full[region] = raw[spec.name]
+        arrays[RAW_PREFIX + spec.name] = full
+        values = aggregate.per_prompt(normalization, np.moveaxis(full, 0, -1), clean, corrupted, warn=False)
+        arrays[spec.name] = np.moveaxis(values, -1, 0)
+    undefined = [dataset.examples[int(i)].line for i, c, x in zip(indices, clean, corrupted)
+                 if normalization == "range" and c == x]
+    if bar is not None:
+        bar.update(len(indices))
     return arrays, undefined
 
 
@@ -510,6 +578,12 @@ def _settings(model_name, model_digest, dataset, specs, cfg):
         "shard_size": cfg["shard_size"],
         "jpatch_version": __version__,
     }
+
+
+def _check_positive(name, value):
+    """Zero, negative or non-finite noise would give an uncorrupted (all-NaN) or meaningless run."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction="denoise", window=1,
@@ -546,14 +620,19 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
-    if not memory_budget or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    patching.check_memory_budget(memory_budget)
     bad_samples = isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1
     if corruption == "noise" and bad_samples:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    if corruption == "noise":
+        _check_positive("noise_scale", noise_scale)
+        if noise_std is not None:
+            _check_positive("noise_std", noise_std)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
-    if not 0 <= process_index < process_count:
+    if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     specs = resolve_sites(sites, int(window))
     dataset = _as_dataset(dataset, corruption, metric, model.config.n_ctx)
@@ -564,6 +643,7 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
                noise_std=None)
     if corruption == "noise":
         std = key_token_std(model, dataset) if noise_std is None else float(noise_std)
+        _check_positive("noise_std (measured over the key tokens)", std)
         cfg.update(n_samples=int(n_samples), noise_scale=float(noise_scale), noise_std=std)
     settings = _settings(model_name, model_hash(model), dataset, specs, cfg)
     lengths = dataset.lengths
@@ -580,18 +660,39 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         "shard_size": int(shard_size),
         "n_shards": n_shards,
         "max_len": max_len,
+        "normalization": make_metric(metric, [0], [0]).normalize,  # how Result.mean normalizes raw scores
         "sites": {s.name: {"site": s.site, "axes": list(s.axes), "grid": list(s.grid(model.config, max_len))}
                   for s in specs},
     }
-    _prepare_out_dir(out_dir, manifest, process_index, manifest_timeout)
+    on_disk = _prepare_out_dir(out_dir, manifest, process_index, manifest_timeout)
+    safety.remove_stale(out_dir, results.MANIFEST_FILE)
+    embedded = np.array(json.dumps(results.to_json(manifest)))  # each shard carries its run's manifest
 
     mine = [i for i in range(n_shards) if i % process_count == process_index]
     shard_prompts = lambda i: order[i * shard_size : (i + 1) * shard_size]  # noqa: E731
-    done = [i for i in mine if (out_dir / results.shard_name(i)).is_file()]
-    done_set = set(done)
-    for i in done:
-        _check_shard(out_dir / results.shard_name(i), manifest["hash"])
-    todo = [i for i in mine if i not in done_set]
+    unrecorded = {}
+
+    def finished(i, known=None):
+        """Shard i exists and passes its check against the manifest (`known`, or as on disk now);
+        a corrupt one is reported (and then recomputed)."""
+        name = results.shard_name(i)
+        if not (out_dir / name).is_file():
+            return False
+        now = known or results.read_manifest(out_dir)
+        try:
+            digest = results.check_shard(out_dir, now, i)
+        except results.CorruptShard as e:
+            print(f"jpatch bulk: {e}; recomputing it", file=sys.stderr)
+            return False
+        if name not in now.get("shards", {}):
+            unrecorded[name] = digest
+        return True
+
+    done = [i for i in mine if finished(i, on_disk)]
+    if unrecorded:  # shards whose writer was killed before recording their checksum
+        _record_checksums(out_dir, unrecorded)
+        unrecorded.clear()
+    todo = [i for i in mine if i not in set(done)]
     devices = list(devices or jax.local_devices())
     if len(devices) > 1:
         # The patched calls shard prompts over these devices; the model is replicated on them.
@@ -600,35 +701,55 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
     bar = tqdm(total=sum(len(shard_prompts(i)) for i in mine), initial=sum(len(shard_prompts(i)) for i in done),
                disable=not progress, unit="prompt", dynamic_ncols=True,
                desc=f"bulk {out_dir.name}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""))
-    undefined = []
+    undefined, computed, by_others, queue, told = [], [], [], list(todo), False
     try:
-        for i in todo:
-            path = out_dir / results.shard_name(i)
-            for stale in results.stale_temporaries(out_dir, path.name):
-                stale.unlink(missing_ok=True)
-            indices = shard_prompts(i)
-            arrays, bad = _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar)
-            undefined += bad
-            results.atomic_write_npz(path, {"index": indices.astype(np.int64), "length": lengths[indices],
-                                            "run_hash": np.array(manifest["hash"]), **arrays})
+        while queue:
+            busy = []
+            for i in queue:
+                lock = safety.Lock(out_dir / f".{results.shard_name(i)}.lock")
+                if not lock.acquire():  # another run is computing it
+                    busy.append((i, lock))
+                    continue
+                try:
+                    if finished(i):  # finished by another run meanwhile
+                        by_others.append(i)
+                        bar.update(len(shard_prompts(i)))
+                        continue
+                    safety.remove_stale(out_dir, results.shard_name(i))
+                    indices = shard_prompts(i)
+                    arrays, bad = _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar)
+                    undefined += bad
+                    path = results.atomic_write_npz(out_dir / results.shard_name(i), {
+                        "index": indices.astype(np.int64), "length": lengths[indices],
+                        "run_hash": np.array(manifest["hash"]), "manifest": embedded, **arrays})
+                    _record_checksums(out_dir, {path.name: results.file_sha256(path)})
+                    computed.append(i)
+                finally:
+                    lock.release()
+            queue = []
+            for i, lock in busy:
+                if finished(i):
+                    by_others.append(i)
+                    bar.update(len(shard_prompts(i)))
+                else:
+                    queue.append(i)
+            if queue:
+                if not told:
+                    print(f"jpatch bulk: waiting for {len(queue)} shard(s) another run is computing (e.g. "
+                          f"{lock.path.name}: {lock.describe()})", file=sys.stderr)
+                    told = True
+                time.sleep(0.5)
     finally:
         bar.close()
+    if unrecorded:
+        _record_checksums(out_dir, unrecorded)
     if undefined:
         warnings.warn(
             f"the metric was undefined (not finite) for {len(undefined)} prompt(s), stored as NaN: dataset line(s) "
             f"{sorted(undefined)[:MAX_ERRORS]}", RuntimeWarning, stacklevel=2
         )
-    return BulkRun(out_dir, n, n_shards, todo, done, process_index, process_count, sorted(undefined))
-
-
-def _check_shard(path, expected_hash):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            stored = str(z["run_hash"])
-    except Exception as e:
-        raise ValueError(f"cannot read shard {path} ({type(e).__name__}: {e}); delete it to recompute it") from e
-    if stored != expected_hash:
-        raise ValueError(f"shard {path} belongs to another run (its hash differs from the manifest)")
+    return BulkRun(out_dir, n, n_shards, computed, sorted(done + by_others), process_index, process_count,
+                   sorted(undefined))
 
 
 # --- command line -------------------------------------------------------------------------
@@ -673,26 +794,44 @@ def add_arguments(parser):
     parser.add_argument("--noise-scale", type=float, default=3.0, help="noise std = scale x embedding std (default: 3)")
     parser.add_argument("--noise-std", type=float, default=None,
                         help="embedding std (default: measured over the dataset's key tokens)")
-    parser.add_argument("--dtype", default=None, help="cast the weights on load, e.g. bfloat16")
+    parser.add_argument("--dtype", default="float32", help=f"the weights' dtype: {' | '.join(DTYPES)} (default: "
+                        "float32; bfloat16 halves the memory, attention and logits still accumulate in float32)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (TPU pod slices, SLURM / GPU clusters)")
     parser.add_argument("--process-index", type=int, default=None, help="this process's share without jax.distributed")
     parser.add_argument("--process-count", type=int, default=None, help="number of processes sharing --out")
+    parser.add_argument("--manifest-timeout", type=float, default=600.0,
+                        help="seconds a process other than 0 waits for process 0's manifest (default: 600)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(args):
-    """Run `jpatch bulk` from parsed `args`; returns the exit status."""
-    if args.distributed:
-        jax.distributed.initialize()
+    """Run `jpatch bulk` from parsed `args`; returns the exit status (refusals: `jpatch.cli.Fail`, status 2)."""
     from jpatch.checkpoint import load
+    from jpatch.cli import Fail
 
     if (args.process_index is None) != (args.process_count is None):
-        raise SystemExit("--process-index and --process-count go together")
+        raise Fail("jpatch bulk: --process-index and --process-count go together")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise Fail(f"jpatch bulk: unknown --dtype {args.dtype!r}; valid: {', '.join(DTYPES)}")
+    if args.distributed:
+        try:
+            jax.distributed.initialize()
+        except Exception as e:  # jax raises ValueError / RuntimeError / XlaRuntimeError here
+            raise Fail(f"jpatch bulk: --distributed: jax.distributed.initialize() failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); it needs a cluster environment (TPU pod, "
+                       "SLURM, ...) or a coordinator address; without one use --process-index/--process-count") from None
     corruption, metric = args.corruption, args.metric
     try:
         resolve_sites(args.sites, args.window)
+        for name in ("window", "shard_size", "n_samples"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
+        if corruption == "noise":
+            _check_positive("--noise-scale", args.noise_scale)
+            if args.noise_std is not None:
+                _check_positive("--noise-std", args.noise_std)
         # Validate the data before loading weights, so a bad line is reported at once.
         dataset = read_dataset(args.data, corruption=corruption, metric=metric)
         model = load(args.model, dtype=args.dtype)
@@ -700,9 +839,10 @@ def main(args):
                          window=args.window, shard_size=args.shard_size, memory_budget=args.memory_budget,
                          seed=args.seed, n_samples=args.n_samples, noise_scale=args.noise_scale,
                          noise_std=args.noise_std, model_name=str(args.model), progress=not args.no_progress,
-                         process_index=args.process_index, process_count=args.process_count)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TimeoutError) as e:
-        raise SystemExit(f"jpatch bulk: {e}") from None
+                         process_index=args.process_index, process_count=args.process_count,
+                         manifest_timeout=args.manifest_timeout)
+    except (ValueError, OSError, TimeoutError) as e:
+        raise Fail(f"jpatch bulk: {e}") from None
     part = f"process {run.process_index}/{run.process_count}: " if run.process_count > 1 else ""
     print(f"{part}{len(run.computed)} shard(s) computed, {len(run.skipped)} already done, in {run.out_dir}")
     if run.complete:
@@ -718,6 +858,6 @@ def main(args):
 
 
 if __name__ == "__main__":  # python -m jpatch.bulk ...
-    import argparse
+    from jpatch import cli
 
-    sys.exit(main(add_arguments(argparse.ArgumentParser(prog="jpatch bulk")).parse_args()))
+    sys.exit(cli.main(["bulk", *sys.argv[1:]]))

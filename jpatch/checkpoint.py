@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -78,34 +77,36 @@ def _ocp():
 # --- atomic folders -------------------------------------------------------------------
 
 
-def check_target(out_dir, overwrite=False):
-    """Raise if `out_dir` may not be written: a file, or a non-empty folder without `overwrite`."""
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if not overwrite and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    return out_dir
+def check_target(out_dir, overwrite=False, *, kind="output", inputs=()):
+    """Raise unless `out_dir` may be written as a jpatch `kind` output (`jpatch.safety.check_output`):
+    new, empty, or with `overwrite` a previous jpatch output of that kind."""
+    from jpatch.safety import check_output
+
+    return check_output(out_dir, kind, overwrite, inputs=inputs)
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir, overwrite=False):
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it is removed.
+def atomic_dir(out_dir, overwrite=False, *, kind="output", inputs=()):
+    """Yield a temporary folder beside `out_dir`; on success it is marked as a jpatch `kind`
+    output and replaces `out_dir`, on failure it is removed.
 
-    Parent folders created here are removed again on failure too.
+    Parent folders created here are removed again on failure too; temporaries of killed
+    runs into the same place are removed first.
     """
-    out_dir = check_target(out_dir, overwrite).absolute()
+    from jpatch import safety
+
+    out_dir = check_target(out_dir, overwrite, kind=kind, inputs=inputs).absolute()
     created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    safety.remove_stale(out_dir.parent, out_dir.name)
+    tmp = out_dir.parent / safety.tmp_name(out_dir.name)
     tmp.mkdir()
     try:
         yield tmp
-        check_target(out_dir, overwrite)  # something may have appeared meanwhile
+        safety.write_marker(tmp, kind)
+        check_target(out_dir, overwrite, kind=kind, inputs=inputs)  # something may have appeared meanwhile
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+            old = out_dir.parent / safety.tmp_name(out_dir.name, "old")
             out_dir.rename(old)
             try:
                 tmp.rename(out_dir)
@@ -126,12 +127,13 @@ def atomic_dir(out_dir, overwrite=False):
 # --- save / load ----------------------------------------------------------------------
 
 
-def save(model, out_dir, *, extra_config=None, overwrite=False):
+def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
     """Write `model` to `out_dir` (config.json + orbax checkpoint) atomically; returns the path.
 
     The arrays are stored in the model's dtype (`model.astype(jnp.bfloat16)` halves
     the folder). `extra_config` entries are added to config.json ("source", ...).
-    Refuses to replace a non-empty `out_dir` unless `overwrite=True`.
+    Refuses to replace a non-empty `out_dir` unless it is a jpatch model folder and
+    `overwrite=True` (`check_target`); `inputs`: paths `out_dir` may not be or contain.
     """
     extra_config = dict(extra_config or {})
     clash = set(extra_config) & ({f.name for f in dataclasses.fields(GPT2Config)} | {"dtype"})
@@ -141,7 +143,7 @@ def save(model, out_dir, *, extra_config=None, overwrite=False):
     dtypes = sorted({str(jnp.dtype(a.dtype)) for a in arrays.values()})
     config = {**model.config.to_dict(), "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, **extra_config}
     out_dir = Path(out_dir).expanduser()
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, kind="model", inputs=inputs) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         ocp = _ocp()
         with _quiet():
@@ -197,12 +199,13 @@ def _stored_arrays(checkpointer, directory):
     return {name: (tuple(m.shape), jnp.dtype(m.dtype)) for name, m in dict(tree).items()}
 
 
-def load(path_or_name, *, dtype=None):
+def load(path_or_name, *, dtype="float32"):
     """Load a `GPT2` saved by `save` / `convert_hf`.
 
     `path_or_name` is a folder, or a bare name resolved to weights/<name>/ (working
     directory first, then the repository root). `dtype` casts the weights while
-    reading (None keeps the stored dtype).
+    reading: float32 by default, so analysis runs in full precision whatever the
+    checkpoint stores; "bfloat16" halves the memory; None keeps the stored dtype.
     """
     folder = resolve(path_or_name)
     config, _ = read_config(folder)

@@ -14,13 +14,42 @@ CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
 DIRECTIONS = ("denoise", "noise")
 
 
+class Fail(SystemExit):
+    """A refused command: one `jpatch: ...` line on stderr and exit status 2, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message if message.startswith("jpatch") else f"jpatch: {message}"
+
+    def __str__(self):
+        return self.message
+
+
+# Errors that describe a bad setting or path (raised by the library's checks): reported as one line.
+USER_ERRORS = (ValueError, OSError, TimeoutError)
+
+
+def cli_message(error):
+    """An API error's text in command-line words."""
+    from jpatch.safety import OVERWRITE_HINT
+
+    return str(error).replace(OVERWRITE_HINT, "pass --overwrite")
+
+
 def _choice_error(what, value, valid):
-    return SystemExit(f"jpatch: unknown {what} {value!r}; valid: {', '.join(valid)}")
+    return Fail(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def check_at_least(minimum, **options):
+    """Refuse any option (given as name=value, "_" for "-") below `minimum`."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            raise Fail(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
 
 
 def load_task(name, n_prompts, seed):
-    """The task's prompts as one Task (for factual recall: the largest length bucket)."""
-    from jpatch.tasks import get_task
+    """The task's first `n_prompts` prompts as one Task (prompts of several lengths padded together)."""
+    from jpatch.tasks import combine, get_task
 
     kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
     if name == "ioi":
@@ -28,9 +57,9 @@ def load_task(name, n_prompts, seed):
     try:
         task = get_task(name, **kw)
     except ValueError as e:
-        raise SystemExit(f"jpatch: {e}") from None
+        raise Fail(str(e)) from None
     if isinstance(task, list):
-        task = max(task, key=len)
+        task = combine(task, name)
     return task.select(slice(0, n_prompts)) if len(task) > n_prompts else task
 
 
@@ -38,12 +67,12 @@ def make_corruption(model, task, corruption, site, *, noise_samples, seed):
     """The corrupted Run for a task."""
     from jpatch import corrupt
 
-    clean = task.clean_tokens
+    clean, mask = task.clean_tokens, task.attention_mask
     if corruption == "str":
-        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions)
+        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions, attention_mask=mask)
     if corruption == "noise":
         return corrupt.gaussian_noise(model, clean, task.key_positions, n_samples=noise_samples,
-                                      std_tokens=task.key_token_ids(), seed=seed)
+                                      std_tokens=task.key_token_ids(), seed=seed, attention_mask=mask)
     if corruption == "zero":
         return corrupt.zero_ablation(model, clean, site)
     if corruption == "mean":
@@ -69,7 +98,7 @@ def load_model(name):
     try:
         return jpatch.load(name)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"jpatch: cannot load model {name!r}: {e}") from None
+        raise Fail(f"cannot load model {name!r}: {e}") from None
 
 
 def top_components(result, axes, tokens=None, k=8):
@@ -90,33 +119,48 @@ def top_components(result, axes, tokens=None, k=8):
 
 
 def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, seed):
-    """The sweep's result and the metric of the unpatched clean run (result - clean: a noising effect)."""
     from jpatch import patching
 
     corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
     return patching.sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
-                          direction=direction, window=window, axes=axes, with_clean=True)
+                          direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
 
 
-def shown(result, clean, direction):
-    """What the summary and heatmap show: the metric, or for noising its change (patched - clean),
-    since every patch that does nothing reads as the clean value."""
-    return result - clean if direction == "noise" else result
+def clean_value(result):
+    """The metric of the unpatched clean run, compared as the sweep's values are (1 when normalized)."""
+    from jpatch.aggregate import normalize
+
+    return float(normalize(result.normalization, result.clean, result.clean, result.corrupted))
 
 
-def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
-    """Write each sweep's result.npz + settings.json and heatmap into `out`, atomically:
-    into out/<name>/ and out/<name>.png, or straight into `out` for a single sweep named ""."""
+def shown(result, direction):
+    """What the summary shows: the metric, or for noising its change (patched - clean), since
+    every patch that does nothing reads as the clean value."""
+    return np.asarray(result) - clean_value(result) if direction == "noise" else np.asarray(result)
+
+
+def longest_prompt_tokens(task):
+    """The token strings of the task's longest prompt: labels for a position axis."""
+    from jpatch.tokenizer import get_tokenizer
+
+    b = int(np.argmax(task.lengths))
+    return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
+
+
+def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind):
+    """Write each sweep's result.npz + settings.json and heatmap into `out` (a jpatch `kind`
+    output), atomically: into out/<name>/ and out/<name>.png, or straight into `out` for a
+    single sweep named ""."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
     from jpatch.results import load_result, save_result
-    from jpatch.tokenizer import get_tokenizer
 
-    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
-    with atomic_dir(Path(out), overwrite) as tmp:
-        for name, (site, axes, (result, clean)) in sweeps.items():
+    tokens = longest_prompt_tokens(task)
+    with atomic_dir(Path(out), overwrite, kind=kind) as tmp:
+        for name, (site, axes, result) in sweeps.items():
+            # the array is named after its site; "clean" lets a noising heatmap show patched - clean
             saved = save_result(tmp / name, {site: result},
-                                {**settings, "site": site, "axes": list(axes), "clean": float(clean)},
+                                {**settings, "site": site, "axes": list(axes), "clean": clean_value(result)},
                                 overwrite=not name)
             if len(axes) == 2:
                 fig = plot.plot_sweep(load_result(saved), tokens=tokens)
@@ -124,12 +168,22 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite):
     return Path(out)
 
 
+def check_out(out, overwrite, kind):
+    """Refuse an output folder jpatch may not write, before any work."""
+    from jpatch.checkpoint import check_target
+
+    try:
+        check_target(out, overwrite, kind=kind)
+    except OSError as e:
+        raise Fail(cli_message(e)) from None
+
+
 def cmd_demo(args):
+    check_at_least(1, n_prompts=args.n_prompts)
+    check_out(args.out, True, "demo")  # replaces only an earlier demo output
     model = load_model(args.model)
     task = load_task("ioi", args.n_prompts, args.seed)
-    from jpatch.tokenizer import get_tokenizer
-
-    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    tokens = longest_prompt_tokens(task)
     print(f"model {args.model}: {model.config.n_layer} layers x {model.config.n_head} heads; "
           f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
     print("corruption: symmetric token replacement (ABC names); metric: normalized logit difference; denoising")
@@ -142,12 +196,12 @@ def cmd_demo(args):
         "heads": ("attn.hook_z", ("layer", "head"), run_sweep(model, task, "attn.hook_z", ("layer", "head"), **common)),
     }
     elapsed = time.perf_counter() - start
-    for name, (site, axes, (result, clean)) in sweeps.items():
+    for name, (site, axes, result) in sweeps.items():
         print(f"\ntop {site} components ({' x '.join(axes)}):")
-        print("\n".join(top_components(shown(result, clean, "denoise"), axes, tokens)))
+        print("\n".join(top_components(result, axes, tokens)))
     settings = {"model": args.model, "task": "ioi", "n_prompts": len(task), **common}
-    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True)
-    print(f"\n{sum(np.prod(r.shape) for _, _, (r, _) in sweeps.values())} patches in {elapsed:.1f} s; "
+    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True, kind="demo")
+    print(f"\n{sum(np.prod(r.shape) for _, _, r in sweeps.values())} patches in {elapsed:.1f} s; "
           f"heatmaps and results in {out}/")
 
 
@@ -161,32 +215,28 @@ def cmd_sweep(args):
     try:
         site = sites.canonical(args.site)
     except KeyError as e:
-        raise SystemExit(f"jpatch: {e.args[0]}") from None
-    axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
-    from jpatch.checkpoint import check_target
-
+        raise Fail(e.args[0]) from None
+    check_at_least(1, window=args.window, n_prompts=args.n_prompts, noise_samples=args.noise_samples)
     try:
-        check_target(args.out, args.overwrite)  # before computing
-    except FileExistsError as e:
-        raise SystemExit(f"jpatch: --out {e}") from None
+        axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+    except (KeyError, ValueError) as e:
+        raise Fail(f"--site {args.site}: {e.args[0]}") from None
+    check_out(args.out, args.overwrite, "sweep")
     model = load_model(args.model)
     task = load_task(args.task, args.n_prompts, args.seed)
     try:
-        result, clean = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
+        result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
                            direction=args.direction, window=args.window, noise_samples=args.noise_samples,
                            seed=args.seed)
     except (ValueError, FloatingPointError) as e:
-        raise SystemExit(f"jpatch: {e}") from None
+        raise Fail(str(e)) from None
     effect = " (noising: patched - clean)" if args.direction == "noise" else ""
     print(f"{site} over {' x '.join(axes)}: top components{effect}")
-    from jpatch.tokenizer import get_tokenizer
-
-    print("\n".join(top_components(shown(result, clean, args.direction), axes,
-                                    get_tokenizer().to_str_tokens(task.clean_tokens[0]))))
+    print("\n".join(top_components(shown(result, args.direction), axes, longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples}
-    out = write_sweeps(args.out, args.model, task, {"": (site, axes, (result, clean))}, settings, args.overwrite)
+    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite, "sweep")
     print(f"results in {out}/")
 
 
@@ -196,7 +246,7 @@ def cmd_convert(args):
     try:
         out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError) as e:
-        raise SystemExit(f"jpatch convert: {e}") from None
+        raise Fail(f"jpatch convert: {cli_message(e)}") from None
     print(f"converted {args.src} -> {out}")
 
 
@@ -242,8 +292,9 @@ def build_parser():
                                       "outputs (layer x head) with symmetric token replacement and normalized "
                                       "logit difference; print the top components and write heatmaps.",
                           formatter_class=_HelpWithDefaults)
-    demo.add_argument("--model", default="toy", help="a folder or a name under weights/")
-    demo.add_argument("--out", default="results/demo", help="output folder")
+    demo.add_argument("--model", default="toy", help="a folder or a name under weights/ (default: toy)")
+    demo.add_argument("--out", default="results/demo",
+                      help="output folder (default: results/demo); replaces only an earlier demo output")
     demo.add_argument("--n-prompts", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
@@ -281,7 +332,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        fail = Fail(f"jpatch {args.command}: {cli_message(e)}")
+    except Fail as e:
+        fail = e
+    print(fail, file=sys.stderr)
+    raise fail
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ jpatch folder that `jpatch.checkpoint.load` reads.
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ def from_hf_state_dict(state, config, dtype=jnp.float32):
         array = np.asarray(state[name])
         if array.shape != shape:
             raise ValueError(f"tensor {name!r} has shape {array.shape}, but the config needs {shape}")
+        if not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise ValueError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf): a damaged checkpoint")
         return jnp.asarray(array, dtype=dtype)
 
     def stack(suffix, shape):
@@ -104,8 +108,11 @@ def resolve_source(src):
     if path.exists():
         raise NotADirectoryError(f"{path} is not a directory; pass the folder holding config.json and the weights")
     name = str(src)
-    if not _HUB_ID.fullmatch(name) or name.endswith(WEIGHT_FILES + ("config.json",)):
+    # A hub id is "name" or "org/name"; a path whose folder exists here ("weights/gpt2x") is a local typo.
+    looks_local = len(path.parts) > 1 and path.parent.exists()
+    if not _HUB_ID.fullmatch(name) or name.endswith(WEIGHT_FILES + ("config.json",)) or looks_local:
         raise FileNotFoundError(f"no such checkpoint directory: {path}")
+    print(f"jpatch: {name!r} is not a local directory; trying it as a Hugging Face Hub id", file=sys.stderr)
     return _download(name)
 
 
@@ -212,11 +219,14 @@ def _weight_file(folder):
 
 def _read_weights(path):
     if path.name.endswith(".index.json"):
-        shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
-        if not shards:
+        weight_map = _read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{path} has no weight_map")
+        folder = path.parent.resolve()
         state = {}
-        for shard in shards:
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if folder not in (path.parent / shard).resolve().parents:  # no "../" or absolute paths
+                raise ValueError(f"{path}: weight_map entry {shard!r} points outside the checkpoint folder {folder}")
             state.update(_read_weights(path.parent / shard))
         return state
     if not path.is_file():
@@ -267,7 +277,8 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
 
     The folder is written atomically (a temporary folder beside `out_dir`, renamed
     at the end), so a failed conversion leaves nothing behind. An existing non-empty
-    `out_dir` is replaced only with `overwrite=True`. Returns the folder's path.
+    `out_dir` is replaced only when it is a jpatch model folder and `overwrite=True`;
+    the source (or a folder containing it) is never a valid `out_dir`. Returns the folder's path.
     """
     from jpatch import checkpoint
 
@@ -277,8 +288,9 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
         dtype_name = None
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    checkpoint.check_target(out_dir, overwrite)  # before the slow part
+    local = [Path(src).expanduser()] if Path(src).expanduser().exists() else []
+    checkpoint.check_target(out_dir, overwrite, kind="model", inputs=local)  # before the slow part
     folder = resolve_source(src)
     source = str(src) if not Path(src).expanduser().is_dir() else str(folder.resolve())
     model = load_hf(folder, dtype=DTYPES[dtype_name])
-    return checkpoint.save(model, out_dir, extra_config={"source": source}, overwrite=overwrite)
+    return checkpoint.save(model, out_dir, extra_config={"source": source}, overwrite=overwrite, inputs=[folder])

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch import sites
+from jpatch import padding, sites
 from jpatch.model import Override
 from jpatch.patching import Run
 
@@ -151,7 +151,8 @@ def embedding_std(model, token_ids=None):
     return float(np.sqrt((counts[:, None] * (rows - mean) ** 2).sum() / (n - 1)))
 
 
-def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=None, std_tokens=None, seed=1, key=None):
+def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=None, std_tokens=None, seed=1, key=None,
+                   attention_mask=None):
     """ROME's causal-tracing corruption: noise on the token embeddings of chosen positions.
 
     tokens: [batch, pos] clean token ids.
@@ -164,6 +165,8 @@ def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=Non
     only (site "hook_embed"), not the position embedding, independently per
     sample, prompt, position and dimension.
     n_samples: noise samples per prompt (ROME: 10), run together in one call.
+    attention_mask: [batch, pos] right-padding mask of prompts of different lengths; noise on
+      padding is refused, and the Run carries the mask to `sweep`.
     seed / key: the noise comes from `jax.random.normal` with `key` (or
       PRNGKey(seed)); the same seed gives the same noise. ROME draws from
       numpy RandomState(1): the distribution is reproduced, not its exact values.
@@ -180,6 +183,13 @@ def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=Non
     if not np.isfinite(scale) or scale < 0:
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     mask = position_mask(positions, B, T)
+    if attention_mask is not None:
+        lengths = padding.lengths_of(attention_mask, (B, T))
+        on_pad = np.argwhere(mask & (np.arange(T) >= lengths[:, None]))
+        if len(on_pad):
+            raise ValueError(f"positions: prompt {on_pad[0, 0]} gets noise at position {on_pad[0, 1]}, which is "
+                             f"padding (the prompt has {int(lengths[on_pad[0, 0]])} real tokens)")
+        attention_mask = np.tile(np.asarray(attention_mask), (n_samples, 1))
     if std is None:
         if std_tokens is None:
             if not mask.any():
@@ -197,13 +207,14 @@ def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=Non
     noise = jnp.where(mask_rows, noise.reshape(n_samples * B, T, d), 0.0)
     tiled = np.tile(tokens, (n_samples, 1))
     embed = model.wte[jnp.asarray(tiled)].astype(jnp.float32)
-    return Run(tiled, {"hook_embed": Override((embed + noise).astype(model.dtype), mask_rows)}, n_samples)
+    return Run(tiled, {"hook_embed": Override((embed + noise).astype(model.dtype), mask_rows)}, n_samples,
+               attention_mask)
 
 
 # --- symmetric token replacement ----------------------------------------------------------------
 
 
-def token_replacement(clean_tokens, corrupted_tokens, positions=None):
+def token_replacement(clean_tokens, corrupted_tokens, positions=None, *, attention_mask=None):
     """Symmetric token replacement (STR): the corrupted prompts as a Run.
 
     clean_tokens, corrupted_tokens: [batch, pos] token ids of the same shape (a
@@ -211,6 +222,8 @@ def token_replacement(clean_tokens, corrupted_tokens, positions=None):
     positions: optional declared key positions (per prompt a list / [batch, k]
       int array, or a [batch, pos] boolean mask); then the prompts must differ
       only there, else the error names the prompt, position and both token ids.
+    attention_mask: [batch, pos] right-padding mask shared by both (each pair has one length);
+      the Run carries it to `sweep`.
     Returns Run(corrupted_tokens).
     """
     clean, corrupted = _tokens(clean_tokens, "clean_tokens"), _tokens(corrupted_tokens, "corrupted_tokens")
@@ -229,7 +242,10 @@ def token_replacement(clean_tokens, corrupted_tokens, positions=None):
                 f"corrupted id {int(corrupted[b, p])}), which is not a declared key position "
                 f"(declared: {np.flatnonzero(declared[b]).tolist()})"
             )
-    return Run(corrupted.copy())
+    if attention_mask is not None:
+        padding.lengths_of(attention_mask, clean.shape)
+        attention_mask = np.asarray(attention_mask).copy()
+    return Run(corrupted.copy(), attention_mask=attention_mask)
 
 
 Replacement = namedtuple("Replacement", "run clean_tokens corrupted_tokens positions")
@@ -265,8 +281,8 @@ def token_replacement_from_text(clean_texts, corrupted_texts, tokenizer=None, ke
     """STR from text: tokenize both prompt lists and check them.
 
     clean_texts, corrupted_texts: [batch] strs, pairwise of equal token length
-      (the error quotes both prompts and their lengths); all prompts of the batch
-      must share one length (group prompts by length otherwise).
+      (the error quotes both prompts and their lengths); prompts of different lengths are
+      padded on the right and the Run carries their attention mask (`run.attention_mask`).
     tokenizer: anything with `encode(str) -> ids` (default `jpatch.tokenizer.get_tokenizer()`).
     key_words: the replaced words, e.g. [" Mary", " John"] for every prompt, or one
       list per prompt ([[" Mary", " John"], ...]). Tokens overlapping any occurrence
@@ -295,17 +311,11 @@ def token_replacement_from_text(clean_texts, corrupted_texts, tokenizer=None, ke
                 f"{corrupted_texts[b]!r} has {len(x)}; symmetric token replacement needs replacements "
                 "of the same token length"
             )
-    lengths = sorted({len(c) for c in clean_ids})
-    if len(lengths) > 1:
-        first = {n: next(b for b, c in enumerate(clean_ids) if len(c) == n) for n in lengths}
-        raise ValueError(
-            f"the prompts have different token lengths {lengths} (e.g. prompt {first[lengths[0]]} has {lengths[0]}, "
-            f"prompt {first[lengths[-1]]} has {lengths[-1]}); a batch needs one length: group the prompts by length"
-        )
-    if lengths[0] == 0:
-        raise ValueError("the prompts are empty")
-    clean = np.asarray(clean_ids, np.int32)
-    corrupted = np.asarray(corrupted_ids, np.int32)
+    if not all(clean_ids):
+        raise ValueError(f"prompt {[len(c) for c in clean_ids].index(0)} is empty")
+    clean, mask = padding.pad(clean_ids)
+    corrupted, _ = padding.pad(corrupted_ids)
+    ragged = not mask.all()
     positions = None
     if key_words is not None:
         key_words = list(key_words)
@@ -325,7 +335,7 @@ def token_replacement_from_text(clean_texts, corrupted_texts, tokenizer=None, ke
                         f"prompt {b}: key word {word!r} occurs in neither {clean_texts[b]!r} nor {corrupted_texts[b]!r}"
                     )
                 positions[b, sorted(hit)] = True
-    run = token_replacement(clean, corrupted, positions)
+    run = token_replacement(clean, corrupted, positions, attention_mask=mask if ragged else None)
     return Replacement(run, clean, corrupted, positions)
 
 

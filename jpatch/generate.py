@@ -22,10 +22,11 @@ def _step_attention(K, V, t):
     def attend(q, k, v):  # q, k, v [B, 1, H, d_head]; K, V [B, S, H, d_head]
         out["K"] = jax.lax.dynamic_update_slice_in_dim(K, k.astype(K.dtype), t, axis=1)
         out["V"] = jax.lax.dynamic_update_slice_in_dim(V, v.astype(V.dtype), t, axis=1)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, out["K"]).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        # float32 accumulation, as `model.causal_attention`
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, out["K"], preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
         scores = jnp.where(jnp.arange(K.shape[1]) <= t, scores, jnp.finfo(jnp.float32).min)
-        pattern = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", pattern, out["V"])
+        pattern = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", pattern, out["V"], preferred_element_type=jnp.float32).astype(q.dtype)
 
     return attend, out
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpatch import aggregate
+
 NORMALIZATIONS = ("none", "baseline", "range")
 
 
@@ -39,20 +41,30 @@ class Metric:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"unknown normalize={self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
 
-    def read_positions(self, batch, pos):
-        """The [batch, K] positions this metric reads for [batch, pos] tokens (None: all)."""
+    def read_positions(self, batch, pos, lengths=None):
+        """The [batch, K] positions this metric reads for [batch, pos] tokens (None: all).
+
+        lengths: [batch] real lengths of a right-padded batch; the default reads each
+        prompt's last real token, and explicit positions must lie within each prompt.
+        """
         if isinstance(self.positions, str):
             if self.positions != "all":
                 raise ValueError(f"positions must be None, 'all' or an array, got {self.positions!r}")
             return None
+        ends = np.full(batch, pos) if lengths is None else np.asarray(lengths)
         if self.positions is None:
-            return np.full((batch, 1), pos - 1)
+            return (ends - 1)[:, None]
         positions = np.asarray(self.positions)
         positions = positions.reshape(positions.shape[0], -1) if positions.ndim else np.full((batch, 1), positions)
         if positions.shape[0] != batch:
             raise ValueError(f"metric positions cover {positions.shape[0]} prompts, the batch has {batch}")
         if (positions < 0).any() or (positions >= pos).any():
             raise ValueError(f"metric positions {positions.ravel().tolist()} out of range for {pos} tokens")
+        past = np.argwhere(positions >= ends[:, None])
+        if len(past):
+            b = past[0, 0]
+            raise ValueError(f"metric position {int(positions[b, past[0, 1]])} of prompt {b} is padding: "
+                             f"the prompt has {int(ends[b])} real tokens")
         return positions
 
     def batch_data(self, batch):
@@ -64,11 +76,7 @@ class Metric:
 
     def compare(self, patched, clean, corrupted):
         """Normalise raw scores (any shape, broadcasting) against the two baselines."""
-        if self.normalize == "none":
-            return patched
-        if self.normalize == "baseline":
-            return patched - corrupted
-        return (patched - corrupted) / (clean - corrupted)
+        return aggregate.normalize(self.normalize, patched, clean, corrupted)
 
 
 def _at(logits, ids):

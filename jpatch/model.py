@@ -38,6 +38,15 @@ class GPT2Config:
     activation: str = "gelu_new"
 
     def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GPT2Config {name} must be an integer >= 1, got {value!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < math.inf:
+            raise ValueError(f"GPT2Config layer_norm_eps must be a finite number > 0, got {eps!r}")
+        if not isinstance(self.activation, str):
+            raise ValueError(f"GPT2Config activation must be a string, got {self.activation!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:
@@ -128,15 +137,17 @@ class MLP(eqx.Module):
 def causal_attention(q, k, v, key_mask=None, edit=no_edit):
     """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens."""
     T = q.shape[-3]
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    # Scores, softmax and the pattern-weighted sum accumulate in float32 even for bfloat16 weights.
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     allowed = jnp.tril(jnp.ones((T, T), bool))
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :].astype(bool)
     scores = edit("attn.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf))  # -inf as TransformerLens
     # A finite fill keeps fully masked rows (left padding) finite instead of NaN.
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
-    return jnp.einsum("...hqk,...khd->...qhd", pattern, v)
+    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
+    z = jnp.einsum("...hqk,...khd->...qhd", pattern, v, preferred_element_type=jnp.float32)
+    return z.astype(q.dtype)
 
 
 class Block(eqx.Module):
@@ -302,7 +313,7 @@ class GPT2(FrontDoor, eqx.Module):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", (normalized * self.ln_f.weight + self.ln_f.bias).astype(self.dtype))
-        return edit("unembed.hook_out", (x @ self.wte.T).astype(jnp.float32))
+        return edit("unembed.hook_out", jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32))
 
     def __call__(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
         """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]

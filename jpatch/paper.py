@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -718,6 +719,19 @@ def _jsonable(x):
     return x
 
 
+def _check_settings(*, noise_scale, ioi_split, **counts):
+    """Refuse settings that would fail or shrink the report minutes into the run."""
+    for name, value in counts.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(noise_scale, (int, float, np.number)) or not math.isfinite(noise_scale) or noise_scale <= 0:
+        raise ValueError(f"noise_scale must be a finite number > 0, got {noise_scale!r}")
+    if ioi_split not in ("all", "train", "test"):
+        raise ValueError(f"unknown ioi_split {ioi_split!r}; valid: all, train, test")
+
+
 def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=None, noise_samples=10,
               noise_scale=3.0, window=5, top_k=None, negative_threshold=0.02, ioi_split="test", seed=0,
               noise_seed=1, min_bucket=8, overwrite=False, progress=True):
@@ -735,7 +749,9 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
     overwrite: replace a non-empty out_dir (refused otherwise, before any work).
     Returns the path of report.md. Nothing is left at out_dir if a section raises.
     """
-    check_target(out_dir, overwrite)
+    _check_settings(n_prompts=n_prompts, n_factual=n_factual, noise_samples=noise_samples, window=window,
+                    top_k=top_k, min_bucket=min_bucket, noise_scale=noise_scale, ioi_split=ioi_split)
+    check_target(out_dir, overwrite, kind="paper")
     n_heads = model.config.n_layer * model.config.n_head
     settings = {
         "n_prompts": int(n_prompts), "n_factual": int(n_factual if n_factual is not None else 2 * n_prompts),
@@ -746,7 +762,7 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     start = time.perf_counter()
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, kind="paper") as tmp:
         run = _Run(model, model_name, Path(tmp), settings, progress)
         body = []
         for key, section in SECTIONS:
@@ -788,7 +804,9 @@ def add_arguments(parser):
 def main(args):
     """Run `run_paper` from parsed `add_arguments` options; prints the report's path. Returns an exit code."""
     try:
-        check_target(args.out, args.overwrite)
+        _check_settings(n_prompts=args.n_prompts, n_factual=args.n_factual, noise_samples=args.noise_samples,
+                        window=args.window, noise_scale=args.noise_scale, ioi_split=args.ioi_split)
+        check_target(args.out, args.overwrite, kind="paper")
         model = jpatch.load(args.model)
         name = Path(str(args.model)).name
         path = run_paper(model, args.out, model_name=name, n_prompts=args.n_prompts, n_factual=args.n_factual,
@@ -796,8 +814,12 @@ def main(args):
                          ioi_split=args.ioi_split, seed=args.seed, overwrite=args.overwrite,
                          progress=not args.quiet)
     except (OSError, ValueError) as e:
-        message = str(e).replace("pass overwrite=True", "pass --overwrite")
-        print(f"jpatch paper: error: {message}", file=sys.stderr)
-        return 1
+        from jpatch.cli import cli_message
+
+        message = cli_message(e)
+        message = re.sub(r"\b(n_prompts|n_factual|noise_samples|noise_scale|window|ioi_split)\b",
+                         lambda m: "--" + m.group(1).replace("_", "-"), message, count=1)
+        print(f"jpatch paper: {message}", file=sys.stderr)
+        return 2
     print(path)
     return 0

@@ -10,6 +10,8 @@ take TransformerLens's arguments and return its shapes and numbers.
 import dataclasses
 import itertools
 import math
+import warnings
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +19,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jpatch import engine, sites
+from jpatch import aggregate, engine, padding, sites
 from jpatch.engine import ALL, Patches
 from jpatch.metrics import from_callable
 
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MEMORY_BUDGET = 4 << 30
+MANY_COMPILES = 8  # more patch groups than this (a tiny memory budget) is warned about
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One input to the model: tokens plus model overrides on its global sites
     (e.g. Gaussian noise on `hook_embed`). `samples` runs of the same `batch`
-    prompts are stacked sample-major: tokens has samples x batch rows."""
+    prompts are stacked sample-major: tokens has samples x batch rows.
+    attention_mask: [rows, pos] right-padding mask of a ragged batch (None: no padding)."""
 
     tokens: np.ndarray
     overrides: dict = dataclasses.field(default_factory=dict)
     samples: int = 1
+    attention_mask: Optional[np.ndarray] = None
 
     @property
     def batch(self):
@@ -49,16 +54,18 @@ class Run:
             raise ValueError("only a run whose overrides are on global sites (e.g. hook_embed) can be tiled over samples")
         tile = lambda a: jnp.tile(a, (samples,) + (1,) * (a.ndim - 1))  # global sites: batch is axis 0
         overrides = {k: jax.tree_util.tree_map(tile, v) for k, v in self.overrides.items()}
-        return Run(np.tile(self.tokens, (samples, 1)), overrides, samples)
+        mask = None if self.attention_mask is None else np.tile(self.attention_mask, (samples, 1))
+        return Run(np.tile(self.tokens, (samples, 1)), overrides, samples, mask)
 
 
 def as_run(x, what):
-    if isinstance(x, Run):
-        return x
-    tokens = np.asarray(x)
+    run = x if isinstance(x, Run) else None
+    tokens = np.asarray(x.tokens if run else x)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{what} must be [batch, pos] token ids or a Run, got shape {tokens.shape} {tokens.dtype}")
-    return Run(tokens)
+    if 0 in tokens.shape:
+        raise ValueError(f"{what} holds no tokens (shape {tokens.shape}): need at least one prompt of at least one token")
+    return run or Run(tokens)
 
 
 # name -> (site, axes of the result); TransformerLens 3.9's patching functions.
@@ -89,7 +96,8 @@ def default_axes(site):
     if site == "attn.hook_pattern":
         return ("layer", "head", "pos")
     if site not in sites.SWEEP_SITES:
-        raise ValueError(f"site {site!r} cannot be swept; sweepable: {', '.join(sites.SWEEP_SITES)}")
+        why = "has no layers to sweep" if site not in sites.LAYER_SITES else "is not patched by the sweep engine"
+        raise ValueError(f"site {site!r} {why}; sweepable: {', '.join(sites.SWEEP_SITES)}")
     return ("layer", "pos")
 
 
@@ -213,6 +221,10 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
     # At most one group per patch: more would leave groups empty.
     groups = max(1, min(len(patches), math.ceil(per_prompt * (N if scalar else 1) / memory_budget)))
+    if groups > MANY_COMPILES:
+        warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, compiled "
+                      f"one by one (slow); {per_prompt * (N if scalar else 1)} bytes would need one",
+                      RuntimeWarning, stacklevel=3)
     chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
     if not scalar and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
@@ -283,39 +295,182 @@ def read_logits(model, run, metric):
     return model(run.tokens, overrides=run.overrides, logits_at=positions)
 
 
+def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID):
+    """The [batch, pos] right-padding mask of a sweep's prompts, or None when the batch is not padded.
+
+    It is `attention_mask`, or the one the runs carry (they must agree). Without any, a batch whose
+    rows end in pad ids (<|endoftext|>, the vocabulary's last id) in some rows only is refused: it looks padded.
+    """
+    B, T = runs[0].batch, runs[0].tokens.shape[1]
+    given = [("attention_mask", attention_mask)] + [(f"the {w} run's attention_mask", r.attention_mask)
+                                                      for w, r in zip(("clean", "corrupted"), runs)]
+    given = [(w, np.asarray(m)[:B].astype(bool)) for w, m in given if m is not None]
+    if not given:
+        for what, run in zip(("clean tokens", "corrupted tokens"), runs):
+            padding.refuse_hidden_padding(run.tokens, what, pad_id)
+        return None
+    for what, m in given[1:]:
+        if m.shape != given[0][1].shape or (m != given[0][1]).any():
+            raise ValueError(f"{what} differs from {given[0][0]}: the clean and corrupted prompts must have the same "
+                             "real lengths")
+    padding.lengths_of(given[0][1], (B, T), given[0][0])
+    return given[0][1]
+
+
+def _prompt_lengths(mask, batch, pos):
+    return np.full(batch, pos) if mask is None else mask.sum(1)
+
+
+def applies(patches, lengths):
+    """[n_patches, rows] whether each patch lies within each prompt (its position and key position)."""
+    pos = patches.pos.reshape(len(patches), -1)
+    within = (pos == ALL) | (pos < lengths[None, :])
+    src = patches.src[:, None]
+    return within & ((src == ALL) | (src < lengths[None, :]))
+
+
+def no_op_patches(patches, base_stack, source_stack):
+    """[n_patches, rows]: True where every value a patch writes equals the base run's own value.
+
+    Such a patched run *is* the base run, so its score is the base run's score exactly (not
+    a float32 recomputation of it): a patch that changes nothing measures exactly 0.
+    base_stack, source_stack: the site's [n_layer, rows, ...] activations of the two runs.
+    """
+    diff = np.asarray(base_stack != source_stack)
+    if patches.site == "attn.hook_pattern":  # [L, N, H, Tq, Tk]
+        diff = np.moveaxis(diff, 2, -1)  # [L, N, Tq, Tk, H]
+    elif patches.site in sites.HEAD_VECTOR_SITES:  # [L, N, T, H, d_head]
+        diff = diff.any(-1)[:, :, :, None]  # [L, N, T, 1(src), H]
+    else:  # [L, N, T, d]
+        diff = diff.any(-1)[:, :, :, None, None]  # [L, N, T, 1, 1]
+    # Any difference in layers [lo, hi): prefix counts over the layer axis.
+    counts = np.concatenate([np.zeros_like(diff[:1], int), np.cumsum(diff, 0)])
+    n, rows = len(patches), diff.shape[1]
+    pos = patches.pos.reshape(n, -1)
+    out = np.zeros((n, rows), bool)
+    for i in range(n):
+        changed = counts[patches.layer_hi[i]] - counts[patches.layer_lo[i]]  # [N, T, S, H]
+        if patches.head[i] != ALL and changed.shape[-1] > 1:
+            changed = changed[..., patches.head[i] : patches.head[i] + 1]
+        if patches.src[i] != ALL:
+            changed = changed[:, :, patches.src[i] : patches.src[i] + 1]
+        changed = changed.reshape(rows, changed.shape[1], -1).any(-1)  # [N, T]
+        at = changed.any(1) if (pos[i] == ALL).any() else changed[np.arange(rows), np.broadcast_to(pos[i], rows)]
+        out[i] = ~at
+    return out
+
+
+def _check_finite(values, defined, axes, shape):
+    bad = np.argwhere(defined & ~np.isfinite(values))
+    if len(bad):
+        raise FloatingPointError(
+            f"the metric is not finite for {len(np.unique(bad[:, 0]))} patch(es), first at "
+            f"{_describe(axes, shape, bad[0, 0])}; "
+            "check the metric (e.g. a normalized metric whose clean and corrupted baselines are equal)"
+        )
+
+
 def _describe(axes, shape, flat_index):
     coords = np.unravel_index(flat_index, shape)
     return ", ".join(f"{a} {int(c)}" for a, c in zip(axes, coords))
 
 
-def _check_finite(result, axes, shape):
-    bad = np.argwhere(~np.isfinite(result.reshape(int(np.prod(shape)), -1)).all(1))
-    if len(bad):
-        raise FloatingPointError(
-            f"the metric is not finite for {len(bad)} patch(es), first at {_describe(axes, shape, bad[0, 0])}; "
-            "check the metric (e.g. a normalized metric whose clean and corrupted baselines are equal)"
+def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, samples=1, per_prompt=False,
+           check=True):
+    """Raw patched scores -> the sweep's `SweepResult`.
+
+    raw [n_patches, samples * batch] (or [n_patches] for a scalar metric), NaN where a patch does not
+    apply to a prompt; defined: the same shape, where it applies; clean_score / corrupted_score: the
+    baselines per row (or scalars). Noise samples are averaged per prompt first; then the default
+    aggregate normalizes the mean over prompts, or per_prompt normalizes each prompt.
+    check: raise FloatingPointError where a defined value is not finite.
+    """
+    _check = _check_finite if check else (lambda *args: None)
+    info = dict(axes=tuple(axes), normalization=metric.normalize)
+    if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
+        values = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
+        _check(values.reshape(-1), defined, axes, shape)
+        return aggregate.SweepResult(values, clean=float(clean_score), corrupted=float(corrupted_score),
+                                     per_prompt=False, **info)
+    by_prompt = lambda a: np.asarray(a, np.float64).reshape(a.shape[:-1] + (samples, -1)).mean(-2)
+    raw, clean_score, corrupted_score = by_prompt(raw), by_prompt(clean_score), by_prompt(corrupted_score)
+    defined = defined.reshape(defined.shape[0], samples, -1)[:, 0]
+    raw = np.where(defined, raw, np.nan)
+    if per_prompt:
+        values = aggregate.per_prompt(metric.normalize, raw, clean_score, corrupted_score)
+        _check(values, defined, axes, shape)
+        values = np.moveaxis(values, -1, 0).reshape((-1,) + tuple(shape))
+    else:
+        values = aggregate.normalized_mean(metric.normalize, raw, clean_score, corrupted_score)
+        _check(values, defined.any(-1), axes, shape)
+        values = values.reshape(shape)
+    return aggregate.SweepResult(
+        values, clean=float(clean_score.mean()), corrupted=float(corrupted_score.mean()),
+        clean_per_prompt=clean_score.astype(np.float32), corrupted_per_prompt=corrupted_score.astype(np.float32),
+        raw=np.moveaxis(raw, -1, 0).reshape((-1,) + tuple(shape)).astype(np.float32), per_prompt=bool(per_prompt),
+        **info)
+
+
+def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
+    """The metric checked and bound to this batch: its data and read positions (each prompt's
+    last real token unless told otherwise) tiled over `samples` noise samples."""
+    metric = checked_metric(metric, d_vocab)
+    lengths = _prompt_lengths(mask, batch, pos)
+    if isinstance(metric.positions, str) and mask is not None and (lengths < pos).any():
+        raise ValueError(
+            f"metric {metric.name!r} reads the logits at every position, but the batch is padded: it would read "
+            "padding. Use a jpatch Metric (jpatch.metrics.logit_diff, probability, kl, ...), which reads each "
+            "prompt's last real token, or sweep prompts of one length without attention_mask"
         )
+    read = metric.read_positions(batch, pos, None if mask is None else lengths)
+    tile = lambda a: np.tile(np.asarray(a), (samples,) + (1,) * (np.ndim(a) - 1))
+    data = {k: tile(v) for k, v in metric.batch_data(batch).items()}
+    return dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
+
+
+def check_memory_budget(memory_budget):
+    """Refuse a memory budget that is not a positive number of bytes (0 would divide by zero)."""
+    if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, np.number))
+            or not 0 < memory_budget < math.inf):
+        raise ValueError(f"memory_budget must be a positive number of bytes (e.g. 4 << 30), got {memory_budget!r}")
+    return memory_budget
+
+
+def sweep_site(name, n_layer):
+    """The site a sweep patches: "resid_pre" / "hook_resid_pre" / "blocks.3.hook_resid_pre" are
+    accepted as names, but one layer's full name is refused (a sweep runs over layers; choose
+    them with `layers=`) rather than silently sweeping every layer."""
+    if isinstance(name, str) and name.startswith("blocks."):
+        site, layer = sites.parse(name, n_layer)
+        raise ValueError(f"{name!r} names one layer; a sweep patches a site over layers: pass the site "
+                         f"{site!r} (add layers=[{layer}] to patch that layer only)")
+    return sites.canonical(name)
 
 
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
-          heads=None, prompt_positions=None, axes=None, per_prompt=False, memory_budget=DEFAULT_MEMORY_BUDGET, progress=True,
-          skip_layers=True, skip_positions=True, devices=None, with_clean=False):
+          heads=None, prompt_positions=None, axes=None, per_prompt=False, attention_mask=None,
+          memory_budget=DEFAULT_MEMORY_BUDGET, progress=True, skip_layers=True, skip_positions=True, devices=None,
+          check_finite=True):
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;
     a Gaussian-noise run carries several noise samples, averaged per prompt).
+    attention_mask: [batch, pos], 1 on real tokens, for prompts of different lengths padded on
+    the right (`jpatch.pad`); each prompt is patched and scored as if swept alone, and position
+    axes are NaN past each prompt's end.
     direction: "denoise" runs the corrupted input with clean values patched in,
     "noise" the clean input with corrupted values.
     window: patch w consecutive layers centred on each layer (ROME's sliding window).
-    Returns the metric, normalized against the clean and corrupted runs as the
-    metric says, with shape [*grid] (mean over prompts) or [batch, *grid] when
-    per_prompt; the grid axes default to (layer, pos), (layer, pos, head) for
-    q/k/v/z, (layer, head, pos) for the pattern; choose `axes` e.g. ("layer", "head").
-    with_clean: return (result, clean) where clean is the metric of the unpatched clean run,
-    compared the same way (1 for a normalized metric; [batch] when per_prompt), so that
-    result - clean is a noising sweep's effect.
+    Returns a `SweepResult` (a NumPy array with the clean and corrupted baselines attached) of
+    shape [*grid]: the metric normalized over the mean of the prompts (the paper's and
+    TransformerLens's aggregate), or [batch, *grid] each prompt normalized alone when per_prompt.
+    The grid axes default to (layer, pos), (layer, pos, head) for q/k/v/z, (layer, head, pos)
+    for the pattern; choose `axes` e.g. ("layer", "head").
+    check_finite: raise FloatingPointError naming the first patch whose value is not finite
+    (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
     """
-    site = sites.parse(site)[0] if site.startswith("blocks.") else sites.canonical(site)
+    site = sweep_site(site, model.config.n_layer)
+    check_memory_budget(memory_budget)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
@@ -327,20 +482,23 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
             f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape"
         )
     axes = tuple(axes or default_axes(site))
-    metric = checked_metric(metric, model.config.d_vocab)
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    lengths = _prompt_lengths(mask, B, T)
+    metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     clean_rows = clean.tiled(S)
-    metric = dataclasses.replace(metric, data={k: np.tile(np.asarray(v), (S,) + (1,) * (np.ndim(v) - 1))
-                                                for k, v in metric.batch_data(B).items()})
-    if metric.positions is not None and not isinstance(metric.positions, str):
-        metric = dataclasses.replace(metric, positions=np.tile(metric.read_positions(B, T), (S, 1)))
 
     clean_logits = read_logits(model, clean_rows, metric)
     corrupted_logits = read_logits(model, corrupted, metric)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
     _, source_cache = model.run_with_cache(source.tokens, overrides=source.overrides, names_filter=site)
     if prompt_positions is not None:
-        prompt_positions = np.tile(np.asarray(prompt_positions), S) if np.shape(prompt_positions) == (B,) else prompt_positions
+        prompt_positions = np.asarray(prompt_positions)
+        if mask is not None and prompt_positions.shape == (B,) and (prompt_positions >= lengths).any():
+            b = int(np.argmax(prompt_positions >= lengths))
+            raise ValueError(f"prompt_positions: position {int(prompt_positions[b])} of prompt {b} is padding "
+                             f"(the prompt has {int(lengths[b])} real tokens)")
+        prompt_positions = np.tile(prompt_positions, S) if prompt_positions.shape == (B,) else prompt_positions
     patches, shape = make_patches(model.config, site, axes, T, S * B, window=window, layers=layers,
                                   positions=positions, heads=heads, prompt_positions=prompt_positions)
     baseline = lambda logits: np.asarray(metric.score(logits, clean_logits, metric.batch_data(S * B)))
@@ -349,20 +507,13 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
     raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
                        skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
-    if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
-        result = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
-        clean_value = metric.compare(clean_score, clean_score, corrupted_score)
-    else:
-        by_prompt = lambda a: a.reshape(a.shape[:-1] + (S, B)).mean(-2)
-        raw, clean_score, corrupted_score = by_prompt(raw), by_prompt(clean_score), by_prompt(corrupted_score)
-        if per_prompt:
-            result = np.moveaxis(metric.compare(raw, clean_score, corrupted_score), -1, 0).reshape((B,) + shape)
-            clean_value = metric.compare(clean_score, clean_score, corrupted_score)
-        else:
-            result = metric.compare(raw.mean(-1), clean_score.mean(), corrupted_score.mean()).reshape(shape)
-            clean_value = metric.compare(clean_score.mean(), clean_score.mean(), corrupted_score.mean())
-    _check_finite(np.moveaxis(result, 0, -1) if per_prompt and raw.ndim > 1 else result, axes, shape)
-    return (result, np.asarray(clean_value)) if with_clean else result
+    if raw.ndim > 1:
+        _, base_cache = model.run_with_cache(base.tokens, overrides=base.overrides, names_filter=site)
+        no_op = no_op_patches(patches, base_cache.stacked(site), source_cache.stacked(site))
+        raw = np.where(no_op, corrupted_score if direction == "denoise" else clean_score, raw)
+    defined = applies(patches, np.tile(lengths, S))
+    return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,
+                  shape, samples=S, per_prompt=per_prompt, check=check_finite)
 
 
 # --- TransformerLens-shaped functions -------------------------------------------------
@@ -371,11 +522,12 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
 def _tl_patch(name):
     site, axes = SWEEPS[name]
 
-    def get_act_patch(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    def get_act_patch(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, **kwargs):
         corrupted = as_run(corrupted_tokens, "corrupted_tokens")
-        metric = checked_metric(metric, model.config.d_vocab)
-        # The clean logits at the read positions come from the clean cache's last residual stream.
         N, T = corrupted.tokens.shape
+        mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
+        metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
+        # The clean logits at the read positions come from the clean cache's last residual stream.
         read = metric.read_positions(N, T)
         final = clean_cache.stacked("hook_resid_post")[-1]
         if final.shape[:2] != (N, T):
@@ -386,15 +538,17 @@ def _tl_patch(name):
         clean_logits = model.unembed(final)
         patches, shape = make_patches(model.config, site, axes, T, N)
         raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
-        if raw.ndim == 2:
-            raw = raw.mean(-1)
-        if metric.normalize != "none":  # a scalar callable too may ask for normalization
-            corrupted_logits = read_logits(model, corrupted, metric)
-            data = metric.batch_data(N)
-            clean_score = np.asarray(metric.score(clean_logits, clean_logits, data)).mean()
-            corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data)).mean()
-            raw = metric.compare(raw, clean_score, corrupted_score)
-        return raw.reshape(shape)
+        data = metric.batch_data(N)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted.tokens, overrides=corrupted.overrides,
+                                                                 logits_at=read)
+        clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
+        corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
+        if raw.ndim > 1:
+            no_op = no_op_patches(patches, corrupted_cache.stacked(site), clean_cache.stacked(site))
+            raw = np.where(no_op, corrupted_score, raw)
+        defined = applies(patches, _prompt_lengths(mask, N, T))
+        return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,
+                      axes, shape)
 
     get_act_patch.__name__ = f"get_act_patch_{name}"
     get_act_patch.__doc__ = (
@@ -402,7 +556,10 @@ def _tl_patch(name):
         f"with clean values; returns the metric per patch, shape {tuple(axes)}.\n\n"
         "metric: a jittable TransformerLens-style function of the logits (written with jnp) or a\n"
         "jpatch Metric; a Metric is normalized with the cache's run as 1 and the tokens' run as 0\n"
-        "(for noising, pass the clean tokens and the corrupted cache: 1 then means fully corrupted).\n"
+        "(the mean over prompts normalized, as TransformerLens's notebooks do; for noising, pass the\n"
+        "clean tokens and the corrupted cache: 1 then means fully corrupted).\n"
+        "attention_mask: [batch, pos] for right-padded prompts of different lengths.\n"
+        "Returns a `SweepResult` (an array with the baselines attached).\n"
         "Keyword arguments (memory_budget, progress, devices, ...) go to `patch_scores`."
     )
     return get_act_patch

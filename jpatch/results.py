@@ -10,10 +10,17 @@ Bulk sweep (`jpatch.bulk.bulk_sweep`), written shard by shard::
 
     out_dir/manifest.json       {"format": "jpatch-bulk", "settings": {...}, "hash": ...,
                                  "n_prompts", "shard_size", "n_shards", "max_len",
-                                 "sites": {name: {"site", "axes", "grid"}}}
+                                 "sites": {name: {"site", "axes", "grid"}},
+                                 "shards": {"shard-00000.npz": sha256 of the file, ...}}
     out_dir/shard-00000.npz     "index" [n] dataset indices (0-based, file order) of its prompts,
                                 "length" [n] their token lengths, "run_hash" (the manifest's hash),
-                                and per site name [n, *grid] float32
+                                "manifest" (the run's manifest as JSON text, without "shards"),
+                                "clean_score" / "corrupted_score" [n] the baselines, and per site
+                                name "raw.<name>" [n, *grid] the patched scores and "<name>"
+                                [n, *grid] each prompt normalized by its own baselines (float32)
+
+Loading and resuming verify each shard against its recorded sha256 (`check_shard`); a
+lost or damaged manifest.json is rebuilt from the shards (`rebuild_manifest`).
 
 Shard k holds the prompts k * shard_size ... (k + 1) * shard_size - 1 of the dataset
 ordered by (token length, line), so a shard's prompts share few lengths. A shard
@@ -25,20 +32,23 @@ metric is undefined (e.g. equal clean and corrupted baselines) is NaN throughout
 `load_result(path)` reads either kind and returns a `Result`.
 """
 
+import hashlib
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from jpatch import aggregate
+
 RESULT_FILE = "result.npz"
 SETTINGS_FILE = "settings.json"
 MANIFEST_FILE = "manifest.json"
 BULK_FORMAT = "jpatch-bulk"
-BULK_FORMAT_VERSION = 1
-SHARD_META = ("index", "length", "run_hash")
+BULK_FORMAT_VERSION = 2
+SHARD_META = ("index", "length", "run_hash", "manifest", "clean_score", "corrupted_score")
+RAW_PREFIX = "raw."  # shard arrays "raw.<name>": patched scores before normalization
 
 
 def shard_name(i):
@@ -81,8 +91,10 @@ def to_json(obj):
 
 
 def _tmp_path(path):
+    from jpatch.safety import tmp_name
+
     path = Path(path)
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / tmp_name(path.name)
 
 
 def atomic_write(path, write):
@@ -113,11 +125,6 @@ def atomic_write_npz(path, arrays):
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def stale_temporaries(folder, name):
-    """Temporary files left beside `folder/name` by killed writers."""
-    return list(Path(folder).glob(f".{name}.tmp-*"))
-
-
 # --- single sweeps ----------------------------------------------------------------------
 
 
@@ -141,7 +148,8 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
     `out_dir` gets result.npz and settings.json; "jpatch_version" is added to the
     settings when missing. Nothing is written when anything fails (the folder is
     built under a temporary name and renamed at the end). Refuses to replace a
-    non-empty `out_dir` unless `overwrite=True`. Returns the folder's Path.
+    non-empty `out_dir` unless it is a jpatch result folder and `overwrite=True`
+    (`jpatch.checkpoint.check_target`). Returns the folder's Path.
     """
     from jpatch.checkpoint import atomic_dir
 
@@ -151,7 +159,7 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
     settings = to_json({**settings, "jpatch_version": settings.get("jpatch_version", _version())})
     text = json.dumps(settings, indent=2) + "\n"
     out_dir = Path(out_dir).expanduser()
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, kind="result") as tmp:
         with open(tmp / RESULT_FILE, "wb") as f:
             np.savez(f, **arrays)
         (tmp / SETTINGS_FILE).write_text(text)
@@ -164,19 +172,26 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
 class Result:
     """A loaded result: `settings` (dict) and `arrays` ({name: np.ndarray}); `result[name]` is an array.
 
-    For a bulk result (`kind == "bulk"`) every site's array is [n_prompts, *grid]
-    in dataset order, NaN-padded along position axes beyond each prompt's length
-    (`lengths`); `mean(site)` / `std(site)` / `count(site)` reduce over prompts
-    ignoring NaN. `manifest` holds the bulk manifest (None for a single sweep).
+    For a bulk result (`kind == "bulk"`) every site's array is [n_prompts, *grid] of
+    per-prompt normalized values in dataset order, NaN-padded along position axes beyond
+    each prompt's length (`lengths`); `raw[name]` holds the patched scores and
+    `clean_score` / `corrupted_score` [n_prompts] the baselines. `mean(site)` is the
+    paper's aggregate (normalize the mean over prompts); `std(site)` / `count(site)`
+    describe the per-prompt normalized values. `manifest` holds the bulk manifest
+    (None for a single sweep).
     """
 
-    def __init__(self, arrays, settings, *, kind="sweep", lengths=None, manifest=None, path=None):
+    def __init__(self, arrays, settings, *, kind="sweep", lengths=None, manifest=None, path=None, raw=None,
+                 clean_score=None, corrupted_score=None):
         self.arrays = dict(arrays)
         self.settings = settings
         self.kind = kind
         self.lengths = lengths
         self.manifest = manifest
         self.path = path
+        self.raw = raw
+        self.clean_score = clean_score
+        self.corrupted_score = corrupted_score
 
     def __getitem__(self, name):
         try:
@@ -227,16 +242,24 @@ class Result:
         return self[site]
 
     def mean(self, site):
-        """Mean over prompts, ignoring NaN (padding, or prompts whose metric was undefined): [*grid]."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(self._per_prompt(site), axis=0)
+        """The paper's and TransformerLens's aggregate, [*grid]: the mean patched score over the
+        prompts that reach each entry, normalized by the mean baselines of those prompts."""
+        self._per_prompt(site)
+        return aggregate.normalized_mean(self.manifest["normalization"], np.moveaxis(self.raw[site], 0, -1),
+                                         self.clean_score, self.corrupted_score)
+
+    def per_prompt(self, site):
+        """[n_prompts, *grid] each prompt normalized by its own baselines; warns about prompts
+        whose clean-corrupted gap is tiny next to the others' (their values are unstable)."""
+        values = self._per_prompt(site)
+        aggregate.warn_small_gaps(self.manifest["normalization"], self.clean_score, self.corrupted_score)
+        return values
 
     def std(self, site, ddof=0):
-        """Standard deviation over prompts, ignoring NaN: [*grid]."""
+        """Standard deviation of the per-prompt normalized values, ignoring NaN: [*grid]."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanstd(self._per_prompt(site), axis=0, ddof=ddof)
+            return np.nanstd(self.per_prompt(site), axis=0, ddof=ddof)
 
     def count(self, site):
         """Number of prompts with a value at each grid entry: [*grid]."""
@@ -270,13 +293,75 @@ def read_manifest(out_dir):
     return manifest
 
 
+class CorruptShard(ValueError):
+    """A shard file that fails its checksum or cannot be read (a rerun of the bulk command recomputes it)."""
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shard(out_dir, manifest, i):
+    """Verify shard `i` against the manifest: its recorded sha256, or (none recorded yet, e.g. the
+    writer was killed before recording it) that it reads completely and belongs to this run.
+
+    Returns its sha256; raises CorruptShard naming the file, or ValueError for another run's shard.
+    """
+    path = Path(out_dir) / shard_name(i)
+    digest = file_sha256(path)
+    recorded = (manifest.get("shards") or {}).get(path.name)
+    if recorded is not None:
+        if recorded != digest:
+            raise CorruptShard(f"shard {path} is corrupt: its sha256 differs from the one {MANIFEST_FILE} recorded")
+        return digest
+    try:
+        shard = _load_npz(path, "shard")
+    except ValueError as e:
+        raise CorruptShard(f"shard {path} is corrupt: {e}") from None
+    if str(shard.get("run_hash")) != manifest["hash"]:
+        raise ValueError(f"{path} belongs to another run (its hash differs from {MANIFEST_FILE})")
+    missing = [k for k in ("index", "length", *manifest["sites"]) if k not in shard]
+    if missing:
+        raise CorruptShard(f"shard {path} is corrupt: it lacks {', '.join(missing)}")
+    return digest
+
+
+def rebuild_manifest(out_dir, *, write=True):
+    """Recover a bulk folder's manifest from its shards (each carries its run's manifest) with their
+    checksums; unreadable shards are left out (a rerun recomputes them). Writes
+    out_dir/manifest.json unless write=False; returns the manifest."""
+    out_dir = Path(out_dir)
+    manifest, sums = None, {}
+    for path in sorted(out_dir.glob("shard-*.npz")):
+        try:
+            shard = _load_npz(path, "shard")  # reads every member: a damaged one fails its zip CRC
+            embedded = json.loads(str(shard["manifest"]))
+        except (ValueError, KeyError):
+            warnings.warn(f"{path} is unreadable or carries no manifest; left out", RuntimeWarning, stacklevel=2)
+            continue
+        if manifest is not None and embedded.get("hash") != manifest.get("hash"):
+            raise ValueError(f"{out_dir} holds shards of different runs ({path.name} differs); cannot rebuild")
+        manifest = manifest or embedded
+        sums[path.name] = file_sha256(path)
+    if manifest is None:
+        raise FileNotFoundError(f"no readable shard in {out_dir} to rebuild {MANIFEST_FILE} from")
+    manifest = {**manifest, "shards": sums}
+    if write:
+        atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
 def missing_shards(out_dir, manifest):
     out_dir = Path(out_dir)
     return [i for i in range(manifest["n_shards"]) if not (out_dir / shard_name(i)).is_file()]
 
 
-def _load_bulk(out_dir):
-    manifest = read_manifest(out_dir)
+def _load_bulk(out_dir, manifest=None):
+    manifest = manifest or read_manifest(out_dir)
     missing = missing_shards(out_dir, manifest)
     if missing:
         names = ", ".join(shard_name(i) for i in missing[:10])
@@ -286,11 +371,18 @@ def _load_bulk(out_dir):
             "rerun the same bulk command to finish it"
         )
     n = manifest["n_prompts"]
-    arrays = {name: np.full((n, *spec["grid"]), np.nan, np.float32) for name, spec in manifest["sites"].items()}
+    names = list(manifest["sites"]) + [RAW_PREFIX + name for name in manifest["sites"]]
+    arrays = {name: np.full((n, *manifest["sites"][name.removeprefix(RAW_PREFIX)]["grid"]), np.nan, np.float32)
+              for name in names}
+    baselines = {k: np.zeros(n, np.float32) for k in ("clean_score", "corrupted_score")}
     lengths = np.zeros(n, np.int64)
     seen = np.zeros(n, bool)
     for i in range(manifest["n_shards"]):
         path = Path(out_dir) / shard_name(i)
+        try:
+            check_shard(out_dir, manifest, i)
+        except CorruptShard as e:
+            raise CorruptShard(f"{e}; rerun the same bulk command to recompute it") from None
         shard = _load_npz(path, "shard")
         if str(shard.get("run_hash")) != manifest["hash"]:
             raise ValueError(f"{path} belongs to another run (its hash differs from {MANIFEST_FILE})")
@@ -299,11 +391,13 @@ def _load_bulk(out_dir):
             raise ValueError(f"{path} repeats prompts already in another shard")
         seen[index] = True
         lengths[index] = shard["length"]
-        for name in arrays:
-            arrays[name][index] = shard[name]
+        for name, a in {**arrays, **baselines}.items():
+            a[index] = shard[name]
     if not seen.all():
         raise ValueError(f"bulk result {out_dir}: shards cover {int(seen.sum())} of {n} prompts")
-    return Result(arrays, manifest["settings"], kind="bulk", lengths=lengths, manifest=manifest, path=Path(out_dir))
+    raw = {name: arrays.pop(RAW_PREFIX + name) for name in manifest["sites"]}
+    return Result(arrays, manifest["settings"], kind="bulk", lengths=lengths, manifest=manifest, path=Path(out_dir),
+                  raw=raw, **baselines)
 
 
 def load_result(path):
@@ -316,6 +410,10 @@ def load_result(path):
         path = path.parent
     if (path / MANIFEST_FILE).is_file():
         return _load_bulk(path)
+    if any(path.glob("shard-*.npz")):
+        warnings.warn(f"{path} has bulk shards but no {MANIFEST_FILE}: rebuilt from the shards", RuntimeWarning,
+                      stacklevel=2)
+        return _load_bulk(path, rebuild_manifest(path, write=False))
     if (path / RESULT_FILE).is_file():
         settings_path = path / SETTINGS_FILE
         try:

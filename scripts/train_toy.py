@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jpatch  # noqa: E402
-from jpatch import GPT2, GPT2Config  # noqa: E402
+from jpatch import GPT2, GPT2Config, safety  # noqa: E402
 from jpatch.tasks import factual, greater_than, ioi  # noqa: E402
 from jpatch.tokenizer import get_tokenizer  # noqa: E402
 
@@ -264,6 +264,7 @@ def main():
                  "eval_sets": {"ioi": "ioi_task(1000, seed=123, split='test')", "factual": "all pairs",
                                "greater_than": "greater_than_task(1000, seed=123, split='test')"}})
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    safety.write_marker(out, "model")  # training.json is jpatch's too: a retrain may replace the folder
     print(json.dumps(figures, indent=2))
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -104,7 +105,7 @@ def single_sweeps(model, dataset, i, corruption, metric, specs, *, direction="de
         corrupted = noise_run(model, clean, [e.key_positions], [i], n_samples=n_samples, std=std, scale=3.0, seed=seed)
     m = make_metric(metric, [e.answer], [e.contrast])
     return {s.name: patching.sweep(model, clean, corrupted, s.site, m, axes=s.axes, per_prompt=True, direction=direction,
-                                   window=window, progress=False)[0]
+                                   window=window, progress=False)
             for s in specs}
 
 
@@ -126,7 +127,7 @@ def check_against_single(model, data, result, corruption, metric, prompts, **kw)
             else:
                 real = got
             assert np.isfinite(real).all()
-            assert_same(real, expected[s.name], tol=1e-5, what=f"prompt {i} {s.name}")
+            assert_same(real, np.asarray(expected[s.name])[0], tol=1e-5, what=f"prompt {i} {s.name}")
 
 
 def test_str_logit_diff_matches_single_prompt_sweeps(model, data7, str_run):
@@ -137,10 +138,19 @@ def test_str_logit_diff_matches_single_prompt_sweeps(model, data7, str_run):
     assert result["resid_pre"].shape == (7, 2, 14) and result["attn_head_out_all_pos"].shape == (7, 2, 4)
     assert result.axes("resid_pre") == ("prompt", "layer", "pos")
     check_against_single(model, data7, result, "str", "logit-diff", range(7))
-    # mean / std over prompts ignore the NaN padding
+    # mean: the paper's aggregate, normalize the mean over the prompts reaching each position, built
+    # here from single-prompt sweeps' raw scores and baselines; std over per-prompt values ignores padding
+    dataset = read_dataset(data7, corruption="str")
+    specs = [s for s in bulk.resolve_sites(["resid_pre"]) if s.name == "resid_pre"]
+    single = [single_sweeps(model, dataset, i, "str", "logit-diff", specs)["resid_pre"] for i in range(7)]
+    for positions, prompts in ((slice(0, 8), range(7)), (slice(8, 14), [0, 1, 3, 4, 6])):
+        raw = np.mean([single[i].raw[0][:, positions] for i in prompts], 0)
+        cl = np.mean([single[i].clean_per_prompt[0] for i in prompts])
+        co = np.mean([single[i].corrupted_per_prompt[0] for i in prompts])
+        assert_same(result.mean("resid_pre")[:, positions], (raw - co) / (cl - co), tol=1e-5)
+        np.testing.assert_allclose(result.clean_score[list(prompts)], [single[i].clean_per_prompt[0] for i in prompts],
+                                   atol=1e-5)
     per = result["resid_pre"]
-    assert_same(result.mean("resid_pre")[:, :8], per[:, :, :8].mean(0), tol=1e-6)
-    assert_same(result.mean("resid_pre")[:, 8:], per[[0, 1, 3, 4, 6], :, 8:].mean(0), tol=1e-6)
     assert_same(result.std("resid_pre")[:, 8:], per[[0, 1, 3, 4, 6], :, 8:].std(0), tol=1e-6)
     assert (result.count("resid_pre")[:, 8:] == 5).all() and (result.count("resid_pre")[:, :8] == 7).all()
     with pytest.raises(ValueError, match="only a bulk result"):
@@ -212,14 +222,18 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(model, data7, tmp_p
     mtimes = {p.name: p.stat().st_mtime_ns for p in written}
     with pytest.raises(FileNotFoundError, match="incomplete.*shard-00003.npz"):
         load_result(out)
-    stale = out / ".shard-00003.npz.tmp-999-deadbeef"  # as a writer killed mid-write leaves it
+    # as the killed writer leaves it (host, pid, start ticks in the name), and one of a live process
+    stale = out / f".shard-00003.npz.tmp-{socket.gethostname()}-{child.pid}-1-deadbeef"
     stale.write_bytes(b"partial")
+    live = out / f".shard-00003.npz.tmp-{socket.gethostname()}-{os.getppid()}-None-cafef00d"
+    live.write_bytes(b"someone else's")
 
     resumed = bulk_sweep(model, data7, "resid_pre", "str", "logit-diff", out, shard_size=2, progress=False)
     assert resumed.skipped == [int(n[6:11]) for n in mtimes]
     assert sorted(resumed.computed + resumed.skipped) == [0, 1, 2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in written} == mtimes, "finished shards were rewritten"
-    assert not stale.exists()
+    assert not stale.exists() and live.read_bytes() == b"someone else's"
+    live.unlink()
     again = bulk_sweep(model, data7, "resid_pre", "str", "logit-diff", out, shard_size=2, progress=False)
     assert again.computed == [] and again.skipped == [0, 1, 2, 3]
 
@@ -366,10 +380,14 @@ def test_cli_main(model, data7, tmp_path, capsys):
 
 
 def test_undefined_metric_is_stored_as_nan_with_a_warning(model, tmp_path):
-    # zero noise: the corrupted run is the clean run, so a normalized logit difference is 0 / 0
+    # noise below float32 resolution: the corrupted run is the clean run, so a normalized logit
+    # difference is 0 / 0 (noise_std=0 itself is refused before anything is written)
     data = write_jsonl(tmp_path / "d.jsonl", examples(3))
+    with pytest.raises(ValueError, match="noise_std must be a finite number > 0, got 0.0"):
+        bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", noise_std=0.0, progress=False)
+    assert not (tmp_path / "out").exists()
     with pytest.warns(RuntimeWarning, match=r"undefined .* for 3 prompt\(s\), stored as NaN: dataset line\(s\) \[1, 2, 3\]"):
-        run = bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", n_samples=1, noise_std=0.0,
+        run = bulk_sweep(model, data, "resid_pre", "noise", "logit-diff", tmp_path / "out", n_samples=1, noise_std=1e-30,
                          progress=False)
     assert run.undefined_lines == [1, 2, 3]
     assert np.isnan(load_result(run.out_dir)["resid_pre"]).all()

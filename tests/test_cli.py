@@ -116,14 +116,6 @@ def test_help_shows_defaults(capsys):
         assert default in out
 
 
-def test_out_is_checked_before_computing(tmp_path):
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="--out .*not empty"):  # before the (missing) model is loaded
-        cli.main(["sweep", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "full")])
-    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-
-
 def test_noising_sweep_summary_shows_the_effect(model_dir, tmp_path, capsys):
     out = tmp_path / "noise"
     cli.main(["sweep", "--model", model_dir, "--site", "attn_out", "--direction", "noise", "--n-prompts", "3",
@@ -134,3 +126,34 @@ def test_noising_sweep_summary_shows_the_effect(model_dir, tmp_path, capsys):
     effect = r["hook_attn_out"] - 1.0
     top = np.unravel_index(np.argmax(np.abs(effect)), effect.shape)
     assert "patched - clean" in printed and f"{effect[top]:+.3f}" in printed
+
+
+def test_sweep_task_file_sweeps_every_prompt_of_every_length(model_dir, tmp_path):
+    """A dataset file with prompts of two token lengths: every prompt is swept (padded together), and
+    the saved aggregate is the normalized mean over the prompts reaching each position, built here
+    from library sweeps of each length on its own."""
+    import json as _json
+
+    from jpatch.tasks import factual_task
+
+    buckets = [t.select(slice(0, 2)) for t in factual_task()[:2]]
+    assert buckets[0].seq_len != buckets[1].seq_len
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(_json.dumps(ex) + "\n" for t in buckets for ex in t.examples()))
+    out = tmp_path / "s"
+    cli.main(["sweep", "--model", model_dir, "--task", str(data), "--site", "resid_pre", "--out", str(out)])
+    saved = jpatch.load_result(out)
+    assert saved.settings["n_prompts"] == 4
+    model = jpatch.load(model_dir)
+    parts = [jpatch.sweep(model, t.clean_tokens, t.corrupted_tokens, "resid_pre", t.metric(), progress=False)
+             for t in buckets]
+    T = max(t.seq_len for t in buckets)
+    raw = np.concatenate([np.pad(p.raw, [(0, 0), (0, 0), (0, T - p.raw.shape[-1])], constant_values=np.nan)
+                          for p in parts])
+    clean = np.concatenate([p.clean_per_prompt for p in parts])
+    corrupted = np.concatenate([p.corrupted_per_prompt for p in parts])
+    reach = ~np.isnan(raw)
+    mean = lambda a: np.where(reach, a, 0).sum(0) / reach.sum(0)
+    expected = (mean(raw) - mean(corrupted[:, None, None] + 0 * raw)) / (
+        mean(clean[:, None, None] + 0 * raw) - mean(corrupted[:, None, None] + 0 * raw))
+    np.testing.assert_allclose(saved["hook_resid_pre"], expected, atol=1e-4)

@@ -100,7 +100,7 @@ def hf_tiny_logits(hf_tiny):
 def test_convert_and_load_match_transformers(fmt, hf_dirs, hf_tiny_logits, tmp_path):
     out = convert_hf(hf_dirs[fmt], tmp_path / "model")
     assert out == tmp_path / "model"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".jpatch-output.json", "checkpoint", "config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and config["source"] == str(hf_dirs[fmt].resolve())
     assert config["n_layer"] == 2 and config["d_vocab"] == V
@@ -139,7 +139,8 @@ def test_bfloat16(hf_dirs, hf_tiny_logits, tmp_path):
     f32 = convert_hf(hf_dirs["safetensors"], tmp_path / "f32")
     bf16 = convert_hf(hf_dirs["safetensors"], tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
-    model = checkpoint.load(bf16)
+    assert checkpoint.load(bf16).dtype == jnp.float32  # analysis defaults to float32
+    model = checkpoint.load(bf16, dtype=None)  # the stored dtype
     assert model.dtype == jnp.bfloat16 and model.blocks.attn.c_attn_w.dtype == jnp.bfloat16
     logits = np.asarray(model(TOKENS))
     scale = np.abs(hf_tiny_logits).max()
@@ -189,11 +190,17 @@ def test_refuses_to_overwrite_unless_asked(hf_dirs, tmp_path):
     convert_hf(hf_dirs["safetensors"], out)  # an empty folder is fine
     with pytest.raises(FileExistsError, match="overwrite=True"):
         convert_hf(hf_dirs["safetensors"], out)
-    (out / "stale.txt").write_text("old")
-    convert_hf(hf_dirs["msgpack"], out, overwrite=True)
-    assert not (out / "stale.txt").exists()
+    convert_hf(hf_dirs["msgpack"], out, overwrite=True)  # replaces the jpatch model folder it wrote
     assert "msgpack" in json.loads((out / "config.json").read_text())["source"]
     assert leftovers(tmp_path) == []
+    (out / "notes.txt").write_text("mine")  # a file jpatch did not write: never replaced
+    with pytest.raises(FileExistsError, match="did not write there.*notes.txt"):
+        convert_hf(hf_dirs["safetensors"], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    for target in (hf_dirs["safetensors"], hf_dirs["safetensors"].parent):  # the source, or a folder holding it
+        with pytest.raises(FileExistsError, match="is or contains the input"):
+            convert_hf(hf_dirs["safetensors"], target, overwrite=True)
+        assert (hf_dirs["safetensors"] / "config.json").is_file()
 
 
 def test_failed_conversion_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
@@ -291,7 +298,8 @@ def test_torch_bin_without_torch(hf_dirs, monkeypatch):
 
 
 def test_dtype_names_and_objects(hf_dirs, tmp_path):
-    assert checkpoint.load(convert_hf(hf_dirs["bin"], tmp_path / "bf", dtype=jnp.bfloat16)).dtype == jnp.bfloat16
+    stored = checkpoint.load(convert_hf(hf_dirs["bin"], tmp_path / "bf", dtype=jnp.bfloat16), dtype=None)
+    assert stored.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16"):
         convert_hf(hf_dirs["safetensors"], tmp_path / "out", dtype="float8")
 
@@ -382,7 +390,7 @@ def test_convert_script(hf_dirs, tmp_path, capsys):
     out = tmp_path / "out"
     assert script.main([str(hf_dirs["msgpack"]), str(out), "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert checkpoint.load(out).dtype == jnp.bfloat16
+    assert checkpoint.load(out, dtype=None).dtype == jnp.bfloat16
     assert script.main([str(hf_dirs["msgpack"]), str(out)]) == 1
     assert "overwrite" in capsys.readouterr().err
     assert script.main([str(hf_dirs["safetensors"]), str(out), "--overwrite"]) == 0

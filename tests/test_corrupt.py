@@ -12,6 +12,7 @@ import torch
 
 import reference
 from jpatch import corrupt, metrics, patching
+from jpatch.tokenizer import get_tokenizer
 from jpatch.patching import Run
 
 TOL = 1e-4
@@ -208,8 +209,12 @@ def test_token_replacement_from_text():
     with pytest.raises(ValueError, match=r"prompt 0: the clean prompt 'When Mary .*' has 14 tokens but the "
                                          r"corrupted prompt 'When Bartholomew .*' has 16"):
         corrupt.token_replacement_from_text(clean, long)
-    with pytest.raises(ValueError, match="different token lengths"):
-        corrupt.token_replacement_from_text(clean + ["Hi Mary"], corrupted + ["Hi Alice"])
+    # Prompts of different lengths are padded on the right; the Run carries their mask.
+    ragged = corrupt.token_replacement_from_text(clean + ["Hi Mary"], corrupted + ["Hi Alice"])
+    tok = get_tokenizer()
+    assert ragged.run.attention_mask.sum(1).tolist() == [14, len(tok.encode("Hi Mary"))]
+    assert ragged.clean_tokens[1, : len(tok.encode("Hi Mary"))].tolist() == tok.encode("Hi Mary")
+    assert (ragged.clean_tokens[1, len(tok.encode("Hi Mary")):] == 50256).all()
 
 
 # --- ablations ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jpatch
-from jpatch import corrupt, paper
+from jpatch import corrupt, paper, safety
 from jpatch.tasks import factual_task, ioi_task
 
 # One noise sample: the GN runs then have the STR runs' shapes and reuse their compiled sweeps (test time).
@@ -144,12 +144,12 @@ def test_refuses_non_empty_out_dir_before_any_work(tiny, tmp_path, monkeypatch):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     monkeypatch.setattr(paper, "sweep", lambda *a, **k: pytest.fail("swept although the folder is refused"))
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="did not write"):
         paper.run_paper(tiny, out, **SETTINGS)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     args = argparse.Namespace(model="no-such-model", out=str(out), n_prompts=4, n_factual=None, noise_samples=2,
                               noise_scale=3.0, window=5, ioi_split="test", seed=0, overwrite=False, quiet=True)
-    assert paper.main(args) == 1
+    assert paper.main(args) == 2
 
 
 def _failing_sweep(monkeypatch, after):
@@ -175,6 +175,7 @@ def test_no_half_written_folder_when_a_section_raises(tiny, tmp_path, monkeypatc
     old = tmp_path / "old"  # overwrite=True keeps the old report when the new one fails
     old.mkdir()
     (old / "report.md").write_text("previous")
+    safety.write_marker(old, "paper")  # as an earlier run leaves it
     _failing_sweep(monkeypatch, after=0)
     with pytest.raises(RuntimeError, match="sweep failed"):
         paper.run_paper(tiny, old, overwrite=True, **SETTINGS)

@@ -175,10 +175,14 @@ def test_sweep_directions_match_transformer_lens(jp_tiny, setup, tl_results, dir
                          direction=direction, progress=False)
     # The sweep knows which run is clean: 1 means clean behaviour either way.
     assert_close(got, tl_results("resid_pre", direction), what=f"sweep resid_pre {direction}")
-    # full names and short names of a site are the same sweep
-    got2 = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "blocks.0.hook_resid_pre", setup.jp_metric,
+    # the hook name and the short name of a site are the same sweep; one layer's name is refused
+    got2 = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "hook_resid_pre", setup.jp_metric,
                           direction=direction, progress=False)
     assert_close(got2, got, tol=1e-6)
+    with pytest.raises(ValueError, match=r"'blocks.0.hook_resid_pre' names one layer; .* pass the site "
+                                         r"'hook_resid_pre' \(add layers=\[0\]"):
+        patching.sweep(jp_tiny, setup.clean, setup.corrupted, "blocks.0.hook_resid_pre", setup.jp_metric,
+                       direction=direction, progress=False)
 
 
 @pytest.fixture(scope="module")

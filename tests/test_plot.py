@@ -46,10 +46,12 @@ def test_noising_heatmap_shows_the_effect(tmp_path):
 
 
 def test_plot_sweep_takes_a_bulk_result(tmp_path):
-    full = fake_bulk(tmp_path / "bulk")
+    _, raw, clean, corrupted = fake_bulk(tmp_path / "bulk")
     r = load_result(tmp_path / "bulk")
-    with np.errstate(all="ignore"):
-        expected = np.nanmean(full, 0)
+    reach = ~np.isnan(raw)  # the normalized mean over the prompts reaching each entry
+    mean = lambda a: np.where(reach, a, 0).sum(0) / reach.sum(0)
+    expected = (mean(raw) - mean(corrupted[:, None, None] + 0 * raw)) / (
+        mean(clean[:, None, None] + 0 * raw) - mean(corrupted[:, None, None] + 0 * raw))
     np.testing.assert_allclose(image(plot.plot_sweep(r, site="s")), expected)
     np.testing.assert_allclose(image(plot.plot_sweep(r)), expected)  # the only site
 

@@ -18,7 +18,7 @@ SETTINGS = {"model": "gpt2", "task": "ioi", "site": "resid_pre", "corruption": "
 def test_save_and_load_a_sweep(tmp_path):
     arrays = {"resid_pre": np.arange(6, dtype=np.float32).reshape(2, 3), "attn.hook_z": np.ones((2, 4))}
     out = save_result(tmp_path / "a" / "b", arrays, SETTINGS)
-    assert sorted(p.name for p in out.iterdir()) == ["result.npz", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".jpatch-output.json", "result.npz", "settings.json"]
     loaded = load_result(out)
     assert loaded.kind == "sweep" and set(loaded.keys()) == set(arrays)
     for name, a in arrays.items():
@@ -76,35 +76,42 @@ def fake_bulk(folder, n_prompts=5, shard_size=2, lengths=(3, 2, 3, 1, 2), skip=(
     order = np.argsort(lengths, kind="stable")
     n_shards = -(-n_prompts // shard_size)
     manifest = {"format": results.BULK_FORMAT, "format_version": results.BULK_FORMAT_VERSION, "hash": "h" * 64,
-                "settings": {"metric": "logit-diff"}, "n_prompts": n_prompts, "shard_size": shard_size,
+                "settings": {"metric": "logit-diff"}, "normalization": "range", "n_prompts": n_prompts,
+                "shard_size": shard_size,
                 "n_shards": n_shards, "max_len": 3, "sites": {"s": {"site": "hook_resid_pre", "axes": ["layer", "pos"],
                                                                     "grid": [2, 3]}}}
     results.atomic_write_json(folder / results.MANIFEST_FILE, manifest)
-    full = np.full((n_prompts, 2, 3), np.nan, np.float32)
+    raw = np.full((n_prompts, 2, 3), np.nan, np.float32)
     for i, T in enumerate(lengths):
-        full[i, :, :T] = i + np.arange(2 * T).reshape(2, T)
+        raw[i, :, :T] = i + np.arange(2 * T).reshape(2, T)
+    clean, corrupted = 10.0 + np.arange(n_prompts, dtype=np.float32), 0.5 * np.arange(n_prompts, dtype=np.float32)
+    full = (raw - corrupted[:, None, None]) / (clean - corrupted)[:, None, None]
     for k in range(n_shards):
         if k in skip:
             continue
         index = order[k * shard_size:(k + 1) * shard_size]
         results.atomic_write_npz(folder / results.shard_name(k), {
-            "index": index, "length": np.array(lengths)[index], "s": full[index],
+            "index": index, "length": np.array(lengths)[index], "s": full[index], "raw.s": raw[index],
+            "clean_score": clean[index], "corrupted_score": corrupted[index],
             "run_hash": np.array("x" * 64 if k in wrong_hash else manifest["hash"])})
-    return full
+    return full, raw, clean, corrupted
 
 
 def test_load_bulk_assembles_shards_in_dataset_order(tmp_path):
-    full = fake_bulk(tmp_path / "bulk")
+    full, raw, clean, corrupted = fake_bulk(tmp_path / "bulk")
     r = load_result(tmp_path / "bulk")
     assert r.kind == "bulk" and r.n_prompts == 5 and r.sites == ["s"]
     assert r.axes("s") == ("prompt", "layer", "pos")
     assert (r.lengths == [3, 2, 3, 1, 2]).all()
-    assert np.array_equal(r["s"], full, equal_nan=True)
-    np.testing.assert_allclose(r.mean("s"), np.nanmean(full, 0))
-    np.testing.assert_allclose(r.std("s"), np.nanstd(full, 0))
+    assert np.array_equal(r["s"], full, equal_nan=True) and np.array_equal(r.raw["s"], raw, equal_nan=True)
+    np.testing.assert_allclose(r.clean_score, clean) and np.testing.assert_allclose(r.corrupted_score, corrupted)
+    np.testing.assert_allclose(r.std("s"), np.nanstd(full, 0), rtol=1e-6)
     assert (r.count("s") == [[5, 4, 2], [5, 4, 2]]).all()
-    # position 2 exists for prompts 0 and 2 only
-    assert r.mean("s")[0, 2] == pytest.approx((full[0, 0, 2] + full[2, 0, 2]) / 2)
+    # mean: normalize the mean over prompts; position 2 exists for prompts 0 and 2 only
+    ratio = lambda p, layer, pos: ((raw[p, layer, pos].mean() - corrupted[p].mean())
+                                   / (clean[p].mean() - corrupted[p].mean()))
+    assert r.mean("s")[1, 2] == pytest.approx(ratio([0, 2], 1, 2))
+    assert r.mean("s")[0, 0] == pytest.approx(ratio([0, 1, 2, 3, 4], 0, 0))
     assert load_result(tmp_path / "bulk" / "manifest.json").n_prompts == 5
 
 
@@ -127,9 +134,11 @@ def test_load_bulk_errors(tmp_path):
 
 
 def test_result_object():
-    r = Result({"a": np.array([[1.0, np.nan], [3.0, 4.0]])}, {"k": 1}, kind="bulk", lengths=np.array([1, 2]))
+    r = Result({"a": np.array([[1.0, np.nan], [3.0, 4.0]])}, {"k": 1}, kind="bulk", lengths=np.array([1, 2]),
+               raw={"a": np.array([[1.0, np.nan], [3.0, 4.0]])}, clean_score=np.array([2.0, 5.0]),
+               corrupted_score=np.array([0.0, 1.0]), manifest={"normalization": "range"})
     assert list(r) == ["a"] and "a" in r and r.n_prompts == 2
-    np.testing.assert_allclose(r.mean("a"), [2.0, 4.0])
+    np.testing.assert_allclose(r.mean("a"), [(2.0 - 0.5) / (3.5 - 0.5), (4.0 - 1.0) / (5.0 - 1.0)])
     np.testing.assert_allclose(r.std("a"), [1.0, 0.0])
     assert "bulk" in repr(r) and r.axes("a") is None
     assert isinstance(Path(results.shard_name(12)), Path) and results.shard_name(12) == "shard-00012.npz"

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from jpatch import metrics as _metrics
+from jpatch import padding
 from jpatch.tokenizer import get_tokenizer
 
 
@@ -53,6 +54,7 @@ class Task:
     corrupted_prompts: tuple
     metric_fn: Optional[Callable] = None
     info: dict = dataclasses.field(default_factory=dict)
+    attention_mask: Optional[np.ndarray] = None
 
     def __post_init__(self):
         as_int = lambda name: object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int32))
@@ -80,14 +82,27 @@ class Task:
         for key, value in self.info.items():
             if np.shape(value)[:1] != (n,):
                 raise ValueError(f"task {self.name!r}: info[{key!r}] has shape {np.shape(value)}, expected ({n}, ...)")
+        if self.attention_mask is not None:
+            lengths = padding.lengths_of(self.attention_mask, (n, t), f"task {self.name!r}: attention_mask")
+            for name in ("key_positions", "last_key_position"):
+                pos = getattr(self, name).reshape(n, -1)
+                if (pos >= lengths[:, None]).any():
+                    raise ValueError(f"task {self.name!r}: {name} point into padding")
 
     def __len__(self):
         return self.clean_tokens.shape[0]
 
     @property
     def seq_len(self):
-        """T, the token length shared by every prompt."""
+        """T, the token length of the batch (of the longest prompt when padded)."""
         return self.clean_tokens.shape[1]
+
+    @property
+    def lengths(self):
+        """[N] each prompt's real token length."""
+        if self.attention_mask is None:
+            return np.full(len(self), self.seq_len)
+        return np.asarray(self.attention_mask).sum(1)
 
     def __repr__(self):
         n, t = self.clean_tokens.shape
@@ -111,6 +126,7 @@ class Task:
             key_positions=self.key_positions[idx], last_key_position=self.last_key_position[idx],
             prompts=[self.prompts[i] for i in idx], corrupted_prompts=[self.corrupted_prompts[i] for i in idx],
             info={k: np.asarray(v)[idx] for k, v in self.info.items()},
+            attention_mask=None if self.attention_mask is None else np.asarray(self.attention_mask)[idx],
         )
 
     def key_mask(self):
@@ -143,6 +159,34 @@ class Task:
             for example in self.examples():
                 f.write(json.dumps(example) + "\n")
         return path
+
+
+def combine(tasks, name=None):
+    """One Task of every prompt of `tasks` (e.g. buckets of different token lengths): tokens padded
+    on the right with an `attention_mask`; a prompt with fewer key positions than the most repeats
+    its last one (the same positions, so corruptions are unchanged). Info keys kept are those all share."""
+    tasks = list(tasks)
+    if len(tasks) == 1:
+        return tasks[0]
+    if not tasks:
+        raise ValueError("combine: no tasks")
+    if len({t.metric_fn for t in tasks}) > 1:
+        raise ValueError("combine: the tasks have different metrics")
+    rows = lambda field: [row[: n] for t in tasks for row, n in zip(getattr(t, field), t.lengths)]
+    clean, mask = padding.pad(rows("clean_tokens"))
+    corrupted, _ = padding.pad(rows("corrupted_tokens"))
+    k = max(t.key_positions.shape[1] for t in tasks)
+    keys = [np.pad(row, (0, k - len(row)), mode="edge") for t in tasks for row in t.key_positions]
+    shared = set.intersection(*(set(t.info) for t in tasks))
+    cat = lambda field: np.concatenate([getattr(t, field) for t in tasks])
+    return Task(
+        name=name or "+".join(t.name for t in tasks), clean_tokens=clean, corrupted_tokens=corrupted,
+        answers=cat("answers"), contrasts=cat("contrasts"), key_positions=np.array(keys).reshape(len(clean), k),
+        last_key_position=cat("last_key_position"), prompts=[p for t in tasks for p in t.prompts],
+        corrupted_prompts=[p for t in tasks for p in t.corrupted_prompts], metric_fn=tasks[0].metric_fn,
+        info={key: np.concatenate([np.asarray(t.info[key]) for t in tasks]) for key in shared},
+        attention_mask=mask if not mask.all() else None,
+    )
 
 
 def _bucket(examples, name, *, metric_fn=None):
@@ -178,11 +222,10 @@ def read_jsonl(path):
     malformed JSON, prompt pairs of unequal token lengths, answers that are not one
     token, key positions out of range); this adds the optional "last_key_position".
     """
-    from jpatch.bulk import read_dataset
+    from jpatch.bulk import jsonl_records, read_dataset
 
     dataset = read_dataset(path)
-    with open(path, encoding="utf-8") as f:
-        lines = {n: json.loads(line) for n, line in enumerate(f, 1) if line.strip()}
+    lines = {n: json.loads(raw.decode("utf-8", errors="replace")) for n, raw in jsonl_records(path) if raw.strip()}
     examples = []
     for ex in dataset.examples:
         raw, keys = lines[ex.line], list(ex.key_positions)
@@ -207,18 +250,19 @@ TASKS = {"ioi": ioi_task, "factual": factual_task, "greater-than": greater_than_
 
 def _sniff(path):
     """'pairs' for a paired-facts file, 'examples' for a `to_jsonl` file."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(first, dict) and "pair" in first:
-                    return "pairs"
-                if isinstance(first, dict) and "clean" in first:
-                    return "examples"
+    from jpatch.bulk import jsonl_records
+
+    for _, line in jsonl_records(path):
+        if line.strip():
+            try:
+                first = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 break
+            if isinstance(first, dict) and "pair" in first:
+                return "pairs"
+            if isinstance(first, dict) and "clean" in first:
+                return "examples"
+            break
     raise ValueError(f"{path}: not a paired-facts file ({{\"pair\": [...], \"answer\": [...]}} per line) "
                      f"nor a task file ({{\"clean\": ..., \"corrupted\": ..., ...}} per line)")
 

@@ -1,0 +1,64 @@
+"""float32 analysis: bfloat16 weights with float32 accumulation agree with float32 weights,
+and a patch that changes nothing measures exactly 0."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpatch
+import reference
+from jpatch import metrics
+from jpatch.convert import config_from_hf, from_hf_state_dict
+from jpatch.tasks import ioi
+
+
+def sweep_both(model, clean, corrupted, metric, site="resid_pre", **kwargs):
+    run = lambda m: np.asarray(jpatch.sweep(m, clean, corrupted, site, metric, per_prompt=True, progress=False,
+                                            **kwargs))
+    return run(model.astype(jnp.float32)), run(model.astype(jnp.bfloat16))
+
+
+def test_toy_bfloat16_weights_agree_with_float32():
+    model = jpatch.load("toy")
+    assert model.dtype == jnp.float32  # stored in bfloat16, analysed in float32
+    task = ioi.ioi_task(4, seed=5, split="test")
+    f32, bf16 = sweep_both(model, task.clean_tokens, task.corrupted_tokens, task.metric())
+    assert np.abs(f32).max() > 0.5  # the sweep finds something
+    assert np.abs(bf16 - f32).max() <= 0.01
+    # STR changes the names only: every patch before the first changed position changes nothing.
+    first = int(np.argmax((task.clean_tokens != task.corrupted_tokens).any(0)))
+    assert first > 0 and (f32[:, :, :first] == 0).all() and (bf16[:, :, :first] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def small_shaped():
+    """A random model of GPT-2 small's shape (12 layers, d_model 768, 50257 tokens)."""
+    hf = reference.hf_model(seed=1, initializer_range=0.02, **reference.SMALL)
+    return from_hf_state_dict(reference.hf_state_dict(hf), config_from_hf(hf.config))
+
+
+def test_gpt2_small_shape_bfloat16_weights_agree_with_float32(small_shaped):
+    clean = reference.random_tokens(2, 8, 50257, seed=4)
+    corrupted = clean.copy()
+    corrupted[:, 3] = (clean[:, 3] + 1000) % 50257
+    # Answers with a real clean-corrupted gap: the clean run's top token against the corrupted run's.
+    last = lambda tokens: np.asarray(small_shaped(jnp.asarray(tokens))[:, -1])
+    answers, contrasts = last(clean).argmax(-1), last(corrupted).argmax(-1)
+    assert (answers != contrasts).all()
+    f32, bf16 = sweep_both(small_shaped, clean, corrupted, metrics.logit_diff(answers, contrasts))
+    assert np.abs(f32).max() > 0.5
+    assert np.abs(bf16 - f32).max() <= 0.01
+    assert (f32[:, :, :3] == 0).all() and (bf16[:, :, :3] == 0).all()
+
+
+def test_attention_and_logits_accumulate_in_float32(small_shaped):
+    """bfloat16 weights: the logits and the attention pattern come out in float32 (their matmuls
+    accumulate in float32) and stay close to the float32 model's."""
+    tokens = jnp.asarray(reference.random_tokens(1, 8, 50257, seed=6))
+    bf16 = small_shaped.astype(jnp.bfloat16)
+    logits, cache = bf16.run_with_cache(tokens)
+    assert logits.dtype == jnp.float32 and cache["blocks.0.attn.hook_pattern"].dtype == jnp.float32
+    exact = np.asarray(small_shaped(tokens))
+    assert np.abs(np.asarray(logits) - exact).max() < 0.05 * np.abs(exact).max()
+    assert jax.tree_util.tree_leaves(bf16)[0].dtype == jnp.bfloat16
