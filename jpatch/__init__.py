@@ -33,3 +33,5 @@ from jpatch import metrics, patching, sites, utils  # noqa: E402
 from jpatch.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.results import load_result  # noqa: E402
 from jpatch.bulk import bulk_sweep  # noqa: E402
+from jpatch.attribution import attribute  # noqa: E402
+from jpatch.edges import Edges, edge_attribution  # noqa: E402

@@ -327,6 +327,8 @@ def build_parser():
 
     _delegate("jpatch.paper", "paper")(sub, "rerun the paper's comparisons and write a Markdown report")
     _delegate("jpatch.bulk", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
+    _delegate("jpatch.agreement", "attribute")(sub, "attribution-patching estimate of a sweep (--compare-exact: "
+                                                     "agreement with the exact sweep)")
     return parser
 
 

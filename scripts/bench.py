@@ -9,6 +9,7 @@ TransformerLens's. The two results must agree within 1e-4.
 
     python scripts/bench.py [--json out.json]
     python scripts/bench.py --bulk [--bulk-prompts 1000] [--json out.json]
+    python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
 
 --bulk measures dataset sweeps instead: prompts x patches per second of a
 resumable `jpatch bulk` sweep (resid_pre, STR, logit difference) over an IOI
@@ -196,7 +197,13 @@ def main():
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated: " + ", ".join(SWEEPS))
     parser.add_argument("--bulk", action="store_true", help="benchmark a bulk dataset sweep instead")
     parser.add_argument("--bulk-prompts", type=int, default=1000)
+    parser.add_argument("--attribution", action="store_true",
+                        help="benchmark attribution patching instead (scripts/bench_attribution.py)")
     args = parser.parse_args()
+    if args.attribution:
+        import bench_attribution
+
+        return bench_attribution.main(args.json)
 
     import jax
     import torch
