@@ -174,6 +174,11 @@ class Block(eqx.Module):
         return edit("hook_resid_post", x + mlp_out)
 
 
+def apply_override(override, act, site):
+    """One intervention (or None) on `act`, for callers that build their own forward."""
+    return act if override is None else override(act, site)
+
+
 def _editor(plan, cache, record, layer=None):
     """An `edit(site, act)` that applies the interventions of `plan` (see
     `interventions.normalize`) and stores the sites in `record` into `cache`."""
