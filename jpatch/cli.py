@@ -159,9 +159,10 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind):
     with atomic_dir(Path(out), overwrite, kind=kind) as tmp:
         for name, (site, axes, result) in sweeps.items():
             # the array is named after its site; "clean" lets a noising heatmap show patched - clean
+            known = getattr(result, "normalization", None) is not None  # a SweepResult knows its baselines
             saved = save_result(tmp / name, {site: result},
-                                {**settings, "site": site, "axes": list(axes), "clean": clean_value(result)},
-                                overwrite=not name)
+                                {**settings, "site": site, "axes": list(axes),
+                                 **({"clean": clean_value(result)} if known else {})}, overwrite=not name)
             if len(axes) == 2:
                 fig = plot.plot_sweep(load_result(saved), tokens=tokens)
                 plot.save(fig, tmp / f"{name or 'heatmap'}.png")
