@@ -195,8 +195,6 @@ def add_arguments(parser):
 
 def main(args):
     from jpatch import attribution, cli, patching, plot, sites
-    from jpatch.checkpoint import check_target
-    from jpatch.tokenizer import get_tokenizer
 
     if args.method not in attribution.METHODS:
         raise cli._choice_error("method", args.method, attribution.METHODS)
@@ -209,10 +207,7 @@ def main(args):
     except KeyError as e:
         raise SystemExit(f"jpatch: {e.args[0]}") from None
     axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
-    try:
-        check_target(Path(args.out), args.overwrite)
-    except (FileExistsError, ValueError) as e:
-        raise SystemExit(f"jpatch: {e}") from None
+    cli.check_out(args.out, args.overwrite, "attribute")
     model = cli.load_model(args.model)
     task = cli.load_task(args.task, args.n_prompts, args.seed)
     corrupted = cli.make_corruption(model, task, args.corruption, site, noise_samples=args.noise_samples,
@@ -228,7 +223,7 @@ def main(args):
                                              direction=args.direction, axes=axes)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"jpatch: {e}") from None
-    tokens = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    tokens = cli.longest_prompt_tokens(task)
     print(f"{site} over {' x '.join(axes)}, {args.method} estimate: top components")
     print("\n".join(cli.top_components(estimate, axes, tokens)))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
@@ -237,10 +232,13 @@ def main(args):
     sweeps = {"estimate": (site, axes, estimate)}
     if args.compare_exact:
         sweeps["exact"] = (site, axes, exact)
-    out = cli.write_sweeps(args.out, args.model, task, sweeps, settings, args.overwrite)
+    def write_report(folder):
+        (folder / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
+        fig = scatter(estimate, exact, title=f"{args.model} | {site} | {args.method} vs exact", label=args.metric)
+        plot.save(fig, folder / "scatter.png")
+
+    out = cli.write_sweeps(args.out, args.model, task, sweeps, settings, args.overwrite, "attribute",
+                           extra=write_report if args.compare_exact else None)
     if args.compare_exact:
         print(format_report(report))
-        (out / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
-        fig = scatter(estimate, exact, title=f"{args.model} | {site} | {args.method} vs exact", label=args.metric)
-        plot.save(fig, out / "scatter.png")
     print(f"results in {out}/")

@@ -147,10 +147,10 @@ def longest_prompt_tokens(task):
     return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
 
 
-def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind):
+def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra=None):
     """Write each sweep's result.npz + settings.json and heatmap into `out` (a jpatch `kind`
     output), atomically: into out/<name>/ and out/<name>.png, or straight into `out` for a
-    single sweep named ""."""
+    single sweep named "". `extra(folder)` writes any further files into the same output."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
     from jpatch.results import load_result, save_result
@@ -166,6 +166,8 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind):
             if len(axes) == 2:
                 fig = plot.plot_sweep(load_result(saved), tokens=tokens)
                 plot.save(fig, tmp / f"{name or 'heatmap'}.png")
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 
