@@ -95,8 +95,9 @@ def default_axes(site):
         return ("layer", "pos", "head")
     if site == "attn.hook_pattern":
         return ("layer", "head", "pos")
-    if site not in sites.LAYER_SITES:
-        raise ValueError(f"site {site!r} has no layers to sweep; sweepable: {', '.join(sites.LAYER_SITES)}")
+    if site not in sites.SWEEP_SITES:
+        why = "has no layers to sweep" if site not in sites.LAYER_SITES else "is not patched by the sweep engine"
+        raise ValueError(f"site {site!r} {why}; sweepable: {', '.join(sites.SWEEP_SITES)}")
     return ("layer", "pos")
 
 
@@ -120,6 +121,7 @@ def make_patches(config, site, axes, n_pos, n_prompts, *, window=1, layers=None,
     prompt_positions: one position per prompt ([n_prompts], e.g. the last subject
     token), giving a "pos" axis of length 1.
     """
+    default_axes(site)  # refuses a site the engine does not patch
     valid = ("layer", "pos") + {"attn.hook_pattern": ("head", "src")}.get(
         site, ("head",) if site in sites.HEAD_VECTOR_SITES else ())
     for a in axes:
@@ -197,7 +199,8 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     read_all = read_pos is None
     read_pos = np.zeros((N, 1), int) if read_all else read_pos
     data = metric.batch_data(N)
-    _, cache = model.run_with_cache(base.tokens, overrides=base.overrides)
+    _, cache = model.run_with_cache(base.tokens, overrides=base.overrides,
+                                    names_filter=["hook_resid_pre", "attn.hook_k", "attn.hook_v", "hook_resid_post"])
     base_arrays = engine.base_stacks(cache)
     source = source_cache.stacked(patches.site)
     if source.shape[1] != N:
@@ -488,7 +491,7 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     clean_logits = read_logits(model, clean_rows, metric)
     corrupted_logits = read_logits(model, corrupted, metric)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    _, source_cache = model.run_with_cache(source.tokens, overrides=source.overrides)
+    _, source_cache = model.run_with_cache(source.tokens, overrides=source.overrides, names_filter=site)
     if prompt_positions is not None:
         prompt_positions = np.asarray(prompt_positions)
         if mask is not None and prompt_positions.shape == (B,) and (prompt_positions >= lengths).any():
@@ -505,7 +508,7 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
                        skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
     if raw.ndim > 1:
-        _, base_cache = model.run_with_cache(base.tokens, overrides=base.overrides)
+        _, base_cache = model.run_with_cache(base.tokens, overrides=base.overrides, names_filter=site)
         no_op = no_op_patches(patches, base_cache.stacked(site), source_cache.stacked(site))
         raw = np.where(no_op, corrupted_score if direction == "denoise" else clean_score, raw)
     defined = applies(patches, np.tile(lengths, S))

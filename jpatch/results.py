@@ -216,9 +216,23 @@ class Result:
     def n_prompts(self):
         return None if self.lengths is None else len(self.lengths)
 
-    def axes(self, site):
-        """The names of the array's axes, e.g. ("prompt", "layer", "pos") (None when unknown)."""
-        if self.manifest is None or site not in self.manifest.get("sites", {}):
+    def only(self, site=None):
+        """`site`, or the name of the only array (a clear error when there are several)."""
+        if site is not None:
+            self[site]  # raises naming the arrays
+            return site
+        if len(self.arrays) != 1:
+            raise ValueError(f"{self.path or 'this result'} holds {', '.join(self.arrays)}: name one")
+        return next(iter(self.arrays))
+
+    def axes(self, site=None):
+        """The names of the array's axes, e.g. ("layer", "pos"), ("prompt", "layer", "pos") for a
+        bulk result (None when unknown)."""
+        site = self.only(site)
+        if self.manifest is None:
+            axes = self.settings.get("axes")
+            return tuple(axes) if axes and len(axes) == self[site].ndim else None
+        if site not in self.manifest.get("sites", {}):
             return None
         return ("prompt",) + tuple(self.manifest["sites"][site]["axes"])
 

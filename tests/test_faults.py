@@ -111,7 +111,7 @@ CASES = {
     "sweep --site embed": (["sweep", "--model", M, "--site", "embed", "--out", NEW],
                            "'hook_embed' has no layers to sweep"),
     "sweep --site blocks.99": (["sweep", "--model", M, "--site", "blocks.99.hook_resid_pre", "--out", NEW],
-                               "unknown site 'blocks.99.hook_resid_pre'"),
+                               "'blocks.99.hook_resid_pre' names one layer"),
     "demo --n-prompts 0": (["demo", "--model", M, "--n-prompts", "0", "--out", NEW], "--n-prompts must be"),
     "paper --window 0": (["paper", "--model", M, "--window", "0", "--out", NEW],
                          "--window must be an integer >= 1, got 0"),
