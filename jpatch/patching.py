@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from jpatch import engine, sites
 from jpatch.engine import ALL, Patches
-from jpatch.metrics import from_callable
+from jpatch.metrics import from_callable, narrowed
+from jpatch.model import Cache
 
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -170,10 +171,11 @@ def checked_metric(metric, d_vocab):
     return metric
 
 
-def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=DEFAULT_MEMORY_BUDGET,
+def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=None,
                  skip_layers=True, skip_positions=True, progress=True, devices=None):
     """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
-    every patch applied to the `base` Run with values from `source_cache`."""
+    every patch applied to the `base` Run with values from `source_cache`.
+    memory_budget: bytes per compiled call (None: from the device's free memory)."""
     cfg = model.config
     N, T = base.tokens.shape
     # Each patched run starts from the base run's cache and recomputes the later layers
@@ -185,39 +187,53 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
             f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
             "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
         )
+    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
     metric = checked_metric(metric, model.config.d_vocab)
+    # A callable on full logits is fed only the positions it reads (found by probing it).
+    full_logits = isinstance(metric.positions, str)  # "all": a callable written against full logits
+    metric = narrowed(metric, (N, T, cfg.d_vocab))
     read_pos = metric.read_positions(N, T)
     read_all = read_pos is None
     read_pos = np.zeros((N, 1), int) if read_all else read_pos
+    if full_logits and not read_all:  # the clean logits a narrowed callable sees
+        clean_logits = jnp.take_along_axis(jnp.asarray(clean_logits), jnp.asarray(read_pos)[..., None], axis=1)
     data = metric.batch_data(N)
-    _, cache = model.run_with_cache(base.tokens, overrides=base.overrides)
-    base_arrays = engine.base_stacks(cache)
     source = source_cache.stacked(patches.site)
     if source.shape[1] != N:
         raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
+    base_arrays = engine.cached_sites(model, base.tokens, base.overrides, engine.BASE_SITES, memory_budget)
 
+    n_read = T if read_all else read_pos.shape[1]
     score_shape = jax.eval_shape(
-        lambda lg: metric.score(lg, clean_logits, data),
-        jax.ShapeDtypeStruct((N, T if read_all else read_pos.shape[1], cfg.d_vocab), jnp.float32),
+        lambda lg: metric.score(lg, clean_logits, data), jax.ShapeDtypeStruct((N, n_read, cfg.d_vocab), jnp.float32)
     ).shape
     if score_shape not in ((), (N,)):
         raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({N}), got shape {score_shape}")
     scalar = score_shape == ()
+    # A scalar metric, or any user callable (written for the whole batch), sees every prompt at once.
+    whole = scalar or full_logits
 
     devices = list(devices or jax.local_devices())
     mesh = Mesh(np.array(devices), ("batch",))
-    layout = engine.plan(patches, cfg.n_layer, T, skip_layers=skip_layers, skip_positions=skip_positions)
-    per_prompt = engine.bytes_per_prompt(cfg, layout, T if read_all else read_pos.shape[1], cfg.d_vocab)
-    # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
-    # At most one group per patch: more would leave groups empty.
-    groups = max(1, min(len(patches), math.ceil(per_prompt * (N if scalar else 1) / memory_budget)))
-    chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
-    if not scalar and len(devices) > 1:
+    # Patch groups split a sweep too big for one prompt; prompt chunks split the rest. Every
+    # group has one static layout, so the sweep compiles one program whatever its size.
+    itemsize = jnp.dtype(model.dtype).itemsize
+    plan = lambda g: engine.plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
+                                        skip_positions=skip_positions)
+    need = lambda layout: engine.bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab, itemsize) * (N if whole else 1)
+    groups = 1
+    planned = plan(groups)
+    while need(planned[0][1]) > memory_budget and groups < len(patches):
+        groups = min(len(patches), max(groups + 1, math.ceil(groups * need(planned[0][1]) / memory_budget)))
+        planned = plan(groups)
+    per_prompt = need(planned[0][1]) // (N if whole else 1)
+    chunk = N if whole else max(1, min(N, memory_budget // per_prompt))
+    if not whole and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
     n_chunks = math.ceil(N / chunk)
     pad = n_chunks * chunk - N
-    if scalar and len(devices) > 1 and N % len(devices):
-        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a scalar metric needs the whole batch together
+    if whole and len(devices) > 1 and N % len(devices):
+        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a whole-batch metric needs the batch together
 
     def padded(a, axis):
         if not pad:
@@ -230,22 +246,18 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     source = padded(source, 1)
     read_pos, clean_logits = padded(jnp.asarray(read_pos), 0), padded(clean_logits, 0)
     data = jax.tree_util.tree_map(lambda a: padded(a, 0), data)
-    pos_all = padded(jnp.asarray(patches.pos.reshape(len(patches), -1)), 1)
+    pos_all = np.asarray(patches.pos).reshape(len(patches), -1)
+    pos_all = padded(jnp.asarray(np.broadcast_to(pos_all, (len(patches), N))), 1)
 
     out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
-    group_index = np.array_split(np.arange(len(patches)), groups)
     bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit=" runs")
-    for idx in group_index:
-        group = patches.take(idx)
-        lay = layout if groups == 1 else engine.plan(group, cfg.n_layer, T, skip_layers=skip_layers,
-                                                     skip_positions=skip_positions)
-        order = idx[lay.order]
-        meta = {
-            "layer_lo": jnp.asarray(patches.layer_lo[order]),
-            "layer_hi": jnp.asarray(patches.layer_hi[order]),
-            "head": jnp.asarray(patches.head[order]),
-            "src": jnp.asarray(patches.src[order]),
-        }
+    for slots, lay in planned:
+        real = slots >= 0
+        take = lambda a, fill: jnp.asarray(np.where(real, np.asarray(a)[np.maximum(slots, 0)], fill))
+        # padding slots are never patched (an empty layer window)
+        meta = {"layer_lo": take(patches.layer_lo, 0), "layer_hi": take(patches.layer_hi, 0),
+                "head": take(patches.head, 0), "src": take(patches.src, 0)}
+        pos_slots = jnp.where(jnp.asarray(real)[:, None], pos_all[np.maximum(slots, 0)], 0)
         for c in range(n_chunks):
             rows = slice(c * chunk, (c + 1) * chunk)
             put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
@@ -253,7 +265,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 model,
                 {k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()},
                 put(source, 1),
-                {**meta, "pos": put(pos_all[order], 1)},
+                {**meta, "pos": put(pos_slots, 1)},
                 jnp.asarray(lay.row_patch),
                 jnp.asarray(lay.row_pos),
                 jnp.asarray(lay.dense_idx),
@@ -265,11 +277,12 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 stages=lay.stages,
                 n_read_all=read_all,
             )
+            scores = np.asarray(scores)[real]
             if scalar:
-                out[order] = np.asarray(scores)
+                out[slots[real]] = scores
             else:
-                out[order, rows] = np.asarray(scores)
-            bar.update(len(idx) * (min(rows.stop, N) - rows.start))
+                out[slots[real], rows] = scores
+            bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
     bar.close()
     return out if scalar else out[:, :N]
 
@@ -296,7 +309,7 @@ def _check_finite(result, axes, shape):
 
 
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
-          heads=None, prompt_positions=None, axes=None, per_prompt=False, memory_budget=DEFAULT_MEMORY_BUDGET, progress=True,
+          heads=None, prompt_positions=None, axes=None, per_prompt=False, memory_budget=None, progress=True,
           skip_layers=True, skip_positions=True, devices=None):
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
@@ -333,7 +346,10 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     clean_logits = read_logits(model, clean_rows, metric)
     corrupted_logits = read_logits(model, corrupted, metric)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    _, source_cache = model.run_with_cache(source.tokens, overrides=source.overrides)
+    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
+    # Only the patched site of the source run is kept (not every site, e.g. the [L, B, H, T, T] pattern).
+    source_cache = Cache(engine.cached_sites(model, source.tokens, source.overrides, (site,), memory_budget),
+                         model.config.n_layer)
     if prompt_positions is not None:
         prompt_positions = np.tile(np.asarray(prompt_positions), S) if np.shape(prompt_positions) == (B,) else prompt_positions
     patches, shape = make_patches(model.config, site, axes, T, S * B, window=window, layers=layers,
