@@ -14,6 +14,7 @@ so 1 always means "clean behaviour", 0 "corrupted behaviour".
 """
 
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Union
 
@@ -186,6 +187,13 @@ class _Origin:
         return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _move_logits_map(primitive, params, shape, base, *rest):
+    """`primitive` applied to the [B, T] map broadcast to the logits' shape, inside one
+    compiled call, so the [B, T, V] map is never materialized."""
+    return primitive.bind(jnp.broadcast_to(base[..., None], shape), *rest, **dict(params))
+
+
 def _interpret(jaxpr, consts, args, n):
     """Evaluate `jaxpr` on constants, following which logit positions each value depends on."""
     env = {}
@@ -209,10 +217,9 @@ def _interpret(jaxpr, consts, args, n):
             if name == "convert_element_type":
                 params["new_dtype"] = jnp.int32
             if ins[0].ids is _LOGITS:  # the logits' own map, [B, T] broadcast over the vocabulary
-                # inside one compiled call, so the [B, T, V] map is never materialized
-                move = lambda base, *rest: eqn.primitive.bind(
-                    jnp.broadcast_to(base[..., None], eqn.invars[0].aval.shape), *rest, **params)
-                ids = jax.jit(move)(jnp.arange(n, dtype=jnp.int32).reshape(eqn.invars[0].aval.shape[:2]), *ins[1:])
+                shape = eqn.invars[0].aval.shape
+                ids = _move_logits_map(eqn.primitive, tuple(params.items()), shape,
+                                       jnp.arange(n, dtype=jnp.int32).reshape(shape[:2]), *ins[1:])
             else:
                 ids = eqn.primitive.bind(ins[0].ids, *ins[1:], **params)
             outs = _Origin(ids=ids)
