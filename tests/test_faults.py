@@ -198,8 +198,8 @@ def test_sweep_refuses_before_computing(model, clean, kwargs, message, monkeypat
 
 
 def test_tiny_memory_budget_is_warned_about(model, monkeypatch):
-    """A budget below one patch's memory splits the sweep into one compiled group per patch
-    (2 layers x 6 positions = 12) instead of one: said with the numbers before the work."""
+    """A budget below one patch's memory splits the sweep into one group per patch (2 layers x
+    6 positions = 12), run one after another, instead of one: said with the numbers before the work."""
     from jpatch import engine
 
     def stop(*a, **k):
