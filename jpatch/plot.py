@@ -91,13 +91,13 @@ def plot_sweep(result, axes=None, *, site=None, tokens=None, title=None, metric_
     if len(axes) != 2:
         raise ValueError(f"plot_sweep draws 2-D results, got axes {axes}")
     if isinstance(result, Result):
-        s = result.settings
-        site = s.get("site") or result.only(site)
-        title = title or title_for(s.get("model"), site, str(s.get("corruption", "")).upper() or None, s.get("metric"),
+        s, name = result.settings, result.only(site)
+        title = title or title_for(s.get("model"), s.get("site") or name, str(s.get("corruption", "")).upper() or None, s.get("metric"),
                                    s.get("direction"), s.get("window"))
         metric_name = metric_name or s.get("metric")
-        if s.get("direction") == "noise" and "clean" in s:  # show the effect, not ~clean everywhere
-            values = values - s["clean"]
+        clean = result.clean_value(name)
+        if s.get("direction") == "noise" and clean is not None:  # show the effect, not ~clean everywhere
+            values = values - clean
             metric_name = f"{metric_name or 'metric'}: patched - clean"
     col_labels = tokens if axes[1] == "pos" and tokens is not None else None
     return heatmap(values, rows=axes[0], cols=axes[1], col_labels=col_labels, title=title,

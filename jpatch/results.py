@@ -236,6 +236,19 @@ class Result:
             return None
         return ("prompt",) + tuple(self.manifest["sites"][site]["axes"])
 
+    def clean_value(self, site=None):
+        """The unpatched clean run's value in the units of `site`'s aggregate (1 for a normalized
+        metric; per grid entry for a bulk result, over the prompts reaching it), or None when unknown.
+        A noising sweep's effect is `values - clean_value`."""
+        site = self.only(site)
+        if self.kind != "bulk":
+            return self.settings.get("clean")
+        if self.raw is None or self.clean_score is None:
+            return None
+        raw = np.moveaxis(self.raw[site], 0, -1)
+        clean = np.where(np.isnan(raw), np.nan, np.broadcast_to(self.clean_score, raw.shape))
+        return aggregate.normalized_mean(self.manifest["normalization"], clean, self.clean_score, self.corrupted_score)
+
     def _per_prompt(self, site):
         if self.kind != "bulk":
             raise ValueError("mean / std / count reduce over prompts: only a bulk result has a prompt axis")

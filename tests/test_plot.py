@@ -56,6 +56,21 @@ def test_plot_sweep_takes_a_bulk_result(tmp_path):
     np.testing.assert_allclose(image(plot.plot_sweep(r)), expected)  # the only site
 
 
+def test_bulk_noising_heatmap_shows_the_effect(tmp_path):
+    import json
+
+    _, raw, clean, corrupted = fake_bulk(tmp_path / "bulk")
+    manifest = json.loads((tmp_path / "bulk" / "manifest.json").read_text())
+    manifest["settings"]["direction"] = "noise"
+    (tmp_path / "bulk" / "manifest.json").write_text(json.dumps(manifest))
+    r = load_result(tmp_path / "bulk")
+    reach = ~np.isnan(raw)
+    mean = lambda a: np.where(reach, a, 0).sum(0) / reach.sum(0)
+    gap = mean(clean[:, None, None] + 0 * raw) - mean(corrupted[:, None, None] + 0 * raw)
+    effect = (mean(raw) - mean(corrupted[:, None, None] + 0 * raw)) / gap - 1.0  # "range": the clean run is 1
+    np.testing.assert_allclose(image(plot.plot_sweep(r)), effect, rtol=1e-5, atol=1e-6)
+
+
 def test_plot_errors(tmp_path):
     three = load_result(save_result(tmp_path / "3", {"attn.hook_z": np.zeros((2, 3, 4))},
                                     {**SETTINGS, "site": "attn.hook_z", "axes": ["layer", "pos", "head"]}))
