@@ -134,8 +134,9 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
 
 
 def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
-    """A rough peak-memory estimate of one prompt's share of a call: activations in the
-    model's dtype (`itemsize` bytes), attention scores in float32."""
+    """A rough peak-memory estimate of one prompt's share of a call: activations of
+    `itemsize` bytes (float32: the residual stream is float32 whatever the weights' dtype),
+    attention scores in float32."""
     rows = max((s[3] for s in layout.stages), default=0)
     n = len(layout.order)
     T = layout.dense_idx.shape[1]
@@ -176,7 +177,7 @@ def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_po
     cfg = model.config
     B, T = base["final"].shape[:2]
     bidx = jnp.arange(B)[:, None]
-    x = jnp.zeros((B, 0, cfg.d_model), model.dtype)
+    x = jnp.zeros((B, 0, cfg.d_model), jnp.float32)  # the residual stream is float32 (see GPT2._forward)
     for first, end, alive, rows in stages:
         new_pos = row_pos[x.shape[1] : rows]
         x = jnp.concatenate([x, base["hook_resid_pre"][first][:, new_pos]], axis=1)
@@ -279,7 +280,7 @@ def cached_sites(model, tokens, overrides, keep, memory_budget):
     overlaps the one before), so the forward compiles once."""
     cfg = model.config
     N, T = tokens.shape
-    itemsize = jnp.dtype(model.dtype).itemsize
+    itemsize = 4  # activations are float32 whatever the weights' dtype
     # one prompt's forward: a layer's activations plus float32 scores and pattern, and the kept stacks
     per_prompt = T * (10 * cfg.d_model + cfg.d_mlp) * itemsize + 3 * cfg.n_head * T * T * 4
     per_prompt += sum(cfg.n_layer * math.prod(sites.activation_shape(cfg, s, 1, T)) for s in keep if s != "final") * itemsize

@@ -317,7 +317,7 @@ class GPT2(FrontDoor, eqx.Module):
     def unembed(self, x, edit=no_edit):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
-        x = edit("unembed.hook_in", (normalized * self.ln_f.weight + self.ln_f.bias).astype(self.dtype))
+        x = edit("unembed.hook_in", normalized * self.ln_f.weight + self.ln_f.bias)
         return edit("unembed.hook_out", jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32))
 
     def __call__(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
@@ -360,7 +360,9 @@ class GPT2(FrontDoor, eqx.Module):
             attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
             return block(x, self.config, attend, edit), layer_cache
 
-        x = (embed + pos_embed).astype(self.dtype)
+        # The residual stream is float32 whatever the weights' dtype: bfloat16 weights save memory,
+        # while every activation, and so every patched score, keeps float32 precision.
+        x = (embed + pos_embed).astype(jnp.float32)
         x, layer_cache = jax.lax.scan(step, x, (self.blocks, jnp.arange(self.config.n_layer)))
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)

@@ -226,10 +226,9 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     mesh = Mesh(np.array(devices), ("batch",))
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest. Every
     # group has one static layout, so the sweep compiles one program whatever its size.
-    itemsize = jnp.dtype(model.dtype).itemsize
     plan = lambda g: engine.plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
                                         skip_positions=skip_positions)
-    need = lambda layout: engine.bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab, itemsize) * (N if whole else 1)
+    need = lambda layout: engine.bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
     groups = 1
     planned = plan(groups)
     while need(planned[0][1]) > memory_budget and groups < len(patches):
