@@ -22,13 +22,14 @@ def _enable_compilation_cache():
 
 _enable_compilation_cache()
 
-from jpatch.model import GPT2, GPT2Config, Cache, Override, override_from_cache  # noqa: E402
+from jpatch.model import GPT2, GPT2Config, Cache, override_from_cache  # noqa: E402
+from jpatch.interventions import Add, Apply, Override, Scale  # noqa: E402
 from jpatch.checkpoint import load, save  # noqa: E402
 from jpatch.convert import convert_hf  # noqa: E402
 from jpatch.patching import Run, sweep  # noqa: E402
 from jpatch.padding import pad  # noqa: E402
 from jpatch.aggregate import SweepResult  # noqa: E402
-from jpatch import metrics, patching, sites  # noqa: E402
+from jpatch import metrics, patching, sites, utils  # noqa: E402
 from jpatch.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.results import load_result  # noqa: E402
 from jpatch.bulk import bulk_sweep  # noqa: E402

@@ -126,6 +126,19 @@ def run_sweep(model, task, site, axes, *, corruption, metric, direction, window,
                           direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
 
 
+def clean_value(result):
+    """The metric of the unpatched clean run, compared as the sweep's values are (1 when normalized)."""
+    from jpatch.aggregate import normalize
+
+    return float(normalize(result.normalization, result.clean, result.clean, result.corrupted))
+
+
+def shown(result, direction):
+    """What the summary shows: the metric, or for noising its change (patched - clean), since
+    every patch that does nothing reads as the clean value."""
+    return np.asarray(result) - clean_value(result) if direction == "noise" else np.asarray(result)
+
+
 def longest_prompt_tokens(task):
     """The token strings of the task's longest prompt: labels for a position axis."""
     from jpatch.tokenizer import get_tokenizer
@@ -140,17 +153,18 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra
     single sweep named "". extra(folder): writes further files into the same output."""
     from jpatch import plot
     from jpatch.checkpoint import atomic_dir
-    from jpatch.results import save_result
+    from jpatch.results import load_result, save_result
 
     tokens = longest_prompt_tokens(task)
     with atomic_dir(Path(out), overwrite, kind=kind) as tmp:
         for name, (site, axes, result) in sweeps.items():
-            save_result(tmp / name, {"result": result}, {**settings, "site": site, "axes": list(axes)},
-                        overwrite=not name)
-            title = plot.title_for(model_name, site, settings["corruption"].upper(), settings["metric"],
-                                   settings["direction"], settings["window"])
+            # the array is named after its site; "clean" lets a noising heatmap show patched - clean
+            known = getattr(result, "normalization", None) is not None  # a SweepResult knows its baselines
+            saved = save_result(tmp / name, {site: result},
+                                {**settings, "site": site, "axes": list(axes),
+                                 **({"clean": clean_value(result)} if known else {})}, overwrite=not name)
             if len(axes) == 2:
-                fig = plot.plot_sweep(result, axes, tokens=tokens, title=title, metric_name=settings["metric"])
+                fig = plot.plot_sweep(load_result(saved), tokens=tokens)
                 plot.save(fig, tmp / f"{name or 'heatmap'}.png")
         if extra is not None:
             extra(tmp)
@@ -219,8 +233,9 @@ def cmd_sweep(args):
                            seed=args.seed)
     except (ValueError, FloatingPointError) as e:
         raise Fail(str(e)) from None
-    print(f"{site} over {' x '.join(axes)}: top components")
-    print("\n".join(top_components(result, axes, longest_prompt_tokens(task))))
+    effect = " (noising: patched - clean)" if args.direction == "noise" else ""
+    print(f"{site} over {' x '.join(axes)}: top components{effect}")
+    print("\n".join(top_components(shown(result, args.direction), axes, longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples}
@@ -238,12 +253,31 @@ def cmd_convert(args):
     print(f"converted {args.src} -> {out}")
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help lists every option's default (options without a help text too)."""
+
+    @staticmethod
+    def _shows_default(action):
+        return action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints nothing for an option without help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if self._shows_default(action) and "default" not in help:
+            help = f"{help} (default: %(default)s)"
+        return help
+
+
 def _delegate(module, command):
     """Subcommands whose module defines add_arguments(parser) and main(args)."""
     import importlib
 
     def add(subparsers, help):
-        parser = subparsers.add_parser(command, help=help, description=help)
+        parser = subparsers.add_parser(command, help=help, description=help, formatter_class=_HelpWithDefaults)
         mod = importlib.import_module(module)
         mod.add_arguments(parser)
         parser.set_defaults(func=mod.main)
@@ -252,13 +286,15 @@ def _delegate(module, command):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="jpatch", description="Fast batched activation patching for GPT-2 (JAX).")
+    parser = argparse.ArgumentParser(prog="jpatch", description="Fast batched activation patching for GPT-2 (JAX).",
+                                     formatter_class=_HelpWithDefaults)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="IOI sweeps (resid_pre, heads) on the bundled model, with heatmaps",
                           description="Run the IOI sweeps of resid_pre (layer x position) and attention-head "
                                       "outputs (layer x head) with symmetric token replacement and normalized "
-                                      "logit difference; print the top components and write heatmaps.")
+                                      "logit difference; print the top components and write heatmaps.",
+                          formatter_class=_HelpWithDefaults)
     demo.add_argument("--model", default="toy", help="a folder or a name under weights/ (default: toy)")
     demo.add_argument("--out", default="results/demo",
                       help="output folder (default: results/demo); replaces only an earlier demo output")
@@ -266,7 +302,8 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.")
+    sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.",
+                           formatter_class=_HelpWithDefaults)
     sweep.add_argument("--model", default="toy")
     sweep.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
     sweep.add_argument("--site", default="resid_pre", help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
@@ -283,7 +320,8 @@ def build_parser():
     sweep.set_defaults(func=cmd_sweep)
 
     convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights",
-                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.")
+                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.",
+                             formatter_class=_HelpWithDefaults)
     convert.add_argument("src")
     convert.add_argument("out")
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

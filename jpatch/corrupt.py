@@ -367,7 +367,7 @@ def _run_dataset(model, rows, site, chunk):
     for group in by_length.values():
         group = np.stack(group)
         for i in range(0, len(group), chunk):
-            _, cache = model.run_with_cache(group[i : i + chunk])
+            _, cache = model.run_with_cache(group[i : i + chunk], names_filter=site)
             yield cache.stacked(site).astype(jnp.float32)
 
 

@@ -21,6 +21,7 @@ The prompt axis stays dense, so it is chunked and sharded freely.
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -60,15 +61,15 @@ class Patches:
 class Layout:
     """Where each patch's rows live. Static ints shape the compiled program."""
 
-    order: np.ndarray  # patches sorted by start layer
+    order: np.ndarray  # [n] the patch in each slot (sorted by stage), -1 for a padding slot
     stages: tuple  # ((first_layer, end_layer, n_patches_alive, n_rows_alive), ...)
     row_patch: np.ndarray  # [R] index into the sorted patches
     row_pos: np.ndarray  # [R]
     dense_idx: np.ndarray  # [n, T] row of (patch, position), -1 where the position is not recomputed
 
 
-def plan(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, max_stages=12):
-    """Pack the patches' recomputed positions into rows, grouped into layer stages."""
+def _starts(patches, n_layer, skip_layers, skip_positions, max_stages):
+    """Each patch's first recomputed layer and position, its stage, and the stage boundaries."""
     n = len(patches)
     start_layer = patches.layer_lo if skip_layers else np.zeros(n, int)
     pos = patches.pos.reshape(n, -1)
@@ -78,39 +79,82 @@ def plan(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, ma
     if len(starts) > max_stages:
         starts = starts[np.linspace(0, len(starts) - 1, max_stages).round().astype(int)]
     stage_of = np.searchsorted(starts, start_layer, side="right") - 1
-    order = np.lexsort((np.arange(n), stage_of))
-    counts = pos_len - start_pos[order]
-    row_patch = np.repeat(np.arange(n), counts)
-    row_pos = np.concatenate([np.arange(start_pos[i], pos_len) for i in order]) if n else np.zeros(0, int)
-    dense_idx = np.full((n, pos_len), -1)
-    dense_idx[row_patch, row_pos] = np.arange(len(row_patch))
+    return start_pos, stage_of, starts
+
+
+def plan(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, max_stages=12):
+    """Pack the patches' recomputed positions into rows, grouped into layer stages."""
+    return plan_groups(patches, n_layer, pos_len, 1, skip_layers=skip_layers, skip_positions=skip_positions,
+                       max_stages=max_stages)[0][1]
+
+
+def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_positions=True, max_stages=12):
+    """Split the patches into `groups` groups that share one static layout, so one
+    compiled program runs them all: [(members, Layout)], members [n_slots] indexing
+    `patches` with -1 for padding slots.
+
+    Patches sorted by (stage, start position) are dealt out in turn, so every group
+    holds nearly the same mix; each group is then padded per stage to the largest
+    group's patch and row counts. Slot 0 of every group is a padding patch that is
+    never patched; the padding rows belong to it (their values are never read).
+    """
+    n = len(patches)
+    start_pos, stage_of, starts = _starts(patches, n_layer, skip_layers, skip_positions, max_stages)
+    order = np.lexsort((np.arange(n), start_pos, stage_of))
+    dealt = [order[g::groups] for g in range(groups)]
+    n_stages = len(starts)
+    count = lambda members: np.bincount(stage_of[members], minlength=n_stages)
+    rows_of = lambda members: np.bincount(stage_of[members], weights=pos_len - start_pos[members],
+                                          minlength=n_stages).astype(int)
+    max_patches = np.max([count(m) for m in dealt], axis=0) if n else np.zeros(0, int)
+    max_rows = np.max([rows_of(m) for m in dealt], axis=0) if n else np.zeros(0, int)
     ends = list(starts[1:]) + [n_layer]
-    stages = []
-    for k, (first, end) in enumerate(zip(starts, ends)):
-        alive = int((stage_of <= k).sum())
-        stages.append((int(first), int(end), alive, int(counts[:alive].sum())))
-    return Layout(order, tuple(stages), row_patch, row_pos, dense_idx)
+    stages = tuple((int(first), int(end), int(1 + max_patches[: k + 1].sum()), int(max_rows[: k + 1].sum()))
+                   for k, (first, end) in enumerate(zip(starts, ends)))
+    out = []
+    for members in dealt:
+        slots, row_patch, row_pos = [-1], [], []
+        for k in range(n_stages):
+            in_stage = members[stage_of[members] == k]
+            for i in in_stage:
+                row_patch.append(np.full(pos_len - start_pos[i], len(slots)))
+                row_pos.append(np.arange(start_pos[i], pos_len))
+                slots.append(i)
+            slots += [-1] * int(max_patches[k] - len(in_stage))
+            pad = int(max_rows[k] - (pos_len - start_pos[in_stage]).sum())
+            row_patch.append(np.zeros(pad, int))
+            row_pos.append(np.full(pad, pos_len - 1))
+        row_patch = np.concatenate(row_patch).astype(int)
+        row_pos = np.concatenate(row_pos).astype(int)
+        dense_idx = np.full((len(slots), pos_len), -1)
+        real = row_patch > 0
+        dense_idx[row_patch[real], row_pos[real]] = np.flatnonzero(real)
+        out.append((np.array(slots), Layout(np.array(slots), stages, row_patch, row_pos, dense_idx)))
+    return out
 
 
-def bytes_per_prompt(config, layout, n_read, vocab_read):
-    """A rough peak-memory estimate (float32) of one prompt's share of a call."""
+def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
+    """A rough peak-memory estimate of one prompt's share of a call: activations of
+    `itemsize` bytes (float32: the residual stream is float32 whatever the weights' dtype),
+    attention scores in float32."""
     rows = max((s[3] for s in layout.stages), default=0)
     n = len(layout.order)
-    T = int(layout.row_pos.max()) + 1 if len(layout.row_pos) else 1
+    T = layout.dense_idx.shape[1]
     d, H = config.d_model, config.n_head
     per_row = 3 * d + config.d_mlp + 4 * d
-    dense = n * T * (4 * d + 2 * H * T)
-    final = n * T * d + n * n_read * vocab_read
-    return 4 * 2 * (rows * per_row + dense + final)
+    dense = n * T * 4 * d * itemsize + n * T * 2 * H * T * 4
+    final = n * T * d * itemsize + n * n_read * vocab_read * 4
+    return 2 * (rows * per_row * itemsize + dense + final)
 
 
 def dense_attention(q, k, v, edit):
     """Causal attention on [..., H, T, d_head] (batched matmuls, no transposes inside)."""
     T = q.shape[-2]
-    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    # Scores, softmax and the weighted sum accumulate in float32 whatever the weights' dtype.
+    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, jnp.finfo(jnp.float32).min)
     pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
-    return jnp.matmul(pattern, v)
+    return jnp.matmul(pattern, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def _mask_at(layer, lo, hi):
@@ -133,7 +177,7 @@ def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_po
     cfg = model.config
     B, T = base["final"].shape[:2]
     bidx = jnp.arange(B)[:, None]
-    x = jnp.zeros((B, 0, cfg.d_model), model.dtype)
+    x = jnp.zeros((B, 0, cfg.d_model), jnp.float32)  # the residual stream is float32 (see GPT2._forward)
     for first, end, alive, rows in stages:
         new_pos = row_pos[x.shape[1] : rows]
         x = jnp.concatenate([x, base["hook_resid_pre"][first][:, new_pos]], axis=1)
@@ -200,11 +244,80 @@ def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_po
     return jax.vmap(lambda lg: score(lg, clean_logits, data), in_axes=1)(logits)  # [n, B] (or [n])
 
 
-def base_stacks(cache):
-    """What the engine needs from the base run's cache."""
-    return {
-        "hook_resid_pre": cache.stacked("hook_resid_pre"),
-        "attn.hook_k": cache.stacked("attn.hook_k"),
-        "attn.hook_v": cache.stacked("attn.hook_v"),
-        "final": cache.stacked("hook_resid_post")[-1],
-    }
+BASE_SITES = ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "final")  # what a patched run reads of the base run
+
+
+def _batch_rows(overrides, n, rows):
+    """The prompts `rows` of a run's overrides: a leaf is sliced where it has the batch
+    axis (right-aligned against its site's activation), left whole where it broadcasts."""
+    out = {}
+    for site, ov in overrides.items():
+        # distance of the batch axis from the last axis, with the layer axis of per-layer sites
+        from_end = {"attn.hook_pattern": 4, **{s: 4 for s in sites.HEAD_VECTOR_SITES}}.get(site, 3)
+
+        def take(a):
+            axis = a.ndim - from_end
+            if axis < 0 or a.shape[axis] == 1:
+                return a
+            if a.shape[axis] != n:
+                raise ValueError(f"override for {site!r} has {a.shape[axis]} prompts on its batch axis, the run has {n}")
+            return jax.lax.slice_in_dim(a, rows.start, rows.stop, axis=axis)
+
+        out[site] = jax.tree_util.tree_map(take, ov)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("keep",))
+def _cache_chunk(model, tokens, overrides, keep):
+    # Only the kept stacks leave the program: XLA drops the rest of the cache and the logits.
+    _, cache = model.run_with_cache(tokens, overrides=overrides)
+    return {s: cache.stacks["hook_resid_post"][-1] if s == "final" else cache.stacks[s] for s in keep}
+
+
+def cached_sites(model, tokens, overrides, keep, memory_budget):
+    """The stacks `keep` ([L, B, ...] per site; "final": the last residual [B, T, d]) of a
+    run, computed in prompt chunks that fit `memory_budget`, all of one shape (the last
+    overlaps the one before), so the forward compiles once."""
+    cfg = model.config
+    N, T = tokens.shape
+    itemsize = 4  # activations are float32 whatever the weights' dtype
+    # one prompt's forward: a layer's activations plus float32 scores and pattern, and the kept stacks
+    per_prompt = T * (10 * cfg.d_model + cfg.d_mlp) * itemsize + 3 * cfg.n_head * T * T * 4
+    per_prompt += sum(cfg.n_layer * math.prod(sites.activation_shape(cfg, s, 1, T)) for s in keep if s != "final") * itemsize
+    chunk = int(max(1, min(N, memory_budget // max(per_prompt, 1))))
+    if chunk == N:
+        return _cache_chunk(model, tokens, overrides, tuple(keep))
+    parts = {s: [] for s in keep}
+    for c in range(math.ceil(N / chunk)):
+        start = min(c * chunk, N - chunk)  # the last chunk overlaps the one before: one shape
+        rows = slice(start, start + chunk)
+        part = _cache_chunk(model, jnp.asarray(tokens)[rows], _batch_rows(overrides, N, rows), tuple(keep))
+        for s, a in part.items():
+            parts[s].append(a[c * chunk - start:] if s == "final" else a[:, c * chunk - start:])
+    return {s: jnp.concatenate(p, axis=0 if s == "final" else 1) for s, p in parts.items()}
+
+
+def default_memory_budget(device=None, fraction=0.25):
+    """A quarter of the memory free on `device` (default: the first local device):
+    `memory_stats()` on an accelerator, available RAM (/proc/meminfo) on CPU."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        free = _available_ram()
+    return int(max(free * fraction, 64 << 20))
+
+
+def _available_ram():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30

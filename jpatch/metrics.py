@@ -14,6 +14,8 @@ so 1 always means "clean behaviour", 0 "corrupted behaviour".
 """
 
 import dataclasses
+import functools
+import warnings
 from typing import Callable, Union
 
 import jax
@@ -164,6 +166,142 @@ class _CallOnLogits:
 
     def __eq__(self, other):
         return isinstance(other, _CallOnLogits) and other.fn is self.fn
+
+
+# Primitives that only move or select entries: applied to a map of where each entry came
+# from, they give where each entry of their output came from.
+_MOVES = {"slice", "squeeze", "reshape", "gather", "dynamic_slice", "transpose", "broadcast_in_dim",
+          "expand_dims", "rev", "copy", "copy_p", "convert_element_type"}
+_LOGITS = "logits"  # the map of the metric's input itself
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+
+
+class _Origin:
+    """A traced value that depends on the logits: `ids` maps each of its entries to the
+    flat (prompt, position) of the logit it is, or `reads` [B * T] bool marks the positions
+    it may depend on (after any computation that mixes entries)."""
+
+    def __init__(self, ids=None, reads=None):
+        self.ids, self.reads = ids, reads
+
+    def positions(self, n):
+        if self.reads is not None:
+            return self.reads
+        if self.ids is _LOGITS:
+            return np.ones(n, bool)
+        out = np.zeros(n, bool)
+        out[np.unique(np.asarray(self.ids))] = True
+        return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _move_logits_map(primitive, params, shape, base, *rest):
+    """`primitive` applied to the [B, T] map broadcast to the logits' shape, inside one
+    compiled call, so the [B, T, V] map is never materialized."""
+    return primitive.bind(jnp.broadcast_to(base[..., None], shape), *rest, **dict(params))
+
+
+def _interpret(jaxpr, consts, args, n):
+    """Evaluate `jaxpr` on constants, following which logit positions each value depends on."""
+    env = {}
+    read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        traced = [isinstance(x, _Origin) for x in ins]
+        name = eqn.primitive.name
+        if not any(traced):
+            outs = eqn.primitive.bind(*ins, **eqn.params)
+        elif name in _CALLS and _CALLS[name] in eqn.params:
+            inner = eqn.params[_CALLS[name]]
+            inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
+            outs = _interpret(inner_jaxpr, inner_consts, ins, n)
+        elif name in _MOVES and traced[0] and not any(traced[1:]) and ins[0].ids is not None:
+            params = dict(eqn.params)
+            if name == "convert_element_type":
+                params["new_dtype"] = jnp.int32
+            if ins[0].ids is _LOGITS:  # the logits' own map, [B, T] broadcast over the vocabulary
+                shape = eqn.invars[0].aval.shape
+                ids = _move_logits_map(eqn.primitive, tuple(params.items()), shape,
+                                       jnp.arange(n, dtype=jnp.int32).reshape(shape[:2]), *ins[1:])
+            else:
+                ids = eqn.primitive.bind(ins[0].ids, *ins[1:], **params)
+            outs = _Origin(ids=ids)
+        else:  # any other computation: its outputs may depend on every position its inputs do
+            reads = np.zeros(n, bool)
+            for x in ins:
+                if isinstance(x, _Origin):
+                    reads |= x.positions(n)
+            outs = [_Origin(reads=reads) for _ in eqn.outvars]
+        outs = outs if eqn.primitive.multiple_results or isinstance(outs, list) else [outs]
+        for var, val in zip(eqn.outvars, outs):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def callable_reads(fn, shape):
+    """The [batch, pos] logit positions a callable metric on logits `shape`
+    ([batch, pos, vocab]) can read, from its traced program: positions it selects by
+    slicing or indexing with indices that do not depend on the logits. None when it
+    reads every position, or when the program cannot show which (then all are computed)."""
+    batch, pos = shape[:2]
+    try:
+        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+        with warnings.catch_warnings():  # casts of the program's constants while evaluating it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            outs = _interpret(closed.jaxpr, closed.consts, [_Origin(ids=_LOGITS)], batch * pos)
+    except Exception:  # a primitive this reading does not know how to follow: compute every position
+        return None
+    reads = np.zeros(batch * pos, bool)
+    for out in outs:
+        if isinstance(out, _Origin):
+            reads |= out.positions(batch * pos)
+    reads = reads.reshape(batch, pos)
+    return None if reads.all() else reads
+
+
+class _OnReadLogits:
+    """A user callable fed only the logits it reads: [B, K, V] logits at its read
+    positions are spread back to [B, T, V] by `data["slot"]` (the K index of each
+    position; unread positions repeat a read one). The callable indexes that full-shaped
+    array, so XLA computes only the gathered entries and never the unread positions."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, logits, clean_logits, data):
+        return self.fn(jnp.take_along_axis(logits, data["slot"][..., None], axis=1))
+
+    def __hash__(self):
+        return hash((_OnReadLogits, self.fn))
+
+    def __eq__(self, other):
+        return isinstance(other, _OnReadLogits) and other.fn is self.fn
+
+
+def narrowed(metric, shape):
+    """A callable metric on full logits `shape` [batch, pos, vocab], as one reading only
+    the positions it uses (see `callable_reads`); any other metric unchanged."""
+    if not isinstance(metric.score, _CallOnLogits) or not isinstance(metric.positions, str):
+        return metric
+    read = callable_reads(metric.score.fn, shape)
+    if read is None:
+        return metric
+    batch, pos = read.shape
+    k = max(1, int(read.sum(1).max()))
+    positions = np.zeros((batch, k), int)
+    slot = np.zeros((batch, pos), np.int32)
+    for b in range(batch):
+        ids = np.flatnonzero(read[b])
+        if len(ids):
+            positions[b, : len(ids)], positions[b, len(ids) :] = ids, ids[0]
+            slot[b, ids] = np.arange(len(ids))
+    return dataclasses.replace(metric, score=_OnReadLogits(metric.score.fn), positions=positions,
+                               data={**metric.data, "slot": slot})
 
 
 METRICS = ("logit-diff", "prob", "kl", "logprob")  # the names the command line takes

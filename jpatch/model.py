@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch import sites
+from jpatch import analysis, interventions, sites
+from jpatch.front import FrontDoor
+from jpatch.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -54,6 +56,12 @@ class GPT2Config:
     def d_head(self):
         return self.d_model // self.n_head
 
+    # TransformerLens's field names beside jpatch's own.
+    n_layers = property(lambda self: self.n_layer)
+    n_heads = property(lambda self: self.n_head)
+    act_fn = property(lambda self: self.activation)
+    eps = property(lambda self: self.layer_norm_eps)
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -66,17 +74,6 @@ class GPT2Config:
         return cls(**d)
 
 
-class Override(eqx.Module):
-    """Replace a site's activation where `mask` is True by `value`.
-
-    For a per-layer site both arrays have a leading layer axis and broadcast to
-    [n_layer, *activation_shape]; for a global site to the activation shape.
-    """
-
-    value: jax.Array
-    mask: jax.Array
-
-
 def normalize(x, eps):
     """Layer norm without its affine part, computed in float32."""
     x = x.astype(jnp.float32)
@@ -84,12 +81,24 @@ def normalize(x, eps):
     return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
 
 
+def no_edit(site, act):
+    return act
+
+
+def normalize_hooked(x, eps, edit, name):
+    """`normalize` through TransformerLens's hook points <name>.hook_scale [..., 1] and <name>.hook_normalized."""
+    x = x.astype(jnp.float32)
+    x = x - x.mean(-1, keepdims=True)
+    scale = edit(f"{name}.hook_scale", jnp.sqrt((x * x).mean(-1, keepdims=True) + eps))
+    return edit(f"{name}.hook_normalized", x / scale)
+
+
 class LayerNorm(eqx.Module):
     weight: jax.Array
     bias: jax.Array
 
-    def __call__(self, x, eps):
-        return (normalize(x, eps) * self.weight + self.bias).astype(x.dtype)
+    def __call__(self, x, eps, edit=no_edit, name="ln"):
+        return (normalize_hooked(x, eps, edit, name) * self.weight + self.bias).astype(x.dtype)
 
 
 class Attention(eqx.Module):
@@ -105,9 +114,13 @@ class Attention(eqx.Module):
         split = lambda t: t.reshape(*t.shape[:-1], n_head, -1)
         return split(q), split(k), split(v)
 
-    def out(self, z):
-        """z [..., n_head, d_head] -> [..., d]."""
-        return z.reshape(*z.shape[:-2], -1) @ self.c_proj_w + self.c_proj_b
+    def out(self, z, edit=no_edit):
+        """z [..., n_head, d_head] -> [..., d]; per-head attn.hook_result [..., n_head, d] when `edit` wants it."""
+        if not getattr(edit, "wants_result", False):
+            return z.reshape(*z.shape[:-2], -1) @ self.c_proj_w + self.c_proj_b
+        w = self.c_proj_w.reshape(z.shape[-2], z.shape[-1], -1)  # [n_head, d_head, d]
+        result = edit("attn.hook_result", jnp.einsum("...hd,hdm->...hm", z, w))
+        return result.sum(-2) + self.c_proj_b
 
 
 class MLP(eqx.Module):
@@ -116,12 +129,9 @@ class MLP(eqx.Module):
     c_proj_w: jax.Array  # [d_mlp, d_model]
     c_proj_b: jax.Array
 
-    def __call__(self, x, activation):
-        return ACTIVATIONS[activation](x @ self.c_fc_w + self.c_fc_b) @ self.c_proj_w + self.c_proj_b
-
-
-def no_edit(site, act):
-    return act
+    def __call__(self, x, activation, edit=no_edit):
+        pre = edit("mlp.hook_pre", x @ self.c_fc_w + self.c_fc_b)
+        return edit("mlp.hook_post", ACTIVATIONS[activation](pre)) @ self.c_proj_w + self.c_proj_b
 
 
 def causal_attention(q, k, v, key_mask=None, edit=no_edit):
@@ -132,6 +142,7 @@ def causal_attention(q, k, v, key_mask=None, edit=no_edit):
     allowed = jnp.tril(jnp.ones((T, T), bool))
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :].astype(bool)
+    scores = edit("attn.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf))  # -inf as TransformerLens
     # A finite fill keeps fully masked rows (left padding) finite instead of NaN.
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
@@ -153,41 +164,49 @@ class Block(eqx.Module):
         Both are supplied by the caller, so the same block runs a plain forward
         and the patching engine's packed rows.
         """
+        eps = config.layer_norm_eps
         x = edit("hook_resid_pre", x)
-        q, k, v = self.attn.qkv(self.ln_1(x, config.layer_norm_eps), config.n_head)
+        q, k, v = self.attn.qkv(self.ln_1(x, eps, edit, "ln1"), config.n_head)
         q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
         z = edit("attn.hook_z", attend(q, k, v))
-        x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z)))
-        mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(x, config.layer_norm_eps), config.activation))
+        x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z, edit)))
+        mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(x, eps, edit, "ln2"), config.activation, edit))
         return edit("hook_resid_post", x + mlp_out)
 
 
 def apply_override(override, act, site):
-    if override is None:
-        return act
-    value, mask = override.value, override.mask
-    try:
-        fits = np.broadcast_shapes(value.shape, mask.shape, act.shape) == act.shape
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"override for {site!r}: value {tuple(value.shape)} and mask {tuple(mask.shape)} "
-            f"must broadcast to the activation shape {tuple(act.shape)}"
-        )
-    return jnp.where(mask, value.astype(act.dtype), act)
+    """One intervention (or None) on `act`, for callers that build their own forward."""
+    return act if override is None else override(act, site)
 
 
-def _editor(overrides, cache, record):
-    """An `edit(site, act)` that applies `overrides` and, when recording, stores into `cache`."""
+def _editor(plan, cache, record, layer=None):
+    """An `edit(site, act)` that applies the interventions of `plan` (see
+    `interventions.normalize`) and stores the sites in `record` into `cache`."""
 
     def edit(site, act):
-        act = apply_override(overrides.get(site), act, site)
-        if record:
+        act = interventions.apply(plan.get(site, ()), site, act, layer)
+        if site in record:
             cache[site] = act
         return act
 
+    edit.wants_result = "attn.hook_result" in record or "attn.hook_result" in plan
     return edit
+
+
+def record_sites(names_filter, n_layer):
+    """run_with_cache's names_filter -> the frozenset of sites to record.
+
+    None: every site except the per-head attn.hook_result (only when asked); a name or
+    list of names in any spelling; or a function of a full hook name (TransformerLens's
+    filter), asked about every layer's name. A site is kept at every layer if any is asked.
+    """
+    if names_filter is None:
+        return frozenset(sites.ALL_SITES) - frozenset(sites.ON_REQUEST_SITES)
+    if callable(names_filter):
+        full = lambda s: [sites.full_name(s, l) for l in range(n_layer)] if s in sites.LAYER_SITES else [s]
+        return frozenset(s for s in sites.ALL_SITES if any(names_filter(n) for n in full(s)))
+    names = [names_filter] if isinstance(names_filter, (str, tuple)) else list(names_filter)
+    return frozenset(sites.resolve(n)[0] for n in names)
 
 
 class Cache(eqx.Module):
@@ -199,12 +218,15 @@ class Cache(eqx.Module):
 
     stacks: dict
     n_layer: int = eqx.field(static=True)
+    model: object = None  # the GPT2 that made it, for the analysis helpers (attached outside jit)
 
-    def __getitem__(self, name):
-        site, layer = sites.parse(name, self.n_layer)
-        if site not in self.stacks:
-            raise KeyError(f"{name!r} was not cached")
-        return self.stacks[site] if layer is None else self.stacks[site][layer]
+    # TransformerLens's ActivationCache helpers (see jpatch.analysis)
+    accumulated_resid = analysis.accumulated_resid
+    decompose_resid = analysis.decompose_resid
+    stack_head_results = analysis.stack_head_results
+    apply_ln_to_stack = analysis.apply_ln_to_stack
+    logit_attrs = analysis.logit_attrs
+    logit_lens = analysis.logit_lens
 
     def __contains__(self, name):
         try:
@@ -213,14 +235,19 @@ class Cache(eqx.Module):
             return False
         return True
 
+    def __getitem__(self, name):
+        site, layer = sites.parse(name, self.n_layer)
+        if site not in self.stacks:
+            raise KeyError(f"{name!r} was not cached" + (
+                " (attn.hook_result is cached only when asked: run_with_cache(names_filter=...))"
+                if site in sites.ON_REQUEST_SITES else ""))
+        return self.stacks[site] if layer is None else self.stacks[site][layer]
+
     def keys(self):
-        names = []
-        for site in self.stacks:
-            if site in sites.LAYER_SITES:
-                names += [sites.full_name(site, l) for l in range(self.n_layer)]
-            else:
-                names.append(site)
-        return names
+        """Full hook names in TransformerLens's (forward) order."""
+        have = lambda names: [s for s in names if s in self.stacks]
+        blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_SITES)]
+        return have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
 
     def items(self):
         return [(name, self[name]) for name in self.keys()]
@@ -230,7 +257,7 @@ class Cache(eqx.Module):
         return self.stacks[sites.canonical(site)]
 
 
-class GPT2(eqx.Module):
+class GPT2(FrontDoor, eqx.Module):
     config: GPT2Config = eqx.field(static=True)
     wte: jax.Array  # [d_vocab, d_model], also the unembedding
     wpe: jax.Array  # [n_ctx, d_model]
@@ -289,30 +316,35 @@ class GPT2(eqx.Module):
 
     def unembed(self, x, edit=no_edit):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
-        normalized = edit("ln_final.hook_normalized", normalize(x, self.config.layer_norm_eps))
-        x = (normalized * self.ln_f.weight + self.ln_f.bias).astype(self.dtype)
-        return jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32)
+        normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
+        x = edit("unembed.hook_in", normalized * self.ln_f.weight + self.ln_f.bias)
+        return edit("unembed.hook_out", jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32))
 
     def __call__(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
-        """tokens [batch, pos] -> logits [batch, pos, d_vocab] (or [batch, K, d_vocab] at `logits_at` [batch, K])."""
-        return self._run(tokens, overrides, attention_mask, logits_at, record=False)[0]
+        """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]
+        (or [batch, K, d_vocab] at `logits_at` [batch, K]).
 
-    def run_with_cache(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
-        """Logits and a `Cache` of every site, keyed by TransformerLens hook names."""
-        return self._run(tokens, overrides, attention_mask, logits_at, record=True)
+        overrides: {site name in any spelling: Override / Add / Scale / Apply or a list of them}
+        (see `jpatch.interventions`)."""
+        return self._run(tokens, overrides, attention_mask, logits_at, record=frozenset())[0]
+
+    def run_with_cache(self, tokens, *, names_filter=None, overrides=None, attention_mask=None, logits_at=None):
+        """Logits and a `Cache` of every hook point, keyed by TransformerLens hook names.
+
+        names_filter: None (every hook point but the per-head attn.hook_result), a name or
+        list of names in any spelling, or a function of a full hook name; only those are kept."""
+        return self._run(tokens, overrides, attention_mask, logits_at, record=record_sites(names_filter, self.config.n_layer))
 
     def _run(self, tokens, overrides, attention_mask, logits_at, record):
-        tokens = jnp.asarray(tokens)
+        tokens, attention_mask = self.as_tokens(tokens, attention_mask)
         self.check_tokens(tokens)
-        overrides = dict(overrides or {})
-        for site in overrides:
-            if sites.canonical(site) != site:
-                raise KeyError(f"override key {site!r}: use the full site name {sites.canonical(site)!r}")
+        overrides = interventions.normalize(overrides, self.config.n_layer)
         if logits_at is not None:
             logits_at = jnp.asarray(logits_at)
             if logits_at.ndim != 2 or logits_at.shape[0] != tokens.shape[0]:
                 raise ValueError(f"logits_at must be [batch, K] positions, got shape {tuple(logits_at.shape)}")
-        return _forward(self, tokens, overrides, attention_mask, logits_at, record)
+        logits, cache = _forward(self, tokens, overrides, attention_mask, logits_at, record)
+        return logits, None if cache is None else eqx.tree_at(lambda c: c.model, cache, self, is_leaf=lambda x: x is None)
 
     def _forward(self, tokens, overrides, attention_mask, logits_at, record):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
@@ -320,23 +352,18 @@ class GPT2(eqx.Module):
         global_edit = _editor(overrides, cache, record)
         embed = global_edit("hook_embed", self.wte[tokens])
         pos_embed = global_edit("hook_pos_embed", self.wpe[self.positions(tokens, attention_mask)])
-        layer_overrides = {s: overrides[s] for s in sites.LAYER_SITES if s in overrides}
-        for site, ov in layer_overrides.items():
-            if ov.value.shape[:1] != (self.config.n_layer,) or ov.mask.shape[:1] != (self.config.n_layer,):
-                raise ValueError(
-                    f"override for {site!r}: value {tuple(ov.value.shape)} and mask {tuple(ov.mask.shape)} "
-                    f"need a leading layer axis of size n_layer={self.config.n_layer}"
-                )
 
         def step(x, per_layer):
-            block, layer_ov = per_layer
+            block, layer = per_layer
             layer_cache = {}
-            edit = _editor(layer_ov, layer_cache, record)
+            edit = _editor(overrides, layer_cache, record, layer)
             attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
             return block(x, self.config, attend, edit), layer_cache
 
-        x = (embed + pos_embed).astype(self.dtype)
-        x, layer_cache = jax.lax.scan(step, x, (self.blocks, layer_overrides))
+        # The residual stream is float32 whatever the weights' dtype: bfloat16 weights save memory,
+        # while every activation, and so every patched score, keeps float32 precision.
+        x = (embed + pos_embed).astype(jnp.float32)
+        x, layer_cache = jax.lax.scan(step, x, (self.blocks, jnp.arange(self.config.n_layer)))
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
         logits = self.unembed(x, global_edit)

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from jpatch import aggregate, engine, padding, sites
 from jpatch.engine import ALL, Patches
-from jpatch.metrics import from_callable
+from jpatch.metrics import callable_reads, from_callable, narrowed
+from jpatch.model import Cache
 
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MEMORY_BUDGET = 4 << 30
-MANY_COMPILES = 8  # more patch groups than this (a tiny memory budget) is warned about
+MANY_GROUPS = 8  # more patch groups than this (a tiny memory budget) is warned about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +96,9 @@ def default_axes(site):
         return ("layer", "pos", "head")
     if site == "attn.hook_pattern":
         return ("layer", "head", "pos")
-    if site not in sites.LAYER_SITES:
-        raise ValueError(f"site {site!r} has no layers to sweep; sweepable: {', '.join(sites.LAYER_SITES)}")
+    if site not in sites.SWEEP_SITES:
+        why = "has no layers to sweep" if site not in sites.LAYER_SITES else "is not patched by the sweep engine"
+        raise ValueError(f"site {site!r} {why}; sweepable: {', '.join(sites.SWEEP_SITES)}")
     return ("layer", "pos")
 
 
@@ -120,6 +122,7 @@ def make_patches(config, site, axes, n_pos, n_prompts, *, window=1, layers=None,
     prompt_positions: one position per prompt ([n_prompts], e.g. the last subject
     token), giving a "pos" axis of length 1.
     """
+    default_axes(site)  # refuses a site the engine does not patch
     valid = ("layer", "pos") + {"attn.hook_pattern": ("head", "src")}.get(
         site, ("head",) if site in sites.HEAD_VECTOR_SITES else ())
     for a in axes:
@@ -177,10 +180,11 @@ def checked_metric(metric, d_vocab):
     return metric
 
 
-def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=DEFAULT_MEMORY_BUDGET,
+def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=None,
                  skip_layers=True, skip_positions=True, progress=True, devices=None):
     """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
-    every patch applied to the `base` Run with values from `source_cache`."""
+    every patch applied to the `base` Run with values from `source_cache`.
+    memory_budget: bytes per compiled call (None: from the device's free memory)."""
     cfg = model.config
     N, T = base.tokens.shape
     # Each patched run starts from the base run's cache and recomputes the later layers
@@ -192,43 +196,56 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
             f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
             "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
         )
+    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
     metric = checked_metric(metric, model.config.d_vocab)
+    # A callable on full logits is fed only the positions it reads (found by probing it).
+    full_logits = isinstance(metric.positions, str)  # "all": a callable written against full logits
+    metric = narrowed(metric, (N, T, cfg.d_vocab))
     read_pos = metric.read_positions(N, T)
     read_all = read_pos is None
     read_pos = np.zeros((N, 1), int) if read_all else read_pos
+    if full_logits and not read_all:  # the clean logits a narrowed callable sees
+        clean_logits = jnp.take_along_axis(jnp.asarray(clean_logits), jnp.asarray(read_pos)[..., None], axis=1)
     data = metric.batch_data(N)
-    _, cache = model.run_with_cache(base.tokens, overrides=base.overrides)
-    base_arrays = engine.base_stacks(cache)
     source = source_cache.stacked(patches.site)
     if source.shape[1] != N:
         raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
+    base_arrays = engine.cached_sites(model, base.tokens, base.overrides, engine.BASE_SITES, memory_budget)
 
+    n_read = T if read_all else read_pos.shape[1]
     score_shape = jax.eval_shape(
-        lambda lg: metric.score(lg, clean_logits, data),
-        jax.ShapeDtypeStruct((N, T if read_all else read_pos.shape[1], cfg.d_vocab), jnp.float32),
+        lambda lg: metric.score(lg, clean_logits, data), jax.ShapeDtypeStruct((N, n_read, cfg.d_vocab), jnp.float32)
     ).shape
     if score_shape not in ((), (N,)):
         raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({N}), got shape {score_shape}")
     scalar = score_shape == ()
+    # A scalar metric, or any user callable (written for the whole batch), sees every prompt at once.
+    whole = scalar or full_logits
 
     devices = list(devices or jax.local_devices())
     mesh = Mesh(np.array(devices), ("batch",))
-    layout = engine.plan(patches, cfg.n_layer, T, skip_layers=skip_layers, skip_positions=skip_positions)
-    per_prompt = engine.bytes_per_prompt(cfg, layout, T if read_all else read_pos.shape[1], cfg.d_vocab)
-    # Patch groups split a sweep too big for one prompt; prompt chunks split the rest.
-    # At most one group per patch: more would leave groups empty.
-    groups = max(1, min(len(patches), math.ceil(per_prompt * (N if scalar else 1) / memory_budget)))
-    if groups > MANY_COMPILES:
-        warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, compiled "
-                      f"one by one (slow); {per_prompt * (N if scalar else 1)} bytes would need one",
-                      RuntimeWarning, stacklevel=3)
-    chunk = N if scalar else max(1, min(N, memory_budget * groups // per_prompt))
-    if not scalar and len(devices) > 1:
+    # Patch groups split a sweep too big for one prompt; prompt chunks split the rest. Every
+    # group has one static layout, so the sweep compiles one program whatever its size.
+    plan = lambda g: engine.plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
+                                        skip_positions=skip_positions)
+    need = lambda layout: engine.bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
+    groups = 1
+    planned = plan(groups)
+    while need(planned[0][1]) > memory_budget and groups < len(patches):
+        groups = min(len(patches), max(groups + 1, math.ceil(groups * need(planned[0][1]) / memory_budget)))
+        planned = plan(groups)
+    if groups > MANY_GROUPS:
+        warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, run one "
+                      f"after another (slow); {need(plan(1)[0][1])} bytes would run it in one", RuntimeWarning,
+                      stacklevel=3)
+    per_prompt = need(planned[0][1]) // (N if whole else 1)
+    chunk = N if whole else max(1, min(N, memory_budget // per_prompt))
+    if not whole and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
     n_chunks = math.ceil(N / chunk)
     pad = n_chunks * chunk - N
-    if scalar and len(devices) > 1 and N % len(devices):
-        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a scalar metric needs the whole batch together
+    if whole and len(devices) > 1 and N % len(devices):
+        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a whole-batch metric needs the batch together
 
     def padded(a, axis):
         if not pad:
@@ -241,22 +258,18 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     source = padded(source, 1)
     read_pos, clean_logits = padded(jnp.asarray(read_pos), 0), padded(clean_logits, 0)
     data = jax.tree_util.tree_map(lambda a: padded(a, 0), data)
-    pos_all = padded(jnp.asarray(patches.pos.reshape(len(patches), -1)), 1)
+    pos_all = np.asarray(patches.pos).reshape(len(patches), -1)
+    pos_all = padded(jnp.asarray(np.broadcast_to(pos_all, (len(patches), N))), 1)
 
     out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
-    group_index = np.array_split(np.arange(len(patches)), groups)
     bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit=" runs")
-    for idx in group_index:
-        group = patches.take(idx)
-        lay = layout if groups == 1 else engine.plan(group, cfg.n_layer, T, skip_layers=skip_layers,
-                                                     skip_positions=skip_positions)
-        order = idx[lay.order]
-        meta = {
-            "layer_lo": jnp.asarray(patches.layer_lo[order]),
-            "layer_hi": jnp.asarray(patches.layer_hi[order]),
-            "head": jnp.asarray(patches.head[order]),
-            "src": jnp.asarray(patches.src[order]),
-        }
+    for slots, lay in planned:
+        real = slots >= 0
+        take = lambda a, fill: jnp.asarray(np.where(real, np.asarray(a)[np.maximum(slots, 0)], fill))
+        # padding slots are never patched (an empty layer window)
+        meta = {"layer_lo": take(patches.layer_lo, 0), "layer_hi": take(patches.layer_hi, 0),
+                "head": take(patches.head, 0), "src": take(patches.src, 0)}
+        pos_slots = jnp.where(jnp.asarray(real)[:, None], pos_all[np.maximum(slots, 0)], 0)
         for c in range(n_chunks):
             rows = slice(c * chunk, (c + 1) * chunk)
             put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
@@ -264,7 +277,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 model,
                 {k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()},
                 put(source, 1),
-                {**meta, "pos": put(pos_all[order], 1)},
+                {**meta, "pos": put(pos_slots, 1)},
                 jnp.asarray(lay.row_patch),
                 jnp.asarray(lay.row_pos),
                 jnp.asarray(lay.dense_idx),
@@ -276,11 +289,12 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 stages=lay.stages,
                 n_read_all=read_all,
             )
+            scores = np.asarray(scores)[real]
             if scalar:
-                out[order] = np.asarray(scores)
+                out[slots[real]] = scores
             else:
-                out[order, rows] = np.asarray(scores)
-            bar.update(len(idx) * (min(rows.stop, N) - rows.start))
+                out[slots[real], rows] = scores
+            bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
     bar.close()
     return out if scalar else out[:, :N]
 
@@ -414,11 +428,16 @@ def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     metric = checked_metric(metric, d_vocab)
     lengths = _prompt_lengths(mask, batch, pos)
     if isinstance(metric.positions, str) and mask is not None and (lengths < pos).any():
-        raise ValueError(
-            f"metric {metric.name!r} reads the logits at every position, but the batch is padded: it would read "
-            "padding. Use a jpatch Metric (jpatch.metrics.logit_diff, probability, kl, ...), which reads each "
-            "prompt's last real token, or sweep prompts of one length without attention_mask"
-        )
+        # A plain callable on a padded batch: allowed only where it provably reads no padding.
+        reads = callable_reads(metric.score.fn, (batch, pos, d_vocab)) if hasattr(metric.score, "fn") else None
+        padded = np.arange(pos) >= lengths[:, None]
+        if reads is None or (reads & padded).any():
+            where = "every position" if reads is None else f"position {int(np.argmax((reads & padded).any(0)))}"
+            raise ValueError(
+                f"metric {metric.name!r} reads the logits at {where}, which is padding for some prompts of this "
+                "batch. Use a jpatch Metric (jpatch.metrics.logit_diff, probability, kl, ...), which reads each "
+                "prompt's last real token, or sweep prompts of one length without attention_mask"
+            )
     read = metric.read_positions(batch, pos, None if mask is None else lengths)
     tile = lambda a: np.tile(np.asarray(a), (samples,) + (1,) * (np.ndim(a) - 1))
     data = {k: tile(v) for k, v in metric.batch_data(batch).items()}
@@ -445,9 +464,8 @@ def sweep_site(name, n_layer):
 
 
 def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
-          heads=None, prompt_positions=None, axes=None, per_prompt=False, attention_mask=None,
-          memory_budget=DEFAULT_MEMORY_BUDGET, progress=True, skip_layers=True, skip_positions=True, devices=None,
-          check_finite=True):
+          heads=None, prompt_positions=None, axes=None, per_prompt=False, attention_mask=None, memory_budget=None,
+          progress=True, skip_layers=True, skip_positions=True, devices=None, check_finite=True):
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;
@@ -467,7 +485,8 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
     """
     site = sweep_site(site, model.config.n_layer)
-    check_memory_budget(memory_budget)
+    if memory_budget is not None:
+        check_memory_budget(memory_budget)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
@@ -488,7 +507,10 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     clean_logits = read_logits(model, clean_rows, metric)
     corrupted_logits = read_logits(model, corrupted, metric)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    _, source_cache = model.run_with_cache(source.tokens, overrides=source.overrides)
+    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
+    # Only the patched site of the source run is kept (not every site, e.g. the [L, B, H, T, T] pattern).
+    source_cache = Cache(engine.cached_sites(model, source.tokens, source.overrides, (site,), memory_budget),
+                         model.config.n_layer)
     if prompt_positions is not None:
         prompt_positions = np.asarray(prompt_positions)
         if mask is not None and prompt_positions.shape == (B,) and (prompt_positions >= lengths).any():
@@ -505,8 +527,8 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
     raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
                        skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
     if raw.ndim > 1:
-        _, base_cache = model.run_with_cache(base.tokens, overrides=base.overrides)
-        no_op = no_op_patches(patches, base_cache.stacked(site), source_cache.stacked(site))
+        base_site = engine.cached_sites(model, base.tokens, base.overrides, (site,), memory_budget)[site]
+        no_op = no_op_patches(patches, base_site, source_cache.stacked(site))
         raw = np.where(no_op, corrupted_score if direction == "denoise" else clean_score, raw)
     defined = applies(patches, np.tile(lengths, S))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,
@@ -536,12 +558,13 @@ def _tl_patch(name):
         patches, shape = make_patches(model.config, site, axes, T, N)
         raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
         data = metric.batch_data(N)
-        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted.tokens, overrides=corrupted.overrides,
-                                                                 logits_at=read)
+        corrupted_logits = model(corrupted.tokens, overrides=corrupted.overrides, logits_at=read)
         clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
         corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
         if raw.ndim > 1:
-            no_op = no_op_patches(patches, corrupted_cache.stacked(site), clean_cache.stacked(site))
+            budget = kwargs.get("memory_budget") or engine.default_memory_budget()
+            base_site = engine.cached_sites(model, corrupted.tokens, corrupted.overrides, (site,), budget)[site]
+            no_op = no_op_patches(patches, base_site, clean_cache.stacked(site))
             raw = np.where(no_op, corrupted_score, raw)
         defined = applies(patches, _prompt_lengths(mask, N, T))
         return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,

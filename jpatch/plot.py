@@ -15,12 +15,37 @@ def title_for(model=None, site=None, corruption=None, metric=None, direction=Non
     return " | ".join(str(p) for p in parts if p)
 
 
+def _values(result, site=None, axes=None):
+    """An array or a saved `Result` (single sweep, or bulk: averaged over prompts) -> (values, axes)."""
+    from jpatch.results import Result
+
+    if not isinstance(result, Result):
+        return np.asarray(result, dtype=float), axes
+    site = result.only(site)
+    saved = result.axes(site)
+    values = result[site]
+    if result.kind == "bulk":
+        values, saved = result.mean(site), saved and saved[1:]
+    axes = tuple(axes or saved or ())
+    if len(axes) != values.ndim:
+        raise ValueError(f"{site!r} has shape {values.shape}; name its {values.ndim} axes (got {axes or 'none'})")
+    return np.asarray(values, dtype=float), axes
+
+
 def heatmap(values, *, rows="layer", cols="pos", col_labels=None, row_labels=None, title=None, ax=None,
-            cmap="RdBu_r", colorbar_label="metric"):
+            cmap="RdBu_r", colorbar_label="metric", site=None):
     """A [rows, cols] heatmap with a diverging colour map centred at 0.
 
+    values: a 2-D array, or a saved `Result` (its `site`, its own axes as rows and cols).
     col_labels: e.g. the prompt's tokens for a position axis.
     """
+    from jpatch.results import Result
+
+    if isinstance(values, Result):
+        values, axes = _values(values, site)
+        if len(axes) != 2:
+            raise ValueError(f"heatmap draws 2-D results, got axes {axes}")
+        rows, cols = axes
     values = np.asarray(values, dtype=float)
     if values.ndim != 2:
         raise ValueError(f"heatmap needs a 2-D array, got shape {values.shape}")
@@ -53,18 +78,35 @@ def heatmap(values, *, rows="layer", cols="pos", col_labels=None, row_labels=Non
     return fig
 
 
-def plot_sweep(result, axes, *, tokens=None, title=None, metric_name="metric"):
-    """Heatmap of a sweep result over two of its axes (e.g. ("layer", "pos") with the
-    prompt's tokens as column labels, or ("layer", "head"))."""
+def plot_sweep(result, axes=None, *, site=None, tokens=None, title=None, metric_name=None):
+    """Heatmap of a 2-D sweep result over its axes (e.g. ("layer", "pos") with the prompt's
+    tokens as column labels, or ("layer", "head")).
+
+    result: an array with its `axes`, or a saved `Result` (single, or bulk: the mean over
+    prompts), whose saved axes, title and metric name are used unless given.
+    """
+    from jpatch.results import Result
+
+    values, axes = _values(result, site, axes)
     if len(axes) != 2:
         raise ValueError(f"plot_sweep draws 2-D results, got axes {axes}")
+    if isinstance(result, Result):
+        s, name = result.settings, result.only(site)
+        title = title or title_for(s.get("model"), s.get("site") or name, str(s.get("corruption", "")).upper() or None, s.get("metric"),
+                                   s.get("direction"), s.get("window"))
+        metric_name = metric_name or s.get("metric")
+        clean = result.clean_value(name)
+        if s.get("direction") == "noise" and clean is not None:  # show the effect, not ~clean everywhere
+            values = values - clean
+            metric_name = f"{metric_name or 'metric'}: patched - clean"
     col_labels = tokens if axes[1] == "pos" and tokens is not None else None
-    return heatmap(result, rows=axes[0], cols=axes[1], col_labels=col_labels, title=title,
-                   colorbar_label=metric_name)
+    return heatmap(values, rows=axes[0], cols=axes[1], col_labels=col_labels, title=title,
+                   colorbar_label=metric_name or "metric")
 
 
 def save(fig, path):
     """Write a figure and close it (no half-written file: written beside, then renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=130)
     plt.close(fig)

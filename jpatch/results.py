@@ -216,11 +216,38 @@ class Result:
     def n_prompts(self):
         return None if self.lengths is None else len(self.lengths)
 
-    def axes(self, site):
-        """The names of the array's axes, e.g. ("prompt", "layer", "pos") (None when unknown)."""
-        if self.manifest is None or site not in self.manifest.get("sites", {}):
+    def only(self, site=None):
+        """`site`, or the name of the only array (a clear error when there are several)."""
+        if site is not None:
+            self[site]  # raises naming the arrays
+            return site
+        if len(self.arrays) != 1:
+            raise ValueError(f"{self.path or 'this result'} holds {', '.join(self.arrays)}: name one")
+        return next(iter(self.arrays))
+
+    def axes(self, site=None):
+        """The names of the array's axes, e.g. ("layer", "pos"), ("prompt", "layer", "pos") for a
+        bulk result (None when unknown)."""
+        site = self.only(site)
+        if self.manifest is None:
+            axes = self.settings.get("axes")
+            return tuple(axes) if axes and len(axes) == self[site].ndim else None
+        if site not in self.manifest.get("sites", {}):
             return None
         return ("prompt",) + tuple(self.manifest["sites"][site]["axes"])
+
+    def clean_value(self, site=None):
+        """The unpatched clean run's value in the units of `site`'s aggregate (1 for a normalized
+        metric; per grid entry for a bulk result, over the prompts reaching it), or None when unknown.
+        A noising sweep's effect is `values - clean_value`."""
+        site = self.only(site)
+        if self.kind != "bulk":
+            return self.settings.get("clean")
+        if self.raw is None or self.clean_score is None:
+            return None
+        raw = np.moveaxis(self.raw[site], 0, -1)
+        clean = np.where(np.isnan(raw), np.nan, np.broadcast_to(self.clean_score, raw.shape))
+        return aggregate.normalized_mean(self.manifest["normalization"], clean, self.clean_score, self.corrupted_score)
 
     def _per_prompt(self, site):
         if self.kind != "bulk":

@@ -43,7 +43,7 @@ def test_demo_prints_top_components_and_writes_heatmaps(model_dir, tmp_path, cap
         assert (out / f"{name}.png").stat().st_size > 1000
         settings = json.loads((out / name / "settings.json").read_text())
         assert settings["corruption"] == "str" and settings["metric"] == "logit-diff"
-        result = jpatch.load_result(out / name)["result"]
+        result = jpatch.load_result(out / name)[settings["site"]]
         assert result.shape == ((2, 15) if name == "resid_pre" else (2, 4))
         assert np.isfinite(result).all()
 
@@ -58,7 +58,7 @@ def test_sweep_equals_library_call(model_dir, tmp_path):
     task = ioi_task(4, seed=0, split="test")
     expected = jpatch.sweep(jpatch.load(model_dir), task.clean_tokens, task.corrupted_tokens, "mlp_out",
                             task.metric(), progress=False)
-    np.testing.assert_allclose(jpatch.load_result(out)["result"], expected, atol=1e-5)
+    np.testing.assert_allclose(jpatch.load_result(out)["hook_mlp_out"], expected, atol=1e-5)
     assert (out / "heatmap.png").exists()
 
 
@@ -108,6 +108,26 @@ def test_convert_then_load_gives_transformers_logits(hf_tiny, tmp_path, capsys):
     assert not (tmp_path / "jp2").exists()
 
 
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    for default in ("(default: toy)", "(default: 32)", "(default: denoise)", "(default: 0)", "(default: resid_pre)"):
+        assert default in out
+
+
+def test_noising_sweep_summary_shows_the_effect(model_dir, tmp_path, capsys):
+    out = tmp_path / "noise"
+    cli.main(["sweep", "--model", model_dir, "--site", "attn_out", "--direction", "noise", "--n-prompts", "3",
+              "--out", str(out)])
+    printed = capsys.readouterr().out
+    r = jpatch.load_result(out)
+    assert r.settings["clean"] == 1.0  # the normalized metric of the clean run
+    effect = r["hook_attn_out"] - 1.0
+    top = np.unravel_index(np.argmax(np.abs(effect)), effect.shape)
+    assert "patched - clean" in printed and f"{effect[top]:+.3f}" in printed
+
+
 def test_sweep_task_file_sweeps_every_prompt_of_every_length(model_dir, tmp_path):
     """A dataset file with prompts of two token lengths: every prompt is swept (padded together), and
     the saved aggregate is the normalized mean over the prompts reaching each position, built here
@@ -136,4 +156,4 @@ def test_sweep_task_file_sweeps_every_prompt_of_every_length(model_dir, tmp_path
     mean = lambda a: np.where(reach, a, 0).sum(0) / reach.sum(0)
     expected = (mean(raw) - mean(corrupted[:, None, None] + 0 * raw)) / (
         mean(clean[:, None, None] + 0 * raw) - mean(corrupted[:, None, None] + 0 * raw))
-    np.testing.assert_allclose(saved["result"], expected, atol=1e-4)
+    np.testing.assert_allclose(saved["hook_resid_pre"], expected, atol=1e-4)

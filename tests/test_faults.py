@@ -111,7 +111,7 @@ CASES = {
     "sweep --site embed": (["sweep", "--model", M, "--site", "embed", "--out", NEW],
                            "'hook_embed' has no layers to sweep"),
     "sweep --site blocks.99": (["sweep", "--model", M, "--site", "blocks.99.hook_resid_pre", "--out", NEW],
-                               "unknown site 'blocks.99.hook_resid_pre'"),
+                               "'blocks.99.hook_resid_pre' names one layer"),
     "demo --n-prompts 0": (["demo", "--model", M, "--n-prompts", "0", "--out", NEW], "--n-prompts must be"),
     "paper --window 0": (["paper", "--model", M, "--window", "0", "--out", NEW],
                          "--window must be an integer >= 1, got 0"),
@@ -198,8 +198,8 @@ def test_sweep_refuses_before_computing(model, clean, kwargs, message, monkeypat
 
 
 def test_tiny_memory_budget_is_warned_about(model, monkeypatch):
-    """A budget below one patch's memory splits the sweep into one compiled group per patch
-    (2 layers x 6 positions = 12) instead of one: said with the numbers before the work."""
+    """A budget below one patch's memory splits the sweep into one group per patch (2 layers x
+    6 positions = 12), run one after another, instead of one: said with the numbers before the work."""
     from jpatch import engine
 
     def stop(*a, **k):

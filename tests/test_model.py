@@ -18,6 +18,9 @@ V = reference.TINY["vocab_size"]
 def assert_close(actual, expected, tol=TOL, what=""):
     actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    # masked attention scores are -inf in both
+    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
+    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
     err = float(np.abs(actual - expected).max()) if actual.size else 0.0
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
@@ -30,8 +33,10 @@ def test_cache_matches_transformer_lens(jp_tiny, tl_tiny):
     logits, cache = jp_tiny.run_with_cache(tokens)
     tl_logits, tl_cache = tl_tiny.run_with_cache(torch.tensor(tokens))
     L = jp_tiny.config.n_layer
-    expected_names = {sites.full_name(s, l) for s in sites.LAYER_SITES for l in range(L)} | set(sites.GLOBAL_SITES)
-    assert set(cache.keys()) == expected_names
+    # every hook point of TransformerLens's GPT-2 (attn.hook_result only when asked: below)
+    assert set(cache.keys()) == set(tl_cache.keys())
+    assert set(cache.keys()) == {sites.full_name(s, l) for s in sites.LAYER_SITES if s != "attn.hook_result"
+                                 for l in range(L)} | set(sites.GLOBAL_SITES)
     for name in cache.keys():
         assert_close(cache[name], tl_cache[name].numpy(), what=name)
     assert_close(logits, tl_logits.detach().numpy(), what="logits")
@@ -39,6 +44,28 @@ def test_cache_matches_transformer_lens(jp_tiny, tl_tiny):
     assert cache["blocks.0.attn.hook_z"].shape == (2, 9, 4, 16)
     assert cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 9, 9)
     assert cache.stacked("resid_pre").shape == (L, 2, 9, 64)
+
+
+def test_per_head_result_and_names_filter_match_transformer_lens(jp_tiny, tl_tiny):
+    tokens = reference.random_tokens(2, 6, V, seed=3)
+    tl_tiny.set_use_attn_result(True)
+    try:
+        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(tokens))
+    finally:
+        tl_tiny.set_use_attn_result(False)
+    _, cache = jp_tiny.run_with_cache(tokens, names_filter=["result", "blocks.1.ln2.hook_scale"])
+    assert set(cache.stacks) == {"attn.hook_result", "ln2.hook_scale"}  # nothing else kept
+    for l in range(jp_tiny.config.n_layer):
+        assert_close(cache["result", l], tl_cache[f"blocks.{l}.attn.hook_result"].numpy(), what=f"result {l}")
+        assert_close(cache[f"blocks.{l}.ln2.hook_scale"], tl_cache[f"blocks.{l}.ln2.hook_scale"].numpy())
+    assert cache["result", 0].shape == (2, 6, 4, 64)
+    # a TransformerLens-style filter function on full names
+    _, cache = jp_tiny.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    assert list(cache.keys()) == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+    _, cache = jp_tiny.run_with_cache(tokens, names_filter=lambda name: name == "blocks.1.mlp.hook_post")
+    assert set(cache.stacks) == {"mlp.hook_post"}  # kept at every layer: a site is one stacked array
+    with pytest.raises(KeyError, match="only when asked"):
+        jp_tiny.run_with_cache(tokens)[1]["blocks.0.attn.hook_result"]
 
 
 def test_logits_match_hugging_face(jp_tiny, hf_tiny):
@@ -197,15 +224,17 @@ def test_sequence_longer_than_n_ctx(jp_tiny):
         jp_tiny(np.zeros((1, n_ctx + 1), int))
 
 
-def test_tokens_must_be_2d(jp_tiny):
-    with pytest.raises(ValueError, match=r"\[batch, pos\].*\(5,\)"):
-        jp_tiny(np.arange(5))
+def test_tokens_1d_or_2d(jp_tiny, hf_tiny):
+    tokens = reference.random_tokens(1, 5, V, seed=8)
+    assert_close(jp_tiny(tokens[0]), reference.hf_logits(hf_tiny, tokens), what="1-D tokens")
+    with pytest.raises(ValueError, match=r"\[batch, pos\].*\(1, 1, 5\)"):
+        jp_tiny(tokens[None])
 
 
 def test_unknown_site_names(jp_tiny):
     _, cache = jp_tiny.run_with_cache(reference.random_tokens(1, 4, V))
     for name in ("blocks.0.hook_resid", "hook_resid", "blocks.0.attn.hook_zz"):
-        with pytest.raises(KeyError, match="valid sites: hook_resid_pre, hook_resid_mid"):
+        with pytest.raises(KeyError, match="valid sites: hook_resid_pre, .*hook_resid_mid"):
             cache[name]
     with pytest.raises(KeyError, match="valid sites: .*attn.hook_pattern"):
         override_from_cache(cache, "resid")

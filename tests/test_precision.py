@@ -42,9 +42,11 @@ def test_gpt2_small_shape_bfloat16_weights_agree_with_float32(small_shaped):
     clean = reference.random_tokens(2, 8, 50257, seed=4)
     corrupted = clean.copy()
     corrupted[:, 3] = (clean[:, 3] + 1000) % 50257
-    # Answers with a real clean-corrupted gap: the clean run's top token against the corrupted run's.
+    # Answers with a real clean-corrupted gap: the clean run's top token against the token the
+    # corruption raises most.
     last = lambda tokens: np.asarray(small_shaped(jnp.asarray(tokens))[:, -1])
-    answers, contrasts = last(clean).argmax(-1), last(corrupted).argmax(-1)
+    clean_logits, corrupted_logits = last(clean), last(corrupted)
+    answers, contrasts = clean_logits.argmax(-1), (corrupted_logits - clean_logits).argmax(-1)
     assert (answers != contrasts).all()
     f32, bf16 = sweep_both(small_shaped, clean, corrupted, metrics.logit_diff(answers, contrasts))
     assert np.abs(f32).max() > 0.5

@@ -135,7 +135,7 @@ def test_padding_without_a_mask_or_that_cannot_be_exact_is_refused(jp_tiny, prom
     with pytest.raises(ValueError, match="prompt 1 is not right-padded"):
         patching.sweep(jp_tiny, clean, corrupted, "resid_pre", metric, attention_mask=left, progress=False)
     callable_metric = lambda logits: logits[:, -1, 0] - logits[:, -1, 1]
-    with pytest.raises(ValueError, match="reads the logits at every position, but the batch is padded"):
+    with pytest.raises(ValueError, match=r"reads the logits at position 6, which is padding for some prompts"):
         patching.sweep(jp_tiny, clean, corrupted, "resid_pre", callable_metric, attention_mask=mask, progress=False)
     reading_padding = metrics.logit_diff(prompts[2], prompts[3], positions=np.full(len(LENGTHS), 5))
     with pytest.raises(ValueError, match="metric position 5 of prompt 1 is padding"):

@@ -1,0 +1,46 @@
+"""TransformerLens's `utils.get_act_name`, so notebooks that build hook names keep working."""
+
+import re
+
+_LAYER_TYPE_ALIAS = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_ACT_NAME_ALIAS = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+_ATTN_NAMES = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_MLP_NAMES = ("pre", "post", "mid", "pre_linear")
+
+
+def get_act_name(name, layer=None, layer_type=None):
+    """Shorthand -> hook name, exactly as TransformerLens 3.9's `utils.get_act_name`.
+
+    get_act_name("k", 6, "a") == "blocks.6.attn.hook_k"; get_act_name("pre", 2) == "blocks.2.mlp.hook_pre";
+    get_act_name("embed") == "hook_embed"; get_act_name("normalized", 3, "ln2") == "blocks.3.ln2.hook_normalized";
+    get_act_name("k6") == "blocks.6.attn.hook_k"; get_act_name("scale4ln1") == "blocks.4.ln1.hook_scale".
+    The result is a name, not a check: `jpatch.sites.resolve` says whether the model has it.
+    """
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name  # already a full name
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, layer, layer_type = match.groups(0)
+    name = _ACT_NAME_ALIAS.get(name, name)
+    full = "" if layer is None else f"blocks.{layer}."
+    if name in _ATTN_NAMES:
+        layer_type = "attn"
+    elif name in _MLP_NAMES:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIAS:
+        layer_type = _LAYER_TYPE_ALIAS[layer_type]
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full

@@ -1,0 +1,228 @@
+"""The engine's economies against TransformerLens 3.9: callable metrics evaluated only at
+the logit positions they read, one compiled program per sweep whatever the memory budget,
+base/source caches in prompt chunks, and models deeper than the 12 layer stages
+(16 and 24 layers). References are TransformerLens's patching functions or hooks, with
+metrics written by hand in torch."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+
+import reference
+from jpatch import engine, metrics, patching
+from jpatch.convert import config_from_hf, from_hf_state_dict
+
+TOL = 1e-4
+V = reference.TINY["vocab_size"]
+B, T = 3, 7
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def close(actual, expected, tol=TOL, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = float(np.abs(actual - expected).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+    assert np.ptp(expected) > 1e-3, f"{what}: the reference is constant"
+
+
+def tiny(n_layer, seed):
+    hf = reference.hf_model(seed=seed, n_layer=n_layer)
+    return reference.tl_model(hf), from_hf_state_dict(reference.hf_state_dict(hf), config_from_hf(hf.config))
+
+
+@pytest.fixture(scope="module")
+def data():
+    clean = reference.random_tokens(B, T, V, seed=11)
+    corrupted = clean.copy()
+    corrupted[:, [1, 3]] = (clean[:, [1, 3]] + 29) % V
+    return types.SimpleNamespace(clean=clean, corrupted=corrupted, answers=np.array([3, 50, 100]),
+                                 contrasts=np.array([7, 60, 9]))
+
+
+def recorded_calls(monkeypatch):
+    """The static shape of every engine call: (positions read, reads all?)."""
+    calls = []
+    run_layout = engine.run_layout
+
+    def recording(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, *args, **kwargs):
+        calls.append((read_pos.shape[1], kwargs["n_read_all"]))
+        return run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_layout", recording)
+    return calls
+
+
+# --- which logits a callable metric reads ---------------------------------------------------
+
+
+def test_callable_reads_the_positions_it_indexes():
+    shape = (3, 7, 11)
+    rows, a, c = jnp.arange(3), jnp.array([1, 2, 3]), jnp.array([4, 5, 6])
+    last = np.zeros((3, 7), bool)
+    last[:, -1] = True
+    diag = np.zeros((3, 7), bool)
+    diag[[0, 1, 2], [1, 2, 3]] = True
+    cases = {  # callable -> the positions it reads, by hand (None: every position / cannot tell)
+        "TransformerLens mean LD": (lambda l: (l[rows, -1, a] - l[rows, -1, c]).mean(), last),
+        "slices": (lambda l: l[:, -1, 2] - l[:, -1, 3], last),
+        "log_softmax": (lambda l: jax.nn.log_softmax(l[:, -1])[:, 3], last),
+        "take_along_axis": (lambda l: jnp.take_along_axis(l[:, -1], a[:, None], 1)[:, 0], last),
+        "one position per prompt": (lambda l: l[rows, jnp.array([1, 2, 3])].sum(-1), diag),
+        "a where": (lambda l: jnp.where(l[:, -1, 0] > 0, l[:, 2, 1], 0.0), last | (np.arange(7) == 2)),
+        "strided": (lambda l: l[:, ::3, 0].sum(-1), np.broadcast_to(np.arange(7) % 3 == 0, (3, 7))),
+        "every position": (lambda l: l.mean((1, 2)), None),
+        "index from the logits": (lambda l: l[:, jnp.argmax(l[0, -1]) % 7, 0], None),
+        "masked by a product": (lambda l: (l * jnp.zeros(shape).at[:, -1].set(1)).sum((1, 2)), None),
+    }
+    for name, (fn, expected) in cases.items():
+        got = metrics.callable_reads(fn, shape)
+        if expected is None:
+            assert got is None, name
+        else:
+            assert got is not None and (got == expected).all(), f"{name}: {got}"
+
+
+@pytest.fixture(scope="module")
+def tl_baseline(tl_tiny, data):
+    with torch.no_grad():
+        clean = tl_tiny(torch.tensor(data.clean)).double()
+        corrupted = tl_tiny(torch.tensor(data.corrupted)).double()
+    return clean, corrupted
+
+
+def test_callables_are_exact_where_narrowed_or_not(jp_tiny, tl_tiny, data, monkeypatch):
+    """Callables reading one position, two positions, or a position chosen by the logits:
+    the same numbers as TransformerLens with the same metric in torch, and the engine
+    unembeds 1, 2 and every position."""
+    rows, a, c = np.arange(B), data.answers, data.contrasts
+    ld = lambda l, p: l[rows, p, a] - l[rows, p, c]
+    cases = [  # (numpy/torch metric on [B, T, V] logits -> [B] or scalar, positions the engine reads)
+        (lambda l: ld(l, -1).mean(), 1),
+        (lambda l: ld(l, -1) + 0.5 * l[rows, 2, a], 2),
+        (lambda l: l[rows, (l[:, 0, 0] > 0).long() * 3 if isinstance(l, torch.Tensor) else (l[:, 0, 0] > 0) * 3, a], None),
+    ]
+    _, cache = jp_tiny.run_with_cache(data.clean)
+    with torch.no_grad():
+        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(data.clean))
+    for i, (fn, reads) in enumerate(cases):
+        calls = recorded_calls(monkeypatch)
+        expected = tl_patching.get_act_patch_resid_pre(tl_tiny, torch.tensor(data.corrupted), tl_cache,
+                                                       lambda l: fn(l.double()).mean()).numpy()
+        got = patching.get_act_patch_resid_pre(jp_tiny, data.corrupted, cache, lambda l: fn(l).mean(), progress=False)
+        close(got, expected, what=f"case {i}")
+        assert calls and all(c == ((reads, False) if reads else (1, True)) for c in calls), (i, calls)  # (1, True): all
+        monkeypatch.undo()
+    # a per-prompt callable in `sweep`, per prompt: the same as the Metric it spells out
+    every = patching.sweep(jp_tiny, data.clean, data.corrupted, "z", metrics.from_callable(
+        lambda l: ld(l, -1), normalize="range"), per_prompt=True, progress=False)
+    metric = patching.sweep(jp_tiny, data.clean, data.corrupted, "z", metrics.logit_diff(a, c), per_prompt=True,
+                            progress=False)
+    close(every, metric, tol=1e-5, what="per-prompt callable vs Metric")
+
+
+# --- one program per sweep, caches in chunks -------------------------------------------------
+
+
+def test_any_memory_budget_compiles_one_engine_program(jp_tiny, tl_tiny, data, monkeypatch):
+    """Budgets from "everything at once" down to one patch of one prompt per call: one
+    new engine program each (the groups share one padded layout), the same numbers."""
+    rows, a, c = torch.arange(B), torch.tensor(data.answers), torch.tensor(data.contrasts)
+    ld = lambda l: (l[rows, -1, a] - l[rows, -1, c]).double().mean()
+    with torch.no_grad():
+        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(data.clean))
+        corrupted_ld = ld(tl_tiny(torch.tensor(data.corrupted)))
+        expected = tl_patching.get_act_patch_attn_head_out_by_pos(
+            tl_tiny, torch.tensor(data.corrupted), tl_cache, lambda l: ld(l) - corrupted_ld).numpy()
+    metric = metrics.logit_diff(data.answers, data.contrasts, normalize=False)  # LD_pt - LD_*
+    patches, _ = patching.make_patches(jp_tiny.config, "attn.hook_z", ("layer", "pos", "head"), T, B)
+    full = engine.bytes_per_prompt(jp_tiny.config, engine.plan(patches, 2, T), 1, V)
+    program = engine.run_layout
+    for budget in (1 << 34, full // 2, full // 7, 1):
+        calls = recorded_calls(monkeypatch)
+        before = program._cache_size()
+        got = patching.sweep(jp_tiny, data.clean, data.corrupted, "z", metric, memory_budget=budget, progress=False)
+        assert program._cache_size() - before <= 1, f"budget {budget}: several programs"
+        close(got, expected, what=f"budget {budget}")
+        if budget == 1:
+            assert len(calls) >= len(patches) * B // 2, calls  # many groups and chunks, still one program
+        monkeypatch.undo()
+
+
+def test_caches_in_prompt_chunks_equal_the_whole_batch(jp_tiny, data):
+    tokens = reference.random_tokens(5, T, V, seed=3)
+    noise = jax.random.normal(jax.random.PRNGKey(0), (5, T, jp_tiny.config.d_model))
+    from jpatch.model import Override
+
+    overrides = {"hook_embed": Override(jp_tiny.wte[tokens] + noise, jnp.ones((5, T, 1), bool))}
+    keep = engine.BASE_SITES + ("attn.hook_pattern",)
+    _, whole = jp_tiny.run_with_cache(tokens, overrides=overrides)
+    for budget in (1, 150_000):  # one prompt per chunk; two per chunk (the last overlapping)
+        got = engine.cached_sites(jp_tiny, tokens, overrides, keep, budget)
+        for site in keep:
+            want = whole.stacked("hook_resid_post")[-1] if site == "final" else whole.stacked(site)
+            assert got[site].shape == want.shape, site
+            np.testing.assert_allclose(got[site], want, atol=1e-5, err_msg=f"{site} budget {budget}")
+
+
+def test_default_memory_budget_is_a_share_of_free_memory():
+    budget = engine.default_memory_budget()
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert 0.15 * available < budget < 0.35 * available
+
+
+# --- deeper than the 12 layer stages ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[16, 24])
+def deep(request, data):
+    tl, jp = tiny(request.param, seed=request.param)
+    with torch.no_grad():
+        clean_logits, tl_cache = tl.run_with_cache(torch.tensor(data.clean))
+        corr_logits = tl(torch.tensor(data.corrupted))
+    # answer / contrast: the tokens whose last logit the corruption moves most, up and down
+    gap = (clean_logits[:, -1] - corr_logits[:, -1]).double()
+    a, c, rows = gap.argmax(-1), gap.argmin(-1), torch.arange(B)
+    ld = lambda l: (l[rows, -1, a] - l[rows, -1, c]).double().mean()
+    CL, CO = float(ld(clean_logits)), float(ld(corr_logits))
+    assert CL - CO > 0.1
+    return types.SimpleNamespace(L=request.param, tl=tl, jp=jp, tl_cache=tl_cache, ld=ld, CL=CL, CO=CO,
+                                 metric=metrics.logit_diff(a.numpy(), c.numpy()),
+                                 jp_cache=jp.run_with_cache(data.clean)[1])
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "attn_out", "attn_head_out_all_pos"])
+def test_deep_models_match_transformer_lens(deep, data, name):
+    tl_metric = lambda l: (deep.ld(l) - deep.CO) / (deep.CL - deep.CO)
+    with torch.no_grad():
+        expected = getattr(tl_patching, f"get_act_patch_{name}")(
+            deep.tl, torch.tensor(data.corrupted), deep.tl_cache, tl_metric).numpy()
+    got = getattr(patching, f"get_act_patch_{name}")(deep.jp, data.corrupted, deep.jp_cache, deep.metric,
+                                                     progress=False)
+    close(got, expected, what=f"{deep.L} layers {name}")
+
+
+def test_deep_models_windows_match_transformer_lens_hooks(deep, data):
+    window, L = 5, deep.L
+    expected = np.zeros((L, T))
+    for layer in range(L):
+        lo, hi = max(layer - window // 2, 0), min(layer - window // 2 + window, L)
+        for pos in range(T):
+            def hook(act, hook, pos=pos):
+                act = act.clone()
+                act[:, pos] = deep.tl_cache[hook.name][:, pos]
+                return act
+
+            with torch.no_grad():
+                logits = deep.tl.run_with_hooks(torch.tensor(data.corrupted),
+                                                fwd_hooks=[(f"blocks.{j}.hook_mlp_out", hook) for j in range(lo, hi)])
+            expected[layer, pos] = (float(deep.ld(logits)) - deep.CO) / (deep.CL - deep.CO)
+    got = patching.sweep(deep.jp, data.clean, data.corrupted, "mlp_out", deep.metric, window=window, progress=False)
+    close(got, expected, what=f"{L} layers, window {window}")
