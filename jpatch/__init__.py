@@ -18,6 +18,9 @@ def _enable_compilation_cache():
         base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
         jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jpatch", "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # A size limit turns on JAX's file lock around every cache read and write: without it,
+        # concurrent jpatch processes (bulk runs, tests) can read a half-written entry and crash.
+        jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 
 _enable_compilation_cache()
