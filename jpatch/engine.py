@@ -63,7 +63,7 @@ class Layout:
 
     order: np.ndarray  # [n] the patch in each slot (sorted by stage), -1 for a padding slot
     stages: tuple  # ((first_layer, end_layer, n_patches_alive, n_rows_alive), ...)
-    row_patch: np.ndarray  # [R] index into the sorted patches
+    row_patch: np.ndarray  # [R] the slot of each row (slot 0: padding rows)
     row_pos: np.ndarray  # [R]
     dense_idx: np.ndarray  # [n, T] row of (patch, position), -1 where the position is not recomputed
 

@@ -10,6 +10,19 @@ TransformerLens's. The two results must agree within 1e-4.
     python scripts/bench.py [--json out.json]
     python scripts/bench.py --bulk [--bulk-prompts 1000] [--json out.json]
     python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
+    python scripts/bench.py --scaling [--lengths 16,64,256,1024] [--batches 1,8] [--deep medium,xl]
+
+Each sweep is also timed with the TransformerLens-style jnp callable of the same
+metric (`lambda logits: ...logits[rows, -1, answers]...`) beside the `Metric`, and
+the cold run counts XLA compilations (all, and the engine's own programs).
+
+--scaling measures cost against prompt length and depth: a resid_pre sweep on GPT-2
+small's shape at each length (at 1,024 tokens over 32 sampled positions) and batch,
+jpatch cold and warm, compilations and peak RSS in a fresh process per case, beside
+TransformerLens's time: measured when its estimate is under --tl-limit seconds,
+otherwise its measured time per patched forward times the number of patches
+(labelled "extrapolated"). --deep adds GPT-2 medium's / XL's shapes on the
+factual-recall grid (every layer x the last subject position and the last position).
 
 --bulk measures dataset sweeps instead: prompts x patches per second of a
 resumable `jpatch bulk` sweep (resid_pre, STR, logit difference) over an IOI
@@ -118,6 +131,36 @@ def tl_metric_fn(tl, clean, corrupted, answers, contrasts):
     return lambda logits: (ld(logits) - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
+class Compiles:
+    """XLA compilations from now on: all of them (the listener on JAX's backend-compile
+    event), and the engine's own programs (new entries in its jit caches)."""
+
+    def __init__(self):
+        from jax import monitoring
+
+        from jpatch import engine
+
+        self.events = []
+        monitoring.register_event_duration_secs_listener(
+            lambda event, secs, **kw: self.events.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+        self.programs = (engine.run_layout, engine._cache_chunk)
+        self.start = sum(p._cache_size() for p in self.programs)
+
+    def all(self):
+        return len(self.events)
+
+    def engine(self):
+        return sum(p._cache_size() for p in self.programs) - self.start
+
+
+def jp_callable(answers, contrasts, clean_ld, corrupted_ld):
+    """The normalized mean logit difference as a TransformerLens user writes it, in jnp."""
+    import jax.numpy as jnp
+
+    rows, a, c = jnp.arange(len(answers)), jnp.asarray(answers), jnp.asarray(contrasts)
+    return lambda logits: ((logits[rows, -1, a] - logits[rows, -1, c]).mean() - corrupted_ld) / (clean_ld - corrupted_ld)
+
+
 def cold_jpatch(model_dir, name, cache_dir):
     """Time the first jpatch sweep in a fresh process (compilation included), with
     JAX's persistent compilation cache in `cache_dir`."""
@@ -130,9 +173,11 @@ from jpatch import patching, metrics
 model = jpatch.load({model_dir!r})
 clean, corrupted, answers, contrasts = bench.ioi_batch()
 _, cache = model.run_with_cache(clean)
+count = bench.Compiles()
 t = time.perf_counter()
 patching.get_act_patch_{name}(model, corrupted, cache, metrics.logit_diff(answers, contrasts), progress=False)
 print(json.dumps({{"sweep_s": time.perf_counter() - t, "total_s": time.perf_counter() - t0,
+                   "compiles": count.all(), "engine_programs": count.engine(),
                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
 """
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
@@ -191,6 +236,163 @@ def bench_bulk(tmp, tl, n_prompts, figures):
           f"prompts, {big['peak_rss_gb']:.2f} GB at {n_prompts} ({figures['bulk']['peak_rss_growth']:+.0%})")
 
 
+SHAPES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "xl": (48, 25, 1600)}  # layers, heads, d_model
+
+
+def scaling_inputs(batch, pos, vocab, subject=None):
+    """Random prompts; the corrupted ones differ at position 1 and at the middle (or the
+    subject position); random answer / contrast tokens."""
+    rng = np.random.default_rng(pos * 100 + batch)
+    clean = rng.integers(0, vocab, (batch, pos))
+    corrupted = clean.copy()
+    for p in {1, pos // 2 if subject is None else subject}:
+        corrupted[:, p] = (clean[:, p] + 1 + rng.integers(0, vocab - 1, batch)) % vocab
+    return clean, corrupted, rng.integers(0, vocab, batch), rng.integers(0, vocab, batch)
+
+
+def sweep_positions(pos, sampled):
+    """Every position, or `sampled` evenly spread ones (always the last)."""
+    return None if pos <= sampled else np.unique(np.linspace(0, pos - 1, sampled).round().astype(int))
+
+
+def scaling_child(spec):
+    """One scaling case in this (fresh) process: cold and warm jpatch sweeps."""
+    import jax
+
+    import jpatch
+    from jpatch import metrics, patching
+
+    if "model_dir" in spec:
+        model = jpatch.load(spec["model_dir"])
+    else:
+        layers, heads, d = SHAPES[spec["shape"]]
+        cfg = jpatch.GPT2Config(n_layer=layers, n_head=heads, d_model=d, d_mlp=4 * d)
+        model = jpatch.GPT2.init(cfg, key=jax.random.PRNGKey(0), std=0.05)
+    clean, corrupted, answers, contrasts = scaling_inputs(spec["batch"], spec["pos"], model.config.d_vocab,
+                                                          spec.get("subject"))
+    positions = spec.get("positions")
+    metric = metrics.logit_diff(answers, contrasts, normalize=False)  # LD_pt - LD_*: random weights, no ratio
+    run = lambda: patching.sweep(model, clean, corrupted, "resid_pre", metric, positions=positions, progress=False)
+    count = Compiles()
+    t = time.perf_counter()
+    run()
+    cold = time.perf_counter() - t
+    compiles, programs = count.all(), count.engine()
+    t = time.perf_counter()
+    result = run()
+    warm = time.perf_counter() - t
+    return {"jpatch_cold_s": cold, "jpatch_warm_s": warm, "compiles": compiles, "engine_programs": programs,
+            "warm_compiles": count.all() - compiles, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "result": np.asarray(result).tolist()}
+
+
+def run_child(spec, tmp):
+    """scaling_child(spec) in a fresh process with an empty compilation cache."""
+    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import bench; "
+            f"print(json.dumps(bench.scaling_child(json.loads(sys.argv[1]))))")
+    cache = tempfile.mkdtemp(dir=tmp, prefix="jax-cache-")
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache})
+    if run.returncode:
+        raise SystemExit(f"scaling case {spec} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def tl_resid_pre(tl, clean, corrupted, answers, contrasts, positions, limit):
+    """TransformerLens's time for the resid_pre sweep over `positions` (None: all): measured
+    (its own get_act_patch_resid_pre, or the same hooks over sampled positions) when its
+    per-patch forward time x patches is under `limit` s, else that product."""
+    import torch
+    from transformer_lens import patching as tl_patching
+
+    idx, a, c = torch.arange(len(answers)), torch.tensor(answers), torch.tensor(contrasts)
+    ld = lambda logits: (logits[idx, -1, a] - logits[idx, -1, c]).double().mean()
+    T = clean.shape[1]
+    pos_list = list(range(T)) if positions is None else [int(p) for p in positions]
+    n_patches = tl.cfg.n_layers * len(pos_list)
+    with torch.no_grad():
+        corrupted_t = torch.tensor(corrupted)
+        _, cache = tl.run_with_cache(torch.tensor(clean), names_filter=lambda n: n.endswith("hook_resid_pre"))
+        corrupted_ld = ld(tl(corrupted_t))
+
+        def hook(act, hook, pos=pos_list[-1]):
+            act[:, pos] = cache[hook.name][:, pos]
+            return act
+
+        patched = lambda: tl.run_with_hooks(corrupted_t, fwd_hooks=[("blocks.0.hook_resid_pre", hook)])
+        patched()
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            patched()
+            times.append(time.perf_counter() - t)
+        per_patch = min(times)
+        if per_patch * n_patches > limit:
+            return per_patch * n_patches, "extrapolated", None, per_patch
+        t = time.perf_counter()
+        if positions is None:
+            result = tl_patching.get_act_patch_resid_pre(tl, corrupted_t, cache, lambda l: ld(l) - corrupted_ld).numpy()
+        else:
+            result = np.zeros((tl.cfg.n_layers, len(pos_list)))
+            for layer in range(tl.cfg.n_layers):
+                for i, p in enumerate(pos_list):
+                    result[layer, i] = float(ld(tl.run_with_hooks(corrupted_t, fwd_hooks=[
+                        (f"blocks.{layer}.hook_resid_pre", lambda act, hook, p=p: hook_at(act, hook, p, cache))])) - corrupted_ld)
+        return time.perf_counter() - t, "measured", result, per_patch
+
+
+def hook_at(act, hook, pos, cache):
+    act[:, pos] = cache[hook.name][:, pos]
+    return act
+
+
+def bench_scaling(tmp, tl, args, figures):
+    """Cost against prompt length (GPT-2 small's shape) and depth (medium / XL shapes)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    rows = []
+    header = (f"{'model':>7} {'tokens':>6} {'batch':>5} {'patches':>7} | {'jpatch cold':>11} {'warm':>8} "
+              f"{'compiles (engine)':>17} {'peak RSS':>8} | {'TransformerLens':>22} | {'warm x':>6} {'cold x':>6}")
+    print(header)
+    cases = [("small", T, b) for T in map(int, args.lengths.split(",")) for b in map(int, args.batches.split(","))]
+    cases += [(shape, 16, 8) for shape in filter(None, args.deep.split(","))]
+    for shape, T, batch in cases:
+        if shape == "small":
+            spec = {"model_dir": os.path.join(tmp, "jp"), "pos": T, "batch": batch}
+            positions = sweep_positions(T, args.sampled)
+            model_tl = tl
+        else:  # the factual-recall grid: every layer x (last subject position, last position)
+            spec = {"shape": shape, "pos": T, "batch": batch, "subject": T - 5}
+            positions = np.array([T - 5, T - 1])
+            layers, heads, d = SHAPES[shape]
+            model_tl = HookedTransformer(HookedTransformerConfig(
+                n_layers=layers, d_model=d, n_ctx=1024, d_head=d // heads, n_heads=heads, d_mlp=4 * d, d_vocab=50257,
+                act_fn="gelu_new", normalization_type="LN", default_prepend_bos=False, device="cpu")).eval()
+        if positions is not None:
+            spec["positions"] = positions.tolist()
+        jp = run_child(spec, tmp)
+        clean, corrupted, answers, contrasts = scaling_inputs(batch, T, 50257, spec.get("subject"))
+        tl_s, how, tl_result, per_patch = tl_resid_pre(model_tl, clean, corrupted, answers, contrasts, positions,
+                                                       args.tl_limit)
+        if model_tl is not tl:
+            del model_tl
+        diff = None
+        if tl_result is not None and shape == "small":
+            diff = float(np.abs(np.asarray(jp["result"]) - tl_result).max())
+            if diff > 1e-3 * max(1.0, float(np.abs(tl_result).max())):
+                raise SystemExit(f"{shape} {T} tokens x {batch}: jpatch and TransformerLens disagree by {diff:.2e}")
+        n_patches = SHAPES[shape][0] * (T if positions is None else len(positions))
+        row = {"model": shape, "tokens": T, "batch": batch, "patches": n_patches, "tl_s": tl_s, "tl": how,
+               "tl_per_patch_s": per_patch, "warm_speedup": tl_s / jp["jpatch_warm_s"],
+               "cold_speedup": tl_s / jp["jpatch_cold_s"], "max_abs_diff": diff,
+               **{k: v for k, v in jp.items() if k != "result"}}
+        rows.append(row)
+        print(f"{shape:>7} {T:>6} {batch:>5} {n_patches:>7} | {jp['jpatch_cold_s']:>10.1f}s {jp['jpatch_warm_s']:>7.2f}s "
+              f"{jp['compiles']:>11} ({jp['engine_programs']}) {jp['peak_rss_gb']:>6.2f}GB | "
+              f"{tl_s:>9.1f}s {how:>12} | {row['warm_speedup']:>5.1f}x {row['cold_speedup']:>5.1f}x", flush=True)
+    figures["scaling"] = rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the figures to this file")
@@ -199,6 +401,12 @@ def main():
     parser.add_argument("--bulk-prompts", type=int, default=1000)
     parser.add_argument("--attribution", action="store_true",
                         help="benchmark attribution patching instead (scripts/bench_attribution.py)")
+    parser.add_argument("--scaling", action="store_true", help="benchmark cost against prompt length and depth instead")
+    parser.add_argument("--lengths", default="16,64,256,1024", help="--scaling: prompt lengths (GPT-2 small's shape)")
+    parser.add_argument("--batches", default="1,8", help="--scaling: batch sizes")
+    parser.add_argument("--sampled", type=int, default=32, help="--scaling: positions swept beyond this length")
+    parser.add_argument("--deep", default="medium,xl", help="--scaling: deeper shapes on the factual grid ('' for none)")
+    parser.add_argument("--tl-limit", type=float, default=600, help="--scaling: longest TransformerLens run measured (s)")
     args = parser.parse_args()
     if args.attribution:
         import bench_attribution
@@ -219,12 +427,19 @@ def main():
         if args.bulk:
             bench_bulk(tmp, tl, args.bulk_prompts, figures)
             args.sweeps = ""
+        if args.scaling:
+            bench_scaling(tmp, tl, args, figures)
+            args.sweeps = ""
         clean, corrupted, answers, contrasts = ioi_batch()
         peak_flops = matmul_flops()
         figures["machine"]["matmul_gflops"] = peak_flops / 1e9
         print(f"device: {jax.devices()[0]}, measured dense matmul: {peak_flops / 1e9:.0f} GFLOP/s")
 
         jp_metric = metrics.logit_diff(answers, contrasts)
+        rows = np.arange(len(answers))
+        lds = [model(t, logits_at=np.full((len(t), 1), t.shape[1] - 1))[rows, 0] for t in (clean, corrupted)]
+        clean_ld, corrupted_ld = (float((np.asarray(l)[rows, answers] - np.asarray(l)[rows, contrasts]).mean()) for l in lds)
+        callable_metric = jp_callable(answers, contrasts, clean_ld, corrupted_ld)
         tl_metric = tl_metric_fn(tl, clean, corrupted, answers, contrasts)
         _, tl_cache = tl.run_with_cache(torch.tensor(clean))
         _, jp_cache = model.run_with_cache(clean)
@@ -245,8 +460,13 @@ def main():
             t = time.perf_counter()
             jp_result = jp_fn(model, corrupted, jp_cache, jp_metric, progress=False)
             jp_s = time.perf_counter() - t
+            jp_fn(model, corrupted, jp_cache, callable_metric, progress=False)  # warm-up
+            t = time.perf_counter()
+            callable_result = jp_fn(model, corrupted, jp_cache, callable_metric, progress=False)
+            callable_s = time.perf_counter() - t
 
             diff = float(np.abs(jp_result - tl_result).max())
+            diff = max(diff, float(np.abs(callable_result - tl_result).max()))
             flops = engine_flops(model, name, len(clean), clean.shape[1])
             row = {
                 "patches": int(np.prod(tl_result.shape)),
@@ -256,6 +476,10 @@ def main():
                 "jpatch_cold_s": cold["sweep_s"],
                 "jpatch_cold_process_s": cold["total_s"],
                 "cold_speedup": tl_s / cold["sweep_s"],
+                "jpatch_callable_s": callable_s,
+                "callable_over_metric": callable_s / jp_s,
+                "cold_compiles": cold["compiles"],
+                "cold_engine_programs": cold["engine_programs"],
                 "jpatch_cold_cached_s": cached["sweep_s"],
                 "jpatch_gflops": flops / jp_s / 1e9,
                 "matmul_fraction": flops / jp_s / peak_flops,
@@ -266,7 +490,9 @@ def main():
             print(
                 f"{name}: {row['patches']} patches | TransformerLens {tl_s:.1f} s | jpatch {jp_s:.2f} s warm "
                 f"({row['speedup']:.1f}x), cold {cold['sweep_s']:.1f} s ({row['cold_speedup']:.1f}x), "
-                f"cold with compile cache {cached['sweep_s']:.1f} s | "
+                f"cold with compile cache {cached['sweep_s']:.1f} s | callable metric {callable_s:.2f} s warm "
+                f"({row['callable_over_metric']:.2f}x the Metric) | cold compiles {cold['compiles']} "
+                f"({cold['engine_programs']} engine programs) | "
                 f"{row['jpatch_gflops']:.0f} GFLOP/s = {row['matmul_fraction']:.0%} of matmul | "
                 f"jpatch peak RSS {cold['peak_rss_gb']:.2f} GB | max |diff| {diff:.1e}"
             )
