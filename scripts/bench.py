@@ -67,6 +67,16 @@ def ioi_batch(n=8):
     return clean, corrupted, np.array(answers), np.array(contrasts)
 
 
+TL_DEVICE = "cpu"  # --tl-device: where TransformerLens runs (e.g. "cuda" beside JAX on a GPU)
+
+
+def tt(array):
+    """A torch tensor of `array` on TransformerLens's device."""
+    import torch
+
+    return torch.tensor(np.asarray(array), device=TL_DEVICE)
+
+
 def build_models(tmp):
     """Random GPT-2-small-shaped weights in transformers, TransformerLens and jpatch."""
     import torch
@@ -81,7 +91,7 @@ def build_models(tmp):
     hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.05, attn_implementation="eager")).eval()
     hf.save_pretrained(os.path.join(tmp, "hf"))
     jpatch.convert_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "jp"))
-    return tl_model(hf), jpatch.load(os.path.join(tmp, "jp"))
+    return tl_model(hf).to(TL_DEVICE), jpatch.load(os.path.join(tmp, "jp"))
 
 
 def matmul_flops():
@@ -122,12 +132,12 @@ def engine_flops(model, name, n_prompts, pos):
 def tl_metric_fn(tl, clean, corrupted, answers, contrasts):
     import torch
 
-    idx = torch.arange(len(answers))
-    a, c = torch.tensor(answers), torch.tensor(contrasts)
+    idx = tt(np.arange(len(answers)))
+    a, c = tt(answers), tt(contrasts)
     ld = lambda logits: (logits[idx, -1, a] - logits[idx, -1, c]).mean()
     with torch.no_grad():
-        clean_ld = ld(tl(torch.tensor(clean)))
-        corrupted_ld = ld(tl(torch.tensor(corrupted)))
+        clean_ld = ld(tl(tt(clean)))
+        corrupted_ld = ld(tl(tt(corrupted)))
     return lambda logits: (ld(logits) - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
@@ -217,7 +227,7 @@ def bench_bulk(tmp, tl, n_prompts, figures):
         print(f"bulk resid_pre, {n} IOI prompts x {patches} patches: {rows[n]['s']:.1f} s, "
               f"{rate:.0f} prompt-patches/s, peak RSS {rows[n]['peak_rss_gb']:.2f} GB")
     sample = ioi_task(8, seed=1)
-    clean, corrupted = torch.tensor(sample.clean_tokens), torch.tensor(sample.corrupted_tokens)
+    clean, corrupted = tt(sample.clean_tokens), tt(sample.corrupted_tokens)
     metric = tl_metric_fn(tl, sample.clean_tokens, sample.corrupted_tokens, sample.answers, sample.contrasts)
     with torch.no_grad():
         _, cache = tl.run_with_cache(clean)
@@ -305,14 +315,14 @@ def tl_resid_pre(tl, clean, corrupted, answers, contrasts, positions, limit):
     import torch
     from transformer_lens import patching as tl_patching
 
-    idx, a, c = torch.arange(len(answers)), torch.tensor(answers), torch.tensor(contrasts)
+    idx, a, c = tt(np.arange(len(answers))), tt(answers), tt(contrasts)
     ld = lambda logits: (logits[idx, -1, a] - logits[idx, -1, c]).double().mean()
     T = clean.shape[1]
     pos_list = list(range(T)) if positions is None else [int(p) for p in positions]
     n_patches = tl.cfg.n_layers * len(pos_list)
     with torch.no_grad():
-        corrupted_t = torch.tensor(corrupted)
-        _, cache = tl.run_with_cache(torch.tensor(clean), names_filter=lambda n: n.endswith("hook_resid_pre"))
+        corrupted_t = tt(corrupted)
+        _, cache = tl.run_with_cache(tt(clean), names_filter=lambda n: n.endswith("hook_resid_pre"))
         corrupted_ld = ld(tl(corrupted_t))
 
         def hook(act, hook, pos=pos_list[-1]):
@@ -331,7 +341,7 @@ def tl_resid_pre(tl, clean, corrupted, answers, contrasts, positions, limit):
             return per_patch * n_patches, "extrapolated", None, per_patch
         t = time.perf_counter()
         if positions is None:
-            result = tl_patching.get_act_patch_resid_pre(tl, corrupted_t, cache, lambda l: ld(l) - corrupted_ld).numpy()
+            result = tl_patching.get_act_patch_resid_pre(tl, corrupted_t, cache, lambda l: ld(l) - corrupted_ld).cpu().numpy()
         else:
             result = np.zeros((tl.cfg.n_layers, len(pos_list)))
             for layer in range(tl.cfg.n_layers):
@@ -367,7 +377,7 @@ def bench_scaling(tmp, tl, args, figures):
             layers, heads, d = SHAPES[shape]
             model_tl = HookedTransformer(HookedTransformerConfig(
                 n_layers=layers, d_model=d, n_ctx=1024, d_head=d // heads, n_heads=heads, d_mlp=4 * d, d_vocab=50257,
-                act_fn="gelu_new", normalization_type="LN", default_prepend_bos=False, device="cpu")).eval()
+                act_fn="gelu_new", normalization_type="LN", default_prepend_bos=False, device=TL_DEVICE)).eval()
         if positions is not None:
             spec["positions"] = positions.tolist()
         jp = run_child(spec, tmp)
@@ -396,6 +406,7 @@ def bench_scaling(tmp, tl, args, figures):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--tl-device", default="cpu", help="TransformerLens's torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated: " + ", ".join(SWEEPS))
     parser.add_argument("--bulk", action="store_true", help="benchmark a bulk dataset sweep instead")
     parser.add_argument("--bulk-prompts", type=int, default=1000)
@@ -408,6 +419,8 @@ def main():
     parser.add_argument("--deep", default="medium,xl", help="--scaling: deeper shapes on the factual grid ('' for none)")
     parser.add_argument("--tl-limit", type=float, default=600, help="--scaling: longest TransformerLens run measured (s)")
     args = parser.parse_args()
+    global TL_DEVICE
+    TL_DEVICE = args.tl_device
     if args.attribution:
         import bench_attribution
 
@@ -441,7 +454,7 @@ def main():
         clean_ld, corrupted_ld = (float((np.asarray(l)[rows, answers] - np.asarray(l)[rows, contrasts]).mean()) for l in lds)
         callable_metric = jp_callable(answers, contrasts, clean_ld, corrupted_ld)
         tl_metric = tl_metric_fn(tl, clean, corrupted, answers, contrasts)
-        _, tl_cache = tl.run_with_cache(torch.tensor(clean))
+        _, tl_cache = tl.run_with_cache(tt(clean))
         _, jp_cache = model.run_with_cache(clean)
         for name in filter(None, args.sweeps.split(",")):
             cache_dir = os.path.join(tmp, f"jax-cache-{name}")
@@ -451,9 +464,9 @@ def main():
             tl_fn = getattr(tl_patching, f"get_act_patch_{name}")
 
             with torch.no_grad():
-                tl(torch.tensor(corrupted))  # warm-up: one forward (TransformerLens does not compile)
+                tl(tt(corrupted))  # warm-up: one forward (TransformerLens does not compile)
                 t = time.perf_counter()
-                tl_result = tl_fn(tl, torch.tensor(corrupted), tl_cache, tl_metric).numpy()
+                tl_result = tl_fn(tl, tt(corrupted), tl_cache, tl_metric).cpu().numpy()
                 tl_s = time.perf_counter() - t
 
             jax.block_until_ready(jp_fn(model, corrupted, jp_cache, jp_metric, progress=False))  # warm-up
