@@ -139,28 +139,45 @@ def _scores_under_masks(model, tokens, masks, source, read_pos, clean_logits, da
 _scores_under_masks_jit = jax.jit(_scores_under_masks, static_argnames=("score",))
 
 
-def edge_scores(model, clean, corrupted, masks, metric, *, ablation="corrupted", memory_budget=DEFAULT_MEMORY_BUDGET):
-    """Raw metric scores of the clean tokens under each edge mask [n_masks, n_writers, n_readers]
-    (1 = the clean run's write, 0 = the ablated one), with the clean run's logits as the metric's
-    reference: [n_masks, batch] (or [n_masks] for a batch-level metric). Masks run in vmapped
-    chunks that fit `memory_budget` (bytes)."""
+def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory_budget=DEFAULT_MEMORY_BUDGET):
+    """A function masks [n_masks, n_writers, n_readers] -> raw metric scores [n_masks, batch] (or
+    [n_masks] for a batch-level metric) of the clean tokens with each edge mask (1 = the clean
+    run's write, 0 = the ablated one), the clean run's logits as the metric's reference. The
+    ablated writes are computed once; masks run in vmapped chunks that fit `memory_budget` (bytes)."""
     clean, corrupted = _pair(model, clean, corrupted)
     metric = checked_metric(metric, model.config.d_vocab)
     read_pos = metric.read_positions(*clean.shape)
     read_pos = None if read_pos is None else jnp.asarray(read_pos)
     clean_logits = model(clean, logits_at=read_pos)
-    masks = jnp.asarray(masks, jnp.float32)
-    n_w, n_r = len(graph_names(model.config)[0]), len(graph_names(model.config)[1])
-    if masks.ndim != 3 or masks.shape[1:] != (n_w, n_r):
-        raise ValueError(f"masks must be [n_masks, {n_w} writers, {n_r} readers], got {tuple(masks.shape)}")
     source = _source(model, clean, corrupted, ablation)
     data = metric.batch_data(clean.shape[0])
-    # Each mask's forward holds every writer's output twice (its own and the source's) and the mixed inputs.
-    per_mask = 4 * 3 * (n_w + n_r // max(model.config.n_layer, 1)) * clean.size * model.config.d_model
-    chunk = max(1, min(len(masks), int(memory_budget // per_mask)))
-    parts = [jax.device_get(_scores_under_masks_jit(model, clean, masks[i:i + chunk], source, read_pos, clean_logits,
-                                                    data, score=metric.score)) for i in range(0, len(masks), chunk)]
-    return np.concatenate([np.asarray(p, np.float64) for p in parts])
+    writers, readers, _ = graph_names(model.config)
+    n_w, n_r = len(writers), len(readers)
+    # Each mask's forward holds every writer's output and a layer's mixed reader inputs.
+    per_mask = 4 * 3 * (n_w + n_r // model.config.n_layer) * clean.size * model.config.d_model
+    chunk = max(1, int(memory_budget // per_mask))
+
+    def scores(masks):
+        masks = jnp.asarray(masks, jnp.float32)
+        if masks.ndim != 3 or masks.shape[1:] != (n_w, n_r):
+            raise ValueError(f"masks must be [n_masks, {n_w} writers, {n_r} readers], got {tuple(masks.shape)}")
+        parts = []
+        for i in range(0, len(masks), chunk):
+            part = masks[i:i + chunk]
+            # Padded (with copies of the last mask) to a power of two: few sizes, few compiles.
+            size = min(chunk, 1 << (len(part) - 1).bit_length())
+            padded = jnp.concatenate([part, jnp.repeat(part[-1:], size - len(part), 0)])
+            out = _scores_under_masks_jit(model, clean, padded, source, read_pos, clean_logits, data,
+                                          score=metric.score)
+            parts.append(np.asarray(jax.device_get(out), np.float64)[:len(part)])
+        return np.concatenate(parts)
+
+    return scores
+
+
+def edge_scores(model, clean, corrupted, masks, metric, *, ablation="corrupted", memory_budget=DEFAULT_MEMORY_BUDGET):
+    """Raw metric scores of the clean tokens under each edge mask (see `mask_scorer`)."""
+    return mask_scorer(model, clean, corrupted, metric, ablation=ablation, memory_budget=memory_budget)(masks)
 
 
 # --- circuits and faithfulness ---------------------------------------------------------
@@ -372,3 +389,6 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
                                  corrupted=float(corrupted_score.mean()), raw=raw, per_prompt=False,
                                  axes=("layer", "head") if shape == (cfg.n_layer, cfg.n_head) else ("sender",),
                                  normalization=metric.normalize)
+
+
+from jpatch.acdc import Circuit, acdc  # noqa: E402,F401  (jpatch.circuits.acdc; acdc.py builds on this module)

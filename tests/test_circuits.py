@@ -272,3 +272,65 @@ def test_faithfulness_against_transformerlens(models, tokens):
         circuits.faithfulness(jp, clean, corrupted, [("a2.h0", "a1.h0<q>")], metric)
     with pytest.raises(ValueError, match="ablation"):
         circuits.faithfulness(jp, clean, corrupted, ["embed"], metric, ablation="zero")
+
+
+# --- ACDC ------------------------------------------------------------------------------------
+
+
+def tl_acdc(tl, clean, corrupted, threshold):
+    """Conmy et al.'s sequential loop, one hooked TransformerLens forward per tested edge."""
+    writers, readers, valid = graph_names(tl.cfg_jp)
+    src = tl_writes(tl, corrupted)
+    with torch.no_grad():
+        ref = torch.log_softmax(tl(torch.tensor(clean))[:, -1], -1)
+
+    def cost(mask):
+        logp = torch.log_softmax(torch.tensor(tl_edge_forward(tl, clean, mask, src))[:, -1], -1)
+        return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+    mask = valid.astype(float)
+    current = cost(mask)
+    for r in reversed(range(len(readers))):
+        for w in sorted(np.flatnonzero(mask[:, r]), reverse=True):
+            mask[w, r] = 0.0
+            new = cost(mask)
+            if new - current < threshold:
+                current = new
+            else:
+                mask[w, r] = 1.0
+    return mask.astype(bool)
+
+
+def test_acdc_matches_the_sequential_algorithm(models, tokens, tmp_path):
+    from jpatch.circuits import acdc
+
+    tl, jp = models
+    tl.cfg_jp = jp.config
+    clean, corrupted = tokens
+    got = acdc(jp, clean, corrupted, threshold=0.01)
+    expected = tl_acdc(tl, clean, corrupted, 0.01)
+    assert 0 < expected.sum() < got.valid.sum()  # some edges kept, some removed
+    np.testing.assert_array_equal(got.keep, expected)
+    assert got.n_tested == got.valid.sum() and got.n_calls < got.n_tested
+    data = json.loads(got.to_json(tmp_path / "acdc.json"))
+    assert data["n_edges"] == expected.sum() == len(data["edges"])
+    assert {(e["writer"], e["reader"]) for e in data["edges"]} == {
+        (got.writers[i], got.readers[j]) for i, j in zip(*np.nonzero(expected))}
+    got.plot(tmp_path / "acdc.png")
+    assert (tmp_path / "acdc.png").stat().st_size > 1000
+
+
+def test_acdc_thresholds_and_eap_order(models, tokens):
+    from jpatch.circuits import acdc
+
+    _, jp = models
+    clean, corrupted = tokens
+    everything = acdc(jp, clean, corrupted, threshold=0.0)
+    np.testing.assert_array_equal(everything.keep, everything.valid)
+    nothing = acdc(jp, clean, corrupted, threshold=1e9)
+    assert not nothing.keep.any()
+    eap = edge_attribution(jp, clean, corrupted, metrics.kl(), direction="noise")
+    seeded = acdc(jp, clean, corrupted, threshold=0.01, order=eap, metric=metrics.logit_diff(ANSWERS, CONTRASTS))
+    assert 0 < seeded.keep.sum() < seeded.valid.sum()
+    with pytest.raises(ValueError, match="unknown metric"):
+        acdc(jp, clean, corrupted, threshold=0.1, metric="logit-diff")
