@@ -113,6 +113,11 @@ def _plain_tokens(x, what):
     return jnp.asarray(run.tokens)
 
 
+def _float32(model):
+    """Circuits mix and subtract writes: a bfloat16 model is run in float32 (its weights exactly)."""
+    return model if model.dtype == jnp.float32 else model.astype(jnp.float32)
+
+
 def _pair(model, clean, corrupted):
     clean, corrupted = _plain_tokens(clean, "clean"), _plain_tokens(corrupted, "corrupted")
     if clean.shape != corrupted.shape:
@@ -143,7 +148,9 @@ def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory
     """A function masks [n_masks, n_writers, n_readers] -> raw metric scores [n_masks, batch] (or
     [n_masks] for a batch-level metric) of the clean tokens with each edge mask (1 = the clean
     run's write, 0 = the ablated one), the clean run's logits as the metric's reference. The
-    ablated writes are computed once; masks run in vmapped chunks that fit `memory_budget` (bytes)."""
+    ablated writes are computed once; masks run in vmapped chunks that fit `memory_budget` (bytes).
+    A bfloat16 model runs in float32."""
+    model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)
     metric = checked_metric(metric, model.config.d_vocab)
     read_pos = metric.read_positions(*clean.shape)
@@ -365,9 +372,12 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
     (-> [n]). receivers: "logits", "m<l>" (an MLP's input), "a<l>.h<h>" (a head's q, k and v
     inputs), "a<l>.h<h><q>" (one of them), or a list of these. Returns a `SweepResult`: the metric
     normalized like `sweep` (mean over prompts; for "range" 1 = clean, 0 = corrupted).
+    A bfloat16 model runs in float32. TransformerLens 4.3's `get_act_patch_direct_path*` is a
+    different, linearized quantity (one head's write added to one later head's input).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)
     cfg = model.config
     onehots, shape = _sender_onehots(cfg, senders)

@@ -10,6 +10,7 @@ TransformerLens's. The two results must agree within 1e-4.
     python scripts/bench.py [--json out.json]
     python scripts/bench.py --bulk [--bulk-prompts 1000] [--json out.json]
     python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
+    python scripts/bench.py --circuits [--json out.json]      (see bench_circuits.py)
 
 --bulk measures dataset sweeps instead: prompts x patches per second of a
 resumable `jpatch bulk` sweep (resid_pre, STR, logit difference) over an IOI
@@ -199,7 +200,13 @@ def main():
     parser.add_argument("--bulk-prompts", type=int, default=1000)
     parser.add_argument("--attribution", action="store_true",
                         help="benchmark attribution patching instead (scripts/bench_attribution.py)")
+    parser.add_argument("--circuits", action="store_true",
+                        help="benchmark path patching and ACDC instead (scripts/bench_circuits.py)")
     args = parser.parse_args()
+    if args.circuits:
+        import bench_circuits
+
+        return bench_circuits.main(args.json)
     if args.attribution:
         import bench_attribution
 

@@ -135,57 +135,6 @@ def test_edge_forward_gradient_is_eap(models, tokens):
 # --- path patching -------------------------------------------------------------------------
 
 
-def tl_path_patch(tl, base, source, sender, receivers, freeze_mlps):
-    """Wang et al.'s algorithm with TransformerLens hooks: logits [B, T, V] for one sender head."""
-    ls, hs = sender
-    toks = torch.tensor(base)
-    with torch.no_grad():
-        _, base_cache = tl.run_with_cache(toks)
-        _, src_cache = tl.run_with_cache(torch.tensor(source))
-
-    def freeze_z(z, hook):
-        z = base_cache[hook.name].clone()
-        if hook.layer() == ls:
-            z[:, :, hs] = src_cache[hook.name][:, :, hs]
-        return z
-
-    hooks = [(f"blocks.{l}.attn.hook_z", freeze_z) for l in range(L)]
-    if freeze_mlps:
-        hooks += [(f"blocks.{l}.hook_mlp_out", lambda x, hook: base_cache[hook.name]) for l in range(L)]
-    recorded = {}
-
-    def record(x, hook):
-        recorded[hook.name] = x.clone()
-
-    names = [f"blocks.{l}.hook_{c}_input" for l in range(L) for c in "qkv"]
-    names += [f"blocks.{l}.hook_mlp_in" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
-    with torch.no_grad():
-        pass1 = tl.run_with_hooks(toks, fwd_hooks=hooks + [(n, record) for n in names])
-    if receivers == ["logits"]:
-        return pass1.numpy()
-
-    def replace(heads):
-        def hook(x, hook):
-            x = x.clone()
-            for h in heads:
-                x[:, :, h] = recorded[hook.name][:, :, h]
-            return x
-        return hook
-
-    hooks2 = []
-    for r in receivers:
-        if r == "logits":
-            hooks2.append((f"blocks.{L - 1}.hook_resid_post", lambda x, hook: recorded[hook.name]))
-        elif r.startswith("m"):
-            hooks2.append((f"blocks.{int(r[1:])}.hook_mlp_in", lambda x, hook: recorded[hook.name]))
-        else:
-            layer, head = r[1:].split("<")[0].split(".h")
-            chans = r.split("<")[1][0] if "<" in r else "qkv"
-            hooks2 += [(f"blocks.{layer}.hook_{c}_input", replace([int(head)])) for c in chans]
-    with torch.no_grad():
-        return tl.run_with_hooks(toks, fwd_hooks=hooks2).numpy()
-
-
 def logit_diffs(logits):
     last = logits[:, -1]
     return last[np.arange(B), ANSWERS] - last[np.arange(B), CONTRASTS]
@@ -208,7 +157,7 @@ def test_path_patching_matches_transformerlens_two_passes(models, tokens, receiv
     assert got.shape == (L, H)
     with torch.no_grad():
         ld_clean, ld_corrupted = (logit_diffs(tl(torch.tensor(t)).numpy()).mean() for t in (clean, corrupted))
-    expected = np.array([[(logit_diffs(tl_path_patch(tl, base, source, (l, h), receivers, freeze_mlps)).mean()
+    expected = np.array([[(logit_diffs(reference.tl_path_patch(tl, base, source, (l, h), receivers, freeze_mlps)).mean()
                            - ld_corrupted) / (ld_clean - ld_corrupted) for h in range(H)] for l in range(L)])
     np.testing.assert_allclose(got, expected, atol=1e-4)
     unpatched = 1.0 if direction == "noise" else 0.0
