@@ -348,6 +348,14 @@ def _path_scores(model, base_tokens, source_tokens, senders, read_pos, data, *, 
     corrupted_logits = source_logits if clean_is_base else base_logits
 
     receive = np.asarray(receive)
+    if not receive[:-1].any() and read_pos is not None:
+        # Only the logits receive and every head is frozen: pass 1 is position-wise (MLPs only), so
+        # it runs at the positions the metric reads alone.
+        pick = lambda a, axis: jnp.take_along_axis(
+            a, jnp.expand_dims(read_pos, tuple(range(axis - 1)) + (-1,)), axis=axis)
+        base = {"writes": pick(base["writes"], 2), "final": pick(base["final"], 1),
+                "hook_resid_mid": pick(base["hook_resid_mid"], 2), "hook_mlp_out": pick(base["hook_mlp_out"], 2)}
+        src_writes, read_pos = pick(src_writes, 2), None
 
     def one(sender):
         logits = _path_forward(model, base_tokens, base, src_writes, sender, receive, read_pos, freeze_mlps)

@@ -283,3 +283,35 @@ def test_acdc_thresholds_and_eap_order(models, tokens):
     assert 0 < seeded.keep.sum() < seeded.valid.sum()
     with pytest.raises(ValueError, match="unknown metric"):
         acdc(jp, clean, corrupted, threshold=0.1, metric="logit-diff")
+
+
+# --- the jpatch circuit report ---------------------------------------------------------------
+
+
+def test_circuit_command_writes_the_report(tmp_path):
+    import jax
+
+    import jpatch
+    from jpatch import cli
+    from jpatch.tasks import get_task
+
+    config = jpatch.GPT2Config(n_layer=2, n_head=2, d_model=32, d_mlp=64, n_ctx=32)
+    model_dir = tmp_path / "m"
+    jpatch.save(jpatch.GPT2.init(config, key=jax.random.PRNGKey(1), std=0.2), model_dir)
+    out = tmp_path / "report"
+    figures = cli.main(["circuit", "--model", str(model_dir), "--n-prompts", "4", "--out", str(out),
+                        "--threshold", "0.001", "--top", "1", "--ig-steps", "2"])
+    text = (out / "report.md").read_text()
+    for section in ("heads -> logits", "S-inhibition", "## ACDC", "Faithfulness at matched size",
+                    "Overlap with ACDC", "Wall times", "circuit.png"):
+        assert section in text
+    assert (out / "circuit.png").stat().st_size > 1000
+    assert json.loads((out / "circuit.json").read_text())["n_edges"] == figures["circuit"].keep.sum()
+    task = get_task("ioi", n_prompts=4, seed=0, split="test")
+    model = jpatch.load(model_dir)
+    expected = circuits.path_patch(model, task.clean_tokens, task.corrupted_tokens, "heads", "logits",
+                                   task.metric())
+    saved = json.loads((out / "figures.json").read_text())
+    np.testing.assert_allclose(saved["to_logits"], expected, atol=1e-6)
+    with pytest.raises(SystemExit):  # the folder exists: refused without --overwrite
+        cli.main(["circuit", "--model", str(model_dir), "--n-prompts", "4", "--out", str(out)])
