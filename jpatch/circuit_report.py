@@ -29,16 +29,22 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true")
 
 
-def _top_heads(values, k, exclude=()):
-    """The k heads whose path-patched value is furthest from the unpatched 1, as (layer, head)."""
+MIN_EFFECT = 1e-3  # a head whose path-patched value moves less than this from 1 is not carried on
+
+
+def _top_heads(values, k, exclude=(), min_effect=0.0):
+    """Up to k heads whose path-patched value is furthest from the unpatched 1, as (layer, head)."""
     effect = np.abs(1.0 - np.nan_to_num(np.asarray(values), nan=1.0))
     for l, h in exclude:
         effect[l, h] = -1
     order = np.argsort(-effect.ravel(), kind="stable")[:k]
-    return [tuple(int(i) for i in np.unravel_index(o, effect.shape)) for o in order]
+    return [tuple(int(i) for i in np.unravel_index(o, effect.shape)) for o in order if effect.ravel()[o] > min_effect]
 
 
 def _head_table(values, k=8):
+    if values is None:
+        return ["Skipped: no head of the previous round moved the metric by more than "
+                f"{MIN_EFFECT:g}."]
     lines = ["| head | value | effect (1 - value) |", "| --- | --- | --- |"]
     for l, h in _top_heads(values, k):
         lines.append(f"| {l}.{h} | {values[l, h]:+.3f} | {1 - values[l, h]:+.3f} |")
@@ -68,13 +74,14 @@ def analyse(model, clean, corrupted, metric, *, threshold=0.01, top=3, ig_steps=
 
     to_logits = timed("path patching: heads -> logits",
                       lambda: circuits.path_patch(model, clean, corrupted, "heads", "logits", metric))
-    movers = _top_heads(to_logits, top)
-    to_queries = timed("path patching: heads -> name movers' queries", lambda: circuits.path_patch(
-        model, clean, corrupted, "heads", [f"a{l}.h{h}<q>" for l, h in movers], metric))
-    inhibitors = _top_heads(to_queries, top, exclude=movers)
-    to_values = timed("path patching: heads -> S-inhibition values", lambda: circuits.path_patch(
-        model, clean, corrupted, "heads", [f"a{l}.h{h}<v>" for l, h in inhibitors], metric))
-    duplicates = _top_heads(to_values, top, exclude=movers + inhibitors)
+    # Each round's receivers are the previous round's heads that matter (none: the round is skipped).
+    movers = _top_heads(to_logits, top, min_effect=MIN_EFFECT)
+    to_queries = None if not movers else timed("path patching: heads -> name movers' queries", lambda: (
+        circuits.path_patch(model, clean, corrupted, "heads", [f"a{l}.h{h}<q>" for l, h in movers], metric)))
+    inhibitors = [] if to_queries is None else _top_heads(to_queries, top, movers, MIN_EFFECT)
+    to_values = None if not inhibitors else timed("path patching: heads -> S-inhibition values", lambda: (
+        circuits.path_patch(model, clean, corrupted, "heads", [f"a{l}.h{h}<v>" for l, h in inhibitors], metric)))
+    duplicates = [] if to_values is None else _top_heads(to_values, top, movers + inhibitors, MIN_EFFECT)
     out.update(to_logits=to_logits, to_queries=to_queries, to_values=to_values, movers=movers,
                inhibitors=inhibitors, duplicates=duplicates)
 
@@ -98,18 +105,18 @@ def analyse(model, clean, corrupted, metric, *, threshold=0.01, top=3, ig_steps=
 
 
 def write_report(path, figures, header):
-    fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads)
+    fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads) or "none"
     lines = [f"# Circuit report: {header}", "",
              "Path patching is exact (Wang et al.'s two passes), noising: each sender head's corrupted output "
              "reaches only the receivers, every other head frozen clean, MLPs recomputed. Values are the "
              "normalized logit difference (1 = clean, 0 = corrupted); a head matters where it is far from 1.", "",
              "## Path patching: heads -> logits (name movers)", "", *_head_table(figures["to_logits"]), "",
-             f"Top {len(figures['movers'])}: {fmt(figures['movers'])}.", "",
+             f"Carried on (up to {len(figures['movers'])}, effect > {MIN_EFFECT:g}): {fmt(figures['movers'])}.", "",
              "## Path patching: heads -> those heads' queries (S-inhibition)", "", *_head_table(figures["to_queries"]),
-             "", f"Top {len(figures['inhibitors'])} (name movers excluded): {fmt(figures['inhibitors'])}.", "",
+             "", f"Carried on (name movers excluded): {fmt(figures['inhibitors'])}.", "",
              "## Path patching: heads -> the S-inhibition heads' values (induction / duplicate-token)", "",
              *_head_table(figures["to_values"]), "",
-             f"Top {len(figures['duplicates'])} (earlier classes excluded): {fmt(figures['duplicates'])}.", ""]
+             f"Found (earlier classes excluded): {fmt(figures['duplicates'])}.", ""]
     circuit = figures["circuit"]
     lines += ["## ACDC", "", f"Threshold {circuit.threshold:g} on KL(clean || patched): "
               f"{int(circuit.keep.sum())} of {int(circuit.valid.sum())} edges kept; {circuit.n_tested} sequential "
@@ -150,9 +157,9 @@ def main(args):
 
         plt.close(figures["circuit"].plot(tmp / "circuit.png"))
         write_report(tmp / "report.md", figures, f"{args.model}, {args.task}, {len(task.clean_tokens)} prompts")
-        summary = {k: np.asarray(figures[k]).tolist() for k in ("to_logits", "to_queries", "to_values")}
+        summary = {k: None if figures[k] is None else np.asarray(figures[k]).tolist()
+                   for k in ("to_logits", "to_queries", "to_values")}
         summary.update({k: figures[k] for k in ("movers", "inhibitors", "duplicates", "times", "overlap")})
         summary["faithfulness"] = {k: dataclasses.asdict(v) for k, v in figures["faithfulness"].items()}
         (tmp / "figures.json").write_text(json.dumps(summary, indent=1, default=float))
     print(f"wrote {Path(args.out) / 'report.md'}")
-    return figures

@@ -299,14 +299,15 @@ def test_circuit_command_writes_the_report(tmp_path):
     model_dir = tmp_path / "m"
     jpatch.save(jpatch.GPT2.init(config, key=jax.random.PRNGKey(1), std=0.2), model_dir)
     out = tmp_path / "report"
-    figures = cli.main(["circuit", "--model", str(model_dir), "--n-prompts", "4", "--out", str(out),
+    cli.main(["circuit", "--model", str(model_dir), "--n-prompts", "4", "--out", str(out),
                         "--threshold", "0.001", "--top", "1", "--ig-steps", "2"])
     text = (out / "report.md").read_text()
     for section in ("heads -> logits", "S-inhibition", "## ACDC", "Faithfulness at matched size",
                     "Overlap with ACDC", "Wall times", "circuit.png"):
         assert section in text
     assert (out / "circuit.png").stat().st_size > 1000
-    assert json.loads((out / "circuit.json").read_text())["n_edges"] == figures["circuit"].keep.sum()
+    edges = json.loads((out / "circuit.json").read_text())
+    assert edges["n_edges"] == len(edges["edges"]) and f"{edges['n_edges']} of {edges['n_valid_edges']}" in text
     task = get_task("ioi", n_prompts=4, seed=0, split="test")
     model = jpatch.load(model_dir)
     expected = circuits.path_patch(model, task.clean_tokens, task.corrupted_tokens, "heads", "logits",
