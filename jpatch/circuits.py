@@ -240,6 +240,9 @@ def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupte
     masks = np.stack([keep, valid, np.zeros_like(valid)]).astype(np.float32)
     raw = edge_scores(model, clean, corrupted, masks, metric, ablation=ablation)
     circ, full, empty = (float(r.mean()) for r in raw)
+    if abs(full - empty) <= 1e-5 * max(1.0, abs(full)):  # float32 rounding of the same number
+        raise ValueError(f"the full graph and the fully ablated one score the same ({full:g}): faithfulness is "
+                         "undefined (e.g. mean ablation over a single prompt)")
     return Faithfulness((circ - empty) / (full - empty), circ, full, empty, int(keep.sum()), ablation)
 
 

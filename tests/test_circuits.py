@@ -221,6 +221,9 @@ def test_faithfulness_against_transformerlens(models, tokens):
         circuits.faithfulness(jp, clean, corrupted, [("a2.h0", "a1.h0<q>")], metric)
     with pytest.raises(ValueError, match="ablation"):
         circuits.faithfulness(jp, clean, corrupted, ["embed"], metric, ablation="zero")
+    with pytest.raises(ValueError, match="undefined"):
+        circuits.faithfulness(jp, clean[:1], corrupted[:1], ["embed"], metrics.logit_diff(ANSWERS[:1], CONTRASTS[:1]),
+                              ablation="mean")
 
 
 # --- ACDC ------------------------------------------------------------------------------------
