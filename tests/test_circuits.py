@@ -146,6 +146,7 @@ def logit_diffs(logits):
     (["a1.h2<q>", "a2.h0", "a2.h3<k>"], False, "noise"),
     (["a2.h1<v>", "m1", "logits"], True, "noise"),
     (["a1.h0", "a2.h2<q>", "m2"], False, "denoise"),
+    (["a2.h1<q>", "a2.h2<k>"], False, "noise"),  # queries and keys alone: only the pattern changes
 ])
 def test_path_patching_matches_transformerlens_two_passes(models, tokens, receivers, freeze_mlps, direction):
     tl, jp = models
