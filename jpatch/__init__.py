@@ -38,3 +38,5 @@ from jpatch.results import load_result  # noqa: E402
 from jpatch.bulk import bulk_sweep  # noqa: E402
 from jpatch.attribution import attribute  # noqa: E402
 from jpatch.edges import Edges, edge_attribution  # noqa: E402
+from jpatch import circuits  # noqa: E402
+from jpatch.circuits import path_patch  # noqa: E402

@@ -332,6 +332,8 @@ def build_parser():
     _delegate("jpatch.bulk", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
     _delegate("jpatch.agreement", "attribute")(sub, "attribution-patching estimate of a sweep (--compare-exact: "
                                                      "agreement with the exact sweep)")
+    _delegate("jpatch.circuit_report", "circuit")(sub, "path patching, ACDC, EAP / EAP-IG circuits and their "
+                                                       "faithfulness, as a Markdown report with the circuit picture")
     return parser
 
 

@@ -10,6 +10,7 @@ TransformerLens's. The two results must agree within 1e-4.
     python scripts/bench.py [--json out.json]
     python scripts/bench.py --bulk [--bulk-prompts 1000] [--json out.json]
     python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
+    python scripts/bench.py --circuits [--json out.json]      (see bench_circuits.py)
     python scripts/bench.py --scaling [--lengths 16,64,256,1024] [--batches 1,8] [--deep medium,xl]
 
 Each sweep is also timed with the TransformerLens-style jnp callable of the same
@@ -418,9 +419,15 @@ def main():
     parser.add_argument("--sampled", type=int, default=32, help="--scaling: positions swept beyond this length")
     parser.add_argument("--deep", default="medium,xl", help="--scaling: deeper shapes on the factual grid ('' for none)")
     parser.add_argument("--tl-limit", type=float, default=600, help="--scaling: longest TransformerLens run measured (s)")
+    parser.add_argument("--circuits", action="store_true",
+                        help="benchmark path patching and ACDC instead (scripts/bench_circuits.py)")
     args = parser.parse_args()
     global TL_DEVICE
     TL_DEVICE = args.tl_device
+    if args.circuits:
+        import bench_circuits
+
+        return bench_circuits.main(args.json)
     if args.attribution:
         import bench_attribution
 

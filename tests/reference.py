@@ -79,3 +79,65 @@ def tl_model(hf):
 
 def random_tokens(batch, pos, vocab, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, pos))
+
+
+def tl_path_patch(tl, base, source, sender, receivers, freeze_mlps=False, caches=None):
+    """Path patching (Wang et al. 2022) written with TransformerLens hooks, two passes: logits [B, T, V]
+    of the `base` tokens with head `sender` = (layer, head) taking its `source` output through the
+    receivers only ("logits", "m<l>", "a<l>.h<h>" or "a<l>.h<h><q>"). Pass 1 freezes every other
+    head to its base value (MLPs recomputed unless freeze_mlps) and records the receivers' inputs;
+    pass 2 runs the base tokens with those inputs. Needs tl.set_use_split_qkv_input(True) and
+    tl.set_use_hook_mlp_in(True) for head and MLP receivers. caches: (base, source) ActivationCaches
+    to reuse across senders."""
+    import torch
+
+    L = tl.cfg.n_layers
+    ls, hs = sender
+    toks = torch.tensor(base)
+    if caches is None:
+        with torch.no_grad():
+            caches = tl.run_with_cache(toks)[1], tl.run_with_cache(torch.tensor(source))[1]
+    base_cache, src_cache = caches
+
+    def freeze_z(z, hook):
+        z = base_cache[hook.name].clone()
+        if hook.layer() == ls:
+            z[:, :, hs] = src_cache[hook.name][:, :, hs]
+        return z
+
+    hooks = [(f"blocks.{l}.attn.hook_z", freeze_z) for l in range(L)]
+    if freeze_mlps:
+        hooks += [(f"blocks.{l}.hook_mlp_out", lambda x, hook: base_cache[hook.name]) for l in range(L)]
+    recorded = {}
+
+    def record(x, hook):
+        recorded[hook.name] = x.clone()
+
+    if receivers == ["logits"]:  # pass 2 would only repeat pass 1's final residual
+        with torch.no_grad():
+            return tl.run_with_hooks(toks, fwd_hooks=hooks).numpy()
+    names = [f"blocks.{l}.hook_{c}_input" for l in range(L) for c in "qkv"]
+    names += [f"blocks.{l}.hook_mlp_in" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    with torch.no_grad():
+        tl.run_with_hooks(toks, fwd_hooks=hooks + [(n, record) for n in names])
+
+    def replace(heads):
+        def hook(x, hook):
+            x = x.clone()
+            for h in heads:
+                x[:, :, h] = recorded[hook.name][:, :, h]
+            return x
+        return hook
+
+    hooks2 = []
+    for r in receivers:
+        if r == "logits":
+            hooks2.append((f"blocks.{L - 1}.hook_resid_post", lambda x, hook: recorded[hook.name]))
+        elif r.startswith("m"):
+            hooks2.append((f"blocks.{int(r[1:])}.hook_mlp_in", lambda x, hook: recorded[hook.name]))
+        else:
+            layer, head = r[1:].split("<")[0].split(".h")
+            chans = r.split("<")[1][0] if "<" in r else "qkv"
+            hooks2 += [(f"blocks.{layer}.hook_{c}_input", replace([int(head)])) for c in chans]
+    with torch.no_grad():
+        return tl.run_with_hooks(toks, fwd_hooks=hooks2).numpy()
