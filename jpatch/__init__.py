@@ -16,7 +16,8 @@ def _enable_compilation_cache():
     compile), unless the user configured a cache of their own."""
     if jax.config.jax_compilation_cache_dir is None and not os.environ.get("JPATCH_NO_COMPILE_CACHE"):
         base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-        jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jpatch", "jax"))
+        # "xla-locked": entries written with the lock below (older jpatch's "jax" folder has none).
+        jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jpatch", "xla-locked"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         # A size limit turns on JAX's file lock around every cache read and write: without it,
         # concurrent jpatch processes (bulk runs, tests) can read a half-written entry and crash.
