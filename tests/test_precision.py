@@ -64,3 +64,18 @@ def test_attention_and_logits_accumulate_in_float32(small_shaped):
     exact = np.asarray(small_shaped(tokens))
     assert np.abs(np.asarray(logits) - exact).max() < 0.05 * np.abs(exact).max()
     assert jax.tree_util.tree_leaves(bf16)[0].dtype == jnp.bfloat16
+
+
+def test_jpatch_asks_for_full_float32_matmuls():
+    """GPUs (TF32) and TPUs (bfloat16 passes) multiply float32 at lower precision by default: on an
+    H200 that moved a resid_pre sweep 4.9e-3 away from TransformerLens. jpatch asks for the highest
+    unless the user chose (the environment variable wins, checked in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    assert jax.config.jax_default_matmul_precision == "highest"
+    code = "import jpatch, jax; print(jax.config.jax_default_matmul_precision)"
+    env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "default"
