@@ -12,15 +12,19 @@ __version__ = "0.1.0"
 
 
 def _enable_compilation_cache():
-    """Keep compiled sweeps across processes (a cold start then skips most of the
-    compile), unless the user configured a cache of their own."""
-    if jax.config.jax_compilation_cache_dir is None and not os.environ.get("JPATCH_NO_COMPILE_CACHE"):
+    """With JPATCH_COMPILE_CACHE=1, keep compiled sweeps across processes (a cold start then
+    skips most of the compile), unless the user configured a JAX cache of their own.
+
+    Off by default: on this project's CPU test machine, JAX 0.10's persistent cache crashed
+    the process (segmentation faults while serializing and reading entries) twice in one day.
+    """
+    if jax.config.jax_compilation_cache_dir is None and os.environ.get("JPATCH_COMPILE_CACHE") == "1":
         base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
         # "xla-locked": entries written with the lock below (older jpatch's "jax" folder has none).
         jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jpatch", "xla-locked"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         # A size limit turns on JAX's file lock around every cache read and write: without it,
-        # concurrent jpatch processes (bulk runs, tests) can read a half-written entry and crash.
+        # concurrent jpatch processes (bulk runs) can read a half-written entry.
         jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 
