@@ -33,3 +33,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. The suite compiles thousands of
+    programs in one process; kept alive by the jit caches, they once made XLA's CPU compiler
+    crash (segmentation fault) late in the run."""
+    yield
+    import jax
+
+    jax.clear_caches()
