@@ -175,20 +175,10 @@ def format_report(report):
 
 def add_arguments(parser):
     from jpatch.attribution import METHODS
-    from jpatch.cli import CORRUPTIONS, DIRECTIONS
-    from jpatch.metrics import METRICS
+    from jpatch.cli import add_task_arguments
 
-    parser.add_argument("--model", default="toy")
-    parser.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
-    parser.add_argument("--site", default="z", help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
-    parser.add_argument("--axes", help="comma-separated result axes, e.g. layer,head (default per site)")
+    add_task_arguments(parser, site="z")
     parser.add_argument("--method", default="atp", help=" | ".join(METHODS))
-    parser.add_argument("--corruption", default="str", help=" | ".join(CORRUPTIONS))
-    parser.add_argument("--metric", default="logit-diff", help=" | ".join(METRICS))
-    parser.add_argument("--direction", default="denoise", choices=DIRECTIONS)
-    parser.add_argument("--n-prompts", type=int, default=32)
-    parser.add_argument("--noise-samples", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-exact", action="store_true",
                         help="also run the exact sweep and report how well the estimate agrees")
     parser.add_argument("--diagnostic", type=int, default=0,

@@ -171,6 +171,20 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra
     return Path(out)
 
 
+def add_task_arguments(parser, *, site):
+    """The options of a command that patches (or estimates) one site on a task."""
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
+    parser.add_argument("--site", default=site, help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
+    parser.add_argument("--axes", help="comma-separated result axes, e.g. layer,head (default per site)")
+    parser.add_argument("--corruption", default="str", help=" | ".join(CORRUPTIONS))
+    parser.add_argument("--metric", default="logit-diff", help=" | ".join(METRICS))
+    parser.add_argument("--direction", default="denoise", choices=DIRECTIONS)
+    parser.add_argument("--n-prompts", type=int, default=32)
+    parser.add_argument("--noise-samples", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def check_out(out, overwrite, kind):
     """Refuse an output folder jpatch may not write, before any work."""
     from jpatch.checkpoint import check_target
@@ -304,17 +318,8 @@ def build_parser():
 
     sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.",
                            formatter_class=_HelpWithDefaults)
-    sweep.add_argument("--model", default="toy")
-    sweep.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
-    sweep.add_argument("--site", default="resid_pre", help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
-    sweep.add_argument("--axes", help="comma-separated result axes, e.g. layer,head (default per site)")
-    sweep.add_argument("--corruption", default="str", help=" | ".join(CORRUPTIONS))
-    sweep.add_argument("--metric", default="logit-diff", help=" | ".join(METRICS))
-    sweep.add_argument("--direction", default="denoise", choices=DIRECTIONS)
+    add_task_arguments(sweep, site="resid_pre")
     sweep.add_argument("--window", type=int, default=1)
-    sweep.add_argument("--n-prompts", type=int, default=32)
-    sweep.add_argument("--noise-samples", type=int, default=10)
-    sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", required=True)
     sweep.add_argument("--overwrite", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
