@@ -33,8 +33,8 @@ import numpy as np
 from jpatch import sites
 from jpatch.model import apply_override, causal_attention
 from jpatch.patching import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, SWEEPS, _prompt_lengths, applies, as_run,
-                             batch_mask, check_memory_budget, default_axes, finish, make_patches, prepare_metric,
-                             sweep_site)
+                             batch_mask, check_memory_budget, default_axes, finish, make_patches, paired_runs,
+                             prepare_metric, stack_every, sweep_site)
 
 METHODS = ("atp", "atp-qk", "atp*")
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
@@ -261,12 +261,7 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
-    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
-    if clean.samples != 1:
-        raise ValueError("the clean run must have a single sample")
-    if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
-        raise ValueError(f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
-                         f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape")
+    clean, corrupted = paired_runs(clean, corrupted)
     axes = tuple(axes or default_axes(site))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     cfg = model.config
@@ -368,23 +363,20 @@ for _name in SWEEPS:
     globals()[f"get_attr_patch_{_name}"] = _tl_attr(_name)
 
 
+def _attr_patch(name):
+    return globals()[f"get_attr_patch_{name}"]
+
+
 def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
-    return np.stack([globals()[f"get_attr_patch_{n}"](model, corrupted_tokens, clean_cache, metric, **kwargs)
-                     for n in ("resid_pre", "attn_out", "mlp_out")])
+    return stack_every(_attr_patch, "block_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
 def get_attr_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """[5, layer, head]: output (z), q, k, v, pattern."""
-    return np.stack([globals()[f"get_attr_patch_attn_head_{n}_all_pos"](model, corrupted_tokens, clean_cache,
-                                                                          metric, **kwargs)
-                     for n in ("out", "q", "k", "v", "pattern")])
+    return stack_every(_attr_patch, "attn_head_all_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
 def get_attr_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
-    parts = [globals()[f"get_attr_patch_attn_head_{n}_by_pos"](model, corrupted_tokens, clean_cache, metric,
-                                                                **kwargs)
-             for n in ("out", "q", "k", "v", "pattern")]
-    parts[-1] = np.swapaxes(parts[-1], 1, 2)
-    return np.stack(parts)
+    return stack_every(_attr_patch, "attn_head_by_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)

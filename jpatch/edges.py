@@ -34,7 +34,8 @@ import numpy as np
 
 from jpatch import sites
 from jpatch.attribution import _check_base, perturbed_forward, row_chunks, take_rows
-from jpatch.patching import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, batch_mask, check_memory_budget, prepare_metric
+from jpatch.patching import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, batch_mask, check_memory_budget, paired_runs,
+                             prepare_metric)
 
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 
@@ -214,12 +215,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
     check_memory_budget(memory_budget)
-    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
-    if clean.samples != 1:
-        raise ValueError("the clean run must have a single sample")
-    if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
-        raise ValueError(f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
-                         f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape")
+    clean, corrupted = paired_runs(clean, corrupted)
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     # Right padding needs no mask in the forward: real positions never attend to later pads, and
     # the metric reads each prompt's last real token, so pad positions get no gradient.

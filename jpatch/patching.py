@@ -90,6 +90,18 @@ SWEEPS = {
 WINDOW_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
 
+def paired_runs(clean, corrupted):
+    """The clean and corrupted inputs of a sweep as Runs, checked to pair up: one clean sample,
+    the same [batch, pos] shape (the corrupted run may stack several noise samples)."""
+    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
+    if clean.samples != 1:
+        raise ValueError("the clean run must have a single sample")
+    if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
+        raise ValueError(f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
+                         f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape")
+    return clean, corrupted
+
+
 def default_axes(site):
     site = sites.canonical(site)
     if site in sites.HEAD_VECTOR_SITES:
@@ -489,14 +501,7 @@ def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=
         check_memory_budget(memory_budget)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
-    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
-    if clean.samples != 1:
-        raise ValueError("the clean run must have a single sample")
-    if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
-        raise ValueError(
-            f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
-            f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape"
-        )
+    clean, corrupted = paired_runs(clean, corrupted)
     axes = tuple(axes or default_axes(site))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
@@ -589,22 +594,38 @@ for _name in SWEEPS:
     globals()[f"get_act_patch_{_name}"] = _tl_patch(_name)
 
 
+# TransformerLens's combined sweeps: the parts each stacks, in its order.
+HEAD_PARTS = ("out", "q", "k", "v", "pattern")
+EVERY = {
+    "block_every": ("resid_pre", "attn_out", "mlp_out"),
+    "attn_head_all_pos_every": tuple(f"attn_head_{n}_all_pos" for n in HEAD_PARTS),
+    "attn_head_by_pos_every": tuple(f"attn_head_{n}_by_pos" for n in HEAD_PARTS),
+}
+
+
+def stack_every(get, every, *args, **kwargs):
+    """The parts of the combined sweep `every` (get(name) -> that part's function) stacked;
+    by position, the pattern's [layer, head, pos] is moved to the others' [layer, pos, head]."""
+    parts = [get(name)(*args, **kwargs) for name in EVERY[every]]
+    if every == "attn_head_by_pos_every":
+        parts[-1] = np.swapaxes(parts[-1], 1, 2)
+    return np.stack(parts)
+
+
+def _act_patch(name):
+    return globals()[f"get_act_patch_{name}"]
+
+
 def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
-    return np.stack([globals()[f"get_act_patch_{n}"](model, corrupted_tokens, clean_cache, metric, **kwargs)
-                     for n in ("resid_pre", "attn_out", "mlp_out")])
+    return stack_every(_act_patch, "block_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
 def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """[5, layer, head]: output (z), q, k, v, pattern."""
-    return np.stack([globals()[f"get_act_patch_attn_head_{n}_all_pos"](model, corrupted_tokens, clean_cache, metric,
-                                                                         **kwargs)
-                     for n in ("out", "q", "k", "v", "pattern")])
+    return stack_every(_act_patch, "attn_head_all_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
-    parts = [globals()[f"get_act_patch_attn_head_{n}_by_pos"](model, corrupted_tokens, clean_cache, metric, **kwargs)
-             for n in ("out", "q", "k", "v", "pattern")]
-    parts[-1] = np.swapaxes(parts[-1], 1, 2)
-    return np.stack(parts)
+    return stack_every(_act_patch, "attn_head_by_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
