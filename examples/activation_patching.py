@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpatch
-from jpatch import patching, plot
-
+from jpatch.engine import sweep as patching
+from jpatch.face import plot
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--out", default="results/examples", help="folder for the heatmaps")
 args = parser.parse_args()

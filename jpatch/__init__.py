@@ -41,18 +41,33 @@ def _full_precision_matmuls():
 
 _full_precision_matmuls()
 
-from jpatch.model import GPT2, GPT2Config, Cache, override_from_cache  # noqa: E402
-from jpatch.interventions import Add, Apply, Override, Scale  # noqa: E402
-from jpatch.checkpoint import load, save  # noqa: E402
-from jpatch.convert import convert_hf  # noqa: E402
-from jpatch.patching import Run, sweep  # noqa: E402
-from jpatch.padding import pad  # noqa: E402
-from jpatch.aggregate import SweepResult  # noqa: E402
-from jpatch import metrics, patching, sites, utils  # noqa: E402
-from jpatch.tokenizer import get_tokenizer  # noqa: E402
-from jpatch.results import load_result  # noqa: E402
-from jpatch.bulk import bulk_sweep  # noqa: E402
-from jpatch.attribution import attribute  # noqa: E402
-from jpatch.edges import Edges, edge_attribution  # noqa: E402
-from jpatch import circuits  # noqa: E402
-from jpatch.circuits import path_patch  # noqa: E402
+import sys  # noqa: E402
+
+from jpatch.model.gpt2 import GPT2, GPT2Config, Cache, override_from_cache  # noqa: E402
+from jpatch.model.interventions import Add, Apply, Override, Scale  # noqa: E402
+from jpatch.model.checkpoint import load, save  # noqa: E402
+from jpatch.model.convert import convert_hf  # noqa: E402
+from jpatch.model.padding import pad  # noqa: E402
+from jpatch.model.tokenizer import get_tokenizer  # noqa: E402
+from jpatch.model import names as utils, sites  # noqa: E402
+from jpatch.engine.sweep import Run, sweep  # noqa: E402
+from jpatch.engine.aggregate import SweepResult  # noqa: E402
+from jpatch.engine import sweep as patching  # noqa: E402
+from jpatch.methods import attribution, circuits, corrupt, edges, metrics  # noqa: E402
+from jpatch.methods.attribution import attribute  # noqa: E402
+from jpatch.methods.edges import Edges, edge_attribution  # noqa: E402
+from jpatch.methods.circuits import path_patch  # noqa: E402
+from jpatch.data import tasks  # noqa: E402
+from jpatch.data.tasks import factual, greater_than, ioi  # noqa: E402
+from jpatch.runs.results import load_result  # noqa: E402
+from jpatch.runs.bulk import bulk_sweep  # noqa: E402
+
+# The public module names of jpatch 0.1 (`import jpatch.metrics`, `from jpatch.tasks import
+# ioi_task`, TransformerLens-style `jpatch.patching` / `jpatch.utils`) keep working: each is
+# the module that now lives in its layer, registered under its old name (not a copy).
+for _name, _module in {"utils": utils, "sites": sites, "patching": patching, "metrics": metrics,
+                       "corrupt": corrupt, "attribution": attribution, "edges": edges, "circuits": circuits,
+                       "tasks": tasks, "tasks.ioi": ioi, "tasks.factual": factual,
+                       "tasks.greater_than": greater_than}.items():
+    sys.modules[f"{__name__}.{_name}"] = _module
+del _name, _module, factual, greater_than, ioi

@@ -52,7 +52,7 @@ TEMPLATE = "When{a} and{b} went to the store,{b} gave a drink to"
 def ioi_batch(n=8):
     """n IOI prompts (15 tokens each, with a BOS) with answer = IO, contrast = S;
     the corrupted prompts replace the three names by others (the paper's ABC)."""
-    from jpatch.tokenizer import get_tokenizer
+    from jpatch.model.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     rng = np.random.default_rng(0)
@@ -115,8 +115,8 @@ def matmul_flops():
 def engine_flops(model, name, n_prompts, pos):
     """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
     per-patch attention, and the unembedding at the read position."""
-    from jpatch import engine, patching
-
+    from jpatch.engine import execute as engine
+    from jpatch.engine import sweep as patching
     cfg = model.config
     site, axes = patching.SWEEPS[name]
     patches, _ = patching.make_patches(cfg, site, axes, pos, n_prompts)
@@ -149,8 +149,7 @@ class Compiles:
     def __init__(self):
         from jax import monitoring
 
-        from jpatch import engine
-
+        from jpatch.engine import execute as engine
         self.events = []
         monitoring.register_event_duration_secs_listener(
             lambda event, secs, **kw: self.events.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -180,7 +179,8 @@ import time, resource, json, sys
 t0 = time.perf_counter()
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import bench, jpatch
-from jpatch import patching, metrics
+from jpatch.engine import sweep as patching
+from jpatch.methods import metrics
 model = jpatch.load({model_dir!r})
 clean, corrupted, answers, contrasts = bench.ioi_batch()
 _, cache = model.run_with_cache(clean)
@@ -216,7 +216,7 @@ def bench_bulk(tmp, tl, n_prompts, figures):
     import torch
     from transformer_lens import patching as tl_patching
 
-    from jpatch.tasks import ioi_task
+    from jpatch.data.tasks import ioi_task
 
     patches = 12 * 15
     rows = {}
@@ -271,8 +271,8 @@ def scaling_child(spec):
     import jax
 
     import jpatch
-    from jpatch import metrics, patching
-
+    from jpatch.methods import metrics
+    from jpatch.engine import sweep as patching
     if "model_dir" in spec:
         model = jpatch.load(spec["model_dir"])
     else:
@@ -437,8 +437,9 @@ def main():
     import torch
     from transformer_lens import patching as tl_patching
 
-    from jpatch import metrics, patching
+    from jpatch.methods import metrics
 
+    from jpatch.engine import sweep as patching
     figures = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "jax_device": str(jax.devices()[0]), "jax": jax.__version__, "torch": torch.__version__},
                "sweeps": {}}

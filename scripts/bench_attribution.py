@@ -89,8 +89,13 @@ def main(json_path=None):
     import bench
     import jax
 
-    from jpatch import attribution, edges, metrics, patching
+    from jpatch.methods import attribution
 
+    from jpatch.methods import edges
+
+    from jpatch.methods import metrics
+
+    from jpatch.engine import sweep as patching
     python = tl43_python()
     figures = {"machine": {"cores": os.cpu_count(), "jax_device": str(jax.devices()[0])}, "jpatch": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,8 +32,9 @@ def bench_path_patching(figures):
     import bench
     from reference import tl_path_patch
 
-    from jpatch import metrics, path_patch
+    from jpatch import path_patch
 
+    from jpatch.methods import metrics
     with tempfile.TemporaryDirectory() as tmp:
         tl, model = bench.build_models(tmp)
     clean, corrupted, answers, contrasts = bench.ioi_batch()
@@ -79,8 +80,8 @@ def bench_path_patching(figures):
 
 def bench_acdc(figures, n_prompts=8, threshold=0.01):
     import jpatch
-    from jpatch.circuits import acdc
-    from jpatch.tasks import get_task
+    from jpatch.methods.circuits import acdc
+    from jpatch.data.tasks import get_task
 
     weights = os.path.join(HERE, "..", "weights", "toy")
     model = jpatch.load(weights)

@@ -6,7 +6,7 @@
 
 SRC is a folder with config.json and model.safetensors / pytorch_model.bin /
 flax_model.msgpack, or a Hugging Face Hub id (downloaded when online).
-Load the result with `jpatch.checkpoint.load("weights/gpt2")` (or `load("gpt2")`).
+Load the result with `jpatch.model.checkpoint.load("weights/gpt2")` (or `load("gpt2")`).
 """
 
 import argparse
@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
 
-    from jpatch.convert import convert_hf
+    from jpatch.model.convert import convert_hf
 
     try:
         out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)

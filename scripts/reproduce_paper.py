@@ -14,8 +14,7 @@ import sys
 
 
 def main(argv=None):
-    from jpatch import paper
-
+    from jpatch.face import report as paper
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     paper.add_arguments(parser)
     return paper.main(parser.parse_args(argv))

@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jpatch  # noqa: E402
-from jpatch import GPT2, GPT2Config, safety  # noqa: E402
-from jpatch.tasks import factual, greater_than, ioi  # noqa: E402
-from jpatch.tokenizer import get_tokenizer  # noqa: E402
+from jpatch import GPT2, GPT2Config
+from jpatch.files import safety  # noqa: E402
+from jpatch.data.tasks import factual, greater_than, ioi  # noqa: E402
+from jpatch.model.tokenizer import get_tokenizer  # noqa: E402
 
 CONFIG = GPT2Config(n_layer=4, n_head=4, d_model=128, d_mlp=512, n_ctx=64, d_vocab=50257)
 IOI_LEN, GT_LEN = ioi.PROMPT_LEN, greater_than.PROMPT_LEN

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import reference
-from jpatch.convert import config_from_hf, from_hf_state_dict
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 
 @pytest.fixture(scope="session")

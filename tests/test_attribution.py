@@ -13,8 +13,11 @@ import torch
 
 import reference
 import torch_attribution as ref
-from jpatch import attribution, corrupt, edges, metrics, patching
-
+from jpatch.methods import attribution
+from jpatch.methods import corrupt
+from jpatch.methods import edges
+from jpatch.methods import metrics
+from jpatch.engine import sweep as patching
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
 B, T = 3, 7

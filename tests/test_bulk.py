@@ -20,10 +20,16 @@ import jax
 import numpy as np
 import pytest
 
-from jpatch import GPT2, GPT2Config, bulk, patching, results
-from jpatch.bulk import bulk_sweep, make_metric, noise_run, read_dataset
-from jpatch.results import load_result
-from jpatch.tokenizer import get_tokenizer
+from jpatch import GPT2, GPT2Config
+
+from jpatch.runs import bulk
+
+from jpatch.engine import sweep as patching
+
+from jpatch.runs import results
+from jpatch.runs.bulk import bulk_sweep, make_metric, noise_run, read_dataset
+from jpatch.runs.results import load_result
+from jpatch.model.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -169,7 +175,7 @@ def test_noise_kl_noising_window_matches_single_prompt_sweeps(model, tmp_path):
 
 
 def test_key_token_std_is_roms_embedding_std(model, data7):
-    from jpatch.corrupt import embedding_std
+    from jpatch.methods.corrupt import embedding_std
 
     dataset = read_dataset(data7)
     ids = np.concatenate([e.clean[list(e.key_positions)] for e in dataset.examples])
@@ -187,7 +193,7 @@ def test_prob_and_logprob_match_single_prompt_sweeps(model, tmp_path, metric):
 
 CHILD = """
 import sys, time
-from jpatch import results
+from jpatch.runs import results
 write = results.atomic_write_npz
 def slow_write(path, arrays):  # give the parent time to kill us between shards
     out = write(path, arrays)
@@ -195,7 +201,7 @@ def slow_write(path, arrays):  # give the parent time to kill us between shards
     return out
 results.atomic_write_npz = slow_write
 from test_bulk import tiny_model
-from jpatch.bulk import bulk_sweep
+from jpatch.runs.bulk import bulk_sweep
 bulk_sweep(tiny_model(), sys.argv[1], "resid_pre", "str", "logit-diff", sys.argv[2], shard_size=2, progress=False)
 print("finished")
 """
@@ -356,7 +362,7 @@ def test_bad_arguments(model, data7, tmp_path):
 
 
 def test_cli_main(model, data7, tmp_path, capsys):
-    from jpatch.checkpoint import save
+    from jpatch.model.checkpoint import save
 
     save(model, tmp_path / "weights" / "tiny")
     parser = bulk.add_arguments(argparse.ArgumentParser())

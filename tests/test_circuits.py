@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import reference
-from jpatch import circuits, metrics
-from jpatch.convert import config_from_hf, from_hf_state_dict
-from jpatch.edges import edge_attribution, graph_names
+from jpatch.methods import circuits
+from jpatch.methods import metrics
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
+from jpatch.methods.edges import edge_attribution, graph_names
 
 L, H, B, T, V = 3, 4, 3, 6, 211
 ANSWERS, CONTRASTS = [3, 7, 11], [5, 9, 13]
@@ -255,7 +256,7 @@ def tl_acdc(tl, clean, corrupted, threshold):
 
 
 def test_acdc_matches_the_sequential_algorithm(models, tokens, tmp_path):
-    from jpatch.circuits import acdc
+    from jpatch.methods.circuits import acdc
 
     tl, jp = models
     tl.cfg_jp = jp.config
@@ -274,7 +275,7 @@ def test_acdc_matches_the_sequential_algorithm(models, tokens, tmp_path):
 
 
 def test_acdc_thresholds_and_eap_order(models, tokens):
-    from jpatch.circuits import acdc
+    from jpatch.methods.circuits import acdc
 
     _, jp = models
     clean, corrupted = tokens
@@ -296,8 +297,8 @@ def test_circuit_command_writes_the_report(tmp_path):
     import jax
 
     import jpatch
-    from jpatch import cli
-    from jpatch.tasks import get_task
+    from jpatch.face import cli
+    from jpatch.data.tasks import get_task
 
     config = jpatch.GPT2Config(n_layer=2, n_head=2, d_model=32, d_mlp=64, n_ctx=32)
     model_dir = tmp_path / "m"

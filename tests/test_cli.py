@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 
 import jpatch
-from jpatch import cli
-
-
+from jpatch.face import cli
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A small random model with GPT-2's vocabulary, saved like a converted one."""
@@ -30,7 +28,7 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "jpatch.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "jpatch.face.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "sweep" in out.stdout
 
 
@@ -50,7 +48,7 @@ def test_demo_prints_top_components_and_writes_heatmaps(model_dir, tmp_path, cap
 
 def test_sweep_equals_library_call(model_dir, tmp_path):
     """The command's saved result is the library's sweep of the same task."""
-    from jpatch.tasks import ioi_task
+    from jpatch.data.tasks import ioi_task
 
     out = tmp_path / "s"
     cli.main(["sweep", "--model", model_dir, "--task", "ioi", "--site", "mlp_out", "--n-prompts", "4",
@@ -134,7 +132,7 @@ def test_sweep_task_file_sweeps_every_prompt_of_every_length(model_dir, tmp_path
     from library sweeps of each length on its own."""
     import json as _json
 
-    from jpatch.tasks import factual_task
+    from jpatch.data.tasks import factual_task
 
     buckets = [t.select(slice(0, 2)) for t in factual_task()[:2]]
     assert buckets[0].seq_len != buckets[1].seq_len

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import reference
-from jpatch import checkpoint
-from jpatch.convert import convert_hf, flax_params_to_hf, load_hf_state_dict
+from jpatch.model import checkpoint
+from jpatch.model.convert import convert_hf, flax_params_to_hf, load_hf_state_dict
 
 V = reference.TINY["vocab_size"]
 TOKENS = reference.random_tokens(2, 10, V, seed=3)

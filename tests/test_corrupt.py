@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import reference
-from jpatch import corrupt, metrics, patching
-from jpatch.tokenizer import get_tokenizer
-from jpatch.patching import Run
+from jpatch.methods import corrupt
+from jpatch.methods import metrics
+from jpatch.engine import sweep as patching
+from jpatch.model.tokenizer import get_tokenizer
+from jpatch.engine.sweep import Run
 
 TOL = 1e-4
 PROB_TOL = 1e-6  # probabilities are ~1/V here: compare them tightly

@@ -14,8 +14,10 @@ import torch
 import transformer_lens.patching as tl_patching
 
 import reference
-from jpatch import engine, metrics, patching
-from jpatch.convert import config_from_hf, from_hf_state_dict
+from jpatch.engine import execute as engine
+from jpatch.methods import metrics
+from jpatch.engine import sweep as patching
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
@@ -158,7 +160,7 @@ def test_any_memory_budget_compiles_one_engine_program(jp_tiny, tl_tiny, data, m
 def test_caches_in_prompt_chunks_equal_the_whole_batch(jp_tiny, data):
     tokens = reference.random_tokens(5, T, V, seed=3)
     noise = jax.random.normal(jax.random.PRNGKey(0), (5, T, jp_tiny.config.d_model))
-    from jpatch.model import Override
+    from jpatch.model.gpt2 import Override
 
     overrides = {"hook_embed": Override(jp_tiny.wte[tokens] + noise, jnp.ones((5, T, 1), bool))}
     keep = engine.BASE_SITES + ("attn.hook_pattern",)

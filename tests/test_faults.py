@@ -22,9 +22,14 @@ import numpy as np
 import pytest
 
 import jpatch
-from jpatch import bulk, cli, convert, patching, results, safety
-from jpatch.bulk import bulk_sweep
-from jpatch.results import load_result
+from jpatch.runs import bulk
+from jpatch.face import cli
+from jpatch.model import convert
+from jpatch.engine import sweep as patching
+from jpatch.runs import results
+from jpatch.files import safety
+from jpatch.runs.bulk import bulk_sweep
+from jpatch.runs.results import load_result
 from test_bulk import CONFIG, assert_same, examples, subprocess_env, tiny_model, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,7 +168,7 @@ def test_refusals_are_one_line_and_touch_nothing(ws, argv, message, capsys, monk
 
 
 def test_refusal_in_a_fresh_process_has_no_traceback(ws):
-    out = subprocess.run([sys.executable, "-m", "jpatch.cli", "demo", "--model", "m", "--out", "precious"], cwd=ws,
+    out = subprocess.run([sys.executable, "-m", "jpatch.face.cli", "demo", "--model", "m", "--out", "precious"], cwd=ws,
                          env=subprocess_env(), capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("jpatch: precious holds files jpatch did not write (notes.txt, sub); jpatch "
@@ -200,8 +205,7 @@ def test_sweep_refuses_before_computing(model, clean, kwargs, message, monkeypat
 def test_tiny_memory_budget_is_warned_about(model, monkeypatch):
     """A budget below one patch's memory splits the sweep into one group per patch (2 layers x
     6 positions = 12), run one after another, instead of one: said with the numbers before the work."""
-    from jpatch import engine
-
+    from jpatch.engine import execute as engine
     def stop(*a, **k):
         raise RuntimeError("stopped before computing")
 
@@ -256,7 +260,7 @@ def test_local_path_typo_is_not_a_hub_id(tmp_path, monkeypatch, capsys):
 
 def test_task_files_and_bulk_read_lines_alike(tmp_path):
     """"\\r\\r\\n" line endings: one reader, so sweep --task and bulk agree on every line."""
-    from jpatch.tasks import read_jsonl
+    from jpatch.data.tasks import read_jsonl
 
     rows = examples(4)
     plain = write_jsonl(tmp_path / "plain.jsonl", rows)
@@ -369,7 +373,7 @@ def test_lost_manifest_loses_nothing(model, data4, reference_run, tmp_path, dama
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
-from jpatch import bulk
+from jpatch.runs import bulk
 compute = bulk._compute_shard
 def slow(*a, **k):  # long enough shards for the two runs to overlap
     time.sleep(0.5)

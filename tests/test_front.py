@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference
-from jpatch.convert import config_from_hf, from_hf_state_dict
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TEXTS = ["When John and Mary went to the store,", "Hi", "The Eiffel Tower is in"]
 

@@ -152,8 +152,7 @@ def test_intervention_errors(jp_tiny):
 def test_every_hook_point_is_an_override_site(jp_tiny, tl_tiny):
     """Rewriting any hook point (at layer 1 for block sites) equals the TransformerLens hook that does it
     (a nonlinear rewrite: a layer norm would undo a plain scaling of the last residual)."""
-    from jpatch import sites
-
+    from jpatch.model import sites
     tokens = reference.random_tokens(1, 5, V, seed=36)
     plain = np.asarray(jp_tiny(tokens))
     tl_tiny.set_use_attn_result(True)

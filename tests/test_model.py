@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import reference
-from jpatch import sites
-from jpatch.model import Override, override_from_cache
+from jpatch.model import sites
+from jpatch.model.gpt2 import Override, override_from_cache
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]

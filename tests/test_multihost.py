@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from jpatch.bulk import bulk_sweep
-from jpatch.results import load_result
+from jpatch.runs.bulk import bulk_sweep
+from jpatch.runs.results import load_result
 from test_bulk import REPO, SITES, assert_same, examples, subprocess_env, tiny_model, write_jsonl
 
 TIMEOUT = 300
@@ -51,7 +51,7 @@ import json, sys
 import jax
 {setup}
 from test_bulk import SITES, tiny_model
-from jpatch.bulk import bulk_sweep
+from jpatch.runs.bulk import bulk_sweep
 run = bulk_sweep(tiny_model(), sys.argv[1], SITES, "str", "logit-diff", sys.argv[2], shard_size=4, progress=False)
 print(json.dumps({{"devices": len(jax.local_devices()), "process": [run.process_index, run.process_count],
                   "computed": run.computed}}))

@@ -9,8 +9,8 @@ from transformer_lens import utilities as tl_utils
 
 import jpatch
 import reference
-from jpatch import sites
-from jpatch.utils import get_act_name
+from jpatch.model import sites
+from jpatch.model.names import get_act_name
 
 V = reference.TINY["vocab_size"]
 L = reference.TINY["n_layer"]

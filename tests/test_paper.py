@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import jpatch
-from jpatch import corrupt, paper, safety
-from jpatch.tasks import factual_task, ioi_task
+from jpatch.methods import corrupt
+from jpatch.face import report as paper
+from jpatch.files import safety
+from jpatch.data.tasks import factual_task, ioi_task
 
 # One noise sample: the GN runs then have the STR runs' shapes and reuse their compiled sweeps (test time).
 SETTINGS = dict(n_prompts=4, n_factual=8, noise_samples=1, progress=False)

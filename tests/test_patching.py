@@ -17,8 +17,10 @@ import torch
 import transformer_lens.patching as tl_patching
 
 import reference
-from jpatch import engine, metrics, patching
-from jpatch.convert import config_from_hf, from_hf_state_dict
+from jpatch.engine import execute as engine
+from jpatch.methods import metrics
+from jpatch.engine import sweep as patching
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]

@@ -8,8 +8,8 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from jpatch import plot
-from jpatch.results import load_result, save_result
+from jpatch.face import plot
+from jpatch.runs.results import load_result, save_result
 from test_results import fake_bulk
 
 SETTINGS = {"model": "toy", "site": "hook_resid_pre", "axes": ["layer", "pos"], "corruption": "str",

@@ -8,9 +8,9 @@ import pytest
 
 import jpatch
 import reference
-from jpatch import metrics
-from jpatch.convert import config_from_hf, from_hf_state_dict
-from jpatch.tasks import ioi
+from jpatch.methods import metrics
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
+from jpatch.data.tasks import ioi
 
 
 def sweep_both(model, clean, corrupted, metric, site="resid_pre", **kwargs):

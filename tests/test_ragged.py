@@ -8,8 +8,10 @@ import torch
 import transformer_lens.patching as tl_patching
 
 import reference
-from jpatch import corrupt, metrics, padding, patching
-
+from jpatch.methods import corrupt
+from jpatch.methods import metrics
+from jpatch.model import padding
+from jpatch.engine import sweep as patching
 V = reference.TINY["vocab_size"]
 LENGTHS = (7, 4, 6, 3)
 PAD = V - 1  # <|endoftext|> of the tiny vocabulary; the corrupted prompts pad with another id

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jpatch
-from jpatch import results
-from jpatch.results import Result, load_result, save_result
+from jpatch.runs import results
+from jpatch.runs.results import Result, load_result, save_result
 
 SETTINGS = {"model": "gpt2", "task": "ioi", "site": "resid_pre", "corruption": "str", "metric": "logit-diff",
             "direction": "denoise", "window": 1, "seed": np.int64(3), "layers": (0, 1), "scale": np.float32(0.5)}

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import reference
-from jpatch import engine, metrics, patching
-from jpatch.convert import config_from_hf, from_hf_state_dict
+from jpatch.engine import execute as engine
+from jpatch.methods import metrics
+from jpatch.engine import sweep as patching
+from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 V = reference.TINY["vocab_size"]
 T = 7

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from jpatch.tasks import TASKS, Task, get_task, read_jsonl
-from jpatch.tasks import factual, greater_than, ioi
-from jpatch.tokenizer import get_tokenizer
+from jpatch.data.tasks import TASKS, Task, get_task, read_jsonl
+from jpatch.data.tasks import factual, greater_than, ioi
+from jpatch.model.tokenizer import get_tokenizer
 
 tok = get_tokenizer()
 
@@ -327,7 +327,7 @@ def test_task_select_and_validation():
 
 
 def test_to_jsonl_reads_in_bulk_sweeps(tmp_path):
-    bulk = pytest.importorskip("jpatch.bulk")
+    bulk = pytest.importorskip("jpatch.runs.bulk")
     task = ioi.ioi_task(6)
     path = task.to_jsonl(tmp_path / "ioi.jsonl")
     for corruption in ("str", "noise"):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import regex
 
-from jpatch import tokenizer as tokmod
-from jpatch.tokenizer import EOS_ID, VOCAB_SIZE, GPT2Tokenizer, TokenizerFileError, get_tokenizer
+from jpatch.model import tokenizer as tokmod
+from jpatch.model.tokenizer import EOS_ID, VOCAB_SIZE, GPT2Tokenizer, TokenizerFileError, get_tokenizer
 
 IOI = "After John and Mary went to the store, John gave a bottle of milk to"
 IOI_IDS = [3260, 1757, 290, 5335, 1816, 284, 262, 3650, 11, 1757, 2921, 257, 9294, 286, 7545, 284]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jpatch
-from jpatch.checkpoint import resolve
-from jpatch.tasks import factual, greater_than, ioi
+from jpatch.model.checkpoint import resolve
+from jpatch.data.tasks import factual, greater_than, ioi
 
 N_IOI = N_GT = 1000  # the sets training.json's figures were computed on (seed 123, test splits)
 SEED = 123
@@ -68,7 +68,7 @@ def get_id(name):
 def test_bf16_and_small(model):
     assert model.dtype == jnp.float32  # stored in bfloat16, analysed in float32 by default
     stored = jpatch.load("toy", dtype=None)
-    assert all(a.dtype == jnp.bfloat16 for a in jpatch.checkpoint.named_arrays(stored).values())
+    assert all(a.dtype == jnp.bfloat16 for a in jpatch.model.checkpoint.named_arrays(stored).values())
     assert model.config.d_vocab == 50257
     size = sum(f.stat().st_size for f in resolve("toy").rglob("*") if f.is_file())
     assert size < 20 * 2**20, f"weights/toy is {size / 2**20:.1f} MiB"

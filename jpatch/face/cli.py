@@ -1,0 +1,356 @@
+"""The `jpatch` command: demo, sweep, convert, paper, bulk."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jpatch.methods import metrics
+from jpatch.methods.metrics import METRICS
+
+CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
+DIRECTIONS = ("denoise", "noise")
+
+
+class Fail(SystemExit):
+    """A refused command: one `jpatch: ...` line on stderr and exit status 2, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message if message.startswith("jpatch") else f"jpatch: {message}"
+
+    def __str__(self):
+        return self.message
+
+
+# Errors that describe a bad setting or path (raised by the library's checks): reported as one line.
+USER_ERRORS = (ValueError, OSError, TimeoutError)
+
+
+def cli_message(error):
+    """An API error's text in command-line words."""
+    from jpatch.files.safety import OVERWRITE_HINT
+
+    return str(error).replace(OVERWRITE_HINT, "pass --overwrite")
+
+
+def _choice_error(what, value, valid):
+    return Fail(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def check_at_least(minimum, **options):
+    """Refuse any option (given as name=value, "_" for "-") below `minimum`."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            raise Fail(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
+
+
+def load_task(name, n_prompts, seed):
+    """The task's first `n_prompts` prompts as one Task (prompts of several lengths padded together)."""
+    from jpatch.data.tasks import combine, get_task
+
+    kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
+    if name == "ioi":
+        kw["split"] = "test"  # names the bundled toy model never saw in IOI prompts
+    try:
+        task = get_task(name, **kw)
+    except ValueError as e:
+        raise Fail(str(e)) from None
+    if isinstance(task, list):
+        task = combine(task, name)
+    return task.select(slice(0, n_prompts)) if len(task) > n_prompts else task
+
+
+def make_corruption(model, task, corruption, site, *, noise_samples, seed):
+    """The corrupted Run for a task."""
+    from jpatch.methods import corrupt
+    clean, mask = task.clean_tokens, task.attention_mask
+    if corruption == "str":
+        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions, attention_mask=mask)
+    if corruption == "noise":
+        return corrupt.gaussian_noise(model, clean, task.key_positions, n_samples=noise_samples,
+                                      std_tokens=task.key_token_ids(), seed=seed, attention_mask=mask)
+    if corruption == "zero":
+        return corrupt.zero_ablation(model, clean, site)
+    if corruption == "mean":
+        return corrupt.mean_ablation(model, clean, site, clean)
+    if corruption == "resample":
+        return corrupt.resample_ablation(clean, clean, seed=seed)
+    raise _choice_error("corruption", corruption, CORRUPTIONS)
+
+
+def make_metric(task, name):
+    """The task's own metric for "logit-diff" (Greater-Than: its probability difference), else by name."""
+    if name == "logit-diff":
+        return task.metric()
+    try:
+        return metrics.by_name(name, task.answers, task.contrasts)
+    except ValueError:
+        raise _choice_error("metric", name, METRICS) from None
+
+
+def load_model(name):
+    import jpatch
+
+    try:
+        return jpatch.load(name)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise Fail(f"cannot load model {name!r}: {e}") from None
+
+
+def top_components(result, axes, tokens=None, k=8):
+    """The k entries of largest |value|, as printable lines."""
+    flat = np.argsort(-np.abs(np.nan_to_num(result)).ravel())[:k]
+    lines = []
+    for index in flat:
+        coords = np.unravel_index(index, result.shape)
+        parts = dict(zip(axes, (int(c) for c in coords)))
+        if set(parts) == {"layer", "head"}:
+            label = f"head {parts['layer']}.{parts['head']}"
+        else:
+            label = ", ".join(f"{a} {c}" for a, c in parts.items())
+            if tokens is not None and "pos" in parts:
+                label += f" {tokens[parts['pos']]!r}"
+        lines.append(f"  {label:<32} {result[coords]:+.3f}")
+    return lines
+
+
+def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, seed):
+    from jpatch.engine import sweep as patching
+    corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
+    return patching.sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
+                          direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
+
+
+def clean_value(result):
+    """The metric of the unpatched clean run, compared as the sweep's values are (1 when normalized)."""
+    from jpatch.engine.aggregate import normalize
+
+    return float(normalize(result.normalization, result.clean, result.clean, result.corrupted))
+
+
+def shown(result, direction):
+    """What the summary shows: the metric, or for noising its change (patched - clean), since
+    every patch that does nothing reads as the clean value."""
+    return np.asarray(result) - clean_value(result) if direction == "noise" else np.asarray(result)
+
+
+def longest_prompt_tokens(task):
+    """The token strings of the task's longest prompt: labels for a position axis."""
+    from jpatch.model.tokenizer import get_tokenizer
+
+    b = int(np.argmax(task.lengths))
+    return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
+
+
+def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra=None):
+    """Write each sweep's result.npz + settings.json and heatmap into `out` (a jpatch `kind`
+    output), atomically: into out/<name>/ and out/<name>.png, or straight into `out` for a
+    single sweep named "". extra(folder): writes further files into the same output."""
+    from jpatch.face import plot
+    from jpatch.model.checkpoint import atomic_dir
+    from jpatch.runs.results import load_result, save_result
+
+    tokens = longest_prompt_tokens(task)
+    with atomic_dir(Path(out), overwrite, kind=kind) as tmp:
+        for name, (site, axes, result) in sweeps.items():
+            # the array is named after its site; "clean" lets a noising heatmap show patched - clean
+            known = getattr(result, "normalization", None) is not None  # a SweepResult knows its baselines
+            saved = save_result(tmp / name, {site: result},
+                                {**settings, "site": site, "axes": list(axes),
+                                 **({"clean": clean_value(result)} if known else {})}, overwrite=not name)
+            if len(axes) == 2:
+                fig = plot.plot_sweep(load_result(saved), tokens=tokens)
+                plot.save(fig, tmp / f"{name or 'heatmap'}.png")
+        if extra is not None:
+            extra(tmp)
+    return Path(out)
+
+
+def add_task_arguments(parser, *, site):
+    """The options of a command that patches (or estimates) one site on a task."""
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
+    parser.add_argument("--site", default=site, help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
+    parser.add_argument("--axes", help="comma-separated result axes, e.g. layer,head (default per site)")
+    parser.add_argument("--corruption", default="str", help=" | ".join(CORRUPTIONS))
+    parser.add_argument("--metric", default="logit-diff", help=" | ".join(METRICS))
+    parser.add_argument("--direction", default="denoise", choices=DIRECTIONS)
+    parser.add_argument("--n-prompts", type=int, default=32)
+    parser.add_argument("--noise-samples", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_out(out, overwrite, kind):
+    """Refuse an output folder jpatch may not write, before any work."""
+    from jpatch.model.checkpoint import check_target
+
+    try:
+        check_target(out, overwrite, kind=kind)
+    except OSError as e:
+        raise Fail(cli_message(e)) from None
+
+
+def cmd_demo(args):
+    check_at_least(1, n_prompts=args.n_prompts)
+    check_out(args.out, True, "demo")  # replaces only an earlier demo output
+    model = load_model(args.model)
+    task = load_task("ioi", args.n_prompts, args.seed)
+    tokens = longest_prompt_tokens(task)
+    print(f"model {args.model}: {model.config.n_layer} layers x {model.config.n_head} heads; "
+          f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
+    print("corruption: symmetric token replacement (ABC names); metric: normalized logit difference; denoising")
+    common = dict(corruption="str", metric="logit-diff", direction="denoise", window=1,
+                  noise_samples=1, seed=args.seed)
+    start = time.perf_counter()
+    sweeps = {
+        "resid_pre": ("hook_resid_pre", ("layer", "pos"),
+                      run_sweep(model, task, "hook_resid_pre", ("layer", "pos"), **common)),
+        "heads": ("attn.hook_z", ("layer", "head"), run_sweep(model, task, "attn.hook_z", ("layer", "head"), **common)),
+    }
+    elapsed = time.perf_counter() - start
+    for name, (site, axes, result) in sweeps.items():
+        print(f"\ntop {site} components ({' x '.join(axes)}):")
+        print("\n".join(top_components(result, axes, tokens)))
+    settings = {"model": args.model, "task": "ioi", "n_prompts": len(task), **common}
+    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True, kind="demo")
+    print(f"\n{sum(np.prod(r.shape) for _, _, r in sweeps.values())} patches in {elapsed:.1f} s; "
+          f"heatmaps and results in {out}/")
+
+
+def cmd_sweep(args):
+    from jpatch.engine import sweep as patching
+    from jpatch.model import sites
+    if args.corruption not in CORRUPTIONS:
+        raise _choice_error("corruption", args.corruption, CORRUPTIONS)
+    if args.metric not in METRICS:
+        raise _choice_error("metric", args.metric, METRICS)
+    try:
+        site = sites.canonical(args.site)
+    except KeyError as e:
+        raise Fail(e.args[0]) from None
+    check_at_least(1, window=args.window, n_prompts=args.n_prompts, noise_samples=args.noise_samples)
+    try:
+        axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+    except (KeyError, ValueError) as e:
+        raise Fail(f"--site {args.site}: {e.args[0]}") from None
+    check_out(args.out, args.overwrite, "sweep")
+    model = load_model(args.model)
+    task = load_task(args.task, args.n_prompts, args.seed)
+    try:
+        result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
+                           direction=args.direction, window=args.window, noise_samples=args.noise_samples,
+                           seed=args.seed)
+    except (ValueError, FloatingPointError) as e:
+        raise Fail(str(e)) from None
+    effect = " (noising: patched - clean)" if args.direction == "noise" else ""
+    print(f"{site} over {' x '.join(axes)}: top components{effect}")
+    print("\n".join(top_components(shown(result, args.direction), axes, longest_prompt_tokens(task))))
+    settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
+                "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
+                "noise_samples": args.noise_samples}
+    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite, "sweep")
+    print(f"results in {out}/")
+
+
+def cmd_convert(args):
+    from jpatch.model.convert import convert_hf
+
+    try:
+        out = convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError) as e:
+        raise Fail(f"jpatch convert: {cli_message(e)}") from None
+    print(f"converted {args.src} -> {out}")
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help lists every option's default (options without a help text too)."""
+
+    @staticmethod
+    def _shows_default(action):
+        return action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints nothing for an option without help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if self._shows_default(action) and "default" not in help:
+            help = f"{help} (default: %(default)s)"
+        return help
+
+
+def _delegate(module, command):
+    """Subcommands whose module defines add_arguments(parser) and main(args)."""
+    import importlib
+
+    def add(subparsers, help):
+        parser = subparsers.add_parser(command, help=help, description=help, formatter_class=_HelpWithDefaults)
+        mod = importlib.import_module(module)
+        mod.add_arguments(parser)
+        parser.set_defaults(func=mod.main)
+
+    return add
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="jpatch", description="Fast batched activation patching for GPT-2 (JAX).",
+                                     formatter_class=_HelpWithDefaults)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="IOI sweeps (resid_pre, heads) on the bundled model, with heatmaps",
+                          description="Run the IOI sweeps of resid_pre (layer x position) and attention-head "
+                                      "outputs (layer x head) with symmetric token replacement and normalized "
+                                      "logit difference; print the top components and write heatmaps.",
+                          formatter_class=_HelpWithDefaults)
+    demo.add_argument("--model", default="toy", help="a folder or a name under weights/ (default: toy)")
+    demo.add_argument("--out", default="results/demo",
+                      help="output folder (default: results/demo); replaces only an earlier demo output")
+    demo.add_argument("--n-prompts", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.",
+                           formatter_class=_HelpWithDefaults)
+    add_task_arguments(sweep, site="resid_pre")
+    sweep.add_argument("--window", type=int, default=1)
+    sweep.add_argument("--out", required=True)
+    sweep.add_argument("--overwrite", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
+
+    convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights",
+                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.",
+                             formatter_class=_HelpWithDefaults)
+    convert.add_argument("src")
+    convert.add_argument("out")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(func=cmd_convert)
+
+    _delegate("jpatch.face.report", "paper")(sub, "rerun the paper's comparisons and write a Markdown report")
+    _delegate("jpatch.runs.bulk", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
+    _delegate("jpatch.methods.agreement", "attribute")(sub, "attribution-patching estimate of a sweep (--compare-exact: "
+                                                     "agreement with the exact sweep)")
+    _delegate("jpatch.face.circuit_report", "circuit")(sub, "path patching, ACDC, EAP / EAP-IG circuits and their "
+                                                       "faithfulness, as a Markdown report with the circuit picture")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        fail = Fail(f"jpatch {args.command}: {cli_message(e)}")
+    except Fail as e:
+        fail = e
+    print(fail, file=sys.stderr)
+    raise fail
+
+
+if __name__ == "__main__":
+    sys.exit(main())

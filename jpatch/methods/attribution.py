@@ -1,0 +1,382 @@
+"""Attribution patching: first-order estimates of what `jpatch.sweep` measures.
+
+AtP (Nanda 2023) estimates the effect of patching a node n of the *base* run (the
+corrupted run when denoising, the clean run when noising) with its value in the
+*source* run as
+
+    delta(n) = (n_source - n_base) . dM/dn  (gradient at the base run),
+
+summed over the node's feature dimension. Every node of a site, at every layer and
+prompt, comes from two forwards and one backward: the base run's forward adds a
+zero perturbation at the site (all layers at once) and one `jax.vjp` gives the
+gradient with respect to all of them. `attribute` returns the estimated metric in
+the grid, shape and normalization `sweep` returns, so the two compare directly.
+
+AtP* (Kramar et al. 2024) adds two fixes:
+- the QK fix: a query or key changes nothing but the attention pattern, so the
+  patched pattern is recomputed exactly (softmax of the patched scores) and only what
+  follows the pattern is linearized: delta = sum (A' - A) . dM/dA;
+- GradDrop: for each layer l the backward pass runs with the gradient through layer
+  l's writes to the residual stream (attn_out, mlp_out) set to zero, and the node's
+  score is (1/(L-1)) sum_l |delta_l(n)| (averaged over prompt pairs; the paper's eq. 11).
+  This is a size for ranking nodes, never signed.
+methods: "atp", "atp-qk" (the QK fix alone: signed, comparable with `sweep`),
+"atp*" (QK fix and GradDrop: non-negative sizes).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model import sites
+from jpatch.model.gpt2 import apply_override, causal_attention
+from jpatch.engine.sweep import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, SWEEPS, _prompt_lengths, applies, as_run,
+                             batch_mask, check_memory_budget, default_axes, finish, make_patches, paired_runs,
+                             prepare_metric, stack_every, sweep_site)
+
+METHODS = ("atp", "atp-qk", "atp*")
+WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
+
+# Axes of a site's full-resolution estimate [layer, row, ...]; "row" is the prompt (x sample).
+_DIMS = {"attn.hook_pattern": ("layer", "row", "head", "pos", "src")}
+_DIMS.update({s: ("layer", "row", "pos", "head") for s in sites.HEAD_VECTOR_SITES})
+_DIMS.update({s: ("layer", "row", "pos") for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                                                    "hook_attn_out", "hook_mlp_out")})
+
+
+@jax.custom_vjp
+def _scale_grad(x, scale):
+    """The identity whose backward pass multiplies the gradient by `scale` (GradDrop)."""
+    return x
+
+
+_scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, ct: (ct * scale.astype(ct.dtype), jnp.zeros_like(scale)))
+
+
+def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, record=(), keep=None,
+                      embed_shift=None):
+    """The base run with `eps[site]` ([n_layer, *activation]) added at each site in `eps`
+    (and `embed_shift` [rows, pos, d_model] added to the embeddings).
+
+    The same blocks, attention and unembedding as `GPT2.__call__` (through the
+    `edit` callback), so d logits / d eps is the gradient with respect to the
+    activations. keep [n_layer]: gradient scale of each layer's residual writes
+    (GradDrop). Returns logits at `read_pos` ([rows, K, vocab]; all positions when
+    None) and the activations of the sites in `record` ([n_layer, ...] each).
+    """
+    cfg = model.config
+    key_mask = None if attention_mask is None else attention_mask.astype(bool)
+    embed = apply_override(overrides.get("hook_embed"), model.wte[tokens], "hook_embed")
+    pos_embed = apply_override(overrides.get("hook_pos_embed"), model.wpe[model.positions(tokens, attention_mask)],
+                               "hook_pos_embed")
+
+    def step(x, per_layer):
+        block, layer_eps, layer_keep = per_layer
+        acts = {}
+
+        def edit(name, act):
+            if name in layer_eps:
+                act = act + layer_eps[name].astype(act.dtype)
+            if name in record:
+                acts[name] = act
+            if keep is not None and name in WRITES:
+                act = _scale_grad(act, layer_keep)
+            return act
+
+        attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
+        return block(x, cfg, attend, edit), acts
+
+    x = embed + pos_embed if embed_shift is None else embed + pos_embed + embed_shift
+    keep_xs = jnp.ones(cfg.n_layer) if keep is None else keep
+    x, acts = jax.lax.scan(step, x.astype(model.dtype), (model.blocks, eps, keep_xs))
+    if read_pos is not None:
+        x = jnp.take_along_axis(x, read_pos[..., None], axis=1)
+    return model.unembed(x), acts
+
+
+def _pattern(q, k, key_mask):
+    """The attention pattern [rows, H, Tq, Tk] of q, k [rows, T, H, d_head], as the model computes it."""
+    got = {}
+
+    def grab(name, pattern):
+        got[name] = pattern
+        return pattern
+
+    causal_attention(q, k, jnp.zeros_like(k), key_mask, grab)
+    return got["attn.hook_pattern"]
+
+
+def _qk_fix(site, base, source, grad_pattern, key_mask, per_position):
+    """AtP*'s QK fix for one layer: sum (A' - A) . dM/dA with A' recomputed for the patched q or k.
+
+    base/source: q, k [rows, T, H, d_head]; grad_pattern [rows, H, Tq, Tk].
+    Returns [rows, T, H] (by patched position) or [rows, 1, H] (all positions patched at once).
+    """
+    q, k = base["attn.hook_q"], base["attn.hook_k"]
+    A = _pattern(q, k, key_mask)
+    gain = lambda A_new: (A_new - A) * grad_pattern  # [rows, H, Tq, Tk]
+    if site == "attn.hook_q" or not per_position:
+        # A query changes only its own pattern row, so every row's patch is one full recompute.
+        new = _pattern(source["attn.hook_q"], k, key_mask) if site == "attn.hook_q" else _pattern(
+            q, source["attn.hook_k"], key_mask)
+        if site == "attn.hook_q" and per_position:
+            return jnp.swapaxes(gain(new).sum(-1), 1, 2)  # [rows, Tq, H]
+        return gain(new).sum((-1, -2))[:, None, :]  # [rows, 1, H]
+    # A key at position s changes column s of every row: one recompute per key position.
+    T = k.shape[1]
+
+    def one_key(s):
+        k_new = jnp.where((jnp.arange(T) == s)[None, :, None, None], source["attn.hook_k"], k)
+        return gain(_pattern(q, k_new, key_mask)).sum((-1, -2))  # [rows, H]
+
+    return jnp.moveaxis(jax.lax.map(one_key, jnp.arange(T)), 0, 1)  # [rows, Tk, H]
+
+
+def _delta(site, base, source, grads, key_mask, method, per_position):
+    """Full-resolution estimates [n_layer, rows, ...] (the layout of _DIMS[site])."""
+    if method != "atp" and site in ("attn.hook_q", "attn.hook_k"):
+        fix = functools.partial(_qk_fix, site, key_mask=key_mask, per_position=per_position)
+        return jax.vmap(fix)(base, source, grads["attn.hook_pattern"])
+    diff = (source[site] - base[site]).astype(jnp.float32) * grads[site].astype(jnp.float32)
+    return diff if site == "attn.hook_pattern" else diff.sum(-1)
+
+
+def _needs(site, method):
+    """(sites perturbed for gradients, sites whose activations the estimate reads)."""
+    if method != "atp" and site in ("attn.hook_q", "attn.hook_k"):
+        return ("attn.hook_pattern",), ("attn.hook_q", "attn.hook_k")
+    return (site,), (site,)
+
+
+def _static(site, method, axes):
+    """The compiled call's static settings; settings that change nothing share one compile."""
+    qk = site in ("attn.hook_q", "attn.hook_k") and method != "atp"
+    return {"method": method if qk or method == "atp*" else "atp", "per_position": "pos" in axes if qk else True}
+
+
+def _estimate(model, base_tokens, base_overrides, source_acts, clean_logits, read_pos, data, attention_mask, *,
+              score, site, method, per_position):
+    """Estimates (full resolution, with a leading GradDrop axis for "atp*"), the base run's
+    per-row (or scalar) score and its logits. clean_logits None: the base run is the clean run."""
+    cfg = model.config
+    N, T = base_tokens.shape
+    perturb, reads = _needs(site, method)
+    eps = {s: jnp.zeros((cfg.n_layer,) + sites.activation_shape(cfg, s, N, T), model.dtype) for s in perturb}
+    key_mask = None if attention_mask is None else attention_mask.astype(bool)
+
+    def backward(keep):
+        def f(eps):
+            logits, acts = perturbed_forward(model, base_tokens, base_overrides, attention_mask, read_pos, eps,
+                                             record=reads, keep=keep)
+            anchor = jax.lax.stop_gradient(logits) if clean_logits is None else clean_logits
+            s = score(logits, anchor, data)
+            return s.sum(), (s, acts, logits)
+
+        _, vjp, (s, acts, logits) = jax.vjp(f, eps, has_aux=True)
+        grads = vjp(jnp.ones((), jnp.float32))[0]
+        return _delta(site, acts, source_acts, grads, key_mask, method, per_position), s, logits
+
+    if method != "atp*":
+        return backward(None)
+    # GradDrop: layer l's residual writes get no gradient in backward pass l; the forward
+    # does not depend on `keep`, so vmap batches only the backward passes.
+    keeps = 1.0 - jnp.eye(cfg.n_layer, dtype=jnp.float32)
+    return jax.vmap(backward, out_axes=(0, None, None))(keeps)
+
+
+_estimate_from_cache = jax.jit(_estimate, static_argnames=("score", "site", "method", "per_position"))
+
+
+@functools.partial(jax.jit, static_argnames=("score", "site", "method", "per_position", "noise"))
+def _estimate_from_runs(model, base_tokens, base_overrides, source_tokens, source_overrides, read_pos, data,
+                        attention_mask, *, score, site, method, per_position, noise):
+    """The source forward, the base forward and backward, and both baselines in one compiled call."""
+    source_logits, cache = model.run_with_cache(source_tokens, overrides=source_overrides,
+                                                attention_mask=attention_mask, logits_at=read_pos)
+    source_acts = {s: cache.stacked(s) for s in _needs(site, method)[1]}
+    delta, base_score, base_logits = _estimate(
+        model, base_tokens, base_overrides, source_acts, None if noise else source_logits, read_pos, data,
+        attention_mask, score=score, site=site, method=method, per_position=per_position)
+    clean_logits, corrupted_logits = (base_logits, source_logits) if noise else (source_logits, base_logits)
+    return delta, base_score, score(clean_logits, clean_logits, data), score(corrupted_logits, clean_logits, data)
+
+
+def to_grid(delta, site, axes):
+    """Sum a full-resolution estimate [..., layer, row, ...] over the dimensions a patch
+    covers at once (those not in `axes`) and order it as [..., *axes, row]."""
+    names = _DIMS[site]
+    lead = delta.ndim - len(names)
+    summed = tuple(lead + i for i, n in enumerate(names) if n not in axes and n != "row")
+    delta = delta.sum(summed)
+    kept = [n for n in names if n in axes or n == "row"]
+    order = [kept.index(a) for a in tuple(axes) + ("row",)]
+    return np.transpose(delta, tuple(range(lead)) + tuple(lead + i for i in order))
+
+
+def _check_base(base):
+    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
+    if late:
+        raise ValueError(
+            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
+            f"{', '.join(late)}; attribution differentiates the base run, which may only override "
+            "hook_embed / hook_pos_embed. Use such a run as the source of patched values: direction='noise'")
+
+
+def take_rows(tree, rows_slice, rows):
+    """The rows `rows_slice` of every array in `tree` whose leading axis has `rows` entries."""
+    return jax.tree_util.tree_map(lambda a: a[rows_slice] if np.ndim(a) and np.shape(a)[0] == rows else a, tree)
+
+
+def row_chunks(model, metric, data, rows, n_read, row_bytes, memory_budget):
+    """Slices of prompt rows that fit `memory_budget`; one slice for a metric that is a
+    single number for the whole batch (it cannot be split)."""
+    per_row = jax.eval_shape(lambda lg: metric.score(lg, lg, data), jax.ShapeDtypeStruct(
+        (rows, n_read, model.config.d_vocab), jnp.float32)).shape == (rows,)
+    chunk = max(1, min(rows, int(memory_budget // row_bytes))) if per_row else rows
+    return [slice(start, start + chunk) for start in range(0, rows, chunk)]
+
+
+def attribute(model, clean, corrupted, site, metric, *, method="atp", direction="denoise", axes=None,
+              per_prompt=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+    """The attribution-patching estimate of `sweep(model, clean, corrupted, site, metric, ...)`.
+
+    Same arguments, grid axes, shape, normalization and aggregate as `jpatch.sweep` (a
+    `SweepResult`: [*grid], the normalized mean over prompts, or [batch, *grid] per prompt),
+    right-padded prompts with `attention_mask` included (NaN past a prompt's end).
+    method: "atp" (first order), "atp-qk" (AtP*'s QK fix for q / k, exact through the
+    softmax), "atp*" (QK fix and GradDrop: non-negative sizes (1/(L-1)) sum_l |delta_l| in
+    the metric's units, for a "range" metric divided by |clean - corrupted|; a plain array).
+    Every layer, prompt and noise sample comes from one compiled call (two forwards, one
+    backward; "atp*": n_layer backward passes, vmapped), or one per chunk of prompts when
+    they do not fit `memory_budget` (bytes; a metric that is one number for the whole
+    batch is never split).
+    """
+    site = sweep_site(site, model.config.n_layer)
+    if site not in _DIMS:
+        default_axes(site)  # raises: the site has no layers to sweep
+    check_memory_budget(memory_budget)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    clean, corrupted = paired_runs(clean, corrupted)
+    axes = tuple(axes or default_axes(site))
+    S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
+    cfg = model.config
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=cfg.d_vocab - 1)
+    lengths = np.tile(_prompt_lengths(mask, B, T), S)
+    metric = prepare_metric(metric, cfg.d_vocab, B, T, mask, S)
+    patches, shape = make_patches(cfg, site, axes, T, S * B)  # validates the axes
+    base, source = (corrupted, clean.tiled(S)) if direction == "denoise" else (clean.tiled(S), corrupted)
+    _check_base(base)
+    rows, data = S * B, metric.batch_data(S * B)
+    read_pos = metric.read_positions(rows, T)
+    mask = None if mask is None else jnp.asarray(np.tile(mask, (S, 1)).astype(np.int32))
+    # Per prompt row: the activations the backward pass keeps (x n_layer for GradDrop's vmapped passes).
+    row_bytes = 4 * cfg.n_layer * T * (16 * cfg.d_model + 4 * cfg.n_head * T) * (cfg.n_layer if method == "atp*" else 1)
+    parts = [jax.device_get(_estimate_from_runs(
+        model, jnp.asarray(base.tokens[sl]), take_rows(base.overrides, sl, rows), jnp.asarray(source.tokens[sl]),
+        take_rows(source.overrides, sl, rows), None if read_pos is None else jnp.asarray(read_pos[sl]),
+        take_rows(data, sl, rows), None if mask is None else mask[sl],
+        score=metric.score, site=site, **_static(site, method, axes), noise=direction == "noise"))
+        for sl in row_chunks(model, metric, data, rows, T if read_pos is None else read_pos.shape[1], row_bytes,
+                             memory_budget)]
+    row_axis = 2 if method == "atp*" else 1  # [(drop,) layer, row, ...]
+    delta = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=row_axis)
+    base_score, clean_score, corrupted_score = (
+        np.concatenate([np.asarray(p[i]) for p in parts]) if len(parts) > 1 else np.asarray(parts[0][i])
+        for i in (1, 2, 3))
+    if per_prompt and clean_score.ndim == 0:
+        raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
+    return _result(delta, base_score, clean_score, corrupted_score, metric, site, patches, axes, shape, lengths,
+                   samples=S, per_prompt=per_prompt, magnitude=method == "atp*")
+
+
+def _result(delta, base_score, clean_score, corrupted_score, metric, site, patches, axes, shape, lengths, *,
+            samples=1, per_prompt=False, magnitude=False):
+    """Estimated changes -> estimated patched scores -> `patching.finish`, the sweep's own
+    aggregate (prompts where a patch does not apply, past a prompt's end, are left out).
+
+    magnitude: GradDrop sizes (1/(L-1)) sum_l |delta_l|, reported as |finish(base + size) -
+    finish(base)|: the size in the sweep's normalized units."""
+    grid = to_grid(delta, site, axes)  # [(drop,) *shape, rows]
+    grid = grid.reshape(grid.shape[: grid.ndim - len(shape) - 1] + (len(patches), -1))
+    scalar = np.ndim(clean_score) == 0
+    if scalar:  # one number for the whole batch: the rows' changes add up
+        grid = grid.sum(-1)
+    if magnitude:
+        grid = np.abs(grid).sum(0) / max(grid.shape[0] - 1, 1)
+    defined = applies(patches, lengths)
+    defined = defined.all(1) if scalar else defined
+    score = lambda change: finish(base_score + change, defined, metric, clean_score, corrupted_score, axes, shape,
+                                  samples=samples, per_prompt=per_prompt)
+    if not magnitude:
+        return score(grid)
+    return np.abs(score(grid) - score(np.zeros_like(grid)))
+
+
+# --- TransformerLens-shaped functions -------------------------------------------------
+
+
+def _tl_attr(name):
+    site, axes = SWEEPS[name]
+
+    def get_attr_patch(model, corrupted_tokens, clean_cache, metric, *, method="atp", attention_mask=None):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        corrupted = as_run(corrupted_tokens, "corrupted_tokens")
+        _check_base(corrupted)
+        N, T = corrupted.tokens.shape
+        mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
+        metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
+        read = metric.read_positions(N, T)
+        final = clean_cache.stacked("hook_resid_post")[-1]
+        if final.shape[:2] != (N, T):
+            raise ValueError(f"clean_cache holds activations of {tuple(final.shape[:2])} tokens, "
+                             f"corrupted_tokens are {(N, T)}: they must have the same [batch, pos] shape")
+        if read is not None:
+            final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
+        clean_logits = model.unembed(final)  # the clean logits at the read positions, from the cache
+        data = metric.batch_data(N)
+        source = {s: clean_cache.stacked(s) for s in _needs(site, method)[1]}
+        delta, base_score, base_logits = jax.device_get(_estimate_from_cache(
+            model, jnp.asarray(corrupted.tokens), corrupted.overrides, source, clean_logits,
+            None if read is None else jnp.asarray(read), data, None if mask is None else jnp.asarray(mask, jnp.int32),
+            score=metric.score, site=site, **_static(site, method, axes)))
+        clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
+        corrupted_score = np.asarray(metric.score(base_logits, clean_logits, data))
+        patches, shape = make_patches(model.config, site, axes, T, N)
+        # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
+        return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
+                       site, patches, axes, shape, _prompt_lengths(mask, N, T), magnitude=method == "atp*")
+
+    get_attr_patch.__name__ = f"get_attr_patch_{name}"
+    get_attr_patch.__doc__ = (
+        f"The attribution estimate of `jpatch.patching.get_act_patch_{name}`: patching {site} over {axes} "
+        f"of the corrupted run with clean values, shape {tuple(axes)}; method as in `attribute`.")
+    return get_attr_patch
+
+
+for _name in SWEEPS:
+    globals()[f"get_attr_patch_{_name}"] = _tl_attr(_name)
+
+
+def _attr_patch(name):
+    return globals()[f"get_attr_patch_{name}"]
+
+
+def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
+    return stack_every(_attr_patch, "block_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_attr_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[5, layer, head]: output (z), q, k, v, pattern."""
+    return stack_every(_attr_patch, "attn_head_all_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_attr_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
+    return stack_every(_attr_patch, "attn_head_by_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)

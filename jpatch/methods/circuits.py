@@ -1,0 +1,415 @@
+"""Circuits: the edge-level forward, exact path patching and circuit faithfulness.
+
+The graph is `jpatch.edges`' (hannamw/EAP-IG's names): writers are the embeddings,
+each head's output z_h W_O[h] and each MLP's output; readers are each head's q, k and
+v input, each MLP's input and the final residual (the logits). The attention output
+bias b_O is the same in every run, so it is added to every later reader unmasked.
+
+`edge_forward` runs the model with every reader's input rebuilt from the writers:
+
+    input_r = bias_r + sum_w valid[w, r] (m[w, r] own_w + (1 - m[w, r]) source_w),
+
+own_w being the write recomputed in this run and source_w a fixed write (the corrupted
+run's, or a mean). m is a float mask, so the forward is differentiable in it (its
+gradient at m = 1 is minus EAP's noising score); m = 1 everywhere is the plain forward
+of the run's tokens, m = 0 everywhere the source run's logits.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.engine import aggregate
+from jpatch.methods.edges import graph_names
+from jpatch.model.gpt2 import causal_attention
+from jpatch.engine.sweep import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, checked_metric
+
+ABLATIONS = ("corrupted", "mean")
+
+
+def writer_index(config, name):
+    """Row of writer `name` ("embed", "a3.h2", "m3") in the [n_writers, n_readers] graph."""
+    writers = graph_names(config)[0]
+    if name not in writers:
+        raise ValueError(f"unknown writer {name!r}; writers are 'embed', 'a<layer>.h<head>', 'm<layer>' "
+                         f"(layers < {config.n_layer}, heads < {config.n_head})")
+    return writers.index(name)
+
+
+def reader_indices(config, name):
+    """Columns of reader `name`: "logits", "m3", "a3.h2<q>" (or "a3.h2": its q, k and v inputs)."""
+    readers = graph_names(config)[1]
+    if name in readers:
+        return [readers.index(name)]
+    if f"{name}<q>" in readers:
+        return [readers.index(f"{name}<{c}>") for c in "qkv"]
+    raise ValueError(f"unknown receiver {name!r}; receivers are 'logits', 'm<layer>', 'a<layer>.h<head>' "
+                     f"(its q, k, v inputs) or 'a<layer>.h<head><q>' / '<k>' / '<v>'")
+
+
+def run_writes(model, tokens):
+    """A plain run's logits [B, T, V] and writes [n_writers, B, T, d] (heads without b_O)."""
+    cfg = model.config
+    logits, cache = model.run_with_cache(tokens)
+    w_o = model.blocks.attn.c_proj_w.reshape(cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model)
+    heads = jnp.einsum("lbthe,lhed->lhbtd", cache.stacked("attn.hook_z"), w_o)
+    per_layer = jnp.concatenate([heads, cache.stacked("hook_mlp_out")[:, None]], axis=1)
+    per_layer = per_layer.reshape((-1,) + per_layer.shape[2:])
+    return logits, jnp.concatenate([cache.stacked("hook_resid_pre")[0][None], per_layer])
+
+
+def edge_forward(model, tokens, mask, source, read_pos=None):
+    """Logits [B, K, V] (all positions when read_pos is None) of `tokens` with each edge w -> r
+    mixing m[w, r] of this run's write and 1 - m[w, r] of `source`'s write.
+
+    mask [n_writers, n_readers] float (1: this run, 0: source); source [n_writers, B or 1, T, d]
+    (e.g. `run_writes` of the corrupted tokens). Pure and jittable; vmap it over masks.
+    """
+    cfg = model.config
+    L, H, d, dh = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_head
+    valid = jnp.asarray(graph_names(cfg)[2])
+    mask = jnp.asarray(mask, jnp.float32)
+    own, src = jnp.where(valid, mask, 0.0), jnp.where(valid, 1.0 - mask, 0.0)
+    per = 3 * H + 1  # readers per layer: q, k, v of each head, then the MLP
+    by_layer = lambda m: jnp.moveaxis(m[:, :L * per].reshape(-1, L, per), 1, 0)  # [L, W, per]
+    b_o = model.blocks.attn.c_proj_b.astype(jnp.float32)
+    bias_before = jnp.cumsum(b_o, 0) - b_o  # b_O of the earlier layers
+    source = jnp.asarray(source, jnp.float32)
+    mix = lambda w_own, w_src, buf: (jnp.einsum("wr,wbtd->rbtd", w_own, buf)
+                                     + jnp.einsum("wr,wbtd->rbtd", w_src, source))
+    B, T = tokens.shape
+    embed = (model.wte[tokens] + model.wpe[model.positions(tokens)]).astype(jnp.float32)
+    buf = jnp.zeros((len(valid), B, T, d), jnp.float32).at[0].set(embed)
+
+    def layer(buf, xs):
+        l, block, m_own, m_src, bias = xs
+        x = (mix(m_own[:, :3 * H], m_src[:, :3 * H], buf) + bias).reshape(3, H, B, T, d)
+        w = block.attn.c_attn_w.reshape(d, 3, H, dh).astype(jnp.float32)
+        qkv = jnp.einsum("chbtd,dche->cbthe", block.ln_1(x, cfg.layer_norm_eps), w)
+        qkv = qkv + block.attn.c_attn_b.reshape(3, 1, 1, H, dh)
+        z = causal_attention(qkv[0], qkv[1], qkv[2])
+        heads = jnp.einsum("bthe,hed->hbtd", z, block.attn.c_proj_w.reshape(H, dh, d).astype(jnp.float32))
+        start = 1 + l * (H + 1)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, heads, start, 0)
+        mid = mix(m_own[:, 3 * H:], m_src[:, 3 * H:], buf)[0] + bias + block.attn.c_proj_b
+        out = block.mlp(block.ln_2(mid, cfg.layer_norm_eps), cfg.activation).astype(jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(buf, out[None], start + H, 0), None
+
+    blocks = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), model.blocks)
+    buf, _ = jax.lax.scan(layer, buf, (jnp.arange(L), blocks, by_layer(own), by_layer(src), bias_before))
+    final = mix(own[:, -1:], src[:, -1:], buf)[0] + b_o.sum(0)
+    if read_pos is not None:
+        final = jnp.take_along_axis(final, jnp.asarray(read_pos)[..., None], axis=1)
+    return model.unembed(final.astype(model.dtype))
+
+
+def _plain_tokens(x, what):
+    run = as_run(x, what)
+    if run.overrides or run.samples != 1 or run.attention_mask is not None:
+        raise ValueError(f"{what}: circuits take plain [batch, pos] tokens of equal length (no overrides, noise "
+                         "samples or padding); pass the token array")
+    return jnp.asarray(run.tokens)
+
+
+def _float32(model):
+    """Circuits mix and subtract writes: a bfloat16 model is run in float32 (its weights exactly)."""
+    return model if model.dtype == jnp.float32 else model.astype(jnp.float32)
+
+
+def _pair(model, clean, corrupted):
+    clean, corrupted = _plain_tokens(clean, "clean"), _plain_tokens(corrupted, "corrupted")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean tokens {clean.shape} and corrupted tokens {corrupted.shape} must have the same shape")
+    model.check_tokens(clean)
+    model.check_tokens(corrupted)
+    return clean, corrupted
+
+
+def _source(model, clean, corrupted, ablation):
+    """The writes edges outside a circuit take: the corrupted run's, or the clean run's mean over prompts."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}")
+    if ablation == "corrupted":
+        return run_writes(model, corrupted)[1]
+    return run_writes(model, clean)[1].mean(1, keepdims=True)
+
+
+def _scores_under_masks(model, tokens, masks, source, read_pos, clean_logits, data, *, score):
+    """Raw metric scores [n_masks, B] (or [n_masks]) of `edge_forward` under each mask."""
+    return jax.vmap(lambda m: score(edge_forward(model, tokens, m, source, read_pos), clean_logits, data))(masks)
+
+
+_scores_under_masks_jit = jax.jit(_scores_under_masks, static_argnames=("score",))
+
+
+def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory_budget=DEFAULT_MEMORY_BUDGET):
+    """A function masks [n_masks, n_writers, n_readers] -> raw metric scores [n_masks, batch] (or
+    [n_masks] for a batch-level metric) of the clean tokens with each edge mask (1 = the clean
+    run's write, 0 = the ablated one), the clean run's logits as the metric's reference. The
+    ablated writes are computed once; masks run in vmapped chunks that fit `memory_budget` (bytes).
+    A bfloat16 model runs in float32."""
+    model = _float32(model)
+    clean, corrupted = _pair(model, clean, corrupted)
+    metric = checked_metric(metric, model.config.d_vocab)
+    read_pos = metric.read_positions(*clean.shape)
+    read_pos = None if read_pos is None else jnp.asarray(read_pos)
+    clean_logits = model(clean, logits_at=read_pos)
+    source = _source(model, clean, corrupted, ablation)
+    data = metric.batch_data(clean.shape[0])
+    writers, readers, _ = graph_names(model.config)
+    n_w, n_r = len(writers), len(readers)
+    # Each mask's forward holds every writer's output and a layer's mixed reader inputs.
+    per_mask = 4 * 3 * (n_w + n_r // model.config.n_layer) * clean.size * model.config.d_model
+    chunk = max(1, int(memory_budget // per_mask))
+
+    def scores(masks):
+        masks = jnp.asarray(masks, jnp.float32)
+        if masks.ndim != 3 or masks.shape[1:] != (n_w, n_r):
+            raise ValueError(f"masks must be [n_masks, {n_w} writers, {n_r} readers], got {tuple(masks.shape)}")
+        parts = []
+        for i in range(0, len(masks), chunk):
+            part = masks[i:i + chunk]
+            # Padded (with copies of the last mask) to a power of two: few sizes, few compiles.
+            size = min(chunk, 1 << (len(part) - 1).bit_length())
+            padded = jnp.concatenate([part, jnp.repeat(part[-1:], size - len(part), 0)])
+            out = _scores_under_masks_jit(model, clean, padded, source, read_pos, clean_logits, data,
+                                          score=metric.score)
+            parts.append(np.asarray(jax.device_get(out), np.float64)[:len(part)])
+        return np.concatenate(parts)
+
+    return scores
+
+
+def edge_scores(model, clean, corrupted, masks, metric, *, ablation="corrupted", memory_budget=DEFAULT_MEMORY_BUDGET):
+    """Raw metric scores of the clean tokens under each edge mask (see `mask_scorer`)."""
+    return mask_scorer(model, clean, corrupted, metric, ablation=ablation, memory_budget=memory_budget)(masks)
+
+
+# --- circuits and faithfulness ---------------------------------------------------------
+
+
+def circuit_mask(config, circuit):
+    """The [n_writers, n_readers] bool mask of a circuit: edges (writer, reader) pairs, where a
+    reader "a1.h2" stands for its q, k and v inputs, or nodes (writer names: every edge out of
+    them, e.g. {"embed", "a0.h1", "m0"}), or a bool mask itself."""
+    writers, readers, valid = graph_names(config)
+    if isinstance(circuit, np.ndarray) or hasattr(circuit, "shape"):
+        mask = np.asarray(circuit, bool)
+        if mask.shape != valid.shape:
+            raise ValueError(f"a circuit mask must be [{len(writers)} writers, {len(readers)} readers], "
+                             f"got {mask.shape}")
+        return mask & valid
+    mask = np.zeros(valid.shape, bool)
+    for item in circuit:
+        if isinstance(item, str):
+            mask[writer_index(config, item)] = True
+            continue
+        if len(item) != 2:
+            raise ValueError(f"a circuit holds writer names (nodes) or (writer, reader) edges, got {item!r}")
+        w = writer_index(config, item[0])
+        for r in reader_indices(config, item[1]):
+            if not valid[w, r]:
+                raise ValueError(f"edge {item[0]} -> {readers[r]} does not exist: the reader comes first")
+            mask[w, r] = True
+    return mask & valid  # a node keeps only the edges that exist
+
+
+@dataclasses.dataclass(frozen=True)
+class Faithfulness:
+    """faithfulness = (circuit - empty) / (full - empty): the fraction of the metric the circuit
+    recovers. circuit, full, empty: the metric's raw score (mean over prompts) with every edge
+    outside the circuit ablated, no edge ablated (the clean run) and every edge ablated."""
+
+    faithfulness: float
+    circuit: float
+    full: float
+    empty: float
+    n_edges: int
+    ablation: str
+
+
+def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupted"):
+    """How much of the metric a circuit (edges or nodes, see `circuit_mask`) recovers when every
+    edge outside it takes the corrupted run's write ("corrupted") or the clean run's mean over
+    prompts at each position ("mean"). Returns a `Faithfulness` with its baselines."""
+    cfg = model.config
+    keep = circuit_mask(cfg, circuit)
+    valid = graph_names(cfg)[2]
+    masks = np.stack([keep, valid, np.zeros_like(valid)]).astype(np.float32)
+    raw = edge_scores(model, clean, corrupted, masks, metric, ablation=ablation)
+    circ, full, empty = (float(r.mean()) for r in raw)
+    if abs(full - empty) <= 1e-5 * max(1.0, abs(full)):  # float32 rounding of the same number
+        raise ValueError(f"the full graph and the fully ablated one score the same ({full:g}): faithfulness is "
+                         "undefined (e.g. mean ablation over a single prompt)")
+    return Faithfulness((circ - empty) / (full - empty), circ, full, empty, int(keep.sum()), ablation)
+
+
+# --- exact path patching ---------------------------------------------------------------
+
+
+def _sender_onehots(config, senders):
+    """([n_groups, n_writers] 0/1 sender sets, output shape)."""
+    writers = graph_names(config)[0]
+    if isinstance(senders, str) and senders == "heads":
+        names = [[f"a{l}.h{h}"] for l in range(config.n_layer) for h in range(config.n_head)]
+        shape = (config.n_layer, config.n_head)
+    elif isinstance(senders, str):
+        names, shape = [[senders]], ()
+    else:
+        names = [[s] if isinstance(s, str) else list(s) for s in senders]
+        shape = (len(names),)
+        if not names or any(not group for group in names):
+            raise ValueError("senders must be 'heads', a writer name, or a non-empty list of writer names / groups")
+    onehot = np.zeros((len(names), len(writers)), np.float32)
+    for i, group in enumerate(names):
+        for name in group:
+            onehot[i, writer_index(config, name)] = 1.0
+    return onehot, shape
+
+
+def _receiver_flags(config, receivers):
+    """Bool [n_readers]: which reader inputs take the path-patched value."""
+    n_r = len(graph_names(config)[1])
+    names = [receivers] if isinstance(receivers, str) else list(receivers)
+    if not names:
+        raise ValueError("receivers must name at least one reader")
+    flags = np.zeros(n_r, bool)
+    for name in names:
+        flags[reader_indices(config, name)] = True
+    return flags
+
+
+def _path_forward(model, tokens, base, src_writes, sender, receive, read_pos, freeze_mlps):
+    """Wang et al.'s two passes for one sender set, as one function of the base run.
+
+    base: the base run's residuals, MLP outputs and writes; sender [n_writers] 0/1.
+    Pass 1 (heads frozen to the base run, MLPs recomputed unless frozen): the change d of
+    the residual stream that the senders' source writes cause. Pass 2: the base tokens with
+    each receiver's input replaced by (base input + d at that reader), everything else
+    recomputed. Returns logits [B, K, V].
+    """
+    cfg = model.config
+    L, H, d_model, dh = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_head
+    per = 3 * H + 1
+    diff = (src_writes - base["writes"]) * sender[:, None, None, None]  # the senders' changed writes
+
+    def pass1(delta, xs):
+        l, block, resid_mid, mlp_out = xs
+        start = 1 + l * (H + 1)
+        at_pre = delta
+        delta = delta + jax.lax.dynamic_slice_in_dim(diff, start, H).sum(0)
+        at_mid = delta
+        if freeze_mlps:
+            change = jnp.zeros_like(delta)
+        else:
+            change = block.mlp(block.ln_2(resid_mid + delta, cfg.layer_norm_eps), cfg.activation) - mlp_out
+        is_sender = sender[start + H]
+        delta = delta + is_sender * diff[start + H] + (1 - is_sender) * change
+        return delta, (at_pre, at_mid)
+
+    delta, (at_pre, at_mid) = jax.lax.scan(
+        pass1, diff[0], (jnp.arange(L), model.blocks, base["hook_resid_mid"], base["hook_mlp_out"]))
+    final = base["final"] + delta
+    if not receive[:-1].any():  # only the logits receive: pass 2 is the unembedding
+        if read_pos is not None:
+            final = jnp.take_along_axis(final, read_pos[..., None], axis=1)
+        return model.unembed(final)
+    recv = jnp.asarray(receive[:L * per].reshape(L, per))
+    fixed_pre = base["hook_resid_pre"] + at_pre  # [L, B, T, d]: the receivers' pass-1 inputs
+    fixed_mid = base["hook_resid_mid"] + at_mid
+
+    def pass2(x, xs):
+        block, r, pre, mid = xs
+        B, T = x.shape[:2]
+        inputs = jnp.where(r[:3 * H, None, None, None], pre[None], x[None]).reshape(3, H, B, T, d_model)
+        w = block.attn.c_attn_w.reshape(d_model, 3, H, dh)
+        qkv = jnp.einsum("chbtd,dche->cbthe", block.ln_1(inputs, cfg.layer_norm_eps), w)
+        qkv = qkv + block.attn.c_attn_b.reshape(3, 1, 1, H, dh)
+        x = x + block.attn.out(causal_attention(qkv[0], qkv[1], qkv[2]))
+        mlp_in = jnp.where(r[3 * H], mid, x)
+        return x + block.mlp(block.ln_2(mlp_in, cfg.layer_norm_eps), cfg.activation), None
+
+    x, _ = jax.lax.scan(pass2, base["hook_resid_pre"][0], (model.blocks, recv, fixed_pre, fixed_mid))
+    x = jnp.where(receive[-1], final, x)
+    if read_pos is not None:
+        x = jnp.take_along_axis(x, read_pos[..., None], axis=1)
+    return model.unembed(x)
+
+
+def _path_scores(model, base_tokens, source_tokens, senders, read_pos, data, *, score, receive, clean_is_base,
+                 freeze_mlps):
+    base_logits, base_writes = run_writes(model, base_tokens)
+    source_logits, src_writes = run_writes(model, source_tokens)
+    _, cache = model.run_with_cache(base_tokens)
+    base = {"writes": base_writes, "final": cache.stacked("hook_resid_post")[-1],
+            **{s: cache.stacked(s) for s in ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out")}}
+    at = (lambda lg: lg) if read_pos is None else (lambda lg: jnp.take_along_axis(lg, read_pos[..., None], 1))
+    base_logits, source_logits = at(base_logits), at(source_logits)
+    clean_logits = base_logits if clean_is_base else source_logits
+    corrupted_logits = source_logits if clean_is_base else base_logits
+
+    receive = np.asarray(receive)
+    if not receive[:-1].any() and read_pos is not None:
+        # Only the logits receive and every head is frozen: pass 1 is position-wise (MLPs only), so
+        # it runs at the positions the metric reads alone.
+        pick = lambda a, axis: jnp.take_along_axis(
+            a, jnp.expand_dims(read_pos, tuple(range(axis - 1)) + (-1,)), axis=axis)
+        base = {"writes": pick(base["writes"], 2), "final": pick(base["final"], 1),
+                "hook_resid_mid": pick(base["hook_resid_mid"], 2), "hook_mlp_out": pick(base["hook_mlp_out"], 2)}
+        src_writes, read_pos = pick(src_writes, 2), None
+
+    def one(sender):
+        logits = _path_forward(model, base_tokens, base, src_writes, sender, receive, read_pos, freeze_mlps)
+        return score(logits, clean_logits, data)
+
+    # Senders run vmapped in batches (lax.map's batch_size) so every head's two passes share one call.
+    return (jax.lax.map(one, senders, batch_size=min(len(senders), 48)), score(clean_logits, clean_logits, data),
+            score(corrupted_logits, clean_logits, data))
+
+
+_path_scores_jit = jax.jit(_path_scores, static_argnames=("score", "receive", "clean_is_base", "freeze_mlps"))
+
+
+def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction="noise", freeze_mlps=False):
+    """Exact path patching (Wang et al. 2022): the effect of each sender through `receivers` only.
+
+    direction "noise": the clean run, with the senders' corrupted outputs reaching only the
+    receivers (every other head frozen to its clean value; MLPs recomputed, or frozen with
+    freeze_mlps); "denoise": the same with clean and corrupted swapped (the metric's reference
+    stays the clean run). senders: "heads" (every head, one compiled call -> [layer, head]), a
+    writer name ("a9.h6", "m3", "embed") or a list of names or groups of names patched together
+    (-> [n]). receivers: "logits", "m<l>" (an MLP's input), "a<l>.h<h>" (a head's q, k and v
+    inputs), "a<l>.h<h><q>" (one of them), or a list of these. Returns a `SweepResult`: the metric
+    normalized like `sweep` (mean over prompts; for "range" 1 = clean, 0 = corrupted).
+    A bfloat16 model runs in float32. TransformerLens 4.3's `get_act_patch_direct_path*` is a
+    different, linearized quantity (one head's write added to one later head's input).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    model = _float32(model)
+    clean, corrupted = _pair(model, clean, corrupted)
+    cfg = model.config
+    onehots, shape = _sender_onehots(cfg, senders)
+    receive = _receiver_flags(cfg, receivers)
+    metric = checked_metric(metric, cfg.d_vocab)
+    B, T = clean.shape
+    read_pos = metric.read_positions(B, T)
+    base, source = (clean, corrupted) if direction == "noise" else (corrupted, clean)
+    raw, clean_score, corrupted_score = jax.device_get(_path_scores_jit(
+        model, base, source, jnp.asarray(onehots), None if read_pos is None else jnp.asarray(read_pos),
+        metric.batch_data(B), score=metric.score, receive=tuple(bool(r) for r in receive),
+        clean_is_base=direction == "noise", freeze_mlps=bool(freeze_mlps)))
+    raw, clean_score, corrupted_score = (np.asarray(a, np.float64) for a in (raw, clean_score, corrupted_score))
+    if raw.ndim == 1:
+        values = metric.compare(raw, clean_score, corrupted_score)
+    else:
+        values = aggregate.normalized_mean(metric.normalize, raw, clean_score, corrupted_score)
+    return aggregate.SweepResult(np.asarray(values).reshape(shape), clean=float(clean_score.mean()),
+                                 corrupted=float(corrupted_score.mean()), raw=raw, per_prompt=False,
+                                 axes=("layer", "head") if shape == (cfg.n_layer, cfg.n_head) else ("sender",),
+                                 normalization=metric.normalize)
+
+
+from jpatch.methods.acdc import Circuit, acdc  # noqa: E402,F401  (jpatch.circuits.acdc; acdc.py builds on this module)

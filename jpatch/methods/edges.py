@@ -1,0 +1,249 @@
+"""Edge attribution patching: EAP (Syed et al. 2023) and EAP-IG (Hanna et al. 2024).
+
+The model as a graph: *writers* (the embeddings, each head's output z_h W_O[h], each
+MLP's output) add into the residual stream; *readers* (each head's q, k and v input,
+each MLP's input, the logits) read the sum of the earlier writers through a layer
+norm. Patching one edge u -> v (v reads u's source-run write instead of its base-run
+write) is estimated as
+
+    score(u -> v) = (w_u,source - w_u,base) . dM/d(input of v)   (summed over positions),
+
+so one forward and backward give every edge: the gradient at each reader's input is the
+vjp of its own layer norm and projection (per head for q/k/v), taken from the gradient at
+q/k/v or the MLP output. Writers' per-reader scores sum to node AtP of the writer.
+EAP-IG replaces the base-run gradient by its mean over `steps` points on the straight
+line from the base run towards the source run (alpha = k/steps, k = 0..steps-1), either
+of the input embeddings ("eap-ig-inputs") or of one writer group at a time (the
+embeddings, each layer's attention, each layer's MLP: "eap-ig-activations", 2L+1 groups).
+With steps=1 both are EAP.
+
+Hanna et al.'s reference code (hannamw/EAP-IG) takes gradients at the clean run and
+differences corrupted - clean (noising); here `direction` picks the base run as in
+`attribute` (denoising by default), so its EAP scores are these with direction="noise",
+sign flipped. Its activations variant also cuts the gradient through the interpolated
+group; here the group is shifted and every gradient path kept, which is what makes
+steps=1 equal EAP.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model import sites
+from jpatch.methods.attribution import _check_base, perturbed_forward, row_chunks, take_rows
+from jpatch.engine.sweep import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, batch_mask, check_memory_budget, paired_runs,
+                             prepare_metric)
+
+EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
+
+
+def graph_names(config):
+    """Writer and reader names (hannamw/EAP-IG's) and which edges exist ([n_writers, n_readers] bool)."""
+    L, H = config.n_layer, config.n_head
+    writers, w_stage, readers, r_stage = ["embed"], [0], [], []
+    for l in range(L):
+        writers += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
+        w_stage += [2 * l + 1] * H + [2 * l + 2]
+        readers += [f"a{l}.h{h}<{c}>" for c in "qkv" for h in range(H)] + [f"m{l}"]
+        r_stage += [2 * l + 1] * 3 * H + [2 * l + 2]
+    readers.append("logits")
+    r_stage.append(2 * L + 1)
+    valid = np.asarray(w_stage)[:, None] < np.asarray(r_stage)[None, :]  # a reader sees earlier writers only
+    return tuple(writers), tuple(readers), valid
+
+
+@dataclasses.dataclass(frozen=True)
+class Edges:
+    """Edge scores [n_writers, n_readers] (or [n_writers, n_readers, pos] per position), in the
+    metric's normalized units (for a "range" metric, the estimated change over clean - corrupted);
+    edges that do not exist (a reader before its writer) are 0 and False in `valid`."""
+
+    scores: np.ndarray
+    writers: tuple
+    readers: tuple
+    valid: np.ndarray
+    method: str
+    direction: str
+
+    def totals(self):
+        """Per-edge scores summed over positions [n_writers, n_readers]."""
+        return self.scores if self.scores.ndim == 2 else self.scores.sum(-1)
+
+    def top(self, k=10):
+        """The k edges with the largest |score|: [(writer, reader, score), ...]."""
+        flat = np.where(self.valid, np.abs(self.totals()), -np.inf).ravel()
+        k = min(int(k), int(self.valid.sum()))
+        order = np.argsort(-flat, kind="stable")[:k]
+        w, r = np.unravel_index(order, self.valid.shape)
+        return [(self.writers[i], self.readers[j], float(self.totals()[i, j])) for i, j in zip(w, r)]
+
+    def to_json(self, path=None):
+        """{"method", "direction", "edges": [{"writer", "reader", "score"(, "by_pos")}]}; written to `path` if given."""
+        scores = self.totals()
+        edges = []
+        for i, j in zip(*np.nonzero(self.valid)):
+            edge = {"writer": self.writers[i], "reader": self.readers[j], "score": float(scores[i, j])}
+            if self.scores.ndim == 3:
+                edge["by_pos"] = [float(x) for x in self.scores[i, j]]
+            edges.append(edge)
+        text = json.dumps({"method": self.method, "direction": self.direction, "edges": edges})
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+
+def _reader_grads(model, acts, grads):
+    """Gradients at every reader's input [n_readers, rows, pos, d_model] from the gradients at
+    q/k/v, the MLP outputs and the last residual stream, and the run's residual streams."""
+    cfg = model.config
+    d, H = cfg.d_model, cfg.n_head
+
+    def layer(block, resid_pre, resid_mid, g_q, g_k, g_v, g_mlp):
+        w = block.attn.c_attn_w.reshape(d, 3, H, cfg.d_head)
+        at_ln1 = jnp.einsum("cnthe,dche->chntd", jnp.stack([g_q, g_k, g_v]), w)  # per head, at ln_1's output
+        _, ln1_vjp = jax.vjp(lambda x: block.ln_1(x, cfg.layer_norm_eps), resid_pre)
+        qkv_in = jax.vmap(jax.vmap(lambda g: ln1_vjp(g.astype(resid_pre.dtype))[0]))(at_ln1)  # [3, H, rows, T, d]
+        _, mlp_vjp = jax.vjp(lambda x: block.mlp(block.ln_2(x, cfg.layer_norm_eps), cfg.activation), resid_mid)
+        mlp_in = mlp_vjp(g_mlp)[0]
+        return jnp.concatenate([qkv_in.reshape((3 * H,) + mlp_in.shape), mlp_in[None]])
+
+    per_layer = jax.vmap(layer)(model.blocks, acts["hook_resid_pre"], acts["hook_resid_mid"], grads["attn.hook_q"],
+                                grads["attn.hook_k"], grads["attn.hook_v"], grads["hook_mlp_out"])
+    per_layer = per_layer.reshape((-1,) + per_layer.shape[2:])
+    return jnp.concatenate([per_layer, grads["hook_resid_post"][-1][None]]).astype(jnp.float32)
+
+
+def _writes(model, base, source):
+    """Source - base writes [n_writers, rows, pos, d_model]: embeddings, each head's z W_O[h], each MLP."""
+    cfg = model.config
+    w_o = model.blocks.attn.c_proj_w.reshape(cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model)
+    dz = (source["attn.hook_z"] - base["attn.hook_z"]).astype(jnp.float32)
+    heads = jnp.einsum("lnthe,lhed->lhntd", dz, w_o.astype(jnp.float32))
+    mlp = (source["hook_mlp_out"] - base["hook_mlp_out"]).astype(jnp.float32)[:, None]
+    per_layer = jnp.concatenate([heads, mlp], axis=1)
+    embed = (source["hook_resid_pre"][0] - base["hook_resid_pre"][0]).astype(jnp.float32)[None]
+    return jnp.concatenate([embed, per_layer.reshape((-1,) + per_layer.shape[2:])])
+
+
+_GRAD_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "hook_mlp_out", "hook_resid_post", "hook_attn_out")
+_RECORD = ("hook_resid_pre", "hook_resid_mid", "attn.hook_z", "hook_mlp_out", "hook_attn_out")
+
+
+def _alphas(method, steps, n_layer):
+    """[runs, 2L+1] interpolation coefficients of (embeddings, attn 0, mlp 0, ...); run 0 is the base run."""
+    k = np.arange(steps) / steps
+    groups = 2 * n_layer + 1
+    if method == "eap":
+        return np.zeros((1, groups))
+    if method == "eap-ig-inputs":
+        alphas = np.zeros((steps, groups))
+        alphas[:, 0] = k
+        return alphas
+    alphas = np.zeros((groups, steps, groups))
+    for g in range(groups):
+        alphas[g, :, g] = k
+    return alphas.reshape(groups * steps, groups)
+
+
+@jax.jit
+def _source_acts(model, tokens, overrides, read_pos):
+    logits, cache = model.run_with_cache(tokens, overrides=overrides, logits_at=read_pos)
+    return logits, {s: cache.stacked(s) for s in _RECORD}
+
+
+def _edge_scores(model, base_tokens, base_overrides, source_tokens, source_overrides, read_pos, data, alphas, *,
+                 score, noise, per_position):
+    cfg = model.config
+    N, T = base_tokens.shape
+    source_logits, source = _source_acts(model, source_tokens, source_overrides, read_pos)
+    zeros = {s: jnp.zeros((cfg.n_layer,) + sites.activation_shape(cfg, s, N, T), model.dtype) for s in _GRAD_SITES}
+
+    def run(alpha, shift):
+        """One forward and backward with each group moved alpha of the way towards the source."""
+        eps = dict(zeros)
+        for site, a in (("hook_attn_out", alpha[1::2]), ("hook_mlp_out", alpha[2::2])):
+            eps[site] = zeros[site] + (a[:, None, None, None] * shift[site]).astype(model.dtype)
+
+        def f(eps):
+            logits, acts = perturbed_forward(model, base_tokens, base_overrides, None, read_pos, eps, record=_RECORD,
+                                             embed_shift=alpha[0] * shift["embed"])
+            anchor = jax.lax.stop_gradient(logits) if noise else source_logits
+            s = score(logits, anchor, data)
+            return s.sum(), (s, acts, logits)
+
+        _, vjp, (s, acts, logits) = jax.vjp(f, eps, has_aux=True)
+        return _reader_grads(model, acts, vjp(jnp.ones((), jnp.float32))[0]), s, acts, logits
+
+    no_shift = {"embed": 0.0, "hook_attn_out": 0.0, "hook_mlp_out": 0.0}
+    readers, base_score, base, base_logits = run(alphas[0], no_shift)  # run 0: the base run itself
+    shift = {"embed": source["hook_resid_pre"][0] - base["hook_resid_pre"][0],
+             "hook_attn_out": source["hook_attn_out"] - base["hook_attn_out"],
+             "hook_mlp_out": source["hook_mlp_out"] - base["hook_mlp_out"]}
+    if alphas.shape[0] > 1:
+        readers = jax.lax.scan(lambda acc, a: (acc + run(a, shift)[0], None), readers, alphas[1:])[0]
+    readers = readers / alphas.shape[0]
+    writes = _writes(model, base, source)
+    scores = jnp.einsum("wntd,rntd->wrt" if per_position else "wntd,rntd->wr", writes, readers)
+    clean_logits, corrupted_logits = (base_logits, source_logits) if noise else (source_logits, base_logits)
+    return scores, score(clean_logits, clean_logits, data), score(corrupted_logits, clean_logits, data)
+
+
+_edge_scores_jit = jax.jit(_edge_scores, static_argnames=("score", "noise", "per_position"))
+
+
+def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, direction="denoise",
+                     per_position=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+    """EAP / EAP-IG scores of every edge writer -> reader, as an `Edges`.
+
+    clean, corrupted: [batch, pos] tokens or `Run`s (a Gaussian-noise run's samples are
+    averaged); metric: a jpatch Metric or a callable (as in `sweep`). Scores are the
+    estimated change of the metric when one edge takes its source-run value, averaged
+    over prompts and divided by (clean - corrupted) for a "range" metric.
+    method: "eap" (one backward pass), "eap-ig-inputs" (steps passes),
+    "eap-ig-activations" (steps x (2 n_layer + 1) passes); per_position: [.., pos] scores.
+    attention_mask: [batch, pos] for right-padded prompts of different lengths (as in `sweep`).
+    memory_budget (bytes): prompts are split into chunks that fit it (a per-prompt metric only).
+    """
+    if method not in EDGE_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(EDGE_METHODS)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps}")
+    check_memory_budget(memory_budget)
+    clean, corrupted = paired_runs(clean, corrupted)
+    S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
+    # Right padding needs no mask in the forward: real positions never attend to later pads, and
+    # the metric reads each prompt's last real token, so pad positions get no gradient.
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
+    clean_rows = clean.tiled(S)
+    base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
+    _check_base(base)
+    read_pos = metric.read_positions(S * B, T)
+    rows = S * B
+    data = metric.batch_data(rows)
+    # The gradients at every reader's input dominate memory: n_readers x rows x pos x d_model floats.
+    row_bytes = 4 * 3 * len(graph_names(model.config)[1]) * T * model.config.d_model
+    alphas = jnp.asarray(_alphas(method, int(steps), model.config.n_layer), jnp.float32)
+    chunks = row_chunks(model, metric, data, rows, T if read_pos is None else read_pos.shape[1], row_bytes,
+                        memory_budget)
+    parts = [jax.device_get(_edge_scores_jit(  # a per-prompt metric's scores add over prompts
+        model, jnp.asarray(base.tokens[sl]), take_rows(base.overrides, sl, rows), jnp.asarray(source.tokens[sl]),
+        take_rows(source.overrides, sl, rows), None if read_pos is None else jnp.asarray(read_pos[sl]),
+        take_rows(data, sl, rows), alphas, score=metric.score, noise=direction == "noise",
+        per_position=per_position)) for sl in chunks]
+    scores = sum(np.asarray(p[0], np.float64) for p in parts)
+    clean_score, corrupted_score = (np.concatenate([np.asarray(p[i], np.float64) for p in parts])
+                                    if len(parts) > 1 else np.asarray(parts[0][i], np.float64) for i in (1, 2))
+    if clean_score.ndim:  # one value per row: the mean over prompts (and samples)
+        scores = scores / (S * B)
+    if metric.normalize == "range":
+        scores = scores / (clean_score.mean() - corrupted_score.mean())
+    writers, readers, valid = graph_names(model.config)
+    scores = np.where(valid[..., None] if per_position else valid, scores, 0.0)
+    return Edges(scores, writers, readers, valid, method, direction)

@@ -1,0 +1,255 @@
+"""Save and load jpatch models: a folder with config.json and an orbax checkpoint.
+
+    weights/<name>/config.json   GPT2Config fields, "dtype", and whatever the writer added ("source")
+    weights/<name>/checkpoint/   orbax: one array per model leaf, named like "blocks.attn.c_attn_w"
+
+Loading needs only the folder: the model's structure comes from config.json, so
+no model has to exist first. Folders are written atomically (a temporary folder
+beside the target, renamed at the end).
+"""
+
+import importlib.resources
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jpatch.model.gpt2 import GPT2, GPT2Config
+
+CONFIG_FILE = "config.json"
+ARRAYS_DIR = "checkpoint"
+
+
+# --- names <-> arrays ---------------------------------------------------------------
+
+
+def _key_name(key):
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def named_arrays(model):
+    """The model's arrays as {"wte": ..., "blocks.attn.c_attn_w": ..., ...} (stable, readable names)."""
+    leaves = jax.tree_util.tree_flatten_with_path(model)[0]
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _abstract_model(config, dtype):
+    """A `GPT2` whose leaves are ShapeDtypeStructs: the structure config.json implies, at no cost."""
+    return jax.eval_shape(lambda: GPT2.init(config, key=jax.random.key(0), dtype=dtype))
+
+
+# --- quiet orbax ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence orbax's absl / Python logging below ERROR for the duration."""
+    import absl.logging
+
+    verbosity = absl.logging.get_verbosity()
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "orbax.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.logging.set_verbosity(verbosity)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+# --- atomic folders -------------------------------------------------------------------
+
+
+def check_target(out_dir, overwrite=False, *, kind="output", inputs=()):
+    """Raise unless `out_dir` may be written as a jpatch `kind` output (`jpatch.files.safety.check_output`):
+    new, empty, or with `overwrite` a previous jpatch output of that kind."""
+    from jpatch.files.safety import check_output
+
+    return check_output(out_dir, kind, overwrite, inputs=inputs)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir, overwrite=False, *, kind="output", inputs=()):
+    """Yield a temporary folder beside `out_dir`; on success it is marked as a jpatch `kind`
+    output and replaces `out_dir`, on failure it is removed.
+
+    Parent folders created here are removed again on failure too; temporaries of killed
+    runs into the same place are removed first.
+    """
+    from jpatch.files import safety
+    out_dir = check_target(out_dir, overwrite, kind=kind, inputs=inputs).absolute()
+    created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    safety.remove_stale(out_dir.parent, out_dir.name)
+    tmp = out_dir.parent / safety.tmp_name(out_dir.name)
+    tmp.mkdir()
+    try:
+        yield tmp
+        safety.write_marker(tmp, kind)
+        check_target(out_dir, overwrite, kind=kind, inputs=inputs)  # something may have appeared meanwhile
+        if out_dir.exists():
+            old = out_dir.parent / safety.tmp_name(out_dir.name, "old")
+            out_dir.rename(old)
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                old.rename(out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+# --- save / load ----------------------------------------------------------------------
+
+
+def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
+    """Write `model` to `out_dir` (config.json + orbax checkpoint) atomically; returns the path.
+
+    The arrays are stored in the model's dtype (`model.astype(jnp.bfloat16)` halves
+    the folder). `extra_config` entries are added to config.json ("source", ...).
+    Refuses to replace a non-empty `out_dir` unless it is a jpatch model folder and
+    `overwrite=True` (`check_target`); `inputs`: paths `out_dir` may not be or contain.
+    """
+    extra_config = dict(extra_config or {})
+    clash = set(extra_config) & ({f.name for f in dataclasses.fields(GPT2Config)} | {"dtype"})
+    if clash:
+        raise ValueError(f"extra_config may not set {sorted(clash)}: they are written from the model")
+    arrays = named_arrays(model)
+    dtypes = sorted({str(jnp.dtype(a.dtype)) for a in arrays.values()})
+    config = {**model.config.to_dict(), "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, **extra_config}
+    out_dir = Path(out_dir).expanduser()
+    with atomic_dir(out_dir, overwrite, kind="model", inputs=inputs) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        ocp = _ocp()
+        with _quiet():
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                checkpointer.save((tmp / ARRAYS_DIR).absolute(), arrays)
+                checkpointer.wait_until_finished()
+            finally:
+                checkpointer.close()
+    return out_dir
+
+
+def bundled_weights():
+    """The folder of the models shipped with jpatch (the repository's weights/, mapped to the
+    package `jpatch.weights` by pyproject.toml, so editable and regular installs both find it)."""
+    return Path(str(importlib.resources.files("jpatch.weights")))
+
+
+def resolve(path_or_name):
+    """A model folder: a path, or a bare name looked up as weights/<name>/ in the working
+    directory and then among the models bundled with jpatch (the repository's weights/ folder,
+    installed as the package `jpatch.weights`)."""
+    path = Path(path_or_name).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return path
+    name = str(path_or_name)
+    searched = []
+    if len(Path(name).parts) == 1 and not name.startswith("."):
+        searched = [Path.cwd() / "weights" / name, bundled_weights() / name]
+        for candidate in searched:
+            if candidate.is_dir():
+                return candidate
+    if path.is_dir():
+        return path  # load() reports the missing config.json
+    if path.exists():
+        raise NotADirectoryError(f"{path} is not a model folder (expected a directory with {CONFIG_FILE})")
+    where = f" (looked for {path}, {', '.join(map(str, searched))})" if searched else ""
+    raise FileNotFoundError(f"no model folder {name!r}{where}")
+
+
+def read_config(folder):
+    """config.json of a model folder -> (GPT2Config, the whole dict)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}: not a jpatch model folder")
+    try:
+        raw = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(GPT2Config)}
+        return GPT2Config.from_dict({k: v for k, v in raw.items() if k in fields}), raw
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def _stored_arrays(checkpointer, directory):
+    """{name: (shape, dtype)} from the checkpoint's metadata."""
+    metadata = checkpointer.metadata(directory)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
+    if tree is None:
+        tree = getattr(metadata, "item_metadata", metadata)
+    return {name: (tuple(m.shape), jnp.dtype(m.dtype)) for name, m in dict(tree).items()}
+
+
+def load(path_or_name, *, dtype="float32"):
+    """Load a `GPT2` saved by `save` / `convert_hf`.
+
+    `path_or_name` is a folder, or a bare name resolved to weights/<name>/ (working
+    directory first, then the repository root). `dtype` casts the weights while
+    reading: float32 by default, so analysis runs in full precision whatever the
+    checkpoint stores; "bfloat16" halves the memory; None keeps the stored dtype.
+    """
+    folder = resolve(path_or_name)
+    config, _ = read_config(folder)
+    directory = (folder / ARRAYS_DIR).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"missing checkpoint {directory}")
+    ocp = _ocp()
+    with _quiet():
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            try:
+                stored = _stored_arrays(checkpointer, directory)
+            except Exception as e:
+                raise ValueError(f"corrupt or unreadable checkpoint {directory}: {type(e).__name__}: {e}") from e
+            abstract = _abstract_model(config, jnp.float32)
+            expected = named_arrays(abstract)
+            for name, struct in expected.items():
+                if name not in stored:
+                    raise ValueError(f"checkpoint {directory} lacks array {name!r}")
+                if stored[name][0] != struct.shape:
+                    raise ValueError(
+                        f"array {name!r} in {directory} has shape {stored[name][0]}, "
+                        f"but {folder / CONFIG_FILE} implies {struct.shape}"
+                    )
+            unexpected = sorted(set(stored) - set(expected))
+            if unexpected:
+                raise ValueError(f"checkpoint {directory} has arrays the model lacks: {unexpected}")
+            # Under jax.distributed, jax.devices()[0] may belong to another process.
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = {
+                name: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype else stored[name][1], sharding=sharding)
+                for name, s in expected.items()
+            }
+            try:
+                restored = checkpointer.restore(directory, target)
+            except Exception as e:
+                raise ValueError(f"corrupt or unreadable checkpoint {directory}: {type(e).__name__}: {e}") from e
+        finally:
+            checkpointer.close()
+    treedef = jax.tree_util.tree_structure(abstract)
+    return jax.tree_util.tree_unflatten(treedef, [restored[name] for name in expected])

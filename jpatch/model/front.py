@@ -1,0 +1,138 @@
+"""TransformerLens's conveniences on jpatch's GPT2: tokens <-> text, weights in
+TransformerLens's shapes, and `generate`. A mixin of plain methods: the model stays
+a pure function of (params, tokens, overrides)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model.tokenizer import EOS_ID, VOCAB_SIZE, get_tokenizer
+
+
+class FrontDoor:
+    """Methods `GPT2` shares with TransformerLens's HookedTransformer."""
+
+    # --- text and tokens -------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """GPT-2's tokenizer (`jpatch.model.tokenizer.GPT2Tokenizer`: encode, decode, to_str_tokens, ...)."""
+        if self.config.d_vocab != VOCAB_SIZE:
+            raise ValueError(f"this model's vocabulary has {self.config.d_vocab} tokens, not GPT-2's {VOCAB_SIZE}: "
+                             "the GPT-2 tokenizer does not apply; pass token ids")
+        return get_tokenizer()
+
+    def to_tokens(self, input, prepend_bos=True, padding_side="right"):
+        """Text -> int32 tokens [batch, pos], with <|endoftext|> (50256) first when prepend_bos,
+        as TransformerLens's `to_tokens`. A list of texts of different token lengths is padded
+        (with 50256, on `padding_side`) and returns (tokens, attention_mask)."""
+        tok = self.tokenizer
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"to_tokens takes a str or a non-empty list of str, got {input!r:.80}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        ids = [[EOS_ID] * bool(prepend_bos) + tok.encode(t) for t in texts]
+        for t, i in zip(texts, ids):
+            if not i:
+                raise ValueError(f"{t!r} has no tokens (pass prepend_bos=True or a non-empty text)")
+        n = max(map(len, ids))
+        tokens = np.full((len(ids), n), EOS_ID, np.int32)
+        mask = np.zeros((len(ids), n), np.int32)
+        for b, i in enumerate(ids):
+            at = slice(0, len(i)) if padding_side == "right" else slice(n - len(i), n)
+            tokens[b, at], mask[b, at] = i, 1
+        if mask.all():
+            return jnp.asarray(tokens)
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+    def to_str_tokens(self, input, prepend_bos=True):
+        """Each token as its own string: of a text (tokenized as `to_tokens`), a list of texts
+        (a list per text) or tokens ([pos] or [1, pos])."""
+        tok = self.tokenizer
+        if isinstance(input, str):
+            return tok.to_str_tokens(np.asarray(self.to_tokens(input, prepend_bos))[0])
+        if isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
+            return [self.to_str_tokens(t, prepend_bos) for t in input]
+        ids = np.asarray(input)
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise ValueError(f"to_str_tokens takes [pos] or [1, pos] tokens, got shape {ids.shape}")
+        return tok.to_str_tokens(ids)
+
+    def to_string(self, tokens):
+        """Tokens [pos] -> str; [batch, pos] -> list of str (special tokens kept)."""
+        ids = np.asarray(tokens)
+        if ids.ndim == 2:
+            return [self.to_string(row) for row in ids]
+        return self.tokenizer.decode(np.atleast_1d(ids))
+
+    def to_single_token(self, string):
+        """The id of a one-token string (" Mary" -> 5335); a clear error naming the pieces otherwise."""
+        return self.tokenizer.token_id(string)
+
+    def as_tokens(self, tokens, attention_mask=None):
+        """A model input (text, list of texts, [pos] or [batch, pos] ids) -> ([batch, pos] tokens, mask)."""
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens
+                                       and all(isinstance(t, str) for t in tokens)):
+            out = self.to_tokens(tokens)
+            if isinstance(out, tuple):
+                if attention_mask is not None:
+                    raise ValueError("texts of different lengths make their own attention_mask; do not pass one")
+                return out
+            return out, attention_mask
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+            if attention_mask is not None:
+                attention_mask = jnp.asarray(attention_mask).reshape(1, -1)
+        return tokens, attention_mask
+
+    # --- weights in TransformerLens's shapes -------------------------------------------
+
+    def _heads(self, w):  # [L, d, H * d_head] -> [L, H, d, d_head]
+        L, d, _ = w.shape
+        return w.reshape(L, d, self.config.n_head, -1).transpose(0, 2, 1, 3)
+
+    def _qkv(self, i):
+        d = self.config.d_model
+        return self._heads(self.blocks.attn.c_attn_w[..., i * d:(i + 1) * d])
+
+    def _qkv_bias(self, i):
+        d = self.config.d_model
+        return self.blocks.attn.c_attn_b[..., i * d:(i + 1) * d].reshape(self.config.n_layer, self.config.n_head, -1)
+
+    W_E = property(lambda self: self.wte, doc="[d_vocab, d_model]")
+    W_pos = property(lambda self: self.wpe, doc="[n_ctx, d_model]")
+    W_U = property(lambda self: self.wte.T, doc="[d_model, d_vocab] (tied to W_E)")
+    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: GPT-2 has none")
+    W_Q = property(lambda self: self._qkv(0), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._qkv(1), doc="[n_layers, n_heads, d_model, d_head]")
+    W_V = property(lambda self: self._qkv(2), doc="[n_layers, n_heads, d_model, d_head]")
+    b_Q = property(lambda self: self._qkv_bias(0), doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self._qkv_bias(1), doc="[n_layers, n_heads, d_head]")
+    b_V = property(lambda self: self._qkv_bias(2), doc="[n_layers, n_heads, d_head]")
+    W_O = property(lambda self: self.blocks.attn.c_proj_w.reshape(self.config.n_layer, self.config.n_head,
+                                                                   self.config.d_head, self.config.d_model),
+                   doc="[n_layers, n_heads, d_head, d_model]")
+    b_O = property(lambda self: self.blocks.attn.c_proj_b, doc="[n_layers, d_model]")
+    W_in = property(lambda self: self.blocks.mlp.c_fc_w, doc="[n_layers, d_model, d_mlp]")
+    b_in = property(lambda self: self.blocks.mlp.c_fc_b, doc="[n_layers, d_mlp]")
+    W_out = property(lambda self: self.blocks.mlp.c_proj_w, doc="[n_layers, d_mlp, d_model]")
+    b_out = property(lambda self: self.blocks.mlp.c_proj_b, doc="[n_layers, d_model]")
+
+    def tokens_to_residual_directions(self, tokens):
+        """The unembedding direction(s) of `tokens` (a one-token str, an id or an array of ids): [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return jnp.moveaxis(self.W_U[:, jnp.asarray(tokens)], 0, -1)
+
+    # --- generation ------------------------------------------------------------------
+
+    def generate(self, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=0,
+                 stop_at_eos=True, eos_token_id=EOS_ID, prepend_bos=True):
+        """Continue text or tokens, as TransformerLens's `generate`: see `jpatch.model.generate.generate`."""
+        from jpatch.model.generate import generate
+
+        return generate(self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, prepend_bos=prepend_bos)

@@ -1,0 +1,114 @@
+"""Text generation with a key-value cache, as TransformerLens's `model.generate`.
+
+The prompt runs once through the ordinary forward (keeping each layer's keys and
+values); each new token then runs one position through the same `Block`, attending
+to the cached keys and values. The whole loop is one jitted `lax.scan`.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model.gpt2 import no_edit
+
+
+def _step_attention(K, V, t):
+    """`attend` for one new position t: writes its k, v into the caches and attends to keys 0..t."""
+    out = {}
+
+    def attend(q, k, v):  # q, k, v [B, 1, H, d_head]; K, V [B, S, H, d_head]
+        out["K"] = jax.lax.dynamic_update_slice_in_dim(K, k.astype(K.dtype), t, axis=1)
+        out["V"] = jax.lax.dynamic_update_slice_in_dim(V, v.astype(V.dtype), t, axis=1)
+        # float32 accumulation, as `model.causal_attention`
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, out["K"], preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+        scores = jnp.where(jnp.arange(K.shape[1]) <= t, scores, jnp.finfo(jnp.float32).min)
+        pattern = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", pattern, out["V"], preferred_element_type=jnp.float32).astype(q.dtype)
+
+    return attend, out
+
+
+def _choose(logits, key, do_sample, temperature, top_k):
+    """Next tokens [B] from float32 logits [B, vocab]."""
+    if not do_sample or temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@eqx.filter_jit
+def _generate(model, tokens, key, temperature, *, n_new, do_sample, top_k):
+    cfg = model.config
+    B, T = tokens.shape
+    S = T + n_new
+    logits, cache = model.run_with_cache(tokens, names_filter=["attn.hook_k", "attn.hook_v"])
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, n_new), (0, 0), (0, 0)])  # [L, B, S, H, d_head]
+    K, V = pad(cache.stacked("attn.hook_k")), pad(cache.stacked("attn.hook_v"))
+    keys = jax.random.split(key, n_new)
+    first = _choose(logits[:, -1], keys[0], do_sample, temperature, top_k)
+
+    def step(carry, key):
+        K, V, token, t = carry  # token [B] sits at position t
+
+        def layer(x, per_layer):
+            block, K_l, V_l = per_layer
+            attend, new = _step_attention(K_l, V_l, t)
+            x = block(x, cfg, attend, no_edit)
+            return x, (new["K"], new["V"])
+
+        x = (model.wte[token] + model.wpe[t])[:, None].astype(model.dtype)  # [B, 1, d]
+        x, (K, V) = jax.lax.scan(layer, x, (model.blocks, K, V))
+        nxt = _choose(model.unembed(x)[:, -1], key, do_sample, temperature, top_k)
+        return (K, V, nxt, t + 1), token
+
+    _, out = jax.lax.scan(step, (K, V, first, T), keys)
+    return jnp.concatenate([tokens, out.T], axis=1)
+
+
+def generate(model, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=0,
+             stop_at_eos=True, eos_token_id=50256, prepend_bos=True):
+    """Continue `input` by `max_new_tokens` tokens.
+
+    input: a text (tokenized with `prepend_bos`; returns the text with its continuation)
+    or tokens [pos] / [batch, pos] of one length (returns tokens [batch, pos + new]).
+    do_sample=False or temperature=0: greedy (equal to `transformers`' greedy generate);
+    else sampling at `temperature` from the `top_k` most likely tokens, from PRNG `seed`.
+    stop_at_eos: after a sequence emits `eos_token_id` the rest of it is `eos_token_id`,
+    and generation stops (earlier) once every sequence has, as in TransformerLens.
+    """
+    if isinstance(input, str):
+        tokens = model.to_tokens(input, prepend_bos=prepend_bos)
+    elif isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
+        raise ValueError("generate takes one text or tokens of one length; generate each text on its own")
+    else:
+        tokens = model.as_tokens(input)[0]
+    model.check_tokens(tokens)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if tokens.shape[1] + max_new_tokens > model.config.n_ctx:
+        raise ValueError(f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new exceed the model's "
+                         f"n_ctx={model.config.n_ctx}")
+    if do_sample and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= model.config.d_vocab:
+        raise ValueError(f"top_k must be in [1, {model.config.d_vocab}], got {top_k}")
+    out = np.array(_generate(model, jnp.asarray(tokens), jax.random.PRNGKey(seed), float(temperature),
+                               n_new=max_new_tokens, do_sample=bool(do_sample and temperature != 0), top_k=top_k))
+    if stop_at_eos:
+        new = out[:, tokens.shape[1]:]
+        done = np.cumsum(new == eos_token_id, axis=1) > 0
+        after = np.concatenate([np.zeros((len(new), 1), bool), done[:, :-1]], axis=1)
+        new[after] = eos_token_id
+        all_done = np.flatnonzero(done.all(0))
+        if all_done.size:
+            new = new[:, : all_done[0] + 1]
+        out = np.concatenate([out[:, : tokens.shape[1]], new], axis=1)
+    if isinstance(input, str):
+        return model.to_string(out[0, 1:] if prepend_bos else out[0])
+    return jnp.asarray(out)
