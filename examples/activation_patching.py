@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpatch
-from jpatch.engine import sweep as patching
+from jpatch import patching
 from jpatch.face import plot
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--out", default="results/examples", help="folder for the heatmaps")

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpatch
+from jpatch import utils
 from jpatch.face import plot
-from jpatch.model import names as utils
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--out", default="results/examples", help="folder for the figures")
 args = parser.parse_args()

@@ -8,7 +8,7 @@ import os
 
 import jax
 
-__version__ = "0.1.0"
+from jpatch.version import __version__  # noqa: F401
 
 
 def _enable_compilation_cache():
@@ -50,9 +50,10 @@ from jpatch.model.convert import convert_hf  # noqa: E402
 from jpatch.model.padding import pad  # noqa: E402
 from jpatch.model.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.model import names as utils, sites  # noqa: E402
-from jpatch.engine.sweep import Run, sweep  # noqa: E402
+from jpatch.engine.inputs import Run  # noqa: E402
+from jpatch.engine.sweep import sweep  # noqa: E402
 from jpatch.engine.aggregate import SweepResult  # noqa: E402
-from jpatch.engine import sweep as patching  # noqa: E402
+from jpatch.engine import patching  # noqa: E402
 from jpatch.methods import attribution, circuits, corrupt, edges, metrics  # noqa: E402
 from jpatch.methods.attribution import attribute  # noqa: E402
 from jpatch.methods.edges import Edges, edge_attribution  # noqa: E402

@@ -116,10 +116,11 @@ def engine_flops(model, name, n_prompts, pos):
     """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
     per-patch attention, and the unembedding at the read position."""
     from jpatch.engine import execute as engine
-    from jpatch.engine import sweep as patching
+    from jpatch.engine.patching import SWEEPS
+    from jpatch.engine.sweep import make_patches
     cfg = model.config
-    site, axes = patching.SWEEPS[name]
-    patches, _ = patching.make_patches(cfg, site, axes, pos, n_prompts)
+    site, axes = SWEEPS[name]
+    patches, _ = make_patches(cfg, site, axes, pos, n_prompts)
     layout = engine.plan(patches, cfg.n_layer, pos)
     d, m, H = cfg.d_model, cfg.d_mlp, cfg.n_head
     per_row = 2 * (4 * d * d + 2 * d * m)
@@ -179,7 +180,9 @@ import time, resource, json, sys
 t0 = time.perf_counter()
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import bench, jpatch
-from jpatch.engine import sweep as patching
+from jpatch.engine import patching
+from jpatch.engine.patching import SWEEPS
+from jpatch.engine.sweep import make_patches, sweep
 from jpatch.methods import metrics
 model = jpatch.load({model_dir!r})
 clean, corrupted, answers, contrasts = bench.ioi_batch()
@@ -272,7 +275,7 @@ def scaling_child(spec):
 
     import jpatch
     from jpatch.methods import metrics
-    from jpatch.engine import sweep as patching
+    from jpatch import patching
     if "model_dir" in spec:
         model = jpatch.load(spec["model_dir"])
     else:
@@ -283,7 +286,7 @@ def scaling_child(spec):
                                                           spec.get("subject"))
     positions = spec.get("positions")
     metric = metrics.logit_diff(answers, contrasts, normalize=False)  # LD_pt - LD_*: random weights, no ratio
-    run = lambda: patching.sweep(model, clean, corrupted, "resid_pre", metric, positions=positions, progress=False)
+    run = lambda: jpatch.sweep(model, clean, corrupted, "resid_pre", metric, positions=positions, progress=False)
     count = Compiles()
     t = time.perf_counter()
     run()
@@ -439,7 +442,7 @@ def main():
 
     from jpatch.methods import metrics
 
-    from jpatch.engine import sweep as patching
+    from jpatch import patching
     figures = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "jax_device": str(jax.devices()[0]), "jax": jax.__version__, "torch": torch.__version__},
                "sweeps": {}}

@@ -95,7 +95,7 @@ def main(json_path=None):
 
     from jpatch.methods import metrics
 
-    from jpatch.engine import sweep as patching
+    from jpatch.engine.sweep import sweep
     python = tl43_python()
     figures = {"machine": {"cores": os.cpu_count(), "jax_device": str(jax.devices()[0])}, "jpatch": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +113,7 @@ def main(json_path=None):
             "EAP, every edge": lambda: edges.edge_attribution(model, clean, corrupted, metric),
             "EAP, every edge by position": lambda: edges.edge_attribution(model, clean, corrupted, metric,
                                                                          per_position=True),
-            "exact attn_head_out_by_pos sweep": lambda: patching.sweep(model, clean, corrupted, "z", metric,
+            "exact attn_head_out_by_pos sweep": lambda: sweep(model, clean, corrupted, "z", metric,
                                                                        progress=False),
         }
         results = {}

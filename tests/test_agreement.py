@@ -12,7 +12,7 @@ import jpatch
 from jpatch.methods import agreement
 from jpatch.face import cli
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 def test_statistics_match_scipy_and_hand_counts():
     rng = np.random.default_rng(0)
     exact = rng.normal(size=(3, 8))

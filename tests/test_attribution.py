@@ -17,7 +17,7 @@ from jpatch.methods import attribution
 from jpatch.methods import corrupt
 from jpatch.methods import edges
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
 B, T = 3, 7

@@ -24,9 +24,10 @@ from jpatch import GPT2, GPT2Config
 
 from jpatch.runs import bulk
 
-from jpatch.engine import sweep as patching
+from jpatch import patching
 
 from jpatch.runs import results
+from jpatch.files import atomic
 from jpatch.runs.bulk import bulk_sweep, make_metric, noise_run, read_dataset
 from jpatch.runs.results import load_result
 from jpatch.model.tokenizer import get_tokenizer
@@ -194,12 +195,13 @@ def test_prob_and_logprob_match_single_prompt_sweeps(model, tmp_path, metric):
 CHILD = """
 import sys, time
 from jpatch.runs import results
-write = results.atomic_write_npz
+from jpatch.files import atomic
+write = atomic.atomic_write_npz
 def slow_write(path, arrays):  # give the parent time to kill us between shards
     out = write(path, arrays)
     time.sleep(3)
     return out
-results.atomic_write_npz = slow_write
+atomic.atomic_write_npz = slow_write
 from test_bulk import tiny_model
 from jpatch.runs.bulk import bulk_sweep
 bulk_sweep(tiny_model(), sys.argv[1], "resid_pre", "str", "logit-diff", sys.argv[2], shard_size=2, progress=False)

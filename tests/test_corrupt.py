@@ -13,9 +13,9 @@ import torch
 import reference
 from jpatch.methods import corrupt
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 from jpatch.model.tokenizer import get_tokenizer
-from jpatch.engine.sweep import Run
+from jpatch.engine.inputs import Run
 
 TOL = 1e-4
 PROB_TOL = 1e-6  # probabilities are ~1/V here: compare them tightly

@@ -15,8 +15,9 @@ import transformer_lens.patching as tl_patching
 
 import reference
 from jpatch.engine import execute as engine
+from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TOL = 1e-4
@@ -143,7 +144,7 @@ def test_any_memory_budget_compiles_one_engine_program(jp_tiny, tl_tiny, data, m
         expected = tl_patching.get_act_patch_attn_head_out_by_pos(
             tl_tiny, torch.tensor(data.corrupted), tl_cache, lambda l: ld(l) - corrupted_ld).numpy()
     metric = metrics.logit_diff(data.answers, data.contrasts, normalize=False)  # LD_pt - LD_*
-    patches, _ = patching.make_patches(jp_tiny.config, "attn.hook_z", ("layer", "pos", "head"), T, B)
+    patches, _ = make_patches(jp_tiny.config, "attn.hook_z", ("layer", "pos", "head"), T, B)
     full = engine.bytes_per_prompt(jp_tiny.config, engine.plan(patches, 2, T), 1, V)
     program = engine.run_layout
     for budget in (1 << 34, full // 2, full // 7, 1):

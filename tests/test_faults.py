@@ -25,7 +25,7 @@ import jpatch
 from jpatch.runs import bulk
 from jpatch.face import cli
 from jpatch.model import convert
-from jpatch.engine import sweep as patching
+from jpatch import patching
 from jpatch.runs import results
 from jpatch.files import safety
 from jpatch.runs.bulk import bulk_sweep

@@ -12,7 +12,7 @@ import torch
 
 import reference
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 V = reference.TINY["vocab_size"]
 B, T, L = 3, 7, 2
 CHANGED = (2, 3)
@@ -283,7 +283,7 @@ def test_wrong_number_of_answers_in_a_sweep(jp_tiny, runs):
 
 
 def test_answer_outside_vocabulary_is_named(jp_tiny):
-    from jpatch.engine import sweep as patching
+    from jpatch import patching
     tokens = np.zeros((2, 4), int)
     bad = metrics.logit_diff([1, jp_tiny.config.d_vocab + 5], [2, 3])
     with pytest.raises(ValueError, match=f"answer token id {jp_tiny.config.d_vocab + 5} is outside the vocabulary"):

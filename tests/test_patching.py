@@ -18,8 +18,9 @@ import transformer_lens.patching as tl_patching
 
 import reference
 from jpatch.engine import execute as engine
+from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TOL = 1e-4
@@ -309,7 +310,7 @@ def count_calls(monkeypatch):
 def test_small_memory_budget_gives_the_same_result(jp_tiny, setup, tl_results, monkeypatch):
     default = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", setup.jp_metric, progress=False)
     calls = count_calls(monkeypatch)
-    patches, _ = patching.make_patches(jp_tiny.config, "hook_resid_pre", ("layer", "pos"), T, B)
+    patches, _ = make_patches(jp_tiny.config, "hook_resid_pre", ("layer", "pos"), T, B)
     per_prompt = engine.bytes_per_prompt(jp_tiny.config, engine.plan(patches, 2, T), 1, V)
     small = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", setup.jp_metric, progress=False,
                            memory_budget=per_prompt // 3)

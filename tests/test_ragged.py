@@ -11,7 +11,7 @@ import reference
 from jpatch.methods import corrupt
 from jpatch.methods import metrics
 from jpatch.model import padding
-from jpatch.engine import sweep as patching
+from jpatch import patching
 V = reference.TINY["vocab_size"]
 LENGTHS = (7, 4, 6, 3)
 PAD = V - 1  # <|endoftext|> of the tiny vocabulary; the corrupted prompts pad with another id

@@ -16,7 +16,7 @@ import numpy as np
 import reference
 from jpatch.engine import execute as engine
 from jpatch.methods import metrics
-from jpatch.engine import sweep as patching
+from jpatch import patching
 from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 V = reference.TINY["vocab_size"]

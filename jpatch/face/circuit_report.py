@@ -139,7 +139,7 @@ def write_report(path, figures, header):
 
 def main(args):
     from jpatch.face import cli
-    from jpatch.model.checkpoint import atomic_dir
+    from jpatch.files.atomic import atomic_dir
 
     cli.check_at_least(1, n_prompts=args.n_prompts, top=args.top, ig_steps=args.ig_steps)
     cli.check_out(args.out, args.overwrite, KIND)

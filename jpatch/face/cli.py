@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from jpatch.methods import metrics
+from jpatch.engine.sweep import default_axes, sweep
 from jpatch.methods.metrics import METRICS
 
 CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
@@ -118,10 +119,9 @@ def top_components(result, axes, tokens=None, k=8):
 
 
 def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, seed):
-    from jpatch.engine import sweep as patching
     corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
-    return patching.sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
-                          direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
+    return sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
+                 direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
 
 
 def clean_value(result):
@@ -150,7 +150,7 @@ def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra
     output), atomically: into out/<name>/ and out/<name>.png, or straight into `out` for a
     single sweep named "". extra(folder): writes further files into the same output."""
     from jpatch.face import plot
-    from jpatch.model.checkpoint import atomic_dir
+    from jpatch.files.atomic import atomic_dir
     from jpatch.runs.results import load_result, save_result
 
     tokens = longest_prompt_tokens(task)
@@ -185,7 +185,7 @@ def add_task_arguments(parser, *, site):
 
 def check_out(out, overwrite, kind):
     """Refuse an output folder jpatch may not write, before any work."""
-    from jpatch.model.checkpoint import check_target
+    from jpatch.files.atomic import check_target
 
     try:
         check_target(out, overwrite, kind=kind)
@@ -221,7 +221,6 @@ def cmd_demo(args):
 
 
 def cmd_sweep(args):
-    from jpatch.engine import sweep as patching
     from jpatch.model import sites
     if args.corruption not in CORRUPTIONS:
         raise _choice_error("corruption", args.corruption, CORRUPTIONS)
@@ -233,7 +232,7 @@ def cmd_sweep(args):
         raise Fail(e.args[0]) from None
     check_at_least(1, window=args.window, n_prompts=args.n_prompts, noise_samples=args.noise_samples)
     try:
-        axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+        axes = tuple(args.axes.split(",")) if args.axes else default_axes(site)
     except (KeyError, ValueError) as e:
         raise Fail(f"--site {args.site}: {e.args[0]}") from None
     check_out(args.out, args.overwrite, "sweep")

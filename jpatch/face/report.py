@@ -35,8 +35,10 @@ import numpy as np
 import jpatch
 from jpatch.methods import corrupt
 from jpatch.methods import metrics
-from jpatch.model.checkpoint import atomic_dir, check_target
-from jpatch.engine.sweep import as_run, read_logits, sweep
+from jpatch.files.atomic import atomic_dir, check_target, to_json
+from jpatch.engine.inputs import as_run
+from jpatch.engine.readout import read_logits
+from jpatch.engine.sweep import sweep
 from jpatch.data.tasks import factual_task, ioi_task
 
 REPORT = "report.md"

@@ -123,7 +123,7 @@ def read_marker(folder):
 
 def write_marker(folder, kind, files=None):
     """Mark `folder` as a jpatch `kind` output; `files`: the relative paths written (default: all now there)."""
-    from jpatch import __version__
+    from jpatch.version import __version__
 
     folder = Path(folder)
     if files is None:

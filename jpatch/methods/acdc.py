@@ -19,7 +19,7 @@ import numpy as np
 from jpatch.methods import metrics
 from jpatch.methods.circuits import mask_scorer
 from jpatch.methods.edges import Edges, graph_names
-from jpatch.engine.sweep import DEFAULT_MEMORY_BUDGET
+from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jpatch.engine.inputs import as_run, batch_mask
+from jpatch.engine.readout import prepare_metric
+from jpatch.engine.sweep import default_axes, sweep
+
 SIGN_FLOOR = 0.01  # components with |exact| below this fraction of the largest do not count for signs
 
 
@@ -85,20 +89,18 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
 
     from jpatch.methods import attribution
 
-    from jpatch.engine import sweep as patching
-
     from jpatch.model import sites
     from jpatch.model.gpt2 import Override
 
     site = sites.canonical(site)
-    clean, corrupted = patching.as_run(clean, "clean"), patching.as_run(corrupted, "corrupted")
+    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
     if corrupted.samples != 1:
         raise ValueError("the subset diagnostic takes runs of a single sample")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     attribution._check_base(base)
     N, T = clean.tokens.shape
-    mask = patching.batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
-    metric = patching.prepare_metric(metric, model.config.d_vocab, N, T, mask)
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
     data, read = metric.batch_data(N), metric.read_positions(N, T)
     run = lambda r, overrides=None: model(r.tokens, overrides={**r.overrides, **(overrides or {})},
                                           attention_mask=mask, logits_at=read)
@@ -131,11 +133,10 @@ def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direct
     effect of K random subsets (a tenth of the rest each) of the components outside the
     estimate's top set (default: 5% of the components). Returns (estimate, exact, report)."""
     from jpatch.methods import attribution
-    from jpatch.engine import sweep as patching
-    axes = tuple(axes or patching.default_axes(site))
+    axes = tuple(axes or default_axes(site))
     estimate = attribution.attribute(model, clean, corrupted, site, metric, method=method, direction=direction,
                                      axes=axes, attention_mask=attention_mask)
-    exact = patching.sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False,
+    exact = sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False,
                            attention_mask=attention_mask)
     report = {"site": site, "method": method, "direction": direction, "axes": list(axes),
               **agreement(estimate, exact, axes)}
@@ -194,7 +195,6 @@ def add_arguments(parser):
 def main(args):
     from jpatch.methods import attribution
     from jpatch.face import cli
-    from jpatch.engine import sweep as patching
     from jpatch.face import plot
     from jpatch.model import sites
     if args.method not in attribution.METHODS:
@@ -207,7 +207,7 @@ def main(args):
     cli.check_at_least(0, diagnostic=args.diagnostic)
     try:
         site = sites.canonical(args.site)
-        axes = tuple(args.axes.split(",")) if args.axes else patching.default_axes(site)
+        axes = tuple(args.axes.split(",")) if args.axes else default_axes(site)
     except (KeyError, ValueError) as e:
         raise cli.Fail(f"--site {args.site}: {e.args[0]}") from None
     cli.check_out(args.out, args.overwrite, "attribute")

@@ -32,9 +32,11 @@ import numpy as np
 
 from jpatch.model import sites
 from jpatch.model.gpt2 import apply_override, causal_attention
-from jpatch.engine.sweep import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, SWEEPS, _prompt_lengths, applies, as_run,
-                             batch_mask, check_memory_budget, default_axes, finish, make_patches, paired_runs,
-                             prepare_metric, stack_every, sweep_site)
+from jpatch.engine.inputs import as_run, batch_mask, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.patching import SWEEPS, stack_every
+from jpatch.engine.readout import prepare_metric
+from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
+from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches, sweep_site
 
 METHODS = ("atp", "atp-qk", "atp*")
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
@@ -259,14 +261,13 @@ def attribute(model, clean, corrupted, site, metric, *, method="atp", direction=
     check_memory_budget(memory_budget)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    check_direction(direction)
     clean, corrupted = paired_runs(clean, corrupted)
     axes = tuple(axes or default_axes(site))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     cfg = model.config
     mask = batch_mask(attention_mask, clean, corrupted, pad_id=cfg.d_vocab - 1)
-    lengths = np.tile(_prompt_lengths(mask, B, T), S)
+    lengths = np.tile(prompt_lengths(mask, B, T), S)
     metric = prepare_metric(metric, cfg.d_vocab, B, T, mask, S)
     patches, shape = make_patches(cfg, site, axes, T, S * B)  # validates the axes
     base, source = (corrupted, clean.tiled(S)) if direction == "denoise" else (clean.tiled(S), corrupted)
@@ -350,7 +351,7 @@ def _tl_attr(name):
         patches, shape = make_patches(model.config, site, axes, T, N)
         # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
         return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
-                       site, patches, axes, shape, _prompt_lengths(mask, N, T), magnitude=method == "atp*")
+                       site, patches, axes, shape, prompt_lengths(mask, N, T), magnitude=method == "atp*")
 
     get_attr_patch.__name__ = f"get_attr_patch_{name}"
     get_attr_patch.__doc__ = (

@@ -24,7 +24,9 @@ import numpy as np
 from jpatch.engine import aggregate
 from jpatch.methods.edges import graph_names
 from jpatch.model.gpt2 import causal_attention
-from jpatch.engine.sweep import DEFAULT_MEMORY_BUDGET, DIRECTIONS, as_run, checked_metric
+from jpatch.engine.inputs import as_run, check_direction
+from jpatch.engine.readout import checked_metric
+from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 
 ABLATIONS = ("corrupted", "mean")
 
@@ -386,8 +388,7 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
     A bfloat16 model runs in float32. TransformerLens 4.3's `get_act_patch_direct_path*` is a
     different, linearized quantity (one head's write added to one later head's input).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    check_direction(direction)
     model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)
     cfg = model.config

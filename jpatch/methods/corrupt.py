@@ -28,7 +28,7 @@ from jpatch.model import padding
 
 from jpatch.model import sites
 from jpatch.model.gpt2 import Override
-from jpatch.engine.sweep import Run
+from jpatch.engine.inputs import Run
 
 # --- helpers --------------------------------------------------------------------------------
 

@@ -34,8 +34,10 @@ import numpy as np
 
 from jpatch.model import sites
 from jpatch.methods.attribution import _check_base, perturbed_forward, row_chunks, take_rows
-from jpatch.engine.sweep import (DEFAULT_MEMORY_BUDGET, DIRECTIONS, batch_mask, check_memory_budget, paired_runs,
-                             prepare_metric)
+from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
+from jpatch.engine.readout import prepare_metric
+from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
+from jpatch.engine.sweep import check_memory_budget
 
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 
@@ -210,8 +212,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     """
     if method not in EDGE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(EDGE_METHODS)}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    check_direction(direction)
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
     check_memory_budget(memory_budget)

@@ -8,8 +8,8 @@ no model has to exist first. Folders are written atomically (a temporary folder
 beside the target, renamed at the end).
 """
 
-import importlib.resources
 import contextlib
+import importlib.resources
 import dataclasses
 import json
 import logging
@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jpatch.files.atomic import atomic_dir, check_target
 from jpatch.model.gpt2 import GPT2, GPT2Config
 
 CONFIG_FILE = "config.json"
@@ -74,55 +75,6 @@ def _ocp():
     return ocp
 
 
-# --- atomic folders -------------------------------------------------------------------
-
-
-def check_target(out_dir, overwrite=False, *, kind="output", inputs=()):
-    """Raise unless `out_dir` may be written as a jpatch `kind` output (`jpatch.files.safety.check_output`):
-    new, empty, or with `overwrite` a previous jpatch output of that kind."""
-    from jpatch.files.safety import check_output
-
-    return check_output(out_dir, kind, overwrite, inputs=inputs)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir, overwrite=False, *, kind="output", inputs=()):
-    """Yield a temporary folder beside `out_dir`; on success it is marked as a jpatch `kind`
-    output and replaces `out_dir`, on failure it is removed.
-
-    Parent folders created here are removed again on failure too; temporaries of killed
-    runs into the same place are removed first.
-    """
-    from jpatch.files import safety
-    out_dir = check_target(out_dir, overwrite, kind=kind, inputs=inputs).absolute()
-    created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    safety.remove_stale(out_dir.parent, out_dir.name)
-    tmp = out_dir.parent / safety.tmp_name(out_dir.name)
-    tmp.mkdir()
-    try:
-        yield tmp
-        safety.write_marker(tmp, kind)
-        check_target(out_dir, overwrite, kind=kind, inputs=inputs)  # something may have appeared meanwhile
-        if out_dir.exists():
-            old = out_dir.parent / safety.tmp_name(out_dir.name, "old")
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:  # innermost first
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-
-
 # --- save / load ----------------------------------------------------------------------
 
 
@@ -156,9 +108,13 @@ def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
 
 
 def bundled_weights():
-    """The folder of the models shipped with jpatch (the repository's weights/, mapped to the
-    package `jpatch.weights` by pyproject.toml, so editable and regular installs both find it)."""
-    return Path(str(importlib.resources.files("jpatch.weights")))
+    """The folder of the models shipped with jpatch: the package `jpatch.weights` (the
+    repository's weights/, mapped by pyproject.toml, so editable and regular installs both
+    find it), or weights/ beside the source tree when jpatch runs uninstalled (PYTHONPATH)."""
+    try:
+        return Path(str(importlib.resources.files("jpatch.weights")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "weights"
 
 
 def resolve(path_or_name):

@@ -280,6 +280,7 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
     `out_dir` is replaced only when it is a jpatch model folder and `overwrite=True`;
     the source (or a folder containing it) is never a valid `out_dir`. Returns the folder's path.
     """
+    from jpatch.files import atomic
     from jpatch.model import checkpoint
     try:
         dtype_name = jnp.dtype(dtype).name
@@ -288,7 +289,7 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     local = [Path(src).expanduser()] if Path(src).expanduser().exists() else []
-    checkpoint.check_target(out_dir, overwrite, kind="model", inputs=local)  # before the slow part
+    atomic.check_target(out_dir, overwrite, kind="model", inputs=local)  # before the slow part
     folder = resolve_source(src)
     source = str(src) if not Path(src).expanduser().is_dir() else str(folder.resolve())
     model = load_hf(folder, dtype=DTYPES[dtype_name])

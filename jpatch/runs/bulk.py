@@ -49,6 +49,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpatch.engine import aggregate
+from jpatch.engine.inputs import DIRECTIONS, Run
+from jpatch.engine.patching import SWEEPS
+from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
+from jpatch.engine.sweep import WINDOW_SITES, check_memory_budget, default_axes, sweep
 
 from jpatch.methods import corrupt
 
@@ -56,9 +60,9 @@ from jpatch.methods import metrics
 
 from jpatch.model import padding
 
-from jpatch.engine import sweep as patching
 
 from jpatch.runs import results
+from jpatch.files import atomic
 
 from jpatch.files import safety
 
@@ -286,7 +290,7 @@ class SiteSpec:
 
 
 def resolve_sites(names, window=1):
-    """Sweep names (`patching.SWEEPS` keys, e.g. "resid_pre", "attn_head_out_all_pos") or site
+    """Sweep names (`SWEEPS` keys, e.g. "resid_pre", "attn_head_out_all_pos") or site
     names ("hook_mlp_out", "z", ...; default axes) -> [SiteSpec]."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -297,20 +301,20 @@ def resolve_sites(names, window=1):
         raise ValueError(f"sites repeat: {names}")
     specs = []
     for name in names:
-        if name in patching.SWEEPS:
-            site, axes = patching.SWEEPS[name]
+        if name in SWEEPS:
+            site, axes = SWEEPS[name]
         else:
             try:
                 if name.startswith("blocks."):
                     raise KeyError(f"{name!r} names one layer; a bulk sweep covers every layer: "
                                    f"pass {sites.parse(name)[0]!r}")
                 site = sites.canonical(name)
-                axes = patching.default_axes(site)
+                axes = default_axes(site)
             except (KeyError, ValueError) as e:
                 msg = e.args[0] if e.args else str(e)
-                raise ValueError(f"unknown site {name!r} ({msg}); sweeps: {', '.join(patching.SWEEPS)}") from None
-        if window > 1 and site not in patching.WINDOW_SITES:
-            raise ValueError(f"a sliding window applies to {', '.join(patching.WINDOW_SITES)}, not {name!r} ({site})")
+                raise ValueError(f"unknown site {name!r} ({msg}); sweeps: {', '.join(SWEEPS)}") from None
+        if window > 1 and site not in WINDOW_SITES:
+            raise ValueError(f"a sliding window applies to {', '.join(WINDOW_SITES)}, not {name!r} ({site})")
         specs.append(SiteSpec(name, site, tuple(axes)))
     return specs
 
@@ -354,7 +358,7 @@ def noise_run(model, tokens, key_positions, indices, *, n_samples, std, scale, s
     ov = [r.overrides["hook_embed"] for r in runs]
     override = Override(jnp.asarray(interleave([o.value for o in ov])), jnp.asarray(interleave([o.mask for o in ov])))
     mask = np.tile(np.arange(T) < lengths[:, None], (S, 1)).astype(np.int32)
-    return patching.Run(np.tile(tokens, (S, 1)), {"hook_embed": override}, S, mask)
+    return Run(np.tile(tokens, (S, 1)), {"hook_embed": override}, S, mask)
 
 
 # --- hashing and the manifest -------------------------------------------------------------
@@ -374,7 +378,7 @@ def model_hash(model):
 
 def run_hash(settings):
     compared = {k: v for k, v in settings.items() if k not in INFO_SETTINGS}
-    return hashlib.sha256(_canonical(results.to_json(compared)).encode()).hexdigest()
+    return hashlib.sha256(_canonical(atomic.to_json(compared)).encode()).hexdigest()
 
 
 def _describe_differences(stored, current):
@@ -470,7 +474,7 @@ def _prepare_out_dir(out_dir, expected, process_index, timeout):
             raise PermissionError(f"the output folder {out_dir} is not writable")
         with _manifest_lock(out_dir):
             if not path.is_file():  # another run into the same folder may have written it meanwhile
-                results.atomic_write_json(path, expected)
+                atomic.atomic_write_json(path, expected)
                 safety.write_marker(out_dir, "bulk", files=[])
             manifest = results.read_manifest(out_dir)
         _check_manifest(out_dir, manifest, expected)
@@ -493,7 +497,7 @@ def _record_checksums(out_dir, digests):
     with _manifest_lock(out_dir):
         manifest = results.read_manifest(out_dir)
         manifest["shards"] = {**manifest.get("shards", {}), **digests}
-        results.atomic_write_json(out_dir / results.MANIFEST_FILE, manifest)
+        atomic.atomic_write_json(out_dir / results.MANIFEST_FILE, manifest)
 
 
 # --- computing shards ---------------------------------------------------------------------
@@ -532,7 +536,7 @@ def _sweep_batch(model, dataset, indices, specs, cfg, devices):
     clean, mask = padding.pad([ex[b].clean for b in take])
     lengths = mask.sum(1)
     if cfg["corruption"] == "str":
-        corrupted = patching.Run(padding.pad([ex[b].corrupted for b in take])[0], attention_mask=mask)
+        corrupted = Run(padding.pad([ex[b].corrupted for b in take])[0], attention_mask=mask)
     else:
         corrupted = noise_run(model, clean, [ex[b].key_positions for b in take], [indices[b] for b in take],
                               n_samples=cfg["n_samples"], std=cfg["noise_std"], scale=cfg["noise_scale"], seed=cfg["seed"],
@@ -543,7 +547,7 @@ def _sweep_batch(model, dataset, indices, specs, cfg, devices):
     raw, baselines = {}, None
     for spec in specs:
         with np.errstate(divide="ignore", invalid="ignore"):
-            r = patching.sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"],
+            r = sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"],
                                window=cfg["window"], axes=spec.axes, attention_mask=mask,
                                memory_budget=cfg["memory_budget"], progress=False, devices=devices, check_finite=False)
         raw[spec.name] = r.raw[: len(ex)]
@@ -572,7 +576,7 @@ def _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar):
 
 
 def _settings(model_name, model_digest, dataset, specs, cfg):
-    from jpatch import __version__
+    from jpatch.version import __version__
 
     return {
         "model": model_name,
@@ -601,13 +605,13 @@ def _check_positive(name, value):
 
 
 def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction="denoise", window=1,
-               shard_size=DEFAULT_SHARD_SIZE, memory_budget=patching.DEFAULT_MEMORY_BUDGET, seed=0, n_samples=10,
+               shard_size=DEFAULT_SHARD_SIZE, memory_budget=DEFAULT_MEMORY_BUDGET, seed=0, n_samples=10,
                noise_scale=3.0, noise_std=None, model_name=None, progress=True, process_index=None,
                process_count=None, manifest_timeout=600.0, devices=None):
     """Sweep `sites` over every prompt of `dataset`, streaming per-prompt results to `out_dir`.
 
     model: a jpatch GPT2. dataset: a JSONL path, a `Dataset` (`read_dataset`) or a list of
-    example dicts. sites: names (list or comma-separated) of `patching.SWEEPS` ("resid_pre",
+    example dicts. sites: names (list or comma-separated) of `SWEEPS` ("resid_pre",
     "attn_head_out_all_pos", ...) or sites ("mlp_out", "attn.hook_z": default axes).
     corruption: "str" (the example's "corrupted" prompt) or "noise" (Gaussian noise on its
     "key_positions": n_samples samples, nu = noise_scale x noise_std, noise_std defaulting to
@@ -628,13 +632,13 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
         raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(CORRUPTIONS)}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-    if direction not in patching.DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(patching.DIRECTIONS)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
-    patching.check_memory_budget(memory_budget)
+    check_memory_budget(memory_budget)
     bad_samples = isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1
     if corruption == "noise" and bad_samples:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
@@ -680,7 +684,7 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
     }
     on_disk = _prepare_out_dir(out_dir, manifest, process_index, manifest_timeout)
     safety.remove_stale(out_dir, results.MANIFEST_FILE)
-    embedded = np.array(json.dumps(results.to_json(manifest)))  # each shard carries its run's manifest
+    embedded = np.array(json.dumps(atomic.to_json(manifest)))  # each shard carries its run's manifest
 
     mine = [i for i in range(n_shards) if i % process_count == process_index]
     shard_prompts = lambda i: order[i * shard_size : (i + 1) * shard_size]  # noqa: E731
@@ -733,7 +737,7 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
                     indices = shard_prompts(i)
                     arrays, bad = _compute_shard(model, dataset, indices, specs, cfg, devices, max_len, bar)
                     undefined += bad
-                    path = results.atomic_write_npz(out_dir / results.shard_name(i), {
+                    path = atomic.atomic_write_npz(out_dir / results.shard_name(i), {
                         "index": indices.astype(np.int64), "length": lengths[indices],
                         "run_hash": np.array(manifest["hash"]), "manifest": embedded, **arrays})
                     _record_checksums(out_dir, {path.name: results.file_sha256(path)})
@@ -792,16 +796,16 @@ def add_arguments(parser):
     parser.add_argument("--data", required=True,
                         help="JSONL dataset: one {clean, corrupted, answer, contrast, key_positions} per line")
     parser.add_argument("--sites", default="resid_pre",
-                        help=f"comma-separated sweeps ({', '.join(patching.SWEEPS)}) or sites (default: resid_pre)")
+                        help=f"comma-separated sweeps ({', '.join(SWEEPS)}) or sites (default: resid_pre)")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="str",
                         help="str: the 'corrupted' prompts; noise: Gaussian noise on 'key_positions' (default: str)")
     parser.add_argument("--metric", choices=METRICS, default="logit-diff", help="default: logit-diff (normalized)")
-    parser.add_argument("--direction", choices=patching.DIRECTIONS, default="denoise", help="default: denoise")
+    parser.add_argument("--direction", choices=DIRECTIONS, default="denoise", help="default: denoise")
     parser.add_argument("--window", type=int, default=1, help="sliding window of layers (default: 1)")
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"prompts per shard file (default: {DEFAULT_SHARD_SIZE})")
-    parser.add_argument("--memory-budget", type=parse_bytes, default=patching.DEFAULT_MEMORY_BUDGET,
+    parser.add_argument("--memory-budget", type=parse_bytes, default=DEFAULT_MEMORY_BUDGET,
                         help="bytes per compiled call, e.g. 4G (default: 4G)")
     parser.add_argument("--seed", type=int, default=0, help="Gaussian-noise seed (default: 0)")
     parser.add_argument("--n-samples", type=int, default=10, help="Gaussian-noise samples per prompt (default: 10)")

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from jpatch.engine import aggregate
+from jpatch.files.atomic import atomic_dir, atomic_write_json, to_json
+from jpatch.version import __version__
 RESULT_FILE = "result.npz"
 SETTINGS_FILE = "settings.json"
 MANIFEST_FILE = "manifest.json"
@@ -52,76 +54,6 @@ RAW_PREFIX = "raw."  # shard arrays "raw.<name>": patched scores before normaliz
 
 def shard_name(i):
     return f"shard-{i:05d}.npz"
-
-
-def _version():
-    from jpatch import __version__
-
-    return __version__
-
-
-def to_json(obj):
-    """`obj` with NumPy scalars / arrays and tuples turned into JSON types; raises TypeError naming the key."""
-
-    def convert(x, where):
-        if isinstance(x, dict):
-            out = {}
-            for k, v in x.items():
-                if not isinstance(k, str):
-                    raise TypeError(f"settings key {where}{k!r} is not a str")
-                out[k] = convert(v, f"{where}{k}.")
-            return out
-        if isinstance(x, (list, tuple)):
-            return [convert(v, where) for v in x]
-        if isinstance(x, np.ndarray):
-            return convert(x.tolist(), where)
-        if isinstance(x, np.generic):
-            return x.item()
-        if isinstance(x, Path):
-            return str(x)
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(f"setting {where.rstrip('.') or 'value'!r} is a {type(x).__name__}, which JSON cannot store")
-
-    return convert(obj, "")
-
-
-# --- atomic files ---------------------------------------------------------------------
-
-
-def _tmp_path(path):
-    from jpatch.files.safety import tmp_name
-
-    path = Path(path)
-    return path.parent / tmp_name(path.name)
-
-
-def atomic_write(path, write):
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it to `path`.
-
-    Readers see either no file or the whole file; on failure the temporary file is removed.
-    """
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path, obj):
-    text = json.dumps(to_json(obj), indent=2, sort_keys=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def atomic_write_npz(path, arrays):
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # --- single sweeps ----------------------------------------------------------------------
@@ -148,14 +80,12 @@ def save_result(out_dir, arrays, settings, *, overwrite=False):
     settings when missing. Nothing is written when anything fails (the folder is
     built under a temporary name and renamed at the end). Refuses to replace a
     non-empty `out_dir` unless it is a jpatch result folder and `overwrite=True`
-    (`jpatch.model.checkpoint.check_target`). Returns the folder's Path.
+    (`jpatch.files.atomic.check_target`). Returns the folder's Path.
     """
-    from jpatch.model.checkpoint import atomic_dir
-
     arrays = _check_arrays(arrays)
     if not isinstance(settings, dict):
         raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
-    settings = to_json({**settings, "jpatch_version": settings.get("jpatch_version", _version())})
+    settings = to_json({**settings, "jpatch_version": settings.get("jpatch_version", __version__)})
     text = json.dumps(settings, indent=2) + "\n"
     out_dir = Path(out_dir).expanduser()
     with atomic_dir(out_dir, overwrite, kind="result") as tmp:

@@ -1,0 +1,98 @@
+"""A sweep's inputs: `Run`s (tokens, right-padding mask, overrides such as Gaussian noise),
+checked to pair up, their padding mask and real lengths, and the patching directions."""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model import padding, sites
+
+DIRECTIONS = ("denoise", "noise")  # denoise: corrupted run, clean values patched in; noise: the reverse
+
+
+def check_direction(direction):
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    return direction
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One input to the model: tokens plus model overrides on its global sites
+    (e.g. Gaussian noise on `hook_embed`). `samples` runs of the same `batch`
+    prompts are stacked sample-major: tokens has samples x batch rows.
+    attention_mask: [rows, pos] right-padding mask of a ragged batch (None: no padding)."""
+
+    tokens: np.ndarray
+    overrides: dict = dataclasses.field(default_factory=dict)
+    samples: int = 1
+    attention_mask: Optional[np.ndarray] = None
+
+    @property
+    def batch(self):
+        return self.tokens.shape[0] // self.samples
+
+    def tiled(self, samples):
+        """The same run repeated to `samples` x batch rows."""
+        if self.samples == samples:
+            return self
+        if self.samples != 1:
+            raise ValueError(f"cannot pair a run of {self.samples} samples with one of {samples}")
+        if set(self.overrides) - set(sites.GLOBAL_SITES):
+            raise ValueError("only a run whose overrides are on global sites (e.g. hook_embed) can be tiled over samples")
+        tile = lambda a: jnp.tile(a, (samples,) + (1,) * (a.ndim - 1))  # global sites: batch is axis 0
+        overrides = {k: jax.tree_util.tree_map(tile, v) for k, v in self.overrides.items()}
+        mask = None if self.attention_mask is None else np.tile(self.attention_mask, (samples, 1))
+        return Run(np.tile(self.tokens, (samples, 1)), overrides, samples, mask)
+
+
+def as_run(x, what):
+    run = x if isinstance(x, Run) else None
+    tokens = np.asarray(x.tokens if run else x)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{what} must be [batch, pos] token ids or a Run, got shape {tokens.shape} {tokens.dtype}")
+    if 0 in tokens.shape:
+        raise ValueError(f"{what} holds no tokens (shape {tokens.shape}): need at least one prompt of at least one token")
+    return run or Run(tokens)
+
+
+def paired_runs(clean, corrupted):
+    """The clean and corrupted inputs of a sweep as Runs, checked to pair up: one clean sample,
+    the same [batch, pos] shape (the corrupted run may stack several noise samples)."""
+    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
+    if clean.samples != 1:
+        raise ValueError("the clean run must have a single sample")
+    if clean.tokens.shape[1:] != corrupted.tokens.shape[1:] or clean.batch != corrupted.batch:
+        raise ValueError(f"clean tokens {clean.tokens.shape} and corrupted tokens {corrupted.tokens.shape} "
+                         f"({corrupted.samples} sample(s)) must have the same [batch, pos] shape")
+    return clean, corrupted
+
+
+def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID):
+    """The [batch, pos] right-padding mask of a sweep's prompts, or None when the batch is not padded.
+
+    It is `attention_mask`, or the one the runs carry (they must agree). Without any, a batch whose
+    rows end in pad ids (<|endoftext|>, the vocabulary's last id) in some rows only is refused: it looks padded.
+    """
+    B, T = runs[0].batch, runs[0].tokens.shape[1]
+    given = [("attention_mask", attention_mask)] + [(f"the {w} run's attention_mask", r.attention_mask)
+                                                      for w, r in zip(("clean", "corrupted"), runs)]
+    given = [(w, np.asarray(m)[:B].astype(bool)) for w, m in given if m is not None]
+    if not given:
+        for what, run in zip(("clean tokens", "corrupted tokens"), runs):
+            padding.refuse_hidden_padding(run.tokens, what, pad_id)
+        return None
+    for what, m in given[1:]:
+        if m.shape != given[0][1].shape or (m != given[0][1]).any():
+            raise ValueError(f"{what} differs from {given[0][0]}: the clean and corrupted prompts must have the same "
+                             "real lengths")
+    padding.lengths_of(given[0][1], (B, T), given[0][0])
+    return given[0][1]
+
+
+def prompt_lengths(mask, batch, pos):
+    """[batch] real lengths: the mask's row sums, or `pos` for every prompt of an unpadded batch."""
+    return np.full(batch, pos) if mask is None else mask.sum(1)

@@ -1,0 +1,185 @@
+"""TransformerLens's activation-patching functions, same arguments, shapes and numbers:
+`get_act_patch_<name>(model, corrupted_tokens, clean_cache, metric)` patches the corrupted run
+with clean values from `clean_cache` and returns the metric per patch, as a `SweepResult`.
+
+metric: a jittable TransformerLens-style function of the logits (written with jnp) or a jpatch
+Metric; a Metric is normalized with the cache's run as 1 and the tokens' run as 0 (the mean
+over prompts normalized, as TransformerLens's notebooks do; for noising, pass the clean tokens
+and the corrupted cache: 1 then means fully corrupted). attention_mask: [batch, pos] for
+right-padded prompts of different lengths. Other keyword arguments (memory_budget, progress,
+devices, ...) go to `jpatch.engine.scores.patch_scores`.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.engine import execute as engine
+from jpatch.engine.inputs import as_run, batch_mask, prompt_lengths
+from jpatch.engine.readout import prepare_metric
+from jpatch.engine.scores import applies, no_op_patches, patch_scores
+from jpatch.engine.inputs import Run  # noqa: F401  (jpatch 0.1 had jpatch.patching.Run and .sweep)
+from jpatch.engine.sweep import finish, make_patches, sweep  # noqa: F401
+
+
+# name -> (site, axes of the result); TransformerLens 3.9's patching functions.
+SWEEPS = {
+    "resid_pre": ("hook_resid_pre", ("layer", "pos")),
+    "resid_mid": ("hook_resid_mid", ("layer", "pos")),
+    "attn_out": ("hook_attn_out", ("layer", "pos")),
+    "mlp_out": ("hook_mlp_out", ("layer", "pos")),
+    "attn_head_out_all_pos": ("attn.hook_z", ("layer", "head")),
+    "attn_head_q_all_pos": ("attn.hook_q", ("layer", "head")),
+    "attn_head_k_all_pos": ("attn.hook_k", ("layer", "head")),
+    "attn_head_v_all_pos": ("attn.hook_v", ("layer", "head")),
+    "attn_head_pattern_all_pos": ("attn.hook_pattern", ("layer", "head")),
+    "attn_head_out_by_pos": ("attn.hook_z", ("layer", "pos", "head")),
+    "attn_head_q_by_pos": ("attn.hook_q", ("layer", "pos", "head")),
+    "attn_head_k_by_pos": ("attn.hook_k", ("layer", "pos", "head")),
+    "attn_head_v_by_pos": ("attn.hook_v", ("layer", "pos", "head")),
+    "attn_head_pattern_by_pos": ("attn.hook_pattern", ("layer", "head", "pos")),
+    "attn_head_pattern_dest_src_pos": ("attn.hook_pattern", ("layer", "head", "pos", "src")),
+}
+
+
+def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, **kwargs):
+    """The `get_act_patch_<name>` sweep (`SWEEPS[name]`: its site and result axes)."""
+    site, axes = SWEEPS[name]
+    corrupted = as_run(corrupted_tokens, "corrupted_tokens")
+    N, T = corrupted.tokens.shape
+    mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
+    metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
+    # The clean logits at the read positions come from the clean cache's last residual stream.
+    read = metric.read_positions(N, T)
+    final = clean_cache.stacked("hook_resid_post")[-1]
+    if final.shape[:2] != (N, T):
+        raise ValueError(f"clean_cache holds activations of {tuple(final.shape[:2])} tokens, "
+                         f"corrupted_tokens are {(N, T)}: they must have the same [batch, pos] shape")
+    if read is not None:
+        final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
+    clean_logits = model.unembed(final)
+    patches, shape = make_patches(model.config, site, axes, T, N)
+    raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
+    data = metric.batch_data(N)
+    corrupted_logits = model(corrupted.tokens, overrides=corrupted.overrides, logits_at=read)
+    clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
+    corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
+    if raw.ndim > 1:
+        budget = kwargs.get("memory_budget") or engine.default_memory_budget()
+        base_site = engine.cached_sites(model, corrupted.tokens, corrupted.overrides, (site,), budget)[site]
+        no_op = no_op_patches(patches, base_site, clean_cache.stacked(site))
+        raw = np.where(no_op, corrupted_score, raw)
+    defined = applies(patches, prompt_lengths(mask, N, T))
+    return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,
+                  axes, shape)
+
+
+def get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos]: the residual stream before each block."""
+    return tl_sweep("resid_pre", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_resid_mid(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos]: the residual stream between attention and MLP."""
+    return tl_sweep("resid_mid", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos]: each attention layer's output."""
+    return tl_sweep("attn_out", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos]: each MLP's output."""
+    return tl_sweep("mlp_out", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head]: each head's output (z) at every position."""
+    return tl_sweep("attn_head_out_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head]: each head's queries at every position."""
+    return tl_sweep("attn_head_q_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head]: each head's keys at every position."""
+    return tl_sweep("attn_head_k_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head]: each head's values at every position."""
+    return tl_sweep("attn_head_v_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head]: each head's attention pattern, whole."""
+    return tl_sweep("attn_head_pattern_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos, head]: each head's output (z) at one position."""
+    return tl_sweep("attn_head_out_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos, head]: each head's queries at one position."""
+    return tl_sweep("attn_head_q_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos, head]: each head's keys at one position."""
+    return tl_sweep("attn_head_k_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, pos, head]: each head's values at one position."""
+    return tl_sweep("attn_head_v_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head, pos]: each head's attention pattern row of one query position."""
+    return tl_sweep("attn_head_pattern_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[layer, head, pos, src]: one entry of each head's attention pattern."""
+    return tl_sweep("attn_head_pattern_dest_src_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+# TransformerLens's combined sweeps: the parts each stacks, in its order.
+HEAD_PARTS = ("out", "q", "k", "v", "pattern")
+EVERY = {
+    "block_every": ("resid_pre", "attn_out", "mlp_out"),
+    "attn_head_all_pos_every": tuple(f"attn_head_{n}_all_pos" for n in HEAD_PARTS),
+    "attn_head_by_pos_every": tuple(f"attn_head_{n}_by_pos" for n in HEAD_PARTS),
+}
+
+
+def stack_every(get, every, *args, **kwargs):
+    """The parts of the combined sweep `every` (get(name) -> that part's function) stacked;
+    by position, the pattern's [layer, head, pos] is moved to the others' [layer, pos, head]."""
+    parts = [get(name)(*args, **kwargs) for name in EVERY[every]]
+    if every == "attn_head_by_pos_every":
+        parts[-1] = np.swapaxes(parts[-1], 1, 2)
+    return np.stack(parts)
+
+
+def _act_patch(name):
+    return lambda *args, **kwargs: tl_sweep(name, *args, **kwargs)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
+    return stack_every(_act_patch, "block_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[5, layer, head]: output (z), q, k, v, pattern."""
+    return stack_every(_act_patch, "attn_head_all_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
+    return stack_every(_act_patch, "attn_head_by_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)

@@ -1,0 +1,277 @@
+"""What the engine needs to know about a metric: a `Metric` (score function, per-prompt data,
+the logit positions it reads, its normalization), and plain callables made into Metrics.
+
+A callable written TransformerLens's way (`lambda logits: logits[:, -1, ...]`) sees full
+logits; its program is traced to find the positions it reads (`callable_reads`), so the
+engine unembeds only those (`narrowed`). Concrete metrics live in `jpatch.methods.metrics`.
+"""
+
+import dataclasses
+import functools
+import warnings
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.engine import aggregate
+from jpatch.engine.inputs import prompt_lengths
+
+NORMALIZATIONS = ("none", "baseline", "range")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Metric:
+    """score(logits [B, K, V], clean_logits [B, K, V], data) -> [B]; `data` holds
+    per-prompt arrays (answer ids, ...) with a leading batch axis, so a sweep can
+    chunk prompts and reuse one compiled `score` for new data."""
+
+    name: str
+    score: Callable
+    data: dict = dataclasses.field(default_factory=dict)
+    positions: Union[None, str, np.ndarray] = None
+    normalize: str = "range"
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalize={self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+
+    def read_positions(self, batch, pos, lengths=None):
+        """The [batch, K] positions this metric reads for [batch, pos] tokens (None: all).
+
+        lengths: [batch] real lengths of a right-padded batch; the default reads each
+        prompt's last real token, and explicit positions must lie within each prompt.
+        """
+        if isinstance(self.positions, str):
+            if self.positions != "all":
+                raise ValueError(f"positions must be None, 'all' or an array, got {self.positions!r}")
+            return None
+        ends = np.full(batch, pos) if lengths is None else np.asarray(lengths)
+        if self.positions is None:
+            return (ends - 1)[:, None]
+        positions = np.asarray(self.positions)
+        positions = positions.reshape(positions.shape[0], -1) if positions.ndim else np.full((batch, 1), positions)
+        if positions.shape[0] != batch:
+            raise ValueError(f"metric positions cover {positions.shape[0]} prompts, the batch has {batch}")
+        if (positions < 0).any() or (positions >= pos).any():
+            raise ValueError(f"metric positions {positions.ravel().tolist()} out of range for {pos} tokens")
+        past = np.argwhere(positions >= ends[:, None])
+        if len(past):
+            b = past[0, 0]
+            raise ValueError(f"metric position {int(positions[b, past[0, 1]])} of prompt {b} is padding: "
+                             f"the prompt has {int(ends[b])} real tokens")
+        return positions
+
+    def batch_data(self, batch):
+        """`data` checked to have one entry per prompt."""
+        for key, value in self.data.items():
+            if np.shape(value)[:1] != (batch,):
+                raise ValueError(f"metric {self.name!r}: {key} has shape {np.shape(value)}, expected one per prompt ({batch})")
+        return {k: jnp.asarray(v) for k, v in self.data.items()}
+
+    def compare(self, patched, clean, corrupted):
+        """Normalise raw scores (any shape, broadcasting) against the two baselines."""
+        return aggregate.normalize(self.normalize, patched, clean, corrupted)
+
+
+def from_callable(fn, *, normalize="none", name=None):
+    """Wrap a jittable `fn(logits [batch, pos, vocab]) -> [batch] or scalar`
+    (a TransformerLens-style metric); it sees the logits at every position."""
+    if isinstance(fn, Metric):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"metric must be a jpatch Metric or a callable on logits, got {type(fn).__name__}")
+    return Metric(name or getattr(fn, "__name__", "custom"), _CallOnLogits(fn), {}, "all", normalize)
+
+
+class _CallOnLogits:
+    """A user callable as a `score`; hashable by the callable, so jit reuses its compile."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, logits, clean_logits, data):
+        return self.fn(logits)
+
+    def __hash__(self):
+        return hash(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _CallOnLogits) and other.fn is self.fn
+
+
+# Primitives that only move or select entries: applied to a map of where each entry came
+# from, they give where each entry of their output came from.
+_MOVES = {"slice", "squeeze", "reshape", "gather", "dynamic_slice", "transpose", "broadcast_in_dim",
+          "expand_dims", "rev", "copy", "copy_p", "convert_element_type"}
+_LOGITS = "logits"  # the map of the metric's input itself
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+
+
+class _Origin:
+    """A traced value that depends on the logits: `ids` maps each of its entries to the
+    flat (prompt, position) of the logit it is, or `reads` [B * T] bool marks the positions
+    it may depend on (after any computation that mixes entries)."""
+
+    def __init__(self, ids=None, reads=None):
+        self.ids, self.reads = ids, reads
+
+    def positions(self, n):
+        if self.reads is not None:
+            return self.reads
+        if self.ids is _LOGITS:
+            return np.ones(n, bool)
+        out = np.zeros(n, bool)
+        out[np.unique(np.asarray(self.ids))] = True
+        return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _move_logits_map(primitive, params, shape, base, *rest):
+    """`primitive` applied to the [B, T] map broadcast to the logits' shape, inside one
+    compiled call, so the [B, T, V] map is never materialized."""
+    return primitive.bind(jnp.broadcast_to(base[..., None], shape), *rest, **dict(params))
+
+
+def _interpret(jaxpr, consts, args, n):
+    """Evaluate `jaxpr` on constants, following which logit positions each value depends on."""
+    env = {}
+    read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        traced = [isinstance(x, _Origin) for x in ins]
+        name = eqn.primitive.name
+        if not any(traced):
+            outs = eqn.primitive.bind(*ins, **eqn.params)
+        elif name in _CALLS and _CALLS[name] in eqn.params:
+            inner = eqn.params[_CALLS[name]]
+            inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
+            outs = _interpret(inner_jaxpr, inner_consts, ins, n)
+        elif name in _MOVES and traced[0] and not any(traced[1:]) and ins[0].ids is not None:
+            params = dict(eqn.params)
+            if name == "convert_element_type":
+                params["new_dtype"] = jnp.int32
+            if ins[0].ids is _LOGITS:  # the logits' own map, [B, T] broadcast over the vocabulary
+                shape = eqn.invars[0].aval.shape
+                ids = _move_logits_map(eqn.primitive, tuple(params.items()), shape,
+                                       jnp.arange(n, dtype=jnp.int32).reshape(shape[:2]), *ins[1:])
+            else:
+                ids = eqn.primitive.bind(ins[0].ids, *ins[1:], **params)
+            outs = _Origin(ids=ids)
+        else:  # any other computation: its outputs may depend on every position its inputs do
+            reads = np.zeros(n, bool)
+            for x in ins:
+                if isinstance(x, _Origin):
+                    reads |= x.positions(n)
+            outs = [_Origin(reads=reads) for _ in eqn.outvars]
+        outs = outs if eqn.primitive.multiple_results or isinstance(outs, list) else [outs]
+        for var, val in zip(eqn.outvars, outs):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def callable_reads(fn, shape):
+    """The [batch, pos] logit positions a callable metric on logits `shape`
+    ([batch, pos, vocab]) can read, from its traced program: positions it selects by
+    slicing or indexing with indices that do not depend on the logits. None when it
+    reads every position, or when the program cannot show which (then all are computed)."""
+    batch, pos = shape[:2]
+    try:
+        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+        with warnings.catch_warnings():  # casts of the program's constants while evaluating it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            outs = _interpret(closed.jaxpr, closed.consts, [_Origin(ids=_LOGITS)], batch * pos)
+    except Exception:  # a primitive this reading does not know how to follow: compute every position
+        return None
+    reads = np.zeros(batch * pos, bool)
+    for out in outs:
+        if isinstance(out, _Origin):
+            reads |= out.positions(batch * pos)
+    reads = reads.reshape(batch, pos)
+    return None if reads.all() else reads
+
+
+class _OnReadLogits:
+    """A user callable fed only the logits it reads: [B, K, V] logits at its read
+    positions are spread back to [B, T, V] by `data["slot"]` (the K index of each
+    position; unread positions repeat a read one). The callable indexes that full-shaped
+    array, so XLA computes only the gathered entries and never the unread positions."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, logits, clean_logits, data):
+        return self.fn(jnp.take_along_axis(logits, data["slot"][..., None], axis=1))
+
+    def __hash__(self):
+        return hash((_OnReadLogits, self.fn))
+
+    def __eq__(self, other):
+        return isinstance(other, _OnReadLogits) and other.fn is self.fn
+
+
+def narrowed(metric, shape):
+    """A callable metric on full logits `shape` [batch, pos, vocab], as one reading only
+    the positions it uses (see `callable_reads`); any other metric unchanged."""
+    if not isinstance(metric.score, _CallOnLogits) or not isinstance(metric.positions, str):
+        return metric
+    read = callable_reads(metric.score.fn, shape)
+    if read is None:
+        return metric
+    batch, pos = read.shape
+    k = max(1, int(read.sum(1).max()))
+    positions = np.zeros((batch, k), int)
+    slot = np.zeros((batch, pos), np.int32)
+    for b in range(batch):
+        ids = np.flatnonzero(read[b])
+        if len(ids):
+            positions[b, : len(ids)], positions[b, len(ids) :] = ids, ids[0]
+            slot[b, ids] = np.arange(len(ids))
+    return dataclasses.replace(metric, score=_OnReadLogits(metric.score.fn), positions=positions,
+                               data={**metric.data, "slot": slot})
+
+
+def checked_metric(metric, d_vocab):
+    """`metric` as a Metric, its token ids checked against the vocabulary."""
+    metric = from_callable(metric)
+    for key in ("answer", "contrast"):
+        ids = np.asarray(metric.data.get(key, []))
+        if ids.size and ids.max() >= d_vocab:
+            raise ValueError(f"metric {metric.name!r}: {key} token id {int(ids.max())} is outside the vocabulary "
+                             f"[0, {d_vocab})")
+    return metric
+
+
+def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
+    """The metric checked and bound to this batch: its data and read positions (each prompt's
+    last real token unless told otherwise) tiled over `samples` noise samples."""
+    metric = checked_metric(metric, d_vocab)
+    lengths = prompt_lengths(mask, batch, pos)
+    if isinstance(metric.positions, str) and mask is not None and (lengths < pos).any():
+        # A plain callable on a padded batch: allowed only where it provably reads no padding.
+        reads = callable_reads(metric.score.fn, (batch, pos, d_vocab)) if hasattr(metric.score, "fn") else None
+        padded = np.arange(pos) >= lengths[:, None]
+        if reads is None or (reads & padded).any():
+            where = "every position" if reads is None else f"position {int(np.argmax((reads & padded).any(0)))}"
+            raise ValueError(
+                f"metric {metric.name!r} reads the logits at {where}, which is padding for some prompts of this "
+                "batch. Use a jpatch Metric (jpatch.metrics.logit_diff, probability, kl, ...), which reads each "
+                "prompt's last real token, or sweep prompts of one length without attention_mask"
+            )
+    read = metric.read_positions(batch, pos, None if mask is None else lengths)
+    tile = lambda a: np.tile(np.asarray(a), (samples,) + (1,) * (np.ndim(a) - 1))
+    data = {k: tile(v) for k, v in metric.batch_data(batch).items()}
+    return dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
+
+
+def read_logits(model, run, metric):
+    """Logits of a run at the positions `metric` reads ([rows, K, vocab])."""
+    N, T = run.tokens.shape
+    positions = from_callable(metric).read_positions(N, T)
+    return model(run.tokens, overrides=run.overrides, logits_at=positions)

@@ -1,0 +1,184 @@
+"""Raw metric scores of every patch: the engine's compiled call (`jpatch.engine.execute`) driven
+over patch groups and prompt chunks under a memory budget, sharded over devices; and which
+patches apply to which prompts (`applies`) or change nothing (`no_op_patches`)."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jpatch.engine import execute as engine
+from jpatch.engine.execute import ALL
+from jpatch.engine.readout import checked_metric, narrowed
+from jpatch.model import sites
+
+DEFAULT_MEMORY_BUDGET = 4 << 30
+MANY_GROUPS = 8  # more patch groups than this (a tiny memory budget) is warned about
+
+
+def _sharding(mesh, ndim, axis):
+    spec = [None] * ndim
+    spec[axis] = "batch"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=None,
+                 skip_layers=True, skip_positions=True, progress=True, devices=None):
+    """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
+    every patch applied to the `base` Run with values from `source_cache`.
+    memory_budget: bytes per compiled call (None: from the device's free memory)."""
+    cfg = model.config
+    N, T = base.tokens.shape
+    # Each patched run starts from the base run's cache and recomputes the later layers
+    # without the base run's per-layer overrides: only the embeddings may be overridden.
+    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
+    if late:
+        raise ValueError(
+            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
+            f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
+            "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
+        )
+    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
+    metric = checked_metric(metric, model.config.d_vocab)
+    # A callable on full logits is fed only the positions it reads (found by probing it).
+    full_logits = isinstance(metric.positions, str)  # "all": a callable written against full logits
+    metric = narrowed(metric, (N, T, cfg.d_vocab))
+    read_pos = metric.read_positions(N, T)
+    read_all = read_pos is None
+    read_pos = np.zeros((N, 1), int) if read_all else read_pos
+    if full_logits and not read_all:  # the clean logits a narrowed callable sees
+        clean_logits = jnp.take_along_axis(jnp.asarray(clean_logits), jnp.asarray(read_pos)[..., None], axis=1)
+    data = metric.batch_data(N)
+    source = source_cache.stacked(patches.site)
+    if source.shape[1] != N:
+        raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
+    base_arrays = engine.cached_sites(model, base.tokens, base.overrides, engine.BASE_SITES, memory_budget)
+
+    n_read = T if read_all else read_pos.shape[1]
+    score_shape = jax.eval_shape(
+        lambda lg: metric.score(lg, clean_logits, data), jax.ShapeDtypeStruct((N, n_read, cfg.d_vocab), jnp.float32)
+    ).shape
+    if score_shape not in ((), (N,)):
+        raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({N}), got shape {score_shape}")
+    scalar = score_shape == ()
+    # A scalar metric, or any user callable (written for the whole batch), sees every prompt at once.
+    whole = scalar or full_logits
+
+    devices = list(devices or jax.local_devices())
+    mesh = Mesh(np.array(devices), ("batch",))
+    # Patch groups split a sweep too big for one prompt; prompt chunks split the rest. Every
+    # group has one static layout, so the sweep compiles one program whatever its size.
+    plan = lambda g: engine.plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
+                                        skip_positions=skip_positions)
+    need = lambda layout: engine.bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
+    groups = 1
+    planned = plan(groups)
+    while need(planned[0][1]) > memory_budget and groups < len(patches):
+        groups = min(len(patches), max(groups + 1, math.ceil(groups * need(planned[0][1]) / memory_budget)))
+        planned = plan(groups)
+    if groups > MANY_GROUPS:
+        warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, run one "
+                      f"after another (slow); {need(plan(1)[0][1])} bytes would run it in one", RuntimeWarning,
+                      stacklevel=3)
+    per_prompt = need(planned[0][1]) // (N if whole else 1)
+    chunk = N if whole else max(1, min(N, memory_budget // per_prompt))
+    if not whole and len(devices) > 1:
+        chunk = math.ceil(chunk / len(devices)) * len(devices)
+    n_chunks = math.ceil(N / chunk)
+    pad = n_chunks * chunk - N
+    if whole and len(devices) > 1 and N % len(devices):
+        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a whole-batch metric needs the batch together
+
+    def padded(a, axis):
+        if not pad:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, pad)
+        return jnp.pad(a, widths, mode="edge")
+
+    base_arrays = {k: padded(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}
+    source = padded(source, 1)
+    read_pos, clean_logits = padded(jnp.asarray(read_pos), 0), padded(clean_logits, 0)
+    data = jax.tree_util.tree_map(lambda a: padded(a, 0), data)
+    pos_all = np.asarray(patches.pos).reshape(len(patches), -1)
+    pos_all = padded(jnp.asarray(np.broadcast_to(pos_all, (len(patches), N))), 1)
+
+    out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
+    bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit=" runs")
+    for slots, lay in planned:
+        real = slots >= 0
+        take = lambda a, fill: jnp.asarray(np.where(real, np.asarray(a)[np.maximum(slots, 0)], fill))
+        # padding slots are never patched (an empty layer window)
+        meta = {"layer_lo": take(patches.layer_lo, 0), "layer_hi": take(patches.layer_hi, 0),
+                "head": take(patches.head, 0), "src": take(patches.src, 0)}
+        pos_slots = jnp.where(jnp.asarray(real)[:, None], pos_all[np.maximum(slots, 0)], 0)
+        for c in range(n_chunks):
+            rows = slice(c * chunk, (c + 1) * chunk)
+            put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
+            scores = engine.run_layout(
+                model,
+                {k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()},
+                put(source, 1),
+                {**meta, "pos": put(pos_slots, 1)},
+                jnp.asarray(lay.row_patch),
+                jnp.asarray(lay.row_pos),
+                jnp.asarray(lay.dense_idx),
+                put(read_pos, 0),
+                put(clean_logits, 0),
+                jax.tree_util.tree_map(lambda a: put(a, 0), data),
+                score=metric.score,
+                site=patches.site,
+                stages=lay.stages,
+                n_read_all=read_all,
+            )
+            scores = np.asarray(scores)[real]
+            if scalar:
+                out[slots[real]] = scores
+            else:
+                out[slots[real], rows] = scores
+            bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
+    bar.close()
+    return out if scalar else out[:, :N]
+
+
+def applies(patches, lengths):
+    """[n_patches, rows] whether each patch lies within each prompt (its position and key position)."""
+    pos = patches.pos.reshape(len(patches), -1)
+    within = (pos == ALL) | (pos < lengths[None, :])
+    src = patches.src[:, None]
+    return within & ((src == ALL) | (src < lengths[None, :]))
+
+
+def no_op_patches(patches, base_stack, source_stack):
+    """[n_patches, rows]: True where every value a patch writes equals the base run's own value.
+
+    Such a patched run *is* the base run, so its score is the base run's score exactly (not
+    a float32 recomputation of it): a patch that changes nothing measures exactly 0.
+    base_stack, source_stack: the site's [n_layer, rows, ...] activations of the two runs.
+    """
+    diff = np.asarray(base_stack != source_stack)
+    if patches.site == "attn.hook_pattern":  # [L, N, H, Tq, Tk]
+        diff = np.moveaxis(diff, 2, -1)  # [L, N, Tq, Tk, H]
+    elif patches.site in sites.HEAD_VECTOR_SITES:  # [L, N, T, H, d_head]
+        diff = diff.any(-1)[:, :, :, None]  # [L, N, T, 1(src), H]
+    else:  # [L, N, T, d]
+        diff = diff.any(-1)[:, :, :, None, None]  # [L, N, T, 1, 1]
+    # Any difference in layers [lo, hi): prefix counts over the layer axis.
+    counts = np.concatenate([np.zeros_like(diff[:1], int), np.cumsum(diff, 0)])
+    n, rows = len(patches), diff.shape[1]
+    pos = patches.pos.reshape(n, -1)
+    out = np.zeros((n, rows), bool)
+    for i in range(n):
+        changed = counts[patches.layer_hi[i]] - counts[patches.layer_lo[i]]  # [N, T, S, H]
+        if patches.head[i] != ALL and changed.shape[-1] > 1:
+            changed = changed[..., patches.head[i] : patches.head[i] + 1]
+        if patches.src[i] != ALL:
+            changed = changed[:, :, patches.src[i] : patches.src[i] + 1]
+        changed = changed.reshape(rows, changed.shape[1], -1).any(-1)  # [N, T]
+        at = changed.any(1) if (pos[i] == ALL).any() else changed[np.arange(rows), np.broadcast_to(pos[i], rows)]
+        out[i] = ~at
+    return out
