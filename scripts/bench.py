@@ -275,7 +275,6 @@ def scaling_child(spec):
 
     import jpatch
     from jpatch.methods import metrics
-    from jpatch import patching
     if "model_dir" in spec:
         model = jpatch.load(spec["model_dir"])
     else:

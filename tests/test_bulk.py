@@ -28,7 +28,10 @@ from jpatch import patching
 
 from jpatch.runs import results
 from jpatch.files import atomic
-from jpatch.runs.bulk import bulk_sweep, make_metric, noise_run, read_dataset
+from jpatch.data.dataset import key_token_std, read_dataset
+from jpatch.face import bulk_cli
+from jpatch.methods.metrics import by_name as make_metric
+from jpatch.runs.bulk import bulk_sweep, noise_run
 from jpatch.runs.results import load_result
 from jpatch.model.tokenizer import get_tokenizer
 
@@ -171,7 +174,7 @@ def test_noise_kl_noising_window_matches_single_prompt_sweeps(model, tmp_path):
     result = load_result(run.out_dir)
     s = result.settings
     assert (s["corruption"], s["metric"], s["direction"], s["window"], s["n_samples"]) == ("noise", "kl", "noise", 3, 4)
-    assert s["noise_std"] == pytest.approx(bulk.key_token_std(model, read_dataset(data)), rel=1e-12)
+    assert s["noise_std"] == pytest.approx(key_token_std(model, read_dataset(data)), rel=1e-12)
     check_against_single(model, data, result, "noise", "kl", [0, 2], direction="noise", window=3, seed=5, n_samples=4)
 
 
@@ -180,7 +183,7 @@ def test_key_token_std_is_roms_embedding_std(model, data7):
 
     dataset = read_dataset(data7)
     ids = np.concatenate([e.clean[list(e.key_positions)] for e in dataset.examples])
-    assert bulk.key_token_std(model, dataset) == pytest.approx(embedding_std(model, ids), rel=1e-10)
+    assert key_token_std(model, dataset) == pytest.approx(embedding_std(model, ids), rel=1e-10)
 
 
 @pytest.mark.parametrize("metric", ["prob", "logprob"])
@@ -367,24 +370,24 @@ def test_cli_main(model, data7, tmp_path, capsys):
     from jpatch.model.checkpoint import save
 
     save(model, tmp_path / "weights" / "tiny")
-    parser = bulk.add_arguments(argparse.ArgumentParser())
+    parser = bulk_cli.add_arguments(argparse.ArgumentParser())
     argv = ["--model", str(tmp_path / "weights" / "tiny"), "--data", str(data7), "--sites", "resid_pre", "--out",
             str(tmp_path / "cli"), "--shard-size", "4", "--memory-budget", "512M", "--no-progress"]
     args = parser.parse_args(argv)
     assert args.memory_budget == 512 << 20 and args.metric == "logit-diff" and args.corruption == "str"
-    assert bulk.main(args) == 0
+    assert bulk_cli.main(args) == 0
     out = capsys.readouterr().out
     assert "2 shard(s) computed" in out and "resid_pre: 7 prompts" in out
     result = load_result(tmp_path / "cli")
     assert result.settings["model"] == str(tmp_path / "weights" / "tiny")
-    assert bulk.main(parser.parse_args(argv)) == 0
+    assert bulk_cli.main(parser.parse_args(argv)) == 0
     assert "0 shard(s) computed, 2 already done" in capsys.readouterr().out
-    assert bulk.parse_bytes("4G") == 4 << 30 and bulk.parse_bytes("1e6") == 10**6 and bulk.parse_bytes("2GiB") == 2 << 30
+    assert bulk_cli.parse_bytes("4G") == 4 << 30 and bulk_cli.parse_bytes("1e6") == 10**6 and bulk_cli.parse_bytes("2GiB") == 2 << 30
     with pytest.raises(ValueError):
-        bulk.parse_bytes("lots")
+        bulk_cli.parse_bytes("lots")
     with pytest.raises(SystemExit, match="(?s)jpatch bulk: invalid dataset .*line 1: missing field 'answer'"):
         bad = write_jsonl(tmp_path / "bad.jsonl", [{k: v for k, v in GOOD.items() if k != "answer"}])
-        bulk.main(parser.parse_args(argv[:2] + ["--data", str(bad)] + argv[4:]))
+        bulk_cli.main(parser.parse_args(argv[:2] + ["--data", str(bad)] + argv[4:]))
 
 
 def test_undefined_metric_is_stored_as_nan_with_a_warning(model, tmp_path):

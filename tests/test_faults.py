@@ -242,7 +242,7 @@ def test_non_finite_weights_are_named(hf_tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_local_path_typo_is_not_a_hub_id(tmp_path, monkeypatch, capsys):
+def test_local_path_typo_is_not_a_hub_id(tmp_path, monkeypatch, caplog):
     import huggingface_hub
 
     monkeypatch.chdir(tmp_path)
@@ -255,7 +255,7 @@ def test_local_path_typo_is_not_a_hub_id(tmp_path, monkeypatch, capsys):
     with pytest.raises(OSError, match="'nosuchdir/sub' is not a local directory and could not be downloaded"):
         convert.resolve_source("nosuchdir/sub")
     assert calls == ["nosuchdir/sub"]
-    assert "trying it as a Hugging Face Hub id" in capsys.readouterr().err
+    assert "trying it as a Hugging Face Hub id" in caplog.text  # a logging warning: stderr outside pytest
 
 
 def test_task_files_and_bulk_read_lines_alike(tmp_path):
@@ -333,7 +333,7 @@ def reference_run(model, data4, tmp_path_factory):
     return load_result(out)
 
 
-def test_corrupt_shard_is_named_and_recomputed(model, data4, reference_run, tmp_path, capsys):
+def test_corrupt_shard_is_named_and_recomputed(model, data4, reference_run, tmp_path, caplog):
     out = tmp_path / "bulk"
     shutil.copytree(reference_run.path, out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -347,7 +347,7 @@ def test_corrupt_shard_is_named_and_recomputed(model, data4, reference_run, tmp_
         load_result(out)
     run = run_bulk(model, data4, out)
     assert run.computed == [1] and run.skipped == [0]
-    assert "shard-00001.npz is corrupt" in capsys.readouterr().err
+    assert "shard-00001.npz is corrupt" in caplog.text
     assert_same(load_result(out)["resid_pre"], reference_run["resid_pre"], tol=0, what="recomputed shard")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jpatch
+from jpatch.methods import stats
 from jpatch.methods import corrupt
 from jpatch.face import report as paper
 from jpatch.files import safety
@@ -101,7 +102,7 @@ def test_ioi_gn_vs_str_equals_direct_sweeps(tiny, report):
         layer, head = map(int, row[0].split("."))
         assert float(row[1]) == pytest.approx(direct_str[layer, head], abs=6e-5)
         assert float(row[2]) == pytest.approx(direct_gn[layer, head], abs=6e-5)
-    top = paper.top_k(direct_str, 3)
+    top = stats.top_k(direct_str, 3)
     assert [f"{i // 2}.{i % 2}" for i in top] == [r[0] for r in table[1:4]]
 
 
@@ -134,11 +135,11 @@ def test_choose_factual_weights_and_buckets():
 
 
 def test_helpers():
-    assert paper.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
-    assert paper.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert math.isnan(paper.spearman([1, 1, 1], [1, 2, 3]))
-    assert paper.peak([0.1, 0.5, 0.3, 0.2, 0.26]) == (1, 0.5, 2)
-    assert paper.top_k(np.array([[0.1, -0.9], [0.5, 0.0]]), 2) == [1, 2]
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
+    assert stats.peak([0.1, 0.5, 0.3, 0.2, 0.26]) == (1, 0.5, 2)
+    assert stats.top_k(np.array([[0.1, -0.9], [0.5, 0.0]]), 2) == [1, 2]
 
 
 def test_refuses_non_empty_out_dir_before_any_work(tiny, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -320,17 +321,39 @@ def test_task_select_and_validation():
     sub = task.select([1, 3])
     assert len(sub) == 2 and sub.prompts == (task.prompts[1], task.prompts[3])
     assert (sub.info["abba"] == task.info["abba"][[1, 3]]).all()
-    assert set(task.key_token_ids().tolist()) == set(np.take_along_axis(task.clean_tokens, task.key_positions, 1).ravel().tolist())
+    # every occurrence counted (ROME's rule), in prompt order
+    expected = [int(task.clean_tokens[b, p]) for b in range(len(task)) for p in task.key_positions[b]]
+    assert task.key_token_ids().tolist() == expected
     with pytest.raises(ValueError, match="key_positions"):
         Task("x", task.clean_tokens, task.corrupted_tokens, task.answers, task.contrasts,
              task.key_positions + 20, task.last_key_position, task.prompts, task.corrupted_prompts)
 
 
 def test_to_jsonl_reads_in_bulk_sweeps(tmp_path):
-    bulk = pytest.importorskip("jpatch.runs.bulk")
+    from jpatch.data.dataset import read_dataset
     task = ioi.ioi_task(6)
     path = task.to_jsonl(tmp_path / "ioi.jsonl")
     for corruption in ("str", "noise"):
-        dataset = bulk.read_dataset(path, corruption=corruption)
+        dataset = read_dataset(path, corruption=corruption)
         assert len(dataset.examples) == len(task)
         assert all(e.key_positions == (2, 4, 10) for e in dataset.examples)
+
+
+def test_noise_std_is_one_rule_for_api_cli_bulk_and_report(tmp_path):
+    """ROME's rule everywhere: the std over the stacked embedding rows of every key-position token,
+    repeats counted, torch-style ddof=1 (computed here by hand)."""
+    from jpatch import GPT2, GPT2Config
+    from jpatch.data.dataset import key_token_std, read_dataset
+    from jpatch.face.report_parts import subject_tokens
+    from jpatch.methods import corrupt
+
+    model = GPT2.init(GPT2Config(n_layer=1, n_head=2, d_model=16, d_mlp=32, n_ctx=32), key=jax.random.PRNGKey(3))
+    task = ioi.ioi_task(6)
+    ids = [int(task.clean_tokens[b, p]) for b in range(len(task)) for p in task.key_positions[b]]
+    assert len(set(ids)) < len(ids)  # repeats exist, so a unique-token rule would differ
+    by_hand = float(np.asarray(model.wte, np.float64)[ids].std(ddof=1))
+    cli_std = corrupt.embedding_std(model, task.key_token_ids())  # what `jpatch sweep --corruption noise` uses
+    report_std = corrupt.embedding_std(model, subject_tokens([task]))
+    bulk_std = key_token_std(model, read_dataset(task.to_jsonl(tmp_path / "t.jsonl"), corruption="noise"))
+    for got in (cli_std, report_std, bulk_std):
+        assert got == pytest.approx(by_hand, rel=1e-10)

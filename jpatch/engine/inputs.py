@@ -19,6 +19,14 @@ def check_direction(direction):
     return direction
 
 
+def token_array(tokens, what="tokens"):
+    """[batch, pos] integer token ids as a NumPy array, or a clear error."""
+    t = np.asarray(tokens)
+    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"{what} must be a [batch, pos] array of integer token ids, got shape {t.shape} dtype {t.dtype}")
+    return t
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One input to the model: tokens plus model overrides on its global sites

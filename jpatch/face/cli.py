@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jpatch.methods import metrics
+from jpatch.engine.inputs import DIRECTIONS
+from jpatch.methods import corrupt, metrics
 from jpatch.engine.sweep import default_axes, sweep
 from jpatch.methods.metrics import METRICS
 
-CORRUPTIONS = ("str", "noise", "zero", "mean", "resample")
-DIRECTIONS = ("denoise", "noise")
 
 
 class Fail(SystemExit):
@@ -64,21 +63,20 @@ def load_task(name, n_prompts, seed):
     return task.select(slice(0, n_prompts)) if len(task) > n_prompts else task
 
 
-def make_corruption(model, task, corruption, site, *, noise_samples, seed):
-    """The corrupted Run for a task."""
-    from jpatch.methods import corrupt
+def make_corruption(model, task, corruption, site, *, noise_samples, noise_seed):
+    """The corrupted Run for a task (noise_seed: Gaussian noise and resampling)."""
     clean, mask = task.clean_tokens, task.attention_mask
     if corruption == "str":
         return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions, attention_mask=mask)
     if corruption == "noise":
         return corrupt.gaussian_noise(model, clean, task.key_positions, n_samples=noise_samples,
-                                      std_tokens=task.key_token_ids(), seed=seed, attention_mask=mask)
+                                      std_tokens=task.key_token_ids(), seed=noise_seed, attention_mask=mask)
     if corruption == "zero":
         return corrupt.zero_ablation(model, clean, site)
     if corruption == "mean":
         return corrupt.mean_ablation(model, clean, site, clean)
     if corruption == "resample":
-        return corrupt.resample_ablation(clean, clean, seed=seed)
+        return corrupt.resample_ablation(clean, clean, seed=noise_seed)
     raise _choice_error("corruption", corruption, CORRUPTIONS)
 
 
@@ -118,8 +116,8 @@ def top_components(result, axes, tokens=None, k=8):
     return lines
 
 
-def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, seed):
-    corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, seed=seed)
+def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, noise_seed):
+    corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, noise_seed=noise_seed)
     return sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
                  direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
 
@@ -180,7 +178,9 @@ def add_task_arguments(parser, *, site):
     parser.add_argument("--direction", default="denoise", choices=DIRECTIONS)
     parser.add_argument("--n-prompts", type=int, default=32)
     parser.add_argument("--noise-samples", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="prompt sampling seed (default: 0)")
+    parser.add_argument("--noise-seed", type=int, default=corrupt.NOISE_SEED,
+                        help=f"Gaussian-noise / resampling seed (default: {corrupt.NOISE_SEED})")
 
 
 def check_out(out, overwrite, kind):
@@ -203,7 +203,7 @@ def cmd_demo(args):
           f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
     print("corruption: symmetric token replacement (ABC names); metric: normalized logit difference; denoising")
     common = dict(corruption="str", metric="logit-diff", direction="denoise", window=1,
-                  noise_samples=1, seed=args.seed)
+                  noise_samples=1, noise_seed=corrupt.NOISE_SEED)
     start = time.perf_counter()
     sweeps = {
         "resid_pre": ("hook_resid_pre", ("layer", "pos"),
@@ -241,7 +241,7 @@ def cmd_sweep(args):
     try:
         result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
                            direction=args.direction, window=args.window, noise_samples=args.noise_samples,
-                           seed=args.seed)
+                           noise_seed=args.noise_seed)
     except (ValueError, FloatingPointError) as e:
         raise Fail(str(e)) from None
     effect = " (noising: patched - clean)" if args.direction == "noise" else ""
@@ -249,7 +249,7 @@ def cmd_sweep(args):
     print("\n".join(top_components(shown(result, args.direction), axes, longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
-                "noise_samples": args.noise_samples}
+                "noise_samples": args.noise_samples, "noise_seed": args.noise_seed}
     out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite, "sweep")
     print(f"results in {out}/")
 
@@ -331,8 +331,8 @@ def build_parser():
     convert.set_defaults(func=cmd_convert)
 
     _delegate("jpatch.face.report", "paper")(sub, "rerun the paper's comparisons and write a Markdown report")
-    _delegate("jpatch.runs.bulk", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
-    _delegate("jpatch.methods.agreement", "attribute")(sub, "attribution-patching estimate of a sweep (--compare-exact: "
+    _delegate("jpatch.face.bulk_cli", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
+    _delegate("jpatch.face.attribute_cli", "attribute")(sub, "attribution-patching estimate of a sweep (--compare-exact: "
                                                      "agreement with the exact sweep)")
     _delegate("jpatch.face.circuit_report", "circuit")(sub, "path patching, ACDC, EAP / EAP-IG circuits and their "
                                                        "faithfulness, as a Markdown report with the circuit picture")

@@ -8,6 +8,7 @@ settings and numbers to JSON for every file jpatch writes.
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -60,13 +61,17 @@ def atomic_dir(out_dir, overwrite=False, *, kind="output", inputs=()):
         raise
 
 
-def to_json(obj):
-    """`obj` with NumPy scalars / arrays and tuples turned into JSON types; raises TypeError naming the key."""
+def to_json(obj, *, str_keys=False):
+    """`obj` with NumPy scalars / arrays and tuples turned into JSON types and non-finite floats
+    into null (JSON has no NaN); raises TypeError naming the key. str_keys: str() other keys
+    instead of refusing them."""
 
     def convert(x, where):
         if isinstance(x, dict):
             out = {}
             for k, v in x.items():
+                if str_keys:
+                    k = str(k)
                 if not isinstance(k, str):
                     raise TypeError(f"settings key {where}{k!r} is not a str")
                 out[k] = convert(v, f"{where}{k}.")
@@ -76,7 +81,9 @@ def to_json(obj):
         if isinstance(x, np.ndarray):
             return convert(x.tolist(), where)
         if isinstance(x, np.generic):
-            return x.item()
+            return convert(x.item(), where)
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
         if isinstance(x, Path):
             return str(x)
         if x is None or isinstance(x, (bool, int, float, str)):

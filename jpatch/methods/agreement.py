@@ -6,40 +6,27 @@ recall (k = 10 and 5% of the components), sign agreement and the largest misses;
 option, AtP*'s false-negative diagnostic: exact patching of random subsets of the
 components outside the estimate's top set, all of a subset at once, to bound the size
 of any effect the estimate missed. `jpatch attribute ... --compare-exact` is the
-command-line form (this module's `add_arguments` / `main`).
+command-line form (`jpatch.face.attribute_cli`).
 """
-
-import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 
 from jpatch.engine.inputs import as_run, batch_mask
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.sweep import default_axes, sweep
+from jpatch.methods.stats import pearson, spearman, top_k
 
 SIGN_FLOOR = 0.01  # components with |exact| below this fraction of the largest do not count for signs
 
 
-def _pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
 def top_k_recall(estimate, exact, k):
     """The fraction of the k largest-|exact| components among the k largest-|estimate| ones."""
-    from jpatch.face.report import top_k
-
     k = min(int(k), np.size(exact))
     return len(set(top_k(exact, k)) & set(top_k(estimate, k))) / k if k else float("nan")
 
 
 def agreement(estimate, exact, axes, *, misses=5):
     """Agreement between an estimate and the exact result of the same sweep (same shape)."""
-    from jpatch.face.report import spearman
-
     estimate, exact = np.asarray(estimate, np.float64), np.asarray(exact, np.float64)
     if estimate.shape != exact.shape:
         raise ValueError(f"estimate {estimate.shape} and exact {exact.shape} must have the same shape")
@@ -52,7 +39,7 @@ def agreement(estimate, exact, axes, *, misses=5):
     k5 = max(1, round(0.05 * n))
     return {
         "components": n,
-        "pearson": _pearson(e, x),
+        "pearson": pearson(e, x),
         "spearman": spearman(e, x),
         "top_k_recall": {str(k): top_k_recall(e, x, k) for k in sorted({10, k5})},
         "sign_agreement": float((np.sign(e[big]) == np.sign(x[big])).mean()) if big.any() else float("nan"),
@@ -173,77 +160,3 @@ def format_report(report):
         lines.append(f"  false-negative diagnostic: {d['subsets']} random subsets of {d['subset_size']} components "
                      f"outside the top {d['outside_top']}: largest |exact effect| {d['max_abs_effect']:.3f}")
     return "\n".join(lines)
-
-
-# --- command line: jpatch attribute ----------------------------------------------------------------
-
-
-def add_arguments(parser):
-    from jpatch.methods.attribution import METHODS
-    from jpatch.face.cli import add_task_arguments
-
-    add_task_arguments(parser, site="z")
-    parser.add_argument("--method", default="atp", help=" | ".join(METHODS))
-    parser.add_argument("--compare-exact", action="store_true",
-                        help="also run the exact sweep and report how well the estimate agrees")
-    parser.add_argument("--diagnostic", type=int, default=0,
-                        help="with --compare-exact: exactly patch this many random subsets outside the top 5%%")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args):
-    from jpatch.methods import attribution
-    from jpatch.face import cli
-    from jpatch.face import plot
-    from jpatch.model import sites
-    if args.method not in attribution.METHODS:
-        raise cli._choice_error("method", args.method, attribution.METHODS)
-    if args.corruption not in cli.CORRUPTIONS:
-        raise cli._choice_error("corruption", args.corruption, cli.CORRUPTIONS)
-    if args.diagnostic and not args.compare_exact:
-        raise cli.Fail("--diagnostic needs --compare-exact")
-    cli.check_at_least(1, n_prompts=args.n_prompts, noise_samples=args.noise_samples)
-    cli.check_at_least(0, diagnostic=args.diagnostic)
-    try:
-        site = sites.canonical(args.site)
-        axes = tuple(args.axes.split(",")) if args.axes else default_axes(site)
-    except (KeyError, ValueError) as e:
-        raise cli.Fail(f"--site {args.site}: {e.args[0]}") from None
-    cli.check_out(args.out, args.overwrite, "attribute")
-    model = cli.load_model(args.model)
-    task = cli.load_task(args.task, args.n_prompts, args.seed)
-    corrupted = cli.make_corruption(model, task, args.corruption, site, noise_samples=args.noise_samples,
-                                    seed=args.seed)
-    metric = cli.make_metric(task, args.metric)
-    clean = task.clean_tokens
-    try:
-        if args.compare_exact:
-            estimate, exact, report = compare_exact(model, clean, corrupted, site, metric, method=args.method,
-                                                    direction=args.direction, axes=axes,
-                                                    diagnostic=args.diagnostic, seed=args.seed,
-                                                    attention_mask=task.attention_mask)
-        else:
-            estimate = attribution.attribute(model, clean, corrupted, site, metric, method=args.method,
-                                             direction=args.direction, axes=axes, attention_mask=task.attention_mask)
-    except (ValueError, FloatingPointError) as e:
-        raise cli.Fail(cli.cli_message(e)) from None
-    print(f"{site} over {' x '.join(axes)}, {args.method} estimate: top components")
-    print("\n".join(cli.top_components(estimate, axes, cli.longest_prompt_tokens(task))))
-    settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
-                "metric": args.metric, "direction": args.direction, "window": 1, "seed": args.seed,
-                "noise_samples": args.noise_samples, "method": args.method}
-    sweeps = {"estimate": (site, axes, np.asarray(estimate))}
-
-    def extra(folder):
-        if args.compare_exact:
-            (folder / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
-            fig = scatter(estimate, exact, title=f"{args.model} | {site} | {args.method} vs exact",
-                          label=args.metric)
-            plot.save(fig, folder / "scatter.png")
-
-    if args.compare_exact:
-        sweeps["exact"] = (site, axes, np.asarray(exact))
-        print(format_report(report))
-    out = cli.write_sweeps(args.out, args.model, task, sweeps, settings, args.overwrite, "attribute", extra=extra)
-    print(f"results in {out}/")

@@ -81,7 +81,8 @@ def kl(*, positions=None, normalize=False):
     return Metric("kl", _neg_kl, {}, positions, "range" if normalize else "baseline")
 
 
-METRICS = ("logit-diff", "prob", "kl", "logprob")  # the names the command line takes
+# The metrics the command line and dataset files name, each with the per-example fields it needs.
+METRICS = {"logit-diff": ("answer", "contrast"), "prob": ("answer",), "kl": (), "logprob": ("answer",)}
 
 
 def by_name(name, answers=None, contrasts=None):

@@ -13,13 +13,12 @@ import importlib.resources
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jpatch.files.atomic import atomic_dir, check_target
+from jpatch.files.atomic import atomic_dir
 from jpatch.model.gpt2 import GPT2, GPT2Config
 
 CONFIG_FILE = "config.json"

@@ -7,8 +7,9 @@ jpatch folder that `jpatch.model.checkpoint.load` reads.
 """
 
 import json
+import logging
 import re
-import sys
+
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def resolve_source(src):
     looks_local = len(path.parts) > 1 and path.parent.exists()
     if not _HUB_ID.fullmatch(name) or name.endswith(WEIGHT_FILES + ("config.json",)) or looks_local:
         raise FileNotFoundError(f"no such checkpoint directory: {path}")
-    print(f"jpatch: {name!r} is not a local directory; trying it as a Hugging Face Hub id", file=sys.stderr)
+    logging.getLogger("jpatch").warning(f"jpatch: {name!r} is not a local directory; trying it as a Hugging Face Hub id")
     return _download(name)
 
 

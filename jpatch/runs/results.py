@@ -34,7 +34,6 @@ metric is undefined (e.g. equal clean and corrupted baselines) is NaN throughout
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 

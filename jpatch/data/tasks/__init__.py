@@ -136,9 +136,10 @@ class Task:
         return mask
 
     def key_token_ids(self):
-        """Sorted unique clean token ids at the key positions (e.g. `std_tokens` for
-        measuring the embedding std of Gaussian noise over the subjects, as ROME does)."""
-        return np.unique(np.take_along_axis(self.clean_tokens, self.key_positions, axis=1))
+        """The clean token ids at the key positions of every prompt, every occurrence counted:
+        the `std_tokens` of Gaussian noise (ROME's rule, `jpatch.methods.corrupt.embedding_std`;
+        the CLI, bulk and the report all measure the std this way)."""
+        return np.take_along_axis(self.clean_tokens, self.key_positions, axis=1).ravel()
 
     def examples(self):
         """One dict per prompt, in the `to_jsonl` format."""
@@ -218,11 +219,11 @@ def read_jsonl(path):
     """Tasks from a file in the dataset format of `Task.to_jsonl` and `jpatch bulk`,
     one per (token length, number of key positions), sorted by those.
 
-    Validation is `jpatch.runs.bulk.read_dataset`'s (a ValueError names each bad line:
+    Validation is `jpatch.data.dataset.read_dataset`'s (a ValueError names each bad line:
     malformed JSON, prompt pairs of unequal token lengths, answers that are not one
     token, key positions out of range); this adds the optional "last_key_position".
     """
-    from jpatch.runs.bulk import jsonl_records, read_dataset
+    from jpatch.data.dataset import jsonl_records, read_dataset
 
     dataset = read_dataset(path)
     lines = {n: json.loads(raw.decode("utf-8", errors="replace")) for n, raw in jsonl_records(path) if raw.strip()}
@@ -250,7 +251,7 @@ TASKS = {"ioi": ioi_task, "factual": factual_task, "greater-than": greater_than_
 
 def _sniff(path):
     """'pairs' for a paired-facts file, 'examples' for a `to_jsonl` file."""
-    from jpatch.runs.bulk import jsonl_records
+    from jpatch.data.dataset import jsonl_records
 
     for _, line in jsonl_records(path):
         if line.strip():
