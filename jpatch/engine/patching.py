@@ -10,15 +10,20 @@ right-padded prompts of different lengths. Other keyword arguments (memory_budge
 devices, ...) go to `jpatch.engine.scores.patch_scores`.
 """
 
+from typing import Union
+
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 
 from jpatch.engine import execute as engine
 from jpatch.engine.inputs import as_run, batch_mask, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, no_op_patches, patch_scores
-from jpatch.engine.inputs import Run  # noqa: F401  (jpatch 0.1 had jpatch.patching.Run and .sweep)
+from jpatch.engine.inputs import Run  # jpatch 0.1 had jpatch.patching.Run and .sweep
 from jpatch.engine.sweep import finish, make_patches, sweep  # noqa: F401
+from jpatch.model.gpt2 import Cache
+from jpatch.model.types import Tokens
 
 
 # name -> (site, axes of the result); TransformerLens 3.9's patching functions.
@@ -73,77 +78,92 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
                   axes, shape)
 
 
-def get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_resid_pre(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                            **kwargs) -> Float[np.ndarray, "layer pos"]:
     """[layer, pos]: the residual stream before each block."""
     return tl_sweep("resid_pre", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_resid_mid(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_resid_mid(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                            **kwargs) -> Float[np.ndarray, "layer pos"]:
     """[layer, pos]: the residual stream between attention and MLP."""
     return tl_sweep("resid_mid", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_out(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                           **kwargs) -> Float[np.ndarray, "layer pos"]:
     """[layer, pos]: each attention layer's output."""
     return tl_sweep("attn_out", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_mlp_out(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                          **kwargs) -> Float[np.ndarray, "layer pos"]:
     """[layer, pos]: each MLP's output."""
     return tl_sweep("mlp_out", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                        **kwargs) -> Float[np.ndarray, "layer head"]:
     """[layer, head]: each head's output (z) at every position."""
     return tl_sweep("attn_head_out_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_q_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                      **kwargs) -> Float[np.ndarray, "layer head"]:
     """[layer, head]: each head's queries at every position."""
     return tl_sweep("attn_head_q_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_k_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                      **kwargs) -> Float[np.ndarray, "layer head"]:
     """[layer, head]: each head's keys at every position."""
     return tl_sweep("attn_head_k_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_v_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                      **kwargs) -> Float[np.ndarray, "layer head"]:
     """[layer, head]: each head's values at every position."""
     return tl_sweep("attn_head_v_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                            **kwargs) -> Float[np.ndarray, "layer head"]:
     """[layer, head]: each head's attention pattern, whole."""
     return tl_sweep("attn_head_pattern_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                       **kwargs) -> Float[np.ndarray, "layer pos head"]:
     """[layer, pos, head]: each head's output (z) at one position."""
     return tl_sweep("attn_head_out_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_q_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                     **kwargs) -> Float[np.ndarray, "layer pos head"]:
     """[layer, pos, head]: each head's queries at one position."""
     return tl_sweep("attn_head_q_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_k_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                     **kwargs) -> Float[np.ndarray, "layer pos head"]:
     """[layer, pos, head]: each head's keys at one position."""
     return tl_sweep("attn_head_k_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_v_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                     **kwargs) -> Float[np.ndarray, "layer pos head"]:
     """[layer, pos, head]: each head's values at one position."""
     return tl_sweep("attn_head_v_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                           **kwargs) -> Float[np.ndarray, "layer head pos"]:
     """[layer, head, pos]: each head's attention pattern row of one query position."""
     return tl_sweep("attn_head_pattern_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                                 **kwargs) -> Float[np.ndarray, "layer head pos pos"]:
     """[layer, head, pos, src]: one entry of each head's attention pattern."""
     return tl_sweep("attn_head_pattern_dest_src_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
@@ -170,16 +190,19 @@ def _act_patch(name):
     return lambda *args, **kwargs: tl_sweep(name, *args, **kwargs)
 
 
-def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_block_every(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                              **kwargs) -> Float[np.ndarray, "3 layer pos"]:
     """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
     return stack_every(_act_patch, "block_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                          **kwargs) -> Float[np.ndarray, "5 layer head"]:
     """[5, layer, head]: output (z), q, k, v, pattern."""
     return stack_every(_act_patch, "attn_head_all_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                         **kwargs) -> Float[np.ndarray, "5 layer pos head"]:
     """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
     return stack_every(_act_patch, "attn_head_by_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)

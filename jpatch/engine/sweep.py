@@ -6,17 +6,19 @@ into a `SweepResult` (`finish`). TransformerLens's `get_act_patch_*` are in `jpa
 
 import itertools
 import math
+from typing import Union
 
 import numpy as np
 
 from jpatch.engine import aggregate
 from jpatch.engine import execute as engine
 from jpatch.engine.execute import ALL, Patches
-from jpatch.engine.inputs import batch_mask, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.readout import prepare_metric, read_logits
 from jpatch.engine.scores import applies, no_op_patches, patch_scores
 from jpatch.model import sites
 from jpatch.model.gpt2 import Cache
+from jpatch.model.types import Grid, Mask, Tokens
 
 WINDOW_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
@@ -164,9 +166,10 @@ def sweep_site(name, n_layer):
     return sites.canonical(name)
 
 
-def sweep(model, clean, corrupted, site, metric, *, direction="denoise", window=1, layers=None, positions=None,
-          heads=None, prompt_positions=None, axes=None, per_prompt=False, attention_mask=None, memory_budget=None,
-          progress=True, skip_layers=True, skip_positions=True, devices=None, check_finite=True):
+def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site: str, metric, *, direction="denoise",
+          window=1, layers=None, positions=None, heads=None, prompt_positions=None, axes=None, per_prompt=False,
+          attention_mask: Mask = None, memory_budget=None, progress=True, skip_layers=True, skip_positions=True,
+          devices=None, check_finite=True) -> Grid:
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;

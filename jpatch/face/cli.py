@@ -77,7 +77,7 @@ def make_corruption(model, task, corruption, site, *, noise_samples, noise_seed)
         return corrupt.mean_ablation(model, clean, site, clean)
     if corruption == "resample":
         return corrupt.resample_ablation(clean, clean, seed=noise_seed)
-    raise _choice_error("corruption", corruption, CORRUPTIONS)
+    raise _choice_error("corruption", corruption, corrupt.CORRUPTIONS)
 
 
 def make_metric(task, name):
@@ -173,7 +173,7 @@ def add_task_arguments(parser, *, site):
     parser.add_argument("--task", default="ioi", help="ioi | factual | greater-than | a .jsonl file")
     parser.add_argument("--site", default=site, help="e.g. resid_pre, attn_out, mlp_out, z, q, k, v, pattern")
     parser.add_argument("--axes", help="comma-separated result axes, e.g. layer,head (default per site)")
-    parser.add_argument("--corruption", default="str", help=" | ".join(CORRUPTIONS))
+    parser.add_argument("--corruption", default="str", help=" | ".join(corrupt.CORRUPTIONS))
     parser.add_argument("--metric", default="logit-diff", help=" | ".join(METRICS))
     parser.add_argument("--direction", default="denoise", choices=DIRECTIONS)
     parser.add_argument("--n-prompts", type=int, default=32)
@@ -222,8 +222,8 @@ def cmd_demo(args):
 
 def cmd_sweep(args):
     from jpatch.model import sites
-    if args.corruption not in CORRUPTIONS:
-        raise _choice_error("corruption", args.corruption, CORRUPTIONS)
+    if args.corruption not in corrupt.CORRUPTIONS:
+        raise _choice_error("corruption", args.corruption, corrupt.CORRUPTIONS)
     if args.metric not in METRICS:
         raise _choice_error("metric", args.metric, METRICS)
     try:

@@ -25,6 +25,7 @@ methods: "atp", "atp-qk" (the QK fix alone: signed, comparable with `sweep`),
 """
 
 import functools
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +33,12 @@ import numpy as np
 
 from jpatch.model import sites
 from jpatch.model.gpt2 import apply_override, causal_attention
-from jpatch.engine.inputs import as_run, batch_mask, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
 from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches, sweep_site
+from jpatch.model.types import Grid, Mask, Tokens
 
 METHODS = ("atp", "atp-qk", "atp*")
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
@@ -240,8 +242,9 @@ def row_chunks(model, metric, data, rows, n_read, row_bytes, memory_budget):
     return [slice(start, start + chunk) for start in range(0, rows, chunk)]
 
 
-def attribute(model, clean, corrupted, site, metric, *, method="atp", direction="denoise", axes=None,
-              per_prompt=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site: str, metric, *, method="atp",
+              direction="denoise", axes=None, per_prompt=False, attention_mask: Mask = None,
+              memory_budget=DEFAULT_MEMORY_BUDGET) -> Grid:
     """The attribution-patching estimate of `sweep(model, clean, corrupted, site, metric, ...)`.
 
     Same arguments, grid axes, shape, normalization and aggregate as `jpatch.sweep` (a

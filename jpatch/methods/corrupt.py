@@ -28,6 +28,7 @@ from jpatch.engine.inputs import Run, token_array
 from jpatch.methods.ablation import mean_ablation, resample_ablation, resample_indices, zero_ablation  # noqa: F401 (the API)
 from jpatch.model import padding
 from jpatch.model.gpt2 import Override
+from jpatch.model.types import Mask, Tokens
 
 NOISE_SEED = 1  # the default seed of Gaussian noise (and resampling) everywhere: API, CLI, bulk, report
 
@@ -108,8 +109,8 @@ def embedding_std(model, token_ids=None):
     return float(np.sqrt((counts[:, None] * (rows - mean) ** 2).sum() / (n - 1)))
 
 
-def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=None, std_tokens=None, seed=NOISE_SEED, key=None,
-                   attention_mask=None):
+def gaussian_noise(model, tokens: Tokens, positions, *, n_samples=10, scale=3.0, std=None, std_tokens=None,
+                   seed=NOISE_SEED, key=None, attention_mask: Mask = None) -> Run:
     """ROME's causal-tracing corruption: noise on the token embeddings of chosen positions.
 
     tokens: [batch, pos] clean token ids.
@@ -133,7 +134,7 @@ def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=Non
     mask [n_samples * batch, pos, 1])}, samples=n_samples).
     """
     tokens = token_array(tokens)
-    model.checktoken_array(jnp.asarray(tokens))
+    model.check_tokens(jnp.asarray(tokens))
     B, T = tokens.shape
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
@@ -171,7 +172,8 @@ def gaussian_noise(model, tokens, positions, *, n_samples=10, scale=3.0, std=Non
 # --- symmetric token replacement ----------------------------------------------------------------
 
 
-def token_replacement(clean_tokens, corrupted_tokens, positions=None, *, attention_mask=None):
+def token_replacement(clean_tokens: Tokens, corrupted_tokens: Tokens, positions=None, *,
+                      attention_mask: Mask = None) -> Run:
     """Symmetric token replacement (STR): the corrupted prompts as a Run.
 
     clean_tokens, corrupted_tokens: [batch, pos] token ids of the same shape (a

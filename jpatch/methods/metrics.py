@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpatch.model.types import Ids
 from jpatch.engine.readout import NORMALIZATIONS, Metric, callable_reads, from_callable, narrowed  # noqa: F401 (the API)
 
 
@@ -56,26 +57,26 @@ def _neg_kl(logits, clean_logits, data):
     return -kl_divergence(clean_logits[:, -1], logits[:, -1])
 
 
-def logit_diff(answers, contrasts, *, positions=None, normalize=True):
+def logit_diff(answers: Ids, contrasts: Ids, *, positions=None, normalize=True) -> Metric:
     """LD = logit(answer) - logit(contrast) at the last read position; normalized
     (LD_pt - LD_*) / (LD_cl - LD_*) by default, as the paper recommends."""
     data = {"answer": _ids(answers, "answers"), "contrast": _ids(contrasts, "contrasts")}
     return Metric("logit_diff", _logit_diff, data, positions, "range" if normalize else "baseline")
 
 
-def probability(answers, *, positions=None, normalize=False):
+def probability(answers: Ids, *, positions=None, normalize=False) -> Metric:
     """P(answer): P_pt(r) - P_*(r), or (P_pt - P_*) / (P_cl - P_*) when normalized."""
     return Metric("probability", _probability, {"answer": _ids(answers, "answers")}, positions,
                   "range" if normalize else "baseline")
 
 
-def logprob(answers, *, positions=None, normalize=False):
+def logprob(answers: Ids, *, positions=None, normalize=False) -> Metric:
     """log P(answer), compared with the corrupted run (or normalized)."""
     return Metric("logprob", _logprob, {"answer": _ids(answers, "answers")}, positions,
                   "range" if normalize else "baseline")
 
 
-def kl(*, positions=None, normalize=False):
+def kl(*, positions=None, normalize=False) -> Metric:
     """D_KL(P_cl || P_*) - D_KL(P_cl || P_pt) over the full next-token distribution
     (divided by D_KL(P_cl || P_*) when normalized)."""
     return Metric("kl", _neg_kl, {}, positions, "range" if normalize else "baseline")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpatch.model.types import Logits, Mask, Tokens
 from jpatch.model import analysis
 
 from jpatch.model import interventions
@@ -324,7 +325,7 @@ class GPT2(FrontDoor, eqx.Module):
         x = edit("unembed.hook_in", normalized * self.ln_f.weight + self.ln_f.bias)
         return edit("unembed.hook_out", jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32))
 
-    def __call__(self, tokens, *, overrides=None, attention_mask=None, logits_at=None):
+    def __call__(self, tokens: Tokens, *, overrides=None, attention_mask: Mask = None, logits_at=None) -> Logits:
         """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]
         (or [batch, K, d_vocab] at `logits_at` [batch, K]).
 
@@ -332,7 +333,8 @@ class GPT2(FrontDoor, eqx.Module):
         (see `jpatch.interventions`)."""
         return self._run(tokens, overrides, attention_mask, logits_at, record=frozenset())[0]
 
-    def run_with_cache(self, tokens, *, names_filter=None, overrides=None, attention_mask=None, logits_at=None):
+    def run_with_cache(self, tokens: Tokens, *, names_filter=None, overrides=None, attention_mask: Mask = None,
+                       logits_at=None) -> tuple[Logits, "Cache"]:
         """Logits and a `Cache` of every hook point, keyed by TransformerLens hook names.
 
         names_filter: None (every hook point but the per-head attn.hook_result), a name or

@@ -9,11 +9,12 @@ sweep reports, so it is refused.
 """
 
 import numpy as np
+from jaxtyping import Int
 
 PAD_ID = 50256  # GPT-2's <|endoftext|>, what encode_batch pads with
 
 
-def pad(sequences, *, pad_id=PAD_ID):
+def pad(sequences, *, pad_id=PAD_ID) -> tuple[Int[np.ndarray, "batch pos"], Int[np.ndarray, "batch pos"]]:
     """Token sequences of different lengths -> (tokens [batch, pos], attention_mask [batch, pos]).
 
     Right padding with `pad_id`; the mask is 1 on real tokens. Empty sequences are refused.
