@@ -21,7 +21,7 @@ from jpatch.engine.inputs import as_run, batch_mask, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, no_op_patches, patch_scores
 from jpatch.engine.inputs import Run  # jpatch 0.1 had jpatch.patching.Run and .sweep
-from jpatch.engine.sweep import finish, make_patches, sweep  # noqa: F401
+from jpatch.engine.sweep import finish, make_patches, sweep  # noqa: F401 (jpatch.patching.sweep)
 from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Tokens
 
@@ -46,14 +46,14 @@ SWEEPS = {
 }
 
 
-def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, **kwargs):
-    """The `get_act_patch_<name>` sweep (`SWEEPS[name]`: its site and result axes)."""
-    site, axes = SWEEPS[name]
+def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mask=None):
+    """The common start of TransformerLens-shaped functions: the corrupted Run, its padding mask,
+    the metric bound to the batch, the positions it reads and the clean logits there, taken from
+    the clean cache's last residual stream (no clean forward)."""
     corrupted = as_run(corrupted_tokens, "corrupted_tokens")
     N, T = corrupted.tokens.shape
     mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
-    # The clean logits at the read positions come from the clean cache's last residual stream.
     read = metric.read_positions(N, T)
     final = clean_cache.stacked("hook_resid_post")[-1]
     if final.shape[:2] != (N, T):
@@ -62,6 +62,15 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     if read is not None:
         final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
     clean_logits = model.unembed(final)
+    return corrupted, mask, metric, read, clean_logits
+
+
+def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, **kwargs):
+    """The `get_act_patch_<name>` sweep (`SWEEPS[name]`: its site and result axes)."""
+    site, axes = SWEEPS[name]
+    corrupted, mask, metric, read, clean_logits = read_clean_cache(model, corrupted_tokens, clean_cache, metric,
+                                                                   attention_mask)
+    N, T = corrupted.tokens.shape
     patches, shape = make_patches(model.config, site, axes, T, N)
     raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
     data = metric.batch_data(N)

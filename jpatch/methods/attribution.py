@@ -30,74 +30,26 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 
 from jpatch.model import sites
-from jpatch.model.gpt2 import apply_override, causal_attention
-from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
-from jpatch.engine.patching import SWEEPS, stack_every
+from jpatch.model.gpt2 import causal_attention
+from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
 from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches, sweep_site
+from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
+from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Grid, Mask, Tokens
 
 METHODS = ("atp", "atp-qk", "atp*")
-WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
 
 # Axes of a site's full-resolution estimate [layer, row, ...]; "row" is the prompt (x sample).
 _DIMS = {"attn.hook_pattern": ("layer", "row", "head", "pos", "src")}
 _DIMS.update({s: ("layer", "row", "pos", "head") for s in sites.HEAD_VECTOR_SITES})
 _DIMS.update({s: ("layer", "row", "pos") for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                                                     "hook_attn_out", "hook_mlp_out")})
-
-
-@jax.custom_vjp
-def _scale_grad(x, scale):
-    """The identity whose backward pass multiplies the gradient by `scale` (GradDrop)."""
-    return x
-
-
-_scale_grad.defvjp(lambda x, scale: (x, scale), lambda scale, ct: (ct * scale.astype(ct.dtype), jnp.zeros_like(scale)))
-
-
-def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, record=(), keep=None,
-                      embed_shift=None):
-    """The base run with `eps[site]` ([n_layer, *activation]) added at each site in `eps`
-    (and `embed_shift` [rows, pos, d_model] added to the embeddings).
-
-    The same blocks, attention and unembedding as `GPT2.__call__` (through the
-    `edit` callback), so d logits / d eps is the gradient with respect to the
-    activations. keep [n_layer]: gradient scale of each layer's residual writes
-    (GradDrop). Returns logits at `read_pos` ([rows, K, vocab]; all positions when
-    None) and the activations of the sites in `record` ([n_layer, ...] each).
-    """
-    cfg = model.config
-    key_mask = None if attention_mask is None else attention_mask.astype(bool)
-    embed = apply_override(overrides.get("hook_embed"), model.wte[tokens], "hook_embed")
-    pos_embed = apply_override(overrides.get("hook_pos_embed"), model.wpe[model.positions(tokens, attention_mask)],
-                               "hook_pos_embed")
-
-    def step(x, per_layer):
-        block, layer_eps, layer_keep = per_layer
-        acts = {}
-
-        def edit(name, act):
-            if name in layer_eps:
-                act = act + layer_eps[name].astype(act.dtype)
-            if name in record:
-                acts[name] = act
-            if keep is not None and name in WRITES:
-                act = _scale_grad(act, layer_keep)
-            return act
-
-        attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
-        return block(x, cfg, attend, edit), acts
-
-    x = embed + pos_embed if embed_shift is None else embed + pos_embed + embed_shift
-    keep_xs = jnp.ones(cfg.n_layer) if keep is None else keep
-    x, acts = jax.lax.scan(step, x.astype(model.dtype), (model.blocks, eps, keep_xs))
-    if read_pos is not None:
-        x = jnp.take_along_axis(x, read_pos[..., None], axis=1)
-    return model.unembed(x), acts
 
 
 def _pattern(q, k, key_mask):
@@ -219,29 +171,6 @@ def to_grid(delta, site, axes):
     return np.transpose(delta, tuple(range(lead)) + tuple(lead + i for i in order))
 
 
-def _check_base(base):
-    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
-    if late:
-        raise ValueError(
-            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
-            f"{', '.join(late)}; attribution differentiates the base run, which may only override "
-            "hook_embed / hook_pos_embed. Use such a run as the source of patched values: direction='noise'")
-
-
-def take_rows(tree, rows_slice, rows):
-    """The rows `rows_slice` of every array in `tree` whose leading axis has `rows` entries."""
-    return jax.tree_util.tree_map(lambda a: a[rows_slice] if np.ndim(a) and np.shape(a)[0] == rows else a, tree)
-
-
-def row_chunks(model, metric, data, rows, n_read, row_bytes, memory_budget):
-    """Slices of prompt rows that fit `memory_budget`; one slice for a metric that is a
-    single number for the whole batch (it cannot be split)."""
-    per_row = jax.eval_shape(lambda lg: metric.score(lg, lg, data), jax.ShapeDtypeStruct(
-        (rows, n_read, model.config.d_vocab), jnp.float32)).shape == (rows,)
-    chunk = max(1, min(rows, int(memory_budget // row_bytes))) if per_row else rows
-    return [slice(start, start + chunk) for start in range(0, rows, chunk)]
-
-
 def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site: str, metric, *, method="atp",
               direction="denoise", axes=None, per_prompt=False, attention_mask: Mask = None,
               memory_budget=DEFAULT_MEMORY_BUDGET) -> Grid:
@@ -274,7 +203,7 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     metric = prepare_metric(metric, cfg.d_vocab, B, T, mask, S)
     patches, shape = make_patches(cfg, site, axes, T, S * B)  # validates the axes
     base, source = (corrupted, clean.tiled(S)) if direction == "denoise" else (clean.tiled(S), corrupted)
-    _check_base(base)
+    check_base(base)
     rows, data = S * B, metric.batch_data(S * B)
     read_pos = metric.read_positions(rows, T)
     mask = None if mask is None else jnp.asarray(np.tile(mask, (S, 1)).astype(np.int32))
@@ -324,51 +253,108 @@ def _result(delta, base_score, clean_score, corrupted_score, metric, site, patch
 # --- TransformerLens-shaped functions -------------------------------------------------
 
 
-def _tl_attr(name):
+def tl_attribution(name, model, corrupted_tokens, clean_cache, metric, *, method="atp", attention_mask=None):
+    """The attribution estimate of `jpatch.patching.get_act_patch_<name>` (method as in `attribute`)."""
     site, axes = SWEEPS[name]
-
-    def get_attr_patch(model, corrupted_tokens, clean_cache, metric, *, method="atp", attention_mask=None):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-        corrupted = as_run(corrupted_tokens, "corrupted_tokens")
-        _check_base(corrupted)
-        N, T = corrupted.tokens.shape
-        mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
-        metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
-        read = metric.read_positions(N, T)
-        final = clean_cache.stacked("hook_resid_post")[-1]
-        if final.shape[:2] != (N, T):
-            raise ValueError(f"clean_cache holds activations of {tuple(final.shape[:2])} tokens, "
-                             f"corrupted_tokens are {(N, T)}: they must have the same [batch, pos] shape")
-        if read is not None:
-            final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
-        clean_logits = model.unembed(final)  # the clean logits at the read positions, from the cache
-        data = metric.batch_data(N)
-        source = {s: clean_cache.stacked(s) for s in _needs(site, method)[1]}
-        delta, base_score, base_logits = jax.device_get(_estimate_from_cache(
-            model, jnp.asarray(corrupted.tokens), corrupted.overrides, source, clean_logits,
-            None if read is None else jnp.asarray(read), data, None if mask is None else jnp.asarray(mask, jnp.int32),
-            score=metric.score, site=site, **_static(site, method, axes)))
-        clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
-        corrupted_score = np.asarray(metric.score(base_logits, clean_logits, data))
-        patches, shape = make_patches(model.config, site, axes, T, N)
-        # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
-        return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
-                       site, patches, axes, shape, prompt_lengths(mask, N, T), magnitude=method == "atp*")
-
-    get_attr_patch.__name__ = f"get_attr_patch_{name}"
-    get_attr_patch.__doc__ = (
-        f"The attribution estimate of `jpatch.patching.get_act_patch_{name}`: patching {site} over {axes} "
-        f"of the corrupted run with clean values, shape {tuple(axes)}; method as in `attribute`.")
-    return get_attr_patch
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    corrupted, mask, metric, read, clean_logits = read_clean_cache(model, corrupted_tokens, clean_cache, metric,
+                                                                   attention_mask)
+    check_base(corrupted)
+    N, T = corrupted.tokens.shape
+    data = metric.batch_data(N)
+    source = {s: clean_cache.stacked(s) for s in _needs(site, method)[1]}
+    delta, base_score, base_logits = jax.device_get(_estimate_from_cache(
+        model, jnp.asarray(corrupted.tokens), corrupted.overrides, source, clean_logits,
+        None if read is None else jnp.asarray(read), data, None if mask is None else jnp.asarray(mask, jnp.int32),
+        score=metric.score, site=site, **_static(site, method, axes)))
+    clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
+    corrupted_score = np.asarray(metric.score(base_logits, clean_logits, data))
+    patches, shape = make_patches(model.config, site, axes, T, N)
+    # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
+    return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
+                   site, patches, axes, shape, prompt_lengths(mask, N, T), magnitude=method == "atp*")
 
 
-for _name in SWEEPS:
-    globals()[f"get_attr_patch_{_name}"] = _tl_attr(_name)
+
+def get_attr_patch_resid_pre(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                             **kwargs) -> Float[np.ndarray, "layer pos"]:
+    """The estimate of `get_act_patch_resid_pre`: [layer, pos]."""
+    return tl_attribution("resid_pre", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_resid_mid(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                             **kwargs) -> Float[np.ndarray, "layer pos"]:
+    """The estimate of `get_act_patch_resid_mid`: [layer, pos]."""
+    return tl_attribution("resid_mid", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_out(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                            **kwargs) -> Float[np.ndarray, "layer pos"]:
+    """The estimate of `get_act_patch_attn_out`: [layer, pos]."""
+    return tl_attribution("attn_out", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_mlp_out(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                           **kwargs) -> Float[np.ndarray, "layer pos"]:
+    """The estimate of `get_act_patch_mlp_out`: [layer, pos]."""
+    return tl_attribution("mlp_out", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_out_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                         **kwargs) -> Float[np.ndarray, "layer head"]:
+    """The estimate of `get_act_patch_attn_head_out_all_pos`: [layer, head]."""
+    return tl_attribution("attn_head_out_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_q_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                       **kwargs) -> Float[np.ndarray, "layer head"]:
+    """The estimate of `get_act_patch_attn_head_q_all_pos`: [layer, head]."""
+    return tl_attribution("attn_head_q_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_k_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                       **kwargs) -> Float[np.ndarray, "layer head"]:
+    """The estimate of `get_act_patch_attn_head_k_all_pos`: [layer, head]."""
+    return tl_attribution("attn_head_k_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_v_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                       **kwargs) -> Float[np.ndarray, "layer head"]:
+    """The estimate of `get_act_patch_attn_head_v_all_pos`: [layer, head]."""
+    return tl_attribution("attn_head_v_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_pattern_all_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                             **kwargs) -> Float[np.ndarray, "layer head"]:
+    """The estimate of `get_act_patch_attn_head_pattern_all_pos`: [layer, head]."""
+    return tl_attribution("attn_head_pattern_all_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_out_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                        **kwargs) -> Float[np.ndarray, "layer pos head"]:
+    """The estimate of `get_act_patch_attn_head_out_by_pos`: [layer, pos, head]."""
+    return tl_attribution("attn_head_out_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_q_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                      **kwargs) -> Float[np.ndarray, "layer pos head"]:
+    """The estimate of `get_act_patch_attn_head_q_by_pos`: [layer, pos, head]."""
+    return tl_attribution("attn_head_q_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_k_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                      **kwargs) -> Float[np.ndarray, "layer pos head"]:
+    """The estimate of `get_act_patch_attn_head_k_by_pos`: [layer, pos, head]."""
+    return tl_attribution("attn_head_k_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_v_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                      **kwargs) -> Float[np.ndarray, "layer pos head"]:
+    """The estimate of `get_act_patch_attn_head_v_by_pos`: [layer, pos, head]."""
+    return tl_attribution("attn_head_v_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_pattern_by_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                            **kwargs) -> Float[np.ndarray, "layer head pos"]:
+    """The estimate of `get_act_patch_attn_head_pattern_by_pos`: [layer, head, pos]."""
+    return tl_attribution("attn_head_pattern_by_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+def get_attr_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,
+                                                  **kwargs) -> Float[np.ndarray, "layer head pos pos"]:
+    """The estimate of `get_act_patch_attn_head_pattern_dest_src_pos`: [layer, head, pos, src]."""
+    return tl_attribution("attn_head_pattern_dest_src_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
 def _attr_patch(name):
-    return globals()[f"get_attr_patch_{name}"]
+    return lambda *args, **kwargs: tl_attribution(name, *args, **kwargs)
 
 
 def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):

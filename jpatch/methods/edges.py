@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import sites
-from jpatch.methods.attribution import _check_base, perturbed_forward, row_chunks, take_rows
+from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
 from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
@@ -224,7 +224,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     clean_rows = clean.tiled(S)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    _check_base(base)
+    check_base(base)
     read_pos = metric.read_positions(S * B, T)
     rows = S * B
     data = metric.batch_data(rows)
