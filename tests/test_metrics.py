@@ -220,10 +220,10 @@ def test_compare_modes():
     patched = np.array([[1.0, 2.0], [3.0, 5.0]])
     clean, corrupted = np.array([3.0, 5.0]), np.array([1.0, 1.0])
     metric = lambda normalize: metrics.Metric("m", None, normalize=normalize)
-    assert_close(metric("none").compare(patched, clean, corrupted), patched, 0)
-    assert_close(metric("baseline").compare(patched, clean, corrupted), [[0.0, 1.0], [2.0, 4.0]], 0)
-    assert_close(metric("range").compare(patched, clean, corrupted), [[0.0, 0.25], [1.0, 1.0]], 0)
-    assert_close(metric("range").compare(2.0, 3.0, 1.0), 0.5, 0)
+    assert_close(metric("none").normalized(patched, clean, corrupted), patched, 0)
+    assert_close(metric("baseline").normalized(patched, clean, corrupted), [[0.0, 1.0], [2.0, 4.0]], 0)
+    assert_close(metric("range").normalized(patched, clean, corrupted), [[0.0, 0.25], [1.0, 1.0]], 0)
+    assert_close(metric("range").normalized(2.0, 3.0, 1.0), 0.5, 0)
     with pytest.raises(ValueError, match=r"unknown normalize='ranged'; valid: none, baseline, range"):
         metric("ranged")
     assert metrics.logit_diff([1], [2]).normalize == "range"

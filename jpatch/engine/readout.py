@@ -70,8 +70,8 @@ class Metric:
                 raise ValueError(f"metric {self.name!r}: {key} has shape {np.shape(value)}, expected one per prompt ({batch})")
         return {k: jnp.asarray(v) for k, v in self.data.items()}
 
-    def compare(self, patched, clean, corrupted):
-        """Normalise raw scores (any shape, broadcasting) against the two baselines."""
+    def normalized(self, patched, clean, corrupted):
+        """Raw scores (any shape, broadcasting) normalized against the two baselines, by `self.normalize`."""
         return aggregate.normalize(self.normalize, patched, clean, corrupted)
 
 

@@ -124,7 +124,7 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, s
     _check = _check_finite if check else (lambda *args: None)
     info = dict(axes=tuple(axes), normalization=metric.normalize)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
-        values = metric.compare(raw, clean_score, corrupted_score).reshape(shape)
+        values = metric.normalized(raw, clean_score, corrupted_score).reshape(shape)
         _check(values.reshape(-1), defined, axes, shape)
         return aggregate.SweepResult(values, clean=float(clean_score), corrupted=float(corrupted_score),
                                      per_prompt=False, **info)

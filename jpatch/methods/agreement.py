@@ -100,7 +100,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     base_score = score(base)
     if base_score.ndim:  # per-prompt scores: the sweep's mean over prompts
         base_score, clean_score, corrupted_score = base_score.mean(), clean_score.mean(), corrupted_score.mean()
-    unpatched = metric.compare(base_score, clean_score, corrupted_score)
+    unpatched = metric.normalized(base_score, clean_score, corrupted_score)
     effects = []
     for grid_mask in chosen:
         select = np.zeros([value.shape[i] if n != "row" else 1 for i, n in enumerate(names)], bool)
@@ -110,7 +110,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
         if site != "attn.hook_pattern":
             select = select[..., None]  # the feature axis
         raw = np.mean(score(base, {site: Override(value, jnp.asarray(select))}))
-        effects.append(float(metric.compare(raw, clean_score, corrupted_score) - unpatched))
+        effects.append(float(metric.normalized(raw, clean_score, corrupted_score) - unpatched))
     return np.array(effects)
 
 

@@ -404,7 +404,7 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
         clean_is_base=direction == "noise", freeze_mlps=bool(freeze_mlps)))
     raw, clean_score, corrupted_score = (np.asarray(a, np.float64) for a in (raw, clean_score, corrupted_score))
     if raw.ndim == 1:
-        values = metric.compare(raw, clean_score, corrupted_score)
+        values = metric.normalized(raw, clean_score, corrupted_score)
     else:
         values = aggregate.normalized_mean(metric.normalize, raw, clean_score, corrupted_score)
     return aggregate.SweepResult(np.asarray(values).reshape(shape), clean=float(clean_score.mean()),
