@@ -155,17 +155,6 @@ def check_memory_budget(memory_budget):
     return memory_budget
 
 
-def sweep_site(name, n_layer):
-    """The site a sweep patches: "resid_pre" / "hook_resid_pre" / "blocks.3.hook_resid_pre" are
-    accepted as names, but one layer's full name is refused (a sweep runs over layers; choose
-    them with `layers=`) rather than silently sweeping every layer."""
-    if isinstance(name, str) and name.startswith("blocks."):
-        site, layer = sites.parse(name, n_layer)
-        raise ValueError(f"{name!r} names one layer; a sweep patches a site over layers: pass the site "
-                         f"{site!r} (add layers=[{layer}] to patch that layer only)")
-    return sites.canonical(name)
-
-
 def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site: str, metric, *, direction="denoise",
           window=1, layers=None, positions=None, heads=None, prompt_positions=None, axes=None, per_prompt=False,
           attention_mask: Mask = None, memory_budget=None, progress=True, skip_layers=True, skip_positions=True,
@@ -188,7 +177,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     check_finite: raise FloatingPointError naming the first patch whose value is not finite
     (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
     """
-    site = sweep_site(site, model.config.n_layer)
+    site = sites.canonical(site)
     if memory_budget is not None:
         check_memory_budget(memory_budget)
     check_direction(direction)

@@ -38,7 +38,7 @@ from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, 
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
-from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches, sweep_site
+from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches
 from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
 from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Grid, Mask, Tokens
@@ -187,7 +187,7 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     they do not fit `memory_budget` (bytes; a metric that is one number for the whole
     batch is never split).
     """
-    site = sweep_site(site, model.config.n_layer)
+    site = sites.canonical(site)
     if site not in _DIMS:
         default_axes(site)  # raises: the site has no layers to sweep
     check_memory_budget(memory_budget)

@@ -109,11 +109,23 @@ def resolve(name, n_layer=None):
     return site, layer
 
 
+class OneLayerName(KeyError, ValueError):
+    """A one-layer name ('blocks.3.hook_resid_pre') where a site is expected: a KeyError for name
+    lookups, a ValueError for the sweeps that take a site (they refuse it the same way)."""
+
+    def __str__(self):
+        return self.args[0]
+
+
 def canonical(site):
-    """A site name without a layer, in any spelling ('z' / 'attn.hook_z') -> 'attn.hook_z'."""
+    """A site name without a layer, in any spelling ('z' / 'attn.hook_z') -> 'attn.hook_z'.
+
+    The one resolver of a site where a site (not one layer's activation) is expected: sweeps,
+    bulk, the command line. A one-layer name is refused, never silently read as its site."""
     site_name, layer = resolve(site)
     if layer is not None:
-        raise KeyError(f"{site!r} names one layer; pass the site without its layer ({site_name!r})")
+        raise OneLayerName(f"{site!r} names one layer; a site is expected here: pass the site {site_name!r} "
+                           f"(add layers=[{layer}] to patch that layer only)")
     return site_name
 
 

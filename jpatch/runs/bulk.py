@@ -77,9 +77,6 @@ def resolve_sites(names, window=1):
             site, axes = SWEEPS[name]
         else:
             try:
-                if name.startswith("blocks."):
-                    raise KeyError(f"{name!r} names one layer; a bulk sweep covers every layer: "
-                                   f"pass {sites.parse(name)[0]!r}")
                 site = sites.canonical(name)
                 axes = default_axes(site)
             except (KeyError, ValueError) as e:
