@@ -12,6 +12,7 @@ import jpatch
 from jpatch.methods import stats
 from jpatch.methods import corrupt
 from jpatch.face import report as paper
+from jpatch.face import report_parts, report_sections
 from jpatch.files import safety
 from jpatch.data.tasks import factual_task, ioi_task
 
@@ -127,11 +128,11 @@ def test_factual_gn_vs_str_equals_direct_sweeps(tiny, report):
 def test_choose_factual_weights_and_buckets():
     tasks = factual_task()
     sizes = sorted((len(t) for t in tasks), reverse=True)
-    chosen = paper.choose_factual(tasks, sizes[0] + sizes[1] + 3, min_bucket=8)
+    chosen = report_parts.choose_factual(tasks, sizes[0] + sizes[1] + 3, min_bucket=8)
     assert [len(t) for t in chosen] == [sizes[0], sizes[1]]  # 3 more prompts (2 after rounding to pairs) < 8
-    chosen = paper.choose_factual(tasks, sizes[0] + 10, min_bucket=8)
+    chosen = report_parts.choose_factual(tasks, sizes[0] + 10, min_bucket=8)
     assert [len(t) for t in chosen] == [sizes[0], 10]
-    assert [len(t) for t in paper.choose_factual(tasks, 1)] == [2]
+    assert [len(t) for t in report_parts.choose_factual(tasks, 1)] == [2]
 
 
 def test_helpers():
@@ -146,7 +147,7 @@ def test_refuses_non_empty_out_dir_before_any_work(tiny, tmp_path, monkeypatch):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    monkeypatch.setattr(paper, "sweep", lambda *a, **k: pytest.fail("swept although the folder is refused"))
+    monkeypatch.setattr(report_parts, "sweep", lambda *a, **k: pytest.fail("swept although the folder is refused"))
     with pytest.raises(FileExistsError, match="did not write"):
         paper.run_paper(tiny, out, **SETTINGS)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
@@ -156,7 +157,7 @@ def test_refuses_non_empty_out_dir_before_any_work(tiny, tmp_path, monkeypatch):
 
 
 def _failing_sweep(monkeypatch, after):
-    real, calls = paper.sweep, []
+    real, calls = report_parts.sweep, []
 
     def sweep(*args, **kwargs):
         calls.append(1)
@@ -164,7 +165,9 @@ def _failing_sweep(monkeypatch, after):
             raise RuntimeError("sweep failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(paper, "sweep", sweep)
+    for module in (report_parts, report_sections):  # every report module that sweeps
+        if hasattr(module, "sweep"):
+            monkeypatch.setattr(module, "sweep", sweep)
 
 
 def test_no_half_written_folder_when_a_section_raises(tiny, tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def head_header(model, names):
     return ["head"] + (["Wang et al. class"] if _gpt2_small(model) else []) + list(names)
 
 
-def heatmaps(panels, *, rows="layer", cols="head", col_labels=None):
+def heatmap_figure(panels, *, rows="layer", cols="head", col_labels=None):
     """Side-by-side heatmaps: panels = [(values, title, colorbar label)]."""
     import matplotlib.pyplot as plt
 
@@ -147,7 +147,7 @@ def heatmaps(panels, *, rows="layer", cols="head", col_labels=None):
     return fig
 
 
-def curves(panels, n_layer):
+def curve_figure(panels, n_layer):
     """Per-layer line plots: panels = [(title, [(label, curve), ...])]."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

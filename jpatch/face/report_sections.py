@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from jpatch.face.report_parts import (FACTUAL_SITES, HEADS, baseline, curves, factual, factual_curve, fmt, head_header,
-                                      head_name, head_rows, heatmaps, ioi, ioi_heads, md_table)
+from jpatch.face.report_parts import (FACTUAL_SITES, HEADS, baseline, curve_figure, factual, factual_curve, fmt,
+                                      head_header, head_name, head_rows, heatmap_figure, ioi, ioi_heads, md_table)
 from jpatch.methods import metrics
 from jpatch.methods.stats import peak, spearman, top_k
 
@@ -30,7 +30,7 @@ def section_corruption_ioi(run):
         "top_gn": [head_name(i, model.config.n_head) for i in top_gn],
         "overlap": overlap, "k": k, "spearman": rho, "baselines": base,
     }
-    fig = run.figure(heatmaps([(gn_, "GN (name tokens)", "normalized logit diff"),
+    fig = run.figure(heatmap_figure([(gn_, "GN (name tokens)", "normalized logit diff"),
                                 (str_, "STR (ABC names)", "normalized logit diff")]), "fig1_ioi_heads_gn_vs_str.png")
     verdict = ("agree" if overlap == k and rho >= 0.9 else "partly agree" if overlap >= k / 2 and rho >= 0.5
                else "differ")
@@ -110,7 +110,7 @@ def section_corruption_factual(run):
                                          "peak_gn": p_gn[0], "spearman": rho, "baselines": mean}
     site_curves = lambda c, mlp: [("MLP out", mlp), ("attention out", context[("attn_out", c)]),
                                   ("resid_pre (hidden state)", context[("resid_pre", c)])]
-    fig = run.figure(curves([("MLP output at the last subject token", [("STR", str_), ("GN", gn_)]),
+    fig = run.figure(curve_figure([("MLP output at the last subject token", [("STR", str_), ("GN", gn_)]),
                               ("STR: the three sites", site_curves("str", str_)),
                               ("GN: the three sites", site_curves("gn", gn_))], model.config.n_layer),
                      "fig2_factual_mlp_gn_vs_str.png")
@@ -176,7 +176,7 @@ def section_metrics(run):
         "min": {"logit_diff": float(ld.min()), "probability": float(prob.min()), "kl": float(kl.min())},
         "spearman_ld_prob": spearman(ld, prob), "spearman_ld_kl": spearman(ld, kl),
     }
-    fig = run.figure(heatmaps([(ld, "logit difference", "normalized"), (prob, "probability", "normalized"),
+    fig = run.figure(heatmap_figure([(ld, "logit difference", "normalized"), (prob, "probability", "normalized"),
                                 (kl, "KL divergence", "normalized")]), "fig3_ioi_heads_metrics.png")
     missed = [i for i in most_negative if ld.ravel()[i] < -thr and prob.ravel()[i] >= -thr]
     if most_negative:
@@ -231,7 +231,7 @@ def section_window(run):
         numbers[f"{c}_w{win}"] = {"peak_layer": at, "peak": top, "width": width, "curve": curve.tolist()}
         rows.append([c.upper(), win, at, fmt(top), width, fmt(curve.sum())])
     run.numbers["window"] = numbers
-    fig = run.figure(curves([(f"{c.upper()}: window 1 vs {w}", [(f"window {win}", curves[(c, win)])
+    fig = run.figure(curve_figure([(f"{c.upper()}: window 1 vs {w}", [(f"window {win}", curves[(c, win)])
                                                                   for win in (1, w)]) for c in ("str", "gn")],
                              model.config.n_layer), "fig4_factual_mlp_window.png")
     table = md_table(["layer"] + [f"{c.upper()} w{win}" for c, win in curves],
@@ -289,10 +289,10 @@ def section_direction(run):
     from jpatch.model.tokenizer import get_tokenizer
 
     labels = get_tokenizer().to_str_tokens(task.clean_tokens[0])
-    fig_heads = run.figure(heatmaps([(den, "denoising: recovered", "normalized logit diff"),
+    fig_heads = run.figure(heatmap_figure([(den, "denoising: recovered", "normalized logit diff"),
                                       (drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")]),
                            "fig5_ioi_heads_denoise_vs_noise.png")
-    fig_resid = run.figure(heatmaps([(res_den, "denoising: recovered", "normalized logit diff"),
+    fig_resid = run.figure(heatmap_figure([(res_den, "denoising: recovered", "normalized logit diff"),
                                       (res_drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")],
                                      cols="pos", col_labels=labels), "fig5_ioi_resid_pre_denoise_vs_noise.png")
     order = list(dict.fromkeys(top_den + top_noi))
@@ -357,7 +357,7 @@ def section_attribution(run):
             rows.append([f"`{site}`", method, "exact" if signed else "abs(exact)", na(stats["pearson"]),
                          na(stats["spearman"]), na(recall), na(stats["sign_agreement"]) if signed else "-"])
     z_atp = run.arrays["ioi_heads_z_atp"]
-    fig = run.figure(heatmaps([(run.arrays["ioi_heads_str_ld_denoise"], "exact patching", "normalized logit diff"),
+    fig = run.figure(heatmap_figure([(run.arrays["ioi_heads_str_ld_denoise"], "exact patching", "normalized logit diff"),
                                 (z_atp, "AtP estimate", "normalized logit diff")]), "fig6_ioi_heads_atp_vs_exact.png")
     z = found["z/atp"]
     return [
