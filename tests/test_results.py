@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jpatch
+from jpatch.files import atomic
 from jpatch.runs import results
 from jpatch.runs.results import Result, load_result, save_result
 
@@ -66,7 +67,7 @@ def test_no_half_written_folder_on_failure(tmp_path, monkeypatch):
     assert load_result(tmp_path / "r").settings["v"] == 1
     with pytest.raises(OSError):
         monkeypatch.setattr(np, "savez", failing_savez)
-        results.atomic_write_npz(tmp_path / "shard.npz", {"x": np.zeros(2)})
+        atomic.atomic_write_npz(tmp_path / "shard.npz", {"x": np.zeros(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
@@ -80,7 +81,7 @@ def fake_bulk(folder, n_prompts=5, shard_size=2, lengths=(3, 2, 3, 1, 2), skip=(
                 "shard_size": shard_size,
                 "n_shards": n_shards, "max_len": 3, "sites": {"s": {"site": "hook_resid_pre", "axes": ["layer", "pos"],
                                                                     "grid": [2, 3]}}}
-    results.atomic_write_json(folder / results.MANIFEST_FILE, manifest)
+    atomic.atomic_write_json(folder / results.MANIFEST_FILE, manifest)
     raw = np.full((n_prompts, 2, 3), np.nan, np.float32)
     for i, T in enumerate(lengths):
         raw[i, :, :T] = i + np.arange(2 * T).reshape(2, T)
@@ -90,7 +91,7 @@ def fake_bulk(folder, n_prompts=5, shard_size=2, lengths=(3, 2, 3, 1, 2), skip=(
         if k in skip:
             continue
         index = order[k * shard_size:(k + 1) * shard_size]
-        results.atomic_write_npz(folder / results.shard_name(k), {
+        atomic.atomic_write_npz(folder / results.shard_name(k), {
             "index": index, "length": np.array(lengths)[index], "s": full[index], "raw.s": raw[index],
             "clean_score": clean[index], "corrupted_score": corrupted[index],
             "run_hash": np.array("x" * 64 if k in wrong_hash else manifest["hash"])})
