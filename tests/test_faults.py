@@ -292,7 +292,7 @@ def test_sigkill_during_convert_leaves_no_stale_folder_after_the_next_run(hf_tin
     child = tmp_path / "child.py"
     child.write_text(
         "import sys, time\n"
-        "from jpatch import safety, convert\n"
+        "from jpatch.files import safety\nfrom jpatch.model import convert\n"
         "safety.write_marker = lambda *a, **k: time.sleep(600)  # hold the full temporary folder\n"
         "convert.convert_hf(sys.argv[1], sys.argv[2])\n"
     )
