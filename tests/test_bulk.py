@@ -374,7 +374,7 @@ def test_cli_main(model, data7, tmp_path, capsys):
     argv = ["--model", str(tmp_path / "weights" / "tiny"), "--data", str(data7), "--sites", "resid_pre", "--out",
             str(tmp_path / "cli"), "--shard-size", "4", "--memory-budget", "512M", "--no-progress"]
     args = parser.parse_args(argv)
-    assert args.memory_budget == 512 << 20 and args.metric == "logit-diff" and args.corruption == "str"
+    assert bulk_cli.parse_bytes(args.memory_budget) == 512 << 20 and args.metric == "logit-diff" and args.corruption == "str"
     assert bulk_cli.main(args) == 0
     out = capsys.readouterr().out
     assert "2 shard(s) computed" in out and "resid_pre: 7 prompts" in out
@@ -404,3 +404,15 @@ def test_undefined_metric_is_stored_as_nan_with_a_warning(model, tmp_path):
     assert np.isnan(load_result(run.out_dir)["resid_pre"]).all()
     with pytest.raises(ValueError, match="line 1: answer and contrast are the same token"):
         read_dataset(write_jsonl(tmp_path / "same.jsonl", [{**GOOD, "contrast": GOOD["answer"]}]))
+
+
+def test_cli_refuses_a_zero_memory_budget_with_a_jpatch_line(tmp_path):
+    """--memory-budget is validated with the other settings: a `jpatch bulk:` message, not argparse's usage."""
+    from jpatch.face.cli import Fail
+
+    parser = bulk_cli.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", "toy", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"),
+                              "--memory-budget", "0"])
+    with pytest.raises(Fail, match="jpatch bulk: byte count must be positive, got '0'"):
+        bulk_cli.main(args)
+    assert list(tmp_path.iterdir()) == []

@@ -46,7 +46,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"prompts per shard file (default: {DEFAULT_SHARD_SIZE})")
-    parser.add_argument("--memory-budget", type=parse_bytes, default=DEFAULT_MEMORY_BUDGET,
+    parser.add_argument("--memory-budget", default=str(DEFAULT_MEMORY_BUDGET),
                         help="bytes per compiled call, e.g. 4G (default: 4G)")
     parser.add_argument("--seed", type=int, default=corrupt.NOISE_SEED,
                         help=f"Gaussian-noise seed (default: {corrupt.NOISE_SEED})")
@@ -85,6 +85,7 @@ def main(args):
     corruption, metric = args.corruption, args.metric
     try:
         resolve_sites(args.sites, args.window)
+        memory_budget = parse_bytes(args.memory_budget)
         for name in ("window", "shard_size", "n_samples"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
@@ -96,7 +97,7 @@ def main(args):
         dataset = read_dataset(args.data, corruption=corruption, metric=metric)
         model = load(args.model, dtype=args.dtype)
         run = bulk_sweep(model, dataset, args.sites, corruption, metric, args.out, direction=args.direction,
-                         window=args.window, shard_size=args.shard_size, memory_budget=args.memory_budget,
+                         window=args.window, shard_size=args.shard_size, memory_budget=memory_budget,
                          seed=args.seed, n_samples=args.n_samples, noise_scale=args.noise_scale,
                          noise_std=args.noise_std, model_name=str(args.model), progress=not args.no_progress,
                          process_index=args.process_index, process_count=args.process_count,
