@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +58,66 @@ class Patches:
         )
 
 
+class Stage(NamedTuple):
+    """The layers [first_layer, end_layer) run with the rows of the patches alive there."""
+
+    first_layer: int
+    end_layer: int
+    n_patches: int  # patch slots alive (slot 0, the padding patch, included)
+    n_rows: int  # rows alive: those of the alive patches and the padding rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each patch's rows live. Static ints shape the compiled program."""
+    """Where each patch's rows live. The stages' ints shape the compiled program."""
 
     order: np.ndarray  # [n] the patch in each slot (sorted by stage), -1 for a padding slot
-    stages: tuple  # ((first_layer, end_layer, n_patches_alive, n_rows_alive), ...)
+    stages: tuple  # (Stage, ...)
     row_patch: np.ndarray  # [R] the slot of each row (slot 0: padding rows)
-    row_pos: np.ndarray  # [R]
-    dense_idx: np.ndarray  # [n, T] row of (patch, position), -1 where the position is not recomputed
+    row_pos: np.ndarray  # [R] the row's position
+    row_at: np.ndarray  # [n, T] row of (slot, position), -1 where the position is not recomputed
+
+    def rows(self):
+        """The arrays the compiled call reads."""
+        return Rows(self.row_patch, self.row_pos, self.row_at)
+
+
+class Rows(NamedTuple):
+    """A Layout's row arrays, as `run_layout` takes them."""
+
+    patch: jax.Array  # [R]
+    pos: jax.Array  # [R]
+    at: jax.Array  # [n, T]
+
+
+class SlotPatches(NamedTuple):
+    """The patches in a layout's slots (padding slots: an empty layer window)."""
+
+    layer_lo: jax.Array  # [n]
+    layer_hi: jax.Array  # [n]
+    pos: jax.Array  # [n, B]
+    head: jax.Array  # [n]
+    src: jax.Array  # [n]
+
+
+class BaseCache(NamedTuple):
+    """What a patched run reads of the base run (stacks over layers, then prompts)."""
+
+    resid_pre: jax.Array  # [L, B, T, d_model]
+    k: jax.Array  # [L, B, T, H, d_head]
+    v: jax.Array  # [L, B, T, H, d_head]
+    final: jax.Array  # [B, T, d_model]: the last residual stream
+
+    @classmethod
+    def from_sites(cls, stacks):
+        """From `cached_sites(..., BASE_SITES, ...)`."""
+        return cls(*(stacks[s] for s in BASE_SITES))
+
+
+class MetricInputs(NamedTuple):
+    read_pos: jax.Array  # [B, K] the logit positions the metric reads
+    clean_logits: jax.Array  # the clean run's logits at those positions
+    data: dict  # the metric's per-prompt arrays
 
 
 def _starts(patches, n_layer, skip_layers, skip_positions, max_stages):
@@ -109,7 +161,7 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
     max_patches = np.max([count(m) for m in dealt], axis=0) if n else np.zeros(0, int)
     max_rows = np.max([rows_of(m) for m in dealt], axis=0) if n else np.zeros(0, int)
     ends = list(starts[1:]) + [n_layer]
-    stages = tuple((int(first), int(end), int(1 + max_patches[: k + 1].sum()), int(max_rows[: k + 1].sum()))
+    stages = tuple(Stage(int(first), int(end), int(1 + max_patches[: k + 1].sum()), int(max_rows[: k + 1].sum()))
                    for k, (first, end) in enumerate(zip(starts, ends)))
     out = []
     for members in dealt:
@@ -124,12 +176,11 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
             pad = int(max_rows[k] - (pos_len - start_pos[in_stage]).sum())
             row_patch.append(np.zeros(pad, int))
             row_pos.append(np.full(pad, pos_len - 1))
-        row_patch = np.concatenate(row_patch).astype(int)
-        row_pos = np.concatenate(row_pos).astype(int)
-        dense_idx = np.full((len(slots), pos_len), -1)
+        row_patch, row_pos = (np.concatenate(a).astype(int) for a in (row_patch, row_pos))
+        row_at = np.full((len(slots), pos_len), -1)
         real = row_patch > 0
-        dense_idx[row_patch[real], row_pos[real]] = np.flatnonzero(real)
-        out.append((np.array(slots), Layout(np.array(slots), stages, row_patch, row_pos, dense_idx)))
+        row_at[row_patch[real], row_pos[real]] = np.flatnonzero(real)
+        out.append((np.array(slots), Layout(np.array(slots), stages, row_patch, row_pos, row_at)))
     return out
 
 
@@ -137,9 +188,9 @@ def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
     """A rough peak-memory estimate of one prompt's share of a call: activations of
     `itemsize` bytes (float32: the residual stream is float32 whatever the weights' dtype),
     attention scores in float32."""
-    rows = max((s[3] for s in layout.stages), default=0)
+    rows = max((s.n_rows for s in layout.stages), default=0)
     n = len(layout.order)
-    T = layout.dense_idx.shape[1]
+    T = layout.row_at.shape[1]
     d, H = config.d_model, config.n_head
     per_row = 3 * d + config.d_mlp + 4 * d
     dense = n * T * 4 * d * itemsize + n * T * 2 * H * T * 4
@@ -165,83 +216,81 @@ def _matches(chosen, index):
     return (chosen == ALL) | (chosen == index)
 
 
-@functools.partial(jax.jit, static_argnames=("score", "site", "stages", "n_read_all"))
-def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, clean_logits, data, *, score, site, stages, n_read_all):
-    """Patched runs of every patch for a chunk of prompts.
+@functools.partial(jax.jit, static_argnames=("score", "site", "stages", "read_all"))
+def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, stages, read_all):
+    """Patched runs of every patch for a chunk of prompts: raw metric scores [n, B] (or [n]).
 
-    base: dict of the base run's cache stacks ("hook_resid_pre", "attn.hook_k",
-    "attn.hook_v" [L, B, ...], "final" [B, T, d]); source: the site's stack
-    [L, B, ...]; meta: per (sorted) patch arrays layer_lo, layer_hi, head, src [n]
-    and pos [n, B]; data: the metric's per-prompt arrays. Returns raw metric scores [n, B].
+    base: BaseCache of the base run; source: the patched site's stack [L, B, ...] from the
+    source run; slots: SlotPatches, the patch in each of the layout's n slots; rows: the
+    layout's Rows; metric_inputs: MetricInputs. Static: score(logits, clean_logits, data),
+    the patched site, the layout's stages, and read_all (the metric reads every position).
     """
     cfg = model.config
-    B, T = base["final"].shape[:2]
-    bidx = jnp.arange(B)[:, None]
+    B, T = base.final.shape[:2]
+    prompt = jnp.arange(B)[:, None]
     x = jnp.zeros((B, 0, cfg.d_model), jnp.float32)  # the residual stream is float32 (see GPT2._forward)
-    for first, end, alive, rows in stages:
-        new_pos = row_pos[x.shape[1] : rows]
-        x = jnp.concatenate([x, base["hook_resid_pre"][first][:, new_pos]], axis=1)
-        rp, rq = row_patch[:rows], row_pos[:rows]  # the rows alive in this stage
-        m = {k: v[:alive] for k, v in meta.items()}
+    for stage in stages:
+        new_pos = rows.pos[x.shape[1] : stage.n_rows]
+        x = jnp.concatenate([x, base.resid_pre[stage.first_layer][:, new_pos]], axis=1)
+        # the rows and patches alive in this stage
+        row_patch, row_pos = rows.patch[: stage.n_rows], rows.pos[: stage.n_rows]
+        patch = jax.tree_util.tree_map(lambda a: a[: stage.n_patches], slots)
 
-        def layer(x, per_layer, rp=rp, rq=rq, m=m, alive=alive):
-            block, j, k_base, v_base, src_j = per_layer
-            on = _mask_at(j, m["layer_lo"], m["layer_hi"])  # [n]
+        def layer(x, per_layer, row_patch=row_patch, row_pos=row_pos, patch=patch, n_patches=stage.n_patches):
+            block, j, k_cached, v_cached, source_j = per_layer
+            patched = _mask_at(j, patch.layer_lo, patch.layer_hi)[row_patch]  # [R]: the row's patch patches layer j
+            at_row = _matches(patch.pos[row_patch].T, row_pos)  # [B, R]: ... and the row's position
 
             def edit(name, act):
                 if name != site or name == "attn.hook_pattern":
                     return act
-                row_on = on[rp][None, :] & _matches(m["pos"][rp].T, rq[None, :])  # [B, R]
-                value = src_j[bidx, rq[None, :]]  # [B, R, ...]
+                row_on = patched[None, :] & at_row  # [B, R]
+                value = source_j[prompt, row_pos[None, :]]  # [B, R, ...]
                 if site in sites.HEAD_VECTOR_SITES:
-                    heads = _matches(m["head"][rp][None, :, None], jnp.arange(cfg.n_head))
+                    heads = _matches(patch.head[row_patch][None, :, None], jnp.arange(cfg.n_head))
                     row_on = (row_on[..., None] & heads)[..., None]  # [B, R, H, 1]
                 else:
                     row_on = row_on[..., None]
                 return jnp.where(row_on, value, act)
 
-            def pattern_edit(name, pattern):  # [B, n, H, Tq, Tk]
+            def edit_pattern(name, pattern):  # [B, n, H, Tq, Tk]
                 if site != "attn.hook_pattern":
                     return pattern
-                sel = (
-                    on[None, :, None, None, None]
-                    & _matches(m["head"][None, :, None, None, None], jnp.arange(cfg.n_head)[:, None, None])
-                    & _matches(m["pos"].T[:, :, None, None, None], jnp.arange(T)[:, None])
-                    & _matches(m["src"][None, :, None, None, None], jnp.arange(T))
+                on = (
+                    _mask_at(j, patch.layer_lo, patch.layer_hi)[None, :, None, None, None]
+                    & _matches(patch.head[None, :, None, None, None], jnp.arange(cfg.n_head)[:, None, None])
+                    & _matches(patch.pos.T[:, :, None, None, None], jnp.arange(T)[:, None])
+                    & _matches(patch.src[None, :, None, None, None], jnp.arange(T))
                 )
-                return jnp.where(sel, src_j[:, None], pattern)
+                return jnp.where(on, source_j[:, None], pattern)
 
             def attend(q, k, v):
                 # Dense per-patch [B, n, H, T, d_head]: own rows where recomputed, cached keys/values before.
-                idx = dense_idx[:alive]
-                own = (idx >= 0)[None, :, :, None, None]
-                dense = lambda rows_act, base_act: jnp.swapaxes(
-                    jnp.where(own, rows_act[:, jnp.maximum(idx, 0)], base_act[:, None]), 2, 3
+                row = rows.at[:n_patches]
+                own = (row >= 0)[None, :, :, None, None]
+                dense = lambda rows_act, cached: jnp.swapaxes(
+                    jnp.where(own, rows_act[:, jnp.maximum(row, 0)], cached[:, None]), 2, 3
                 )
-                z = dense_attention(dense(q, jnp.zeros_like(k_base)), dense(k, k_base), dense(v, v_base), pattern_edit)
-                return jnp.swapaxes(z, 2, 3)[:, rp, rq]
+                z = dense_attention(dense(q, jnp.zeros_like(k_cached)), dense(k, k_cached), dense(v, v_cached),
+                                    edit_pattern)
+                return jnp.swapaxes(z, 2, 3)[:, row_patch, row_pos]
 
             return block(x, cfg, attend, edit), None
 
-        blocks = jax.tree_util.tree_map(lambda a: a[first:end], model.blocks)
-        xs = (
-            blocks,
-            jnp.arange(first, end),
-            base["attn.hook_k"][first:end],
-            base["attn.hook_v"][first:end],
-            source[first:end],
-        )
+        blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)
+        layers = slice(stage.first_layer, stage.end_layer)
+        xs = (blocks, jnp.arange(stage.first_layer, stage.end_layer), base.k[layers], base.v[layers], source[layers])
         x, _ = jax.lax.scan(layer, x, xs)
 
     # The final residual at the read positions: a patch's own row where it was
     # recomputed, else the base run's (positions before the patch never change).
-    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if n_read_all else read_pos  # [B, K]
-    idx = jnp.moveaxis(dense_idx[:, read], 0, 1)  # [B, n, K]
-    own = jnp.take_along_axis(x, jnp.maximum(idx, 0).reshape(B, -1, 1), axis=1).reshape(idx.shape + (-1,))
-    cached = jnp.take_along_axis(base["final"], read[..., None], axis=1)[:, None]  # [B, 1, K, d]
-    resid = jnp.where((idx >= 0)[..., None], own, cached)  # [B, n, K, d]
+    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if read_all else metric_inputs.read_pos  # [B, K]
+    row = jnp.moveaxis(rows.at[:, read], 0, 1)  # [B, n, K]
+    own = jnp.take_along_axis(x, jnp.maximum(row, 0).reshape(B, -1, 1), axis=1).reshape(row.shape + (-1,))
+    cached = jnp.take_along_axis(base.final, read[..., None], axis=1)[:, None]  # [B, 1, K, d]
+    resid = jnp.where((row >= 0)[..., None], own, cached)  # [B, n, K, d]
     logits = model.unembed(resid)
-    return jax.vmap(lambda lg: score(lg, clean_logits, data), in_axes=1)(logits)  # [n, B] (or [n])
+    return jax.vmap(lambda lg: score(lg, metric_inputs.clean_logits, metric_inputs.data), in_axes=1)(logits)
 
 
 BASE_SITES = ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "final")  # what a patched run reads of the base run

@@ -279,27 +279,24 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         real = slots >= 0
         take = lambda a, fill: jnp.asarray(np.where(real, np.asarray(a)[np.maximum(slots, 0)], fill))
         # padding slots are never patched (an empty layer window)
-        meta = {"layer_lo": take(patches.layer_lo, 0), "layer_hi": take(patches.layer_hi, 0),
-                "head": take(patches.head, 0), "src": take(patches.src, 0)}
+        slot_patches = engine.SlotPatches(layer_lo=take(patches.layer_lo, 0), layer_hi=take(patches.layer_hi, 0),
+                                          pos=None, head=take(patches.head, 0), src=take(patches.src, 0))
         pos_slots = jnp.where(jnp.asarray(real)[:, None], pos_all[np.maximum(slots, 0)], 0)
         for c in range(n_chunks):
             rows = slice(c * chunk, (c + 1) * chunk)
             put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
             scores = engine.run_layout(
                 model,
-                {k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()},
+                engine.BaseCache.from_sites({k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}),
                 put(source, 1),
-                {**meta, "pos": put(pos_slots, 1)},
-                jnp.asarray(lay.row_patch),
-                jnp.asarray(lay.row_pos),
-                jnp.asarray(lay.dense_idx),
-                put(read_pos, 0),
-                put(clean_logits, 0),
-                jax.tree_util.tree_map(lambda a: put(a, 0), data),
+                slot_patches._replace(pos=put(pos_slots, 1)),
+                jax.tree_util.tree_map(jnp.asarray, lay.rows()),
+                engine.MetricInputs(put(read_pos, 0), put(clean_logits, 0),
+                                    jax.tree_util.tree_map(lambda a: put(a, 0), data)),
                 score=metric.score,
                 site=patches.site,
                 stages=lay.stages,
-                n_read_all=read_all,
+                read_all=read_all,
             )
             scores = np.asarray(scores)[real]
             if scalar:

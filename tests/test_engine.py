@@ -51,9 +51,9 @@ def recorded_calls(monkeypatch):
     calls = []
     run_layout = engine.run_layout
 
-    def recording(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, *args, **kwargs):
-        calls.append((read_pos.shape[1], kwargs["n_read_all"]))
-        return run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, *args, **kwargs)
+    def recording(model, base, source, slots, rows, metric_inputs, **kwargs):
+        calls.append((metric_inputs.read_pos.shape[1], kwargs["read_all"]))
+        return run_layout(model, base, source, slots, rows, metric_inputs, **kwargs)
 
     monkeypatch.setattr(engine, "run_layout", recording)
     return calls

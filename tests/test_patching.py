@@ -297,7 +297,7 @@ def count_calls(monkeypatch):
     run_layout = engine.run_layout
 
     def counting(model, base, *args, **kwargs):
-        calls.append((base["final"].shape[0], kwargs["stages"][-1][2]))  # (prompts, patches) of the call
+        calls.append((base.final.shape[0], kwargs["stages"][-1].n_patches))  # (prompts, patches) of the call
         return run_layout(model, base, *args, **kwargs)
 
     monkeypatch.setattr(engine, "run_layout", counting)
