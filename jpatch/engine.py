@@ -13,8 +13,9 @@ Layout: the recomputed (patch, position) pairs of all patches are packed as
 *rows* [batch, R, d_model], so the block matmuls are one dense matmul over every
 row of every patch. Patches are sorted by start layer, so the rows alive at a
 layer are a prefix of that list and the row set only grows. Attention is the one
-step that mixes positions: rows are scattered into a dense [batch, patch, pos]
-layout over the cached keys and values, attended, and gathered back.
+step that mixes positions, and it too works on the rows (`rows_attention`): a row
+scores the cached keys before its patch's start and its own patch's rows, so its
+cost is rows x keys, not patches x positions x positions.
 The prompt axis stays dense, so it is chunked and sharded freely.
 """
 
@@ -65,21 +66,25 @@ class Stage(NamedTuple):
     end_layer: int
     n_patches: int  # patch slots alive (slot 0, the padding patch, included)
     n_rows: int  # rows alive: those of the alive patches and the padding rows
+    span: int  # the most rows one alive patch recomputes (how far back its own keys reach)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each patch's rows live. The stages' ints shape the compiled program."""
+    """Where each patch's rows live. The stages' ints shape the compiled program.
+
+    A patch's rows are contiguous and hold consecutive positions, its start position first."""
 
     order: np.ndarray  # [n] the patch in each slot (sorted by stage), -1 for a padding slot
     stages: tuple  # (Stage, ...)
     row_patch: np.ndarray  # [R] the slot of each row (slot 0: padding rows)
     row_pos: np.ndarray  # [R] the row's position
+    row_start: np.ndarray  # [R] the first recomputed position of the row's patch
     row_at: np.ndarray  # [n, T] row of (slot, position), -1 where the position is not recomputed
 
     def rows(self):
         """The arrays the compiled call reads."""
-        return Rows(self.row_patch, self.row_pos, self.row_at)
+        return Rows(self.row_patch, self.row_pos, self.row_start, self.row_at)
 
 
 class Rows(NamedTuple):
@@ -87,6 +92,7 @@ class Rows(NamedTuple):
 
     patch: jax.Array  # [R]
     pos: jax.Array  # [R]
+    start: jax.Array  # [R]
     at: jax.Array  # [n, T]
 
 
@@ -160,52 +166,93 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
                                           minlength=n_stages).astype(int)
     max_patches = np.max([count(m) for m in dealt], axis=0) if n else np.zeros(0, int)
     max_rows = np.max([rows_of(m) for m in dealt], axis=0) if n else np.zeros(0, int)
+    # the most rows one patch alive by each stage recomputes (a padding row: one)
+    longest = [int((pos_len - start_pos[stage_of == k]).max(initial=1)) for k in range(n_stages)]
+    span = np.maximum.accumulate(longest) if n_stages else []
     ends = list(starts[1:]) + [n_layer]
-    stages = tuple(Stage(int(first), int(end), int(1 + max_patches[: k + 1].sum()), int(max_rows[: k + 1].sum()))
+    stages = tuple(Stage(int(first), int(end), int(1 + max_patches[: k + 1].sum()), int(max_rows[: k + 1].sum()),
+                         int(span[k]))
                    for k, (first, end) in enumerate(zip(starts, ends)))
     out = []
     for members in dealt:
-        slots, row_patch, row_pos = [-1], [], []
+        slots, row_patch, row_pos, row_start = [-1], [], [], []
         for k in range(n_stages):
             in_stage = members[stage_of[members] == k]
             for i in in_stage:
                 row_patch.append(np.full(pos_len - start_pos[i], len(slots)))
                 row_pos.append(np.arange(start_pos[i], pos_len))
+                row_start.append(np.full(pos_len - start_pos[i], start_pos[i]))
                 slots.append(i)
             slots += [-1] * int(max_patches[k] - len(in_stage))
             pad = int(max_rows[k] - (pos_len - start_pos[in_stage]).sum())
             row_patch.append(np.zeros(pad, int))
             row_pos.append(np.full(pad, pos_len - 1))
-        row_patch, row_pos = (np.concatenate(a).astype(int) for a in (row_patch, row_pos))
+            row_start.append(np.full(pad, pos_len - 1))  # each padding row: a patch of its own
+        row_patch, row_pos, row_start = (np.concatenate(a).astype(int) for a in (row_patch, row_pos, row_start))
         row_at = np.full((len(slots), pos_len), -1)
         real = row_patch > 0
         row_at[row_patch[real], row_pos[real]] = np.flatnonzero(real)
-        out.append((np.array(slots), Layout(np.array(slots), stages, row_patch, row_pos, row_at)))
+        out.append((np.array(slots), Layout(np.array(slots), stages, row_patch, row_pos, row_start, row_at)))
     return out
 
 
 def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
     """A rough peak-memory estimate of one prompt's share of a call: activations of
     `itemsize` bytes (float32: the residual stream is float32 whatever the weights' dtype),
-    attention scores in float32."""
-    rows = max((s.n_rows for s in layout.stages), default=0)
+    attention scores in float32. Attention costs the rows alive times the keys each row
+    scores: every position of the cached keys, and span own keys (see `rows_attention`)."""
+    last = layout.stages[-1] if layout.stages else Stage(0, 0, 0, 0, 1)  # the stage with the most rows
+    rows, span = last.n_rows, last.span
     n = len(layout.order)
     T = layout.row_at.shape[1]
     d, H = config.d_model, config.n_head
     per_row = 3 * d + config.d_mlp + 4 * d
-    dense = n * T * 4 * d * itemsize + n * T * 2 * H * T * 4
-    final = n * T * d * itemsize + n * n_read * vocab_read * 4
-    return 2 * (rows * per_row * itemsize + dense + final)
+    before = 2 * (rows + span) * d * itemsize  # own keys and values of each block's previous block
+    scores = 2 * rows * H * (T + span) * 4  # scores and pattern
+    final = n * n_read * d * itemsize + n * n_read * vocab_read * 4
+    return 2 * (rows * per_row * itemsize + before + scores + final)
 
 
-def dense_attention(q, k, v, edit):
-    """Causal attention on [..., H, T, d_head] (batched matmuls, no transposes inside)."""
-    T = q.shape[-2]
-    # Scores, softmax and the weighted sum accumulate in float32 whatever the weights' dtype.
-    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, jnp.finfo(jnp.float32).min)
-    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
-    return jnp.matmul(pattern, v, preferred_element_type=jnp.float32).astype(q.dtype)
+def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_pattern):
+    """Causal attention of the packed rows q, k, v [B, R, H, d_head] of several patches.
+
+    A row at position p of a patch whose first recomputed position is s attends to the
+    base run's cached keys/values [B, T, H, d_head] at positions < s (unchanged by the
+    patch) and to its own patch's rows at positions s..p: the rows at most p - s < span
+    before it. In blocks of `span` rows, the row at offset a of a block finds those at the
+    block's offsets <= a and at the block before's offsets > a, so one [span, span] score
+    block per block of rows holds them all. Scores: rows x (T + span), not patches x T x T.
+    edit_pattern(pattern, key_pos, valid) edits the pattern [B, R, H, T + span]: the cached
+    keys, then the own keys; key_pos [R, T + span] their positions, valid where a key is seen.
+    """
+    B, R, H, d_head = q.shape
+    T = k_cached.shape[1]
+    C = span
+    n_blocks = -(-R // C)
+    padded = lambda a: jnp.pad(a, ((0, 0), (0, n_blocks * C - R)) + ((0, 0),) * (a.ndim - 2))
+    blocks = lambda a: padded(a).reshape(B, n_blocks, C, *a.shape[2:])  # [B, n_blocks, C, ...]
+    before = lambda a: jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]  # each block's previous block
+    same_block = (jnp.arange(C)[:, None] >= jnp.arange(C))[:, None, :]  # [C, 1, C]: own key (a, b) in a's block
+
+    # Scores, softmax and the weighted sums accumulate in float32 whatever the weights' dtype.
+    f32 = dict(preferred_element_type=jnp.float32)
+    cached = jnp.einsum("brhd,bthd->brht", q, k_cached, **f32)
+    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    own = jnp.where(same_block, jnp.einsum("bnahd,bnchd->bnahc", q_blocks, k_blocks, **f32),
+                    jnp.einsum("bnahd,bnchd->bnahc", q_blocks, before(k_blocks), **f32))
+    scores = jnp.concatenate([cached, own.reshape(B, -1, H, C)[:, :R]], axis=-1) / math.sqrt(d_head)
+    offset = jnp.arange(R) % C
+    back = offset[:, None] - jnp.arange(C) + C * (jnp.arange(C) > offset[:, None])  # [R, C] rows back to the key
+    key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(T), (R, T)), row_pos[:, None] - back], axis=1)
+    valid = jnp.concatenate([jnp.arange(T) < row_start[:, None], row_pos[:, None] - back >= row_start[:, None]],
+                            axis=1)  # [R, T + C]
+    scores = jnp.where(valid[None, :, None], scores, jnp.finfo(jnp.float32).min)
+    pattern = edit_pattern(jax.nn.softmax(scores, axis=-1).astype(q.dtype), key_pos, valid)
+    z = jnp.einsum("brht,bthd->brhd", pattern[..., :T], v_cached, **f32)
+    own_pattern = blocks(pattern[..., T:])  # [B, n_blocks, C, H, C]
+    z_own = (jnp.einsum("bnahc,bnchd->bnahd", jnp.where(same_block, own_pattern, 0), v_blocks, **f32)
+             + jnp.einsum("bnahc,bnchd->bnahd", jnp.where(same_block, 0, own_pattern), before(v_blocks), **f32))
+    return (z + z_own.reshape(B, -1, H, d_head)[:, :R]).astype(q.dtype)
 
 
 def _mask_at(layer, lo, hi):
@@ -233,10 +280,11 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
         new_pos = rows.pos[x.shape[1] : stage.n_rows]
         x = jnp.concatenate([x, base.resid_pre[stage.first_layer][:, new_pos]], axis=1)
         # the rows and patches alive in this stage
-        row_patch, row_pos = rows.patch[: stage.n_rows], rows.pos[: stage.n_rows]
+        row_patch, row_pos, row_start = (a[: stage.n_rows] for a in (rows.patch, rows.pos, rows.start))
         patch = jax.tree_util.tree_map(lambda a: a[: stage.n_patches], slots)
 
-        def layer(x, per_layer, row_patch=row_patch, row_pos=row_pos, patch=patch, n_patches=stage.n_patches):
+        def layer(x, per_layer, row_patch=row_patch, row_pos=row_pos, row_start=row_start, patch=patch,
+                  span=stage.span):
             block, j, k_cached, v_cached, source_j = per_layer
             patched = _mask_at(j, patch.layer_lo, patch.layer_hi)[row_patch]  # [R]: the row's patch patches layer j
             at_row = _matches(patch.pos[row_patch].T, row_pos)  # [B, R]: ... and the row's position
@@ -253,28 +301,17 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                     row_on = row_on[..., None]
                 return jnp.where(row_on, value, act)
 
-            def edit_pattern(name, pattern):  # [B, n, H, Tq, Tk]
+            def edit_pattern(pattern, key_pos, valid):  # [B, R, H, K], key_pos and valid [R, K]
                 if site != "attn.hook_pattern":
                     return pattern
-                on = (
-                    _mask_at(j, patch.layer_lo, patch.layer_hi)[None, :, None, None, None]
-                    & _matches(patch.head[None, :, None, None, None], jnp.arange(cfg.n_head)[:, None, None])
-                    & _matches(patch.pos.T[:, :, None, None, None], jnp.arange(T)[:, None])
-                    & _matches(patch.src[None, :, None, None, None], jnp.arange(T))
-                )
-                return jnp.where(on, source_j[:, None], pattern)
+                on = ((patched[None, :] & at_row)[:, :, None, None]
+                      & _matches(patch.head[row_patch][None, :, None, None], jnp.arange(cfg.n_head)[:, None])
+                      & (_matches(patch.src[row_patch][:, None], key_pos) & valid)[None, :, None])
+                value = source_j[:, :, row_pos[:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, R, K]
+                return jnp.where(on, jnp.swapaxes(value, 1, 2), pattern)
 
-            def attend(q, k, v):
-                # Dense per-patch [B, n, H, T, d_head]: own rows where recomputed, cached keys/values before.
-                row = rows.at[:n_patches]
-                own = (row >= 0)[None, :, :, None, None]
-                dense = lambda rows_act, cached: jnp.swapaxes(
-                    jnp.where(own, rows_act[:, jnp.maximum(row, 0)], cached[:, None]), 2, 3
-                )
-                z = dense_attention(dense(q, jnp.zeros_like(k_cached)), dense(k, k_cached), dense(v, v_cached),
-                                    edit_pattern)
-                return jnp.swapaxes(z, 2, 3)[:, row_patch, row_pos]
-
+            attend = lambda q, k, v: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span,
+                                                    edit_pattern)
             return block(x, cfg, attend, edit), None
 
         blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)

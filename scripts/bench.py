@@ -114,7 +114,8 @@ def matmul_flops():
 
 def engine_flops(model, name, n_prompts, pos):
     """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
-    per-patch attention, and the unembedding at the read position."""
+    attention of each row over the cached keys and 2 x span own keys (two score blocks), and the
+    unembedding at the read position."""
     from jpatch import engine, patching
 
     cfg = model.config
@@ -124,9 +125,9 @@ def engine_flops(model, name, n_prompts, pos):
     d, m, H = cfg.d_model, cfg.d_mlp, cfg.n_head
     per_row = 2 * (4 * d * d + 2 * d * m)
     total = 0
-    for first, end, alive, rows in layout.stages:
-        layers = end - first
-        total += layers * n_prompts * (rows * per_row + 4 * alive * H * pos * pos * cfg.d_head)
+    for stage in layout.stages:
+        layers = stage.end_layer - stage.first_layer
+        total += layers * n_prompts * stage.n_rows * (per_row + 4 * H * (pos + 2 * stage.span) * cfg.d_head)
     return total + n_prompts * len(patches) * 2 * d * cfg.d_vocab
 
 

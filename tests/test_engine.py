@@ -226,3 +226,80 @@ def test_deep_models_windows_match_transformer_lens_hooks(deep, data):
             expected[layer, pos] = (float(deep.ld(logits)) - deep.CO) / (deep.CL - deep.CO)
     got = patching.sweep(deep.jp, data.clean, data.corrupted, "mlp_out", deep.metric, window=window, progress=False)
     close(got, expected, what=f"{L} layers, window {window}")
+
+
+# --- attention on the recomputed rows only ----------------------------------------------------
+
+
+@pytest.mark.parametrize("starts", [[4, 0, 9, 10, 6, 4], [4, 9, 10, 6, 4, 7]])
+def test_rows_attention_equals_each_patch_attended_alone(starts):
+    """Patches starting at different positions, packed as rows that cross the span blocks:
+    each row's output equals torch's causal attention over that patch's own sequence
+    (the cached keys/values before its start, its own rows from there on)."""
+    rng = np.random.default_rng(0)
+    Bq, Tq, H, dh = 2, 11, 3, 5
+    starts = np.array(starts)
+    patches = engine.Patches("hook_resid_pre", np.zeros(6, int), np.ones(6, int), starts, np.full(6, -1),
+                             np.full(6, -1))
+    layout = engine.plan(patches, 1, Tq)
+    (stage,) = layout.stages
+    assert stage.span == Tq - starts.min() and stage.n_rows == (Tq - starts).sum()
+    R = stage.n_rows
+    q, k, v = (rng.normal(size=(Bq, R, H, dh)).astype(np.float32) for _ in range(3))
+    k_cached, v_cached = (rng.normal(size=(Bq, Tq, H, dh)).astype(np.float32) for _ in range(2))
+    got = np.asarray(engine.rows_attention(q, k, v, k_cached, v_cached, jnp.asarray(layout.row_pos),
+                                           jnp.asarray(layout.row_start), stage.span, lambda p, *_: p))
+    for slot in range(1, len(layout.order)):
+        rows = np.flatnonzero(layout.row_patch == slot)
+        s = starts[layout.order[slot]]
+        seq = lambda own, cached: torch.tensor(np.concatenate([cached[:, :s], own[:, rows]], 1)).transpose(1, 2)
+        full = torch.nn.functional.scaled_dot_product_attention(seq(q, k_cached), seq(k, k_cached), seq(v, v_cached),
+                                                                is_causal=True).transpose(1, 2).numpy()
+        np.testing.assert_allclose(got[:, rows], full[:, s:], atol=1e-5, err_msg=f"patch starting at {s}")
+
+
+@pytest.fixture(scope="module")
+def long_prompts(tl_tiny):
+    """Two prompts of 13 tokens (longer than the span blocks of a late patch) and their baselines."""
+    clean = reference.random_tokens(2, 13, V, seed=21)
+    corrupted = clean.copy()
+    corrupted[:, [2, 8]] = (clean[:, [2, 8]] + 31) % V
+    with torch.no_grad():
+        clean_logits, cache = tl_tiny.run_with_cache(torch.tensor(clean))
+        corr_logits = tl_tiny(torch.tensor(corrupted))
+    gap = (clean_logits[:, -1] - corr_logits[:, -1]).double()
+    a, c, rows = gap.argmax(-1), gap.argmin(-1), torch.arange(2)
+    ld = lambda logits: float((logits[rows, -1, a] - logits[rows, -1, c]).double().mean())
+    return types.SimpleNamespace(clean=clean, corrupted=corrupted, cache=cache, ld=ld, CL=ld(clean_logits),
+                                 CO=ld(corr_logits), metric=metrics.logit_diff(a.numpy(), c.numpy()))
+
+
+@pytest.mark.parametrize("site,axes,hook_index", [
+    ("pattern", ("layer", "pos", "head", "src"), lambda pos, head, src: (slice(None), head, pos, src)),
+    ("k", ("layer", "pos", "head"), lambda pos, head: (slice(None), pos, head)),
+])
+def test_patches_starting_at_different_positions_match_transformer_lens(jp_tiny, tl_tiny, long_prompts, site, axes,
+                                                                        hook_index):
+    """The attention pattern (per query and key position) and the keys patched at positions
+    spread over the prompt, so the patches recompute 1 to 11 rows: TransformerLens hooks."""
+    d = long_prompts
+    positions, heads = [2, 6, 11, 12], [1, 3]
+    name = {"pattern": "attn.hook_pattern", "k": "attn.hook_k"}[site]
+    grid = [range(2), positions, heads] + ([range(13)] if site == "pattern" else [])
+    expected = np.zeros([len(g) for g in grid])
+    for index in np.ndindex(expected.shape):
+        layer, *rest = (g[i] for g, i in zip(grid, index))
+        hook_name = f"blocks.{layer}.{name}"
+
+        def hook(act, hook, where=hook_index(*rest)):
+            act = act.clone()
+            act[where] = d.cache[hook_name][where]
+            return act
+
+        with torch.no_grad():
+            logits = tl_tiny.run_with_hooks(torch.tensor(d.corrupted), fwd_hooks=[(hook_name, hook)])
+        expected[index] = (d.ld(logits) - d.CO) / (d.CL - d.CO)
+    for skip_positions in (True, False):
+        got = patching.sweep(jp_tiny, d.clean, d.corrupted, site, d.metric, axes=axes, positions=positions,
+                             heads=heads, skip_positions=skip_positions, progress=False)
+        close(got, expected, what=f"{site} skip_positions={skip_positions}")
