@@ -222,37 +222,41 @@ def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_p
     before it. In blocks of `span` rows, the row at offset a of a block finds those at the
     block's offsets <= a and at the block before's offsets > a, so one [span, span] score
     block per block of rows holds them all. Scores: rows x (T + span), not patches x T x T.
-    edit_pattern(pattern, key_pos, valid) edits the pattern [B, R, H, T + span]: the cached
-    keys, then the own keys; key_pos [R, T + span] their positions, valid where a key is seen.
+    One softmax spans both parts. edit_pattern(pattern, key_pos, valid) edits each part of
+    the pattern [B, H, R, K]: key_pos [R, K] the keys' positions, valid where a key is seen.
     """
     B, R, H, d_head = q.shape
     T = k_cached.shape[1]
     C = span
     n_blocks = -(-R // C)
-    padded = lambda a: jnp.pad(a, ((0, 0), (0, n_blocks * C - R)) + ((0, 0),) * (a.ndim - 2))
-    blocks = lambda a: padded(a).reshape(B, n_blocks, C, *a.shape[2:])  # [B, n_blocks, C, ...]
-    before = lambda a: jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]  # each block's previous block
-    same_block = (jnp.arange(C)[:, None] >= jnp.arange(C))[:, None, :]  # [C, 1, C]: own key (a, b) in a's block
-
-    # Scores, softmax and the weighted sums accumulate in float32 whatever the weights' dtype.
-    f32 = dict(preferred_element_type=jnp.float32)
-    cached = jnp.einsum("brhd,bthd->brht", q, k_cached, **f32)
-    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
-    own = jnp.where(same_block, jnp.einsum("bnahd,bnchd->bnahc", q_blocks, k_blocks, **f32),
-                    jnp.einsum("bnahd,bnchd->bnahc", q_blocks, before(k_blocks), **f32))
-    scores = jnp.concatenate([cached, own.reshape(B, -1, H, C)[:, :R]], axis=-1) / math.sqrt(d_head)
+    # Heads before rows, so every matmul's batch axes lead (no transposed score copies).
+    q, k, v, k_cached, v_cached = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, k_cached, v_cached))
+    blocks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n_blocks * C - a.shape[2]), (0, 0))).reshape(
+        B, H, n_blocks, C, a.shape[-1])
+    before = lambda a: jnp.pad(a, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))[:, :, :-1]  # each block's previous block
+    same_block = jnp.arange(C)[:, None] >= jnp.arange(C)  # [C, C]: own key (a, b) in a's block, else the one before
+    unblock = lambda a: a.reshape(B, H, n_blocks * C, -1)[:, :, :R]
     offset = jnp.arange(R) % C
     back = offset[:, None] - jnp.arange(C) + C * (jnp.arange(C) > offset[:, None])  # [R, C] rows back to the key
-    key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(T), (R, T)), row_pos[:, None] - back], axis=1)
-    valid = jnp.concatenate([jnp.arange(T) < row_start[:, None], row_pos[:, None] - back >= row_start[:, None]],
-                            axis=1)  # [R, T + C]
-    scores = jnp.where(valid[None, :, None], scores, jnp.finfo(jnp.float32).min)
-    pattern = edit_pattern(jax.nn.softmax(scores, axis=-1).astype(q.dtype), key_pos, valid)
-    z = jnp.einsum("brht,bthd->brhd", pattern[..., :T], v_cached, **f32)
-    own_pattern = blocks(pattern[..., T:])  # [B, n_blocks, C, H, C]
-    z_own = (jnp.einsum("bnahc,bnchd->bnahd", jnp.where(same_block, own_pattern, 0), v_blocks, **f32)
-             + jnp.einsum("bnahc,bnchd->bnahd", jnp.where(same_block, 0, own_pattern), before(v_blocks), **f32))
-    return (z + z_own.reshape(B, -1, H, d_head)[:, :R]).astype(q.dtype)
+    cached_pos, own_pos = jnp.broadcast_to(jnp.arange(T), (R, T)), row_pos[:, None] - back
+    cached_valid, own_valid = cached_pos < row_start[:, None], own_pos >= row_start[:, None]
+
+    # Scores, softmax and the weighted sums accumulate in float32 whatever the weights' dtype.
+    matmul = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    t = lambda a: jnp.swapaxes(a, -1, -2)
+    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    scale, fill = 1 / math.sqrt(d_head), jnp.finfo(jnp.float32).min
+    cached = jnp.where(cached_valid, matmul(q, t(k_cached)) * scale, fill)  # [B, H, R, T]
+    own = jnp.where(same_block, matmul(q_blocks, t(k_blocks)), matmul(q_blocks, t(before(k_blocks))))
+    own = jnp.where(own_valid, unblock(own) * scale, fill)  # [B, H, R, C]
+    top = jnp.maximum(cached.max(-1, keepdims=True), own.max(-1, keepdims=True))
+    cached, own = jnp.exp(cached - top), jnp.exp(own - top)
+    total = cached.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
+    cached = edit_pattern((cached / total).astype(q.dtype), cached_pos, cached_valid)
+    own = blocks(edit_pattern((own / total).astype(q.dtype), own_pos, own_valid))  # [B, H, n_blocks, C, C]
+    z_own = matmul(jnp.where(same_block, own, 0), v_blocks) + matmul(jnp.where(same_block, 0, own), before(v_blocks))
+    z = matmul(cached, v_cached) + unblock(z_own)  # [B, H, R, d_head]
+    return jnp.swapaxes(z, 1, 2).astype(q.dtype)
 
 
 def _mask_at(layer, lo, hi):
@@ -301,14 +305,14 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                     row_on = row_on[..., None]
                 return jnp.where(row_on, value, act)
 
-            def edit_pattern(pattern, key_pos, valid):  # [B, R, H, K], key_pos and valid [R, K]
+            def edit_pattern(pattern, key_pos, valid):  # [B, H, R, K], key_pos and valid [R, K]
                 if site != "attn.hook_pattern":
                     return pattern
-                on = ((patched[None, :] & at_row)[:, :, None, None]
-                      & _matches(patch.head[row_patch][None, :, None, None], jnp.arange(cfg.n_head)[:, None])
-                      & (_matches(patch.src[row_patch][:, None], key_pos) & valid)[None, :, None])
+                on = ((patched[None, :] & at_row)[:, None, :, None]
+                      & _matches(patch.head[row_patch][:, None], jnp.arange(cfg.n_head)[:, None, None])
+                      & _matches(patch.src[row_patch][:, None], key_pos) & valid)
                 value = source_j[:, :, row_pos[:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, R, K]
-                return jnp.where(on, jnp.swapaxes(value, 1, 2), pattern)
+                return jnp.where(on, value, pattern)
 
             attend = lambda q, k, v: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span,
                                                     edit_pattern)
