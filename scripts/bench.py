@@ -114,20 +114,22 @@ def matmul_flops():
 
 def engine_flops(model, name, n_prompts, pos):
     """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
-    per-patch attention, and the unembedding at the read position."""
+    attention of each row over the cached keys and 2 x span own keys (two score blocks), and the
+    unembedding at the read position."""
     from jpatch.engine import execute as engine
+    from jpatch.engine import plan
     from jpatch.engine.patching import SWEEPS
     from jpatch.engine.sweep import make_patches
     cfg = model.config
     site, axes = SWEEPS[name]
     patches, _ = make_patches(cfg, site, axes, pos, n_prompts)
-    layout = engine.plan(patches, cfg.n_layer, pos)
+    layout = plan.plan_layout(patches, cfg.n_layer, pos)
     d, m, H = cfg.d_model, cfg.d_mlp, cfg.n_head
     per_row = 2 * (4 * d * d + 2 * d * m)
     total = 0
-    for first, end, alive, rows in layout.stages:
-        layers = end - first
-        total += layers * n_prompts * (rows * per_row + 4 * alive * H * pos * pos * cfg.d_head)
+    for stage in layout.stages:
+        layers = stage.end_layer - stage.first_layer
+        total += layers * n_prompts * stage.n_rows * (per_row + 4 * H * (pos + 2 * stage.span) * cfg.d_head)
     return total + n_prompts * len(patches) * 2 * d * cfg.d_vocab
 
 
@@ -151,6 +153,7 @@ class Compiles:
         from jax import monitoring
 
         from jpatch.engine import execute as engine
+        from jpatch.engine import plan
         self.events = []
         monitoring.register_event_duration_secs_listener(
             lambda event, secs, **kw: self.events.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)

@@ -15,6 +15,7 @@ import transformer_lens.patching as tl_patching
 
 import reference
 from jpatch.engine import execute as engine
+from jpatch.engine import plan
 from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
 from jpatch import patching
@@ -54,9 +55,9 @@ def recorded_calls(monkeypatch):
     calls = []
     run_layout = engine.run_layout
 
-    def recording(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, *args, **kwargs):
-        calls.append((read_pos.shape[1], kwargs["n_read_all"]))
-        return run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, *args, **kwargs)
+    def recording(model, base, source, slots, rows, metric_inputs, **kwargs):
+        calls.append((metric_inputs.read_pos.shape[1], kwargs["read_all"]))
+        return run_layout(model, base, source, slots, rows, metric_inputs, **kwargs)
 
     monkeypatch.setattr(engine, "run_layout", recording)
     return calls
@@ -145,7 +146,7 @@ def test_any_memory_budget_compiles_one_engine_program(jp_tiny, tl_tiny, data, m
             tl_tiny, torch.tensor(data.corrupted), tl_cache, lambda l: ld(l) - corrupted_ld).numpy()
     metric = metrics.logit_diff(data.answers, data.contrasts, normalize=False)  # LD_pt - LD_*
     patches, _ = make_patches(jp_tiny.config, "attn.hook_z", ("layer", "pos", "head"), T, B)
-    full = engine.bytes_per_prompt(jp_tiny.config, engine.plan(patches, 2, T), 1, V)
+    full = plan.bytes_per_prompt(jp_tiny.config, plan.plan_layout(patches, 2, T), 1, V)
     program = engine.run_layout
     for budget in (1 << 34, full // 2, full // 7, 1):
         calls = recorded_calls(monkeypatch)
@@ -175,7 +176,7 @@ def test_caches_in_prompt_chunks_equal_the_whole_batch(jp_tiny, data):
 
 
 def test_default_memory_budget_is_a_share_of_free_memory():
-    budget = engine.default_memory_budget()
+    budget = plan.default_memory_budget()
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     assert 0.15 * available < budget < 0.35 * available
@@ -229,3 +230,80 @@ def test_deep_models_windows_match_transformer_lens_hooks(deep, data):
             expected[layer, pos] = (float(deep.ld(logits)) - deep.CO) / (deep.CL - deep.CO)
     got = patching.sweep(deep.jp, data.clean, data.corrupted, "mlp_out", deep.metric, window=window, progress=False)
     close(got, expected, what=f"{L} layers, window {window}")
+
+
+# --- attention on the recomputed rows only ----------------------------------------------------
+
+
+@pytest.mark.parametrize("starts", [[4, 0, 9, 10, 6, 4], [4, 9, 10, 6, 4, 7]])
+def test_rows_attention_equals_each_patch_attended_alone(starts):
+    """Patches starting at different positions, packed as rows that cross the span blocks:
+    each row's output equals torch's causal attention over that patch's own sequence
+    (the cached keys/values before its start, its own rows from there on)."""
+    rng = np.random.default_rng(0)
+    Bq, Tq, H, dh = 2, 11, 3, 5
+    starts = np.array(starts)
+    patches = plan.Patches("hook_resid_pre", np.zeros(6, int), np.ones(6, int), starts, np.full(6, -1),
+                             np.full(6, -1))
+    layout = plan.plan_layout(patches, 1, Tq)
+    (stage,) = layout.stages
+    assert stage.span == Tq - starts.min() and stage.n_rows == (Tq - starts).sum()
+    R = stage.n_rows
+    q, k, v = (rng.normal(size=(Bq, R, H, dh)).astype(np.float32) for _ in range(3))
+    k_cached, v_cached = (rng.normal(size=(Bq, Tq, H, dh)).astype(np.float32) for _ in range(2))
+    got = np.asarray(engine.rows_attention(q, k, v, k_cached, v_cached, jnp.asarray(layout.row_pos),
+                                           jnp.asarray(layout.row_start), stage.span, lambda p, *_: p))
+    for slot in range(1, len(layout.order)):
+        rows = np.flatnonzero(layout.row_patch == slot)
+        s = starts[layout.order[slot]]
+        seq = lambda own, cached: torch.tensor(np.concatenate([cached[:, :s], own[:, rows]], 1)).transpose(1, 2)
+        full = torch.nn.functional.scaled_dot_product_attention(seq(q, k_cached), seq(k, k_cached), seq(v, v_cached),
+                                                                is_causal=True).transpose(1, 2).numpy()
+        np.testing.assert_allclose(got[:, rows], full[:, s:], atol=1e-5, err_msg=f"patch starting at {s}")
+
+
+@pytest.fixture(scope="module")
+def long_prompts(tl_tiny):
+    """Two prompts of 13 tokens (longer than the span blocks of a late patch) and their baselines."""
+    clean = reference.random_tokens(2, 13, V, seed=21)
+    corrupted = clean.copy()
+    corrupted[:, [2, 8]] = (clean[:, [2, 8]] + 31) % V
+    with torch.no_grad():
+        clean_logits, cache = tl_tiny.run_with_cache(torch.tensor(clean))
+        corr_logits = tl_tiny(torch.tensor(corrupted))
+    gap = (clean_logits[:, -1] - corr_logits[:, -1]).double()
+    a, c, rows = gap.argmax(-1), gap.argmin(-1), torch.arange(2)
+    ld = lambda logits: float((logits[rows, -1, a] - logits[rows, -1, c]).double().mean())
+    return types.SimpleNamespace(clean=clean, corrupted=corrupted, cache=cache, ld=ld, CL=ld(clean_logits),
+                                 CO=ld(corr_logits), metric=metrics.logit_diff(a.numpy(), c.numpy()))
+
+
+@pytest.mark.parametrize("site,axes,hook_index", [
+    ("pattern", ("layer", "pos", "head", "src"), lambda pos, head, src: (slice(None), head, pos, src)),
+    ("k", ("layer", "pos", "head"), lambda pos, head: (slice(None), pos, head)),
+])
+def test_patches_starting_at_different_positions_match_transformer_lens(jp_tiny, tl_tiny, long_prompts, site, axes,
+                                                                        hook_index):
+    """The attention pattern (per query and key position) and the keys patched at positions
+    spread over the prompt, so the patches recompute 1 to 11 rows: TransformerLens hooks."""
+    d = long_prompts
+    positions, heads = [2, 6, 11, 12], [1, 3]
+    name = {"pattern": "attn.hook_pattern", "k": "attn.hook_k"}[site]
+    grid = [range(2), positions, heads] + ([range(13)] if site == "pattern" else [])
+    expected = np.zeros([len(g) for g in grid])
+    for index in np.ndindex(expected.shape):
+        layer, *rest = (g[i] for g, i in zip(grid, index))
+        hook_name = f"blocks.{layer}.{name}"
+
+        def hook(act, hook, where=hook_index(*rest)):
+            act = act.clone()
+            act[where] = d.cache[hook_name][where]
+            return act
+
+        with torch.no_grad():
+            logits = tl_tiny.run_with_hooks(torch.tensor(d.corrupted), fwd_hooks=[(hook_name, hook)])
+        expected[index] = (d.ld(logits) - d.CO) / (d.CL - d.CO)
+    for skip_positions in (True, False):
+        got = patching.sweep(jp_tiny, d.clean, d.corrupted, site, d.metric, axes=axes, positions=positions,
+                             heads=heads, skip_positions=skip_positions, progress=False)
+        close(got, expected, what=f"{site} skip_positions={skip_positions}")

@@ -18,6 +18,7 @@ import transformer_lens.patching as tl_patching
 
 import reference
 from jpatch.engine import execute as engine
+from jpatch.engine import plan
 from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
 from jpatch import patching
@@ -300,7 +301,7 @@ def count_calls(monkeypatch):
     run_layout = engine.run_layout
 
     def counting(model, base, *args, **kwargs):
-        calls.append((base["final"].shape[0], kwargs["stages"][-1][2]))  # (prompts, patches) of the call
+        calls.append((base.final.shape[0], kwargs["stages"][-1].n_patches))  # (prompts, patches) of the call
         return run_layout(model, base, *args, **kwargs)
 
     monkeypatch.setattr(engine, "run_layout", counting)
@@ -311,7 +312,7 @@ def test_small_memory_budget_gives_the_same_result(jp_tiny, setup, tl_results, m
     default = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", setup.jp_metric, progress=False)
     calls = count_calls(monkeypatch)
     patches, _ = make_patches(jp_tiny.config, "hook_resid_pre", ("layer", "pos"), T, B)
-    per_prompt = engine.bytes_per_prompt(jp_tiny.config, engine.plan(patches, 2, T), 1, V)
+    per_prompt = plan.bytes_per_prompt(jp_tiny.config, plan.plan_layout(patches, 2, T), 1, V)
     small = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", setup.jp_metric, progress=False,
                            memory_budget=per_prompt // 3)
     assert len({n for _, n in calls}) > 1 or max(n for _, n in calls) < len(patches), "no patch groups"

@@ -73,7 +73,7 @@ def run_cases(model, devices):
     run_layout = engine.run_layout
 
     def recording(model, base, *args, **kwargs):
-        used.append(len(base["final"].sharding.device_set))
+        used.append(len(base.final.sharding.device_set))
         return run_layout(model, base, *args, **kwargs)
 
     engine.run_layout = recording

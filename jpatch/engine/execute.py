@@ -1,159 +1,93 @@
-"""The batched patching engine: every patch of a sweep in one compiled call per chunk.
-
-A patch replaces a site's activation (at a window of layers, one or all
-positions, one or all heads) in the *base* run by the *source* run's value.
-Only work that can change is done:
-- a patch whose first patched layer is l starts from the cached resid_pre[l];
-- under causal attention positions before the first patched position p never
-  change, so only positions p..T-1 are recomputed (the earlier keys and values
-  come from the cache);
-- logits are computed only at the positions the metric reads.
-
-Layout: the recomputed (patch, position) pairs of all patches are packed as
-*rows* [batch, R, d_model], so the block matmuls are one dense matmul over every
-row of every patch. Patches are sorted by start layer, so the rows alive at a
-layer are a prefix of that list and the row set only grows. Attention is the one
-step that mixes positions: rows are scattered into a dense [batch, patch, pos]
-layout over the cached keys and values, attended, and gathered back.
-The prompt axis stays dense, so it is chunked and sharded freely.
+"""The engine's compiled call (`run_layout`): every patch of a layout applied to the base run's
+cached activations in one program, attention over the packed rows (`rows_attention`); and the
+base and source runs' caches, computed in prompt chunks under the memory budget (`cached_sites`).
+The layout comes from `jpatch.engine.plan`.
 """
 
-import dataclasses
 import functools
 import math
-import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jpatch.engine.plan import ALL
 from jpatch.model import sites
-ALL = -1  # "every position / head" in a patch's description
+
+class SlotPatches(NamedTuple):
+    """The patches in a layout's slots (padding slots: an empty layer window)."""
+
+    layer_lo: jax.Array  # [n]
+    layer_hi: jax.Array  # [n]
+    pos: jax.Array  # [n, B]
+    head: jax.Array  # [n]
+    src: jax.Array  # [n]
 
 
-@dataclasses.dataclass(frozen=True)
-class Patches:
-    """n patches of one site. Arrays are NumPy; ALL (-1) means every position/head.
+class BaseCache(NamedTuple):
+    """What a patched run reads of the base run (stacks over layers, then prompts)."""
 
-    layer_lo, layer_hi [n]: patched layers [lo, hi) (a window of one or more layers)
-    pos [n, batch] or [n]: patched position (query position for the pattern)
-    head [n]: patched head; src [n]: patched key position (pattern only)
+    resid_pre: jax.Array  # [L, B, T, d_model]
+    k: jax.Array  # [L, B, T, H, d_head]
+    v: jax.Array  # [L, B, T, H, d_head]
+    final: jax.Array  # [B, T, d_model]: the last residual stream
+
+    @classmethod
+    def from_sites(cls, stacks):
+        """From `cached_sites(..., BASE_SITES, ...)`."""
+        return cls(*(stacks[s] for s in BASE_SITES))
+
+
+class MetricInputs(NamedTuple):
+    read_pos: jax.Array  # [B, K] the logit positions the metric reads
+    clean_logits: jax.Array  # the clean run's logits at those positions
+    data: dict  # the metric's per-prompt arrays
+
+
+def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_pattern):
+    """Causal attention of the packed rows q, k, v [B, R, H, d_head] of several patches.
+
+    A row at position p of a patch whose first recomputed position is s attends to the
+    base run's cached keys/values [B, T, H, d_head] at positions < s (unchanged by the
+    patch) and to its own patch's rows at positions s..p: the rows at most p - s < span
+    before it. In blocks of `span` rows, the row at offset a of a block finds those at the
+    block's offsets <= a and at the block before's offsets > a, so one [span, span] score
+    block per block of rows holds them all. Scores: rows x (T + span), not patches x T x T.
+    One softmax spans both parts. edit_pattern(pattern, key_pos, valid) edits each part of
+    the pattern [B, H, R, K]: key_pos [R, K] the keys' positions, valid where a key is seen.
     """
+    B, R, H, d_head = q.shape
+    T = k_cached.shape[1]
+    C = span
+    n_blocks = -(-R // C)
+    # Heads before rows, so every matmul's batch axes lead (no transposed score copies).
+    q, k, v, k_cached, v_cached = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, k_cached, v_cached))
+    blocks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n_blocks * C - a.shape[2]), (0, 0))).reshape(
+        B, H, n_blocks, C, a.shape[-1])
+    before = lambda a: jnp.pad(a, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))[:, :, :-1]  # each block's previous block
+    same_block = jnp.arange(C)[:, None] >= jnp.arange(C)  # [C, C]: own key (a, b) in a's block, else the one before
+    unblock = lambda a: a.reshape(B, H, n_blocks * C, -1)[:, :, :R]
+    offset = jnp.arange(R) % C
+    back = offset[:, None] - jnp.arange(C) + C * (jnp.arange(C) > offset[:, None])  # [R, C] rows back to the key
+    cached_pos, own_pos = jnp.broadcast_to(jnp.arange(T), (R, T)), row_pos[:, None] - back
+    cached_valid, own_valid = cached_pos < row_start[:, None], own_pos >= row_start[:, None]
 
-    site: str
-    layer_lo: np.ndarray
-    layer_hi: np.ndarray
-    pos: np.ndarray
-    head: np.ndarray
-    src: np.ndarray
-
-    def __len__(self):
-        return len(self.layer_lo)
-
-    def take(self, index):
-        return dataclasses.replace(
-            self, **{f: getattr(self, f)[index] for f in ("layer_lo", "layer_hi", "pos", "head", "src")}
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where each patch's rows live. Static ints shape the compiled program."""
-
-    order: np.ndarray  # [n] the patch in each slot (sorted by stage), -1 for a padding slot
-    stages: tuple  # ((first_layer, end_layer, n_patches_alive, n_rows_alive), ...)
-    row_patch: np.ndarray  # [R] the slot of each row (slot 0: padding rows)
-    row_pos: np.ndarray  # [R]
-    dense_idx: np.ndarray  # [n, T] row of (patch, position), -1 where the position is not recomputed
-
-
-def _starts(patches, n_layer, skip_layers, skip_positions, max_stages):
-    """Each patch's first recomputed layer and position, its stage, and the stage boundaries."""
-    n = len(patches)
-    start_layer = patches.layer_lo if skip_layers else np.zeros(n, int)
-    pos = patches.pos.reshape(n, -1)
-    start_pos = np.where((pos == ALL).any(1), 0, pos.min(1)) if skip_positions else np.zeros(n, int)
-    # Stage boundaries: the distinct start layers, thinned to at most max_stages.
-    starts = np.unique(start_layer)
-    if len(starts) > max_stages:
-        starts = starts[np.linspace(0, len(starts) - 1, max_stages).round().astype(int)]
-    stage_of = np.searchsorted(starts, start_layer, side="right") - 1
-    return start_pos, stage_of, starts
-
-
-def plan(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, max_stages=12):
-    """Pack the patches' recomputed positions into rows, grouped into layer stages."""
-    return plan_groups(patches, n_layer, pos_len, 1, skip_layers=skip_layers, skip_positions=skip_positions,
-                       max_stages=max_stages)[0][1]
-
-
-def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_positions=True, max_stages=12):
-    """Split the patches into `groups` groups that share one static layout, so one
-    compiled program runs them all: [(members, Layout)], members [n_slots] indexing
-    `patches` with -1 for padding slots.
-
-    Patches sorted by (stage, start position) are dealt out in turn, so every group
-    holds nearly the same mix; each group is then padded per stage to the largest
-    group's patch and row counts. Slot 0 of every group is a padding patch that is
-    never patched; the padding rows belong to it (their values are never read).
-    """
-    n = len(patches)
-    start_pos, stage_of, starts = _starts(patches, n_layer, skip_layers, skip_positions, max_stages)
-    order = np.lexsort((np.arange(n), start_pos, stage_of))
-    dealt = [order[g::groups] for g in range(groups)]
-    n_stages = len(starts)
-    count = lambda members: np.bincount(stage_of[members], minlength=n_stages)
-    rows_of = lambda members: np.bincount(stage_of[members], weights=pos_len - start_pos[members],
-                                          minlength=n_stages).astype(int)
-    max_patches = np.max([count(m) for m in dealt], axis=0) if n else np.zeros(0, int)
-    max_rows = np.max([rows_of(m) for m in dealt], axis=0) if n else np.zeros(0, int)
-    ends = list(starts[1:]) + [n_layer]
-    stages = tuple((int(first), int(end), int(1 + max_patches[: k + 1].sum()), int(max_rows[: k + 1].sum()))
-                   for k, (first, end) in enumerate(zip(starts, ends)))
-    out = []
-    for members in dealt:
-        slots, row_patch, row_pos = [-1], [], []
-        for k in range(n_stages):
-            in_stage = members[stage_of[members] == k]
-            for i in in_stage:
-                row_patch.append(np.full(pos_len - start_pos[i], len(slots)))
-                row_pos.append(np.arange(start_pos[i], pos_len))
-                slots.append(i)
-            slots += [-1] * int(max_patches[k] - len(in_stage))
-            pad = int(max_rows[k] - (pos_len - start_pos[in_stage]).sum())
-            row_patch.append(np.zeros(pad, int))
-            row_pos.append(np.full(pad, pos_len - 1))
-        row_patch = np.concatenate(row_patch).astype(int)
-        row_pos = np.concatenate(row_pos).astype(int)
-        dense_idx = np.full((len(slots), pos_len), -1)
-        real = row_patch > 0
-        dense_idx[row_patch[real], row_pos[real]] = np.flatnonzero(real)
-        out.append((np.array(slots), Layout(np.array(slots), stages, row_patch, row_pos, dense_idx)))
-    return out
-
-
-def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
-    """A rough peak-memory estimate of one prompt's share of a call: activations of
-    `itemsize` bytes (float32: the residual stream is float32 whatever the weights' dtype),
-    attention scores in float32."""
-    rows = max((s[3] for s in layout.stages), default=0)
-    n = len(layout.order)
-    T = layout.dense_idx.shape[1]
-    d, H = config.d_model, config.n_head
-    per_row = 3 * d + config.d_mlp + 4 * d
-    dense = n * T * 4 * d * itemsize + n * T * 2 * H * T * 4
-    final = n * T * d * itemsize + n * n_read * vocab_read * 4
-    return 2 * (rows * per_row * itemsize + dense + final)
-
-
-def dense_attention(q, k, v, edit):
-    """Causal attention on [..., H, T, d_head] (batched matmuls, no transposes inside)."""
-    T = q.shape[-2]
-    # Scores, softmax and the weighted sum accumulate in float32 whatever the weights' dtype.
-    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, jnp.finfo(jnp.float32).min)
-    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
-    return jnp.matmul(pattern, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    # Scores, softmax and the weighted sums accumulate in float32 whatever the weights' dtype.
+    matmul = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    t = lambda a: jnp.swapaxes(a, -1, -2)
+    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    scale, fill = 1 / math.sqrt(d_head), jnp.finfo(jnp.float32).min
+    cached = jnp.where(cached_valid, matmul(q, t(k_cached)) * scale, fill)  # [B, H, R, T]
+    own = jnp.where(same_block, matmul(q_blocks, t(k_blocks)), matmul(q_blocks, t(before(k_blocks))))
+    own = jnp.where(own_valid, unblock(own) * scale, fill)  # [B, H, R, C]
+    top = jnp.maximum(cached.max(-1, keepdims=True), own.max(-1, keepdims=True))
+    cached, own = jnp.exp(cached - top), jnp.exp(own - top)
+    total = cached.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
+    cached = edit_pattern((cached / total).astype(q.dtype), cached_pos, cached_valid)
+    own = blocks(edit_pattern((own / total).astype(q.dtype), own_pos, own_valid))  # [B, H, n_blocks, C, C]
+    z_own = matmul(jnp.where(same_block, own, 0), v_blocks) + matmul(jnp.where(same_block, 0, own), before(v_blocks))
+    z = matmul(cached, v_cached) + unblock(z_own)  # [B, H, R, d_head]
+    return jnp.swapaxes(z, 1, 2).astype(q.dtype)
 
 
 def _mask_at(layer, lo, hi):
@@ -164,83 +98,71 @@ def _matches(chosen, index):
     return (chosen == ALL) | (chosen == index)
 
 
-@functools.partial(jax.jit, static_argnames=("score", "site", "stages", "n_read_all"))
-def run_layout(model, base, source, meta, row_patch, row_pos, dense_idx, read_pos, clean_logits, data, *, score, site, stages, n_read_all):
-    """Patched runs of every patch for a chunk of prompts.
+@functools.partial(jax.jit, static_argnames=("score", "site", "stages", "read_all"))
+def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, stages, read_all):
+    """Patched runs of every patch for a chunk of prompts: raw metric scores [n, B] (or [n]).
 
-    base: dict of the base run's cache stacks ("hook_resid_pre", "attn.hook_k",
-    "attn.hook_v" [L, B, ...], "final" [B, T, d]); source: the site's stack
-    [L, B, ...]; meta: per (sorted) patch arrays layer_lo, layer_hi, head, src [n]
-    and pos [n, B]; data: the metric's per-prompt arrays. Returns raw metric scores [n, B].
+    base: BaseCache of the base run; source: the patched site's stack [L, B, ...] from the
+    source run; slots: SlotPatches, the patch in each of the layout's n slots; rows: the
+    layout's Rows; metric_inputs: MetricInputs. Static: score(logits, clean_logits, data),
+    the patched site, the layout's stages, and read_all (the metric reads every position).
     """
     cfg = model.config
-    B, T = base["final"].shape[:2]
-    bidx = jnp.arange(B)[:, None]
+    B, T = base.final.shape[:2]
+    prompt = jnp.arange(B)[:, None]
     x = jnp.zeros((B, 0, cfg.d_model), jnp.float32)  # the residual stream is float32 (see GPT2._forward)
-    for first, end, alive, rows in stages:
-        new_pos = row_pos[x.shape[1] : rows]
-        x = jnp.concatenate([x, base["hook_resid_pre"][first][:, new_pos]], axis=1)
-        rp, rq = row_patch[:rows], row_pos[:rows]  # the rows alive in this stage
-        m = {k: v[:alive] for k, v in meta.items()}
+    for stage in stages:
+        new_pos = rows.pos[x.shape[1] : stage.n_rows]
+        x = jnp.concatenate([x, base.resid_pre[stage.first_layer][:, new_pos]], axis=1)
+        # the rows and patches alive in this stage
+        row_patch, row_pos, row_start = (a[: stage.n_rows] for a in (rows.patch, rows.pos, rows.start))
+        patch = jax.tree_util.tree_map(lambda a: a[: stage.n_patches], slots)
 
-        def layer(x, per_layer, rp=rp, rq=rq, m=m, alive=alive):
-            block, j, k_base, v_base, src_j = per_layer
-            on = _mask_at(j, m["layer_lo"], m["layer_hi"])  # [n]
+        def layer(x, per_layer, row_patch=row_patch, row_pos=row_pos, row_start=row_start, patch=patch,
+                  span=stage.span):
+            block, j, k_cached, v_cached, source_j = per_layer
+            patched = _mask_at(j, patch.layer_lo, patch.layer_hi)[row_patch]  # [R]: the row's patch patches layer j
+            at_row = _matches(patch.pos[row_patch].T, row_pos)  # [B, R]: ... and the row's position
 
             def edit(name, act):
                 if name != site or name == "attn.hook_pattern":
                     return act
-                row_on = on[rp][None, :] & _matches(m["pos"][rp].T, rq[None, :])  # [B, R]
-                value = src_j[bidx, rq[None, :]]  # [B, R, ...]
+                row_on = patched[None, :] & at_row  # [B, R]
+                value = source_j[prompt, row_pos[None, :]]  # [B, R, ...]
                 if site in sites.HEAD_VECTOR_SITES:
-                    heads = _matches(m["head"][rp][None, :, None], jnp.arange(cfg.n_head))
+                    heads = _matches(patch.head[row_patch][None, :, None], jnp.arange(cfg.n_head))
                     row_on = (row_on[..., None] & heads)[..., None]  # [B, R, H, 1]
                 else:
                     row_on = row_on[..., None]
                 return jnp.where(row_on, value, act)
 
-            def pattern_edit(name, pattern):  # [B, n, H, Tq, Tk]
+            def edit_pattern(pattern, key_pos, valid):  # [B, H, R, K], key_pos and valid [R, K]
                 if site != "attn.hook_pattern":
                     return pattern
-                sel = (
-                    on[None, :, None, None, None]
-                    & _matches(m["head"][None, :, None, None, None], jnp.arange(cfg.n_head)[:, None, None])
-                    & _matches(m["pos"].T[:, :, None, None, None], jnp.arange(T)[:, None])
-                    & _matches(m["src"][None, :, None, None, None], jnp.arange(T))
-                )
-                return jnp.where(sel, src_j[:, None], pattern)
+                on = ((patched[None, :] & at_row)[:, None, :, None]
+                      & _matches(patch.head[row_patch][:, None], jnp.arange(cfg.n_head)[:, None, None])
+                      & _matches(patch.src[row_patch][:, None], key_pos) & valid)
+                value = source_j[:, :, row_pos[:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, R, K]
+                return jnp.where(on, value, pattern)
 
-            def attend(q, k, v):
-                # Dense per-patch [B, n, H, T, d_head]: own rows where recomputed, cached keys/values before.
-                idx = dense_idx[:alive]
-                own = (idx >= 0)[None, :, :, None, None]
-                dense = lambda rows_act, base_act: jnp.swapaxes(
-                    jnp.where(own, rows_act[:, jnp.maximum(idx, 0)], base_act[:, None]), 2, 3
-                )
-                z = dense_attention(dense(q, jnp.zeros_like(k_base)), dense(k, k_base), dense(v, v_base), pattern_edit)
-                return jnp.swapaxes(z, 2, 3)[:, rp, rq]
-
+            attend = lambda q, k, v: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span,
+                                                    edit_pattern)
             return block(x, cfg, attend, edit), None
 
-        blocks = jax.tree_util.tree_map(lambda a: a[first:end], model.blocks)
-        xs = (
-            blocks,
-            jnp.arange(first, end),
-            base["attn.hook_k"][first:end],
-            base["attn.hook_v"][first:end],
-            source[first:end],
-        )
+        blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)
+        layers = slice(stage.first_layer, stage.end_layer)
+        xs = (blocks, jnp.arange(stage.first_layer, stage.end_layer), base.k[layers], base.v[layers], source[layers])
         x, _ = jax.lax.scan(layer, x, xs)
 
     # The final residual at the read positions: a patch's own row where it was
     # recomputed, else the base run's (positions before the patch never change).
-    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if n_read_all else read_pos  # [B, K]
-    idx = jnp.moveaxis(dense_idx[:, read], 0, 1)  # [B, n, K]
-    own = jnp.take_along_axis(x, jnp.maximum(idx, 0).reshape(B, -1, 1), axis=1).reshape(idx.shape + (-1,))
-    cached = jnp.take_along_axis(base["final"], read[..., None], axis=1)[:, None]  # [B, 1, K, d]
-    resid = jnp.where((idx >= 0)[..., None], own, cached)  # [B, n, K, d]
+    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if read_all else metric_inputs.read_pos  # [B, K]
+    row = jnp.moveaxis(rows.at[:, read], 0, 1)  # [B, n, K]
+    own = jnp.take_along_axis(x, jnp.maximum(row, 0).reshape(B, -1, 1), axis=1).reshape(row.shape + (-1,))
+    cached = jnp.take_along_axis(base.final, read[..., None], axis=1)[:, None]  # [B, 1, K, d]
+    resid = jnp.where((row >= 0)[..., None], own, cached)  # [B, n, K, d]
     logits = model.unembed(resid)
-    return jax.vmap(lambda lg: score(lg, clean_logits, data), in_axes=1)(logits)  # [n, B] (or [n])
+    return jax.vmap(lambda lg: score(lg, metric_inputs.clean_logits, metric_inputs.data), in_axes=1)(logits)
 
 
 BASE_SITES = ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "final")  # what a patched run reads of the base run
@@ -296,27 +218,3 @@ def cached_sites(model, tokens, overrides, keep, memory_budget):
     return {s: jnp.concatenate(p, axis=0 if s == "final" else 1) for s, p in parts.items()}
 
 
-def default_memory_budget(device=None, fraction=0.25):
-    """A quarter of the memory free on `device` (default: the first local device):
-    `memory_stats()` on an accelerator, available RAM (/proc/meminfo) on CPU."""
-    device = device or jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    else:
-        free = _available_ram()
-    return int(max(free * fraction, 64 << 20))
-
-
-def _available_ram():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30

@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Float
 
 from jpatch.engine import execute as engine
+from jpatch.engine import plan
 from jpatch.engine.inputs import as_run, batch_mask, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, no_op_patches, patch_scores
@@ -78,7 +79,7 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
     corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
     if raw.ndim > 1:
-        budget = kwargs.get("memory_budget") or engine.default_memory_budget()
+        budget = kwargs.get("memory_budget") or plan.default_memory_budget()
         base_site = engine.cached_sites(model, corrupted.tokens, corrupted.overrides, (site,), budget)[site]
         no_op = no_op_patches(patches, base_site, clean_cache.stacked(site))
         raw = np.where(no_op, corrupted_score, raw)

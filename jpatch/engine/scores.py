@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jpatch.engine import execute as engine
-from jpatch.engine.execute import ALL
+from jpatch.engine.plan import ALL, bytes_per_prompt, default_memory_budget, plan_groups
 from jpatch.engine.readout import checked_metric, narrowed
 from jpatch.model import sites
 
@@ -42,7 +42,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
             f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
             "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
         )
-    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
+    memory_budget = default_memory_budget() if memory_budget is None else memory_budget
     metric = checked_metric(metric, model.config.d_vocab)
     # A callable on full logits is fed only the positions it reads (found by probing it).
     full_logits = isinstance(metric.positions, str)  # "all": a callable written against full logits
@@ -72,9 +72,9 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     mesh = Mesh(np.array(devices), ("batch",))
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest. Every
     # group has one static layout, so the sweep compiles one program whatever its size.
-    plan = lambda g: engine.plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
-                                        skip_positions=skip_positions)
-    need = lambda layout: engine.bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
+    plan = lambda g: plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
+                                 skip_positions=skip_positions)
+    need = lambda layout: bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
     groups = 1
     planned = plan(groups)
     while need(planned[0][1]) > memory_budget and groups < len(patches):
@@ -113,27 +113,24 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         real = slots >= 0
         take = lambda a, fill: jnp.asarray(np.where(real, np.asarray(a)[np.maximum(slots, 0)], fill))
         # padding slots are never patched (an empty layer window)
-        meta = {"layer_lo": take(patches.layer_lo, 0), "layer_hi": take(patches.layer_hi, 0),
-                "head": take(patches.head, 0), "src": take(patches.src, 0)}
+        slot_patches = engine.SlotPatches(layer_lo=take(patches.layer_lo, 0), layer_hi=take(patches.layer_hi, 0),
+                                          pos=None, head=take(patches.head, 0), src=take(patches.src, 0))
         pos_slots = jnp.where(jnp.asarray(real)[:, None], pos_all[np.maximum(slots, 0)], 0)
         for c in range(n_chunks):
             rows = slice(c * chunk, (c + 1) * chunk)
             put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
             scores = engine.run_layout(
                 model,
-                {k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()},
+                engine.BaseCache.from_sites({k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}),
                 put(source, 1),
-                {**meta, "pos": put(pos_slots, 1)},
-                jnp.asarray(lay.row_patch),
-                jnp.asarray(lay.row_pos),
-                jnp.asarray(lay.dense_idx),
-                put(read_pos, 0),
-                put(clean_logits, 0),
-                jax.tree_util.tree_map(lambda a: put(a, 0), data),
+                slot_patches._replace(pos=put(pos_slots, 1)),
+                jax.tree_util.tree_map(jnp.asarray, lay.rows()),
+                engine.MetricInputs(put(read_pos, 0), put(clean_logits, 0),
+                                    jax.tree_util.tree_map(lambda a: put(a, 0), data)),
                 score=metric.score,
                 site=patches.site,
                 stages=lay.stages,
-                n_read_all=read_all,
+                read_all=read_all,
             )
             scores = np.asarray(scores)[real]
             if scalar:

@@ -12,7 +12,8 @@ import numpy as np
 
 from jpatch.engine import aggregate
 from jpatch.engine import execute as engine
-from jpatch.engine.execute import ALL, Patches
+from jpatch.engine import plan
+from jpatch.engine.plan import ALL, Patches
 from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.readout import prepare_metric, read_logits
 from jpatch.engine.scores import applies, no_op_patches, patch_scores
@@ -192,7 +193,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     clean_logits = read_logits(model, clean_rows, metric)
     corrupted_logits = read_logits(model, corrupted, metric)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    memory_budget = engine.default_memory_budget() if memory_budget is None else memory_budget
+    memory_budget = plan.default_memory_budget() if memory_budget is None else memory_budget
     # Only the patched site of the source run is kept (not every site, e.g. the [L, B, H, T, T] pattern).
     source_cache = Cache(engine.cached_sites(model, source.tokens, source.overrides, (site,), memory_budget),
                          model.config.n_layer)
