@@ -35,7 +35,7 @@ import numpy as np
 import jpatch
 from jpatch import corrupt, metrics
 from jpatch.checkpoint import atomic_dir, check_target
-from jpatch.patching import as_run, read_logits, sweep
+from jpatch.patching import as_run, sweep
 from jpatch.tasks import factual_task, ioi_task
 
 REPORT = "report.md"
@@ -104,7 +104,7 @@ def ioi_noise(model, task, *, n_samples=10, scale=3.0, seed=1):
     """The Gaussian-noise corruption of IOI: noise on the three name tokens, nu = scale x
     the std of the name tokens' embeddings (every occurrence in the batch)."""
     return corrupt.gaussian_noise(model, task.clean_tokens, task.key_positions, n_samples=n_samples, scale=scale,
-                                  std_tokens=subject_tokens([task]), seed=seed)
+                                  std_tokens=subject_tokens([task]), seed=seed, attention_mask=task.attention_mask)
 
 
 def factual_noise(model, task, std, *, n_samples=10, scale=3.0, seed=1):
@@ -266,11 +266,14 @@ def _curves(panels, n_layer):
     return fig
 
 
-def _baseline(model, run, answers, contrasts):
+def _baseline(model, run, answers, contrasts, lengths=None):
     """Mean logit difference, accuracy (answer logit > contrast logit) and mean P(answer)
-    of a run at the last position (a noised run: over every sample)."""
+    of a run at each prompt's last real token (`lengths`: of a right-padded batch; a noised
+    run: over every sample)."""
     run = as_run(run, "run")
-    logits = np.asarray(read_logits(model, run, metrics.logit_diff(answers, contrasts))[:, -1], np.float32)
+    n, t = run.tokens.shape
+    ends = np.full(n, t) if lengths is None else np.tile(np.asarray(lengths), n // len(answers))
+    logits = np.asarray(model(run.tokens, overrides=run.overrides, logits_at=(ends - 1)[:, None])[:, 0], np.float32)
     reps = logits.shape[0] // len(answers)
     a, c = np.tile(answers, reps), np.tile(contrasts, reps)
     rows = np.arange(len(a))
@@ -309,7 +312,25 @@ def _factual(run):
 
 def _ioi_heads(run, key, corrupted, metric, direction="denoise"):
     task, _ = _ioi(run)
-    return run.sweep(key, task.clean_tokens, corrupted, "z", metric, axes=HEADS, direction=direction)
+    return run.sweep(key, task.clean_tokens, corrupted, "z", metric, axes=HEADS, direction=direction,
+                     attention_mask=task.attention_mask)
+
+
+IOI_ROLES = ("1st name", "2nd name", "S2", "end")
+
+
+def _ioi_resid(run, key, metric, direction="denoise"):
+    """resid_pre at each IOI role, [layer, role]: the templates put the names at different
+    positions, so each prompt is patched at its own first name, second name, repeated
+    subject and last token (`prompt_positions`) rather than at one position index."""
+    task, _ = _ioi(run)
+    if key not in run.arrays:
+        roles = [*task.key_positions.T, task.lengths - 1]
+        run.arrays[key] = np.stack([run.sweep(f"{key}/{name}", task.clean_tokens, task.corrupted_tokens, "resid_pre",
+                                              metric, prompt_positions=pos, direction=direction,
+                                              attention_mask=task.attention_mask)[:, 0]
+                                    for name, pos in zip(IOI_ROLES, roles)], 1)
+    return run.arrays[key]
 
 
 FACTUAL_SITES = {"mlp_out": "mlp", "attn_out": "attn", "resid_pre": "resid_pre"}
@@ -342,9 +363,9 @@ def section_corruption_ioi(run):
     top_str, top_gn = top_k(str_, k), top_k(gn_, k)
     overlap = len(set(top_str) & set(top_gn))
     rho = spearman(str_, gn_)
-    base = {"clean": _baseline(model, task.clean_tokens, task.answers, task.contrasts),
-            "str": _baseline(model, task.corrupted_tokens, task.answers, task.contrasts),
-            "gn": _baseline(model, gn, task.answers, task.contrasts)}
+    base = {"clean": _baseline(model, task.clean_tokens, task.answers, task.contrasts, task.lengths),
+            "str": _baseline(model, task.corrupted_tokens, task.answers, task.contrasts, task.lengths),
+            "gn": _baseline(model, gn, task.answers, task.contrasts, task.lengths)}
     run.numbers["corruption_ioi"] = {
         "top_str": [_head_name(i, model.config.n_head) for i in top_str],
         "top_gn": [_head_name(i, model.config.n_head) for i in top_gn],
@@ -356,7 +377,8 @@ def section_corruption_ioi(run):
                else "differ")
     order = list(dict.fromkeys(top_str + top_gn))
     return [
-        f"**Setting.** IOI, {len(task)} prompts ({task.name}, {task.seq_len} tokens). Site: each attention head's "
+        f"**Setting.** IOI, {len(task)} prompts ({task.name}, {task.lengths.min()} to {task.seq_len} tokens). "
+        "Site: each attention head's "
         "output z over all positions (`attn_head_out_all_pos`, site `z`, axes layer x head). Metric: normalized "
         "logit difference (IO vs S): 0 = corrupted, 1 = clean. Direction: denoising. Window: 1. Corruptions: "
         f"**STR** = the ABC prompts (the three names replaced by three other names); **GN** = Gaussian noise on "
@@ -594,9 +616,8 @@ def section_direction(run):
     metric, k = task.metric(), s["top_k"]
     den = _ioi_heads(run, "ioi_heads_str_ld_denoise", task.corrupted_tokens, metric)
     noi = _ioi_heads(run, "ioi_heads_str_ld_noise", task.corrupted_tokens, metric, direction="noise")
-    res_den = run.sweep("ioi_resid_pre_str_ld_denoise", task.clean_tokens, task.corrupted_tokens, "resid_pre", metric)
-    res_noi = run.sweep("ioi_resid_pre_str_ld_noise", task.clean_tokens, task.corrupted_tokens, "resid_pre", metric,
-                        direction="noise")
+    res_den = _ioi_resid(run, "ioi_resid_pre_str_ld_denoise", metric)
+    res_noi = _ioi_resid(run, "ioi_resid_pre_str_ld_noise", metric, direction="noise")
     drop, res_drop = 1 - noi, 1 - res_noi
     top_den, top_noi = top_k(den, k), top_k(drop, k)
     overlap = len(set(top_den) & set(top_noi))
@@ -606,9 +627,7 @@ def section_direction(run):
         "top_noise": [_head_name(i, model.config.n_head) for i in top_noi],
         "overlap": overlap, "k": k, "spearman_heads": rho, "spearman_resid_pre": spearman(res_den, res_drop),
     }
-    from jpatch.tokenizer import get_tokenizer
-
-    labels = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    labels = list(IOI_ROLES)
     fig_heads = run.figure(_heatmaps([(den, "denoising: recovered", "normalized logit diff"),
                                       (drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")]),
                            "fig5_ioi_heads_denoise_vs_noise.png")
@@ -616,15 +635,15 @@ def section_direction(run):
                                       (res_drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")],
                                      cols="pos", col_labels=labels), "fig5_ioi_resid_pre_denoise_vs_noise.png")
     order = list(dict.fromkeys(top_den + top_noi))
-    res_top = lambda v: ", ".join(f"L{i // v.shape[1]} pos {i % v.shape[1]} ({_f(v.ravel()[i], 2)})"
+    res_top = lambda v: ", ".join(f"L{i // v.shape[1]} {labels[i % v.shape[1]]} ({_f(v.ravel()[i], 2)})"
                                   for i in top_k(v, min(k, v.size), by="max"))
     return [
         f"**Setting.** IOI, {len(task)} prompts; STR (ABC) corruption; normalized logit difference; window 1. "
         "**Denoising**: the corrupted run with one clean activation patched in (what it recovers: sufficiency). "
         "**Noising**: the clean run with one corrupted activation patched in; shown as 1 - metric, the share of the "
         "clean logit difference it destroys (necessity). Sites: attention heads (site `z`, layer x head) and the "
-        "residual stream before each block (`resid_pre`, layer x position; column labels are the first prompt's "
-        "tokens, every prompt has the names at the same positions).",
+        "residual stream before each block (`resid_pre`, layer x role: each prompt patched at its own first name, "
+        "second name, repeated subject S2 and last token, since the templates put them at different positions).",
         "",
         "**Paper.** Denoising and noising find different components: a component can be sufficient without being "
         "necessary (e.g. backup heads take over when it is noised) and the reverse (e.g. a component whose "
@@ -662,11 +681,12 @@ def section_attribution(run):
     rows, found = [], run.numbers.setdefault("attribution", {})
     for site in ("z", "q", "k"):
         key = "ioi_heads_str_ld_denoise" if site == "z" else f"ioi_heads_{site}_str_ld_denoise"
-        exact = run.sweep(key, task.clean_tokens, task.corrupted_tokens, site, metric, axes=HEADS)
+        exact = run.sweep(key, task.clean_tokens, task.corrupted_tokens, site, metric, axes=HEADS,
+                          attention_mask=task.attention_mask)
         for method in ("atp", "atp-qk", "atp*") if site != "z" else ("atp", "atp*"):
             run.log(f"attribution {site} {method}")
             est = np.asarray(attribute(model, task.clean_tokens, task.corrupted_tokens, site, metric, method=method,
-                                       axes=HEADS), np.float64)
+                                       axes=HEADS, attention_mask=task.attention_mask), np.float64)
             run.arrays[f"ioi_heads_{site}_{method}"] = est
             signed = method != "atp*"  # GradDrop gives sizes: compared with |exact|
             target = exact if signed else np.abs(exact)
