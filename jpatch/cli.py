@@ -53,7 +53,7 @@ def load_task(name, n_prompts, seed):
 
     kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
     if name == "ioi":
-        kw["split"] = "test"  # names the bundled toy model never saw in IOI prompts
+        kw["split"] = "test"  # names and templates the bundled toy model never saw in IOI prompts
     try:
         task = get_task(name, **kw)
     except ValueError as e:

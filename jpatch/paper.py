@@ -738,7 +738,7 @@ def _header(run, total):
     cfg = model.config
     tasks, _ = run.cache.get("factual", ([], None))
     settings = [
-        ["IOI prompts", f"{s['n_prompts']} (names split {s['ioi_split']!r}, seed {s['seed']})"],
+        ["IOI prompts", f"{s['n_prompts']} (names and templates split {s['ioi_split']!r}, seed {s['seed']})"],
         ["factual prompts", f"{sum(len(t) for t in tasks)} of the requested {s['n_factual']}, in buckets "
                             + ", ".join(f"{t.name} ({len(t)})" for t in tasks)],
         ["Gaussian noise", f"{s['noise_samples']} samples, nu = {s['noise_scale']:g} x embedding std, seed "
@@ -820,7 +820,7 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
     window: the sliding window compared with window 1 (section 4).
     top_k: heads compared between localizations (default: 5% of the heads, 3..10).
     negative_threshold: a normalized effect below -threshold counts as clearly negative.
-    ioi_split: IOI names ("all", "train", "test": the held-out names a toy model never saw).
+    ioi_split: IOI names and templates ("all", "train", "test": the held-out ones a toy model never saw).
     overwrite: replace a non-empty out_dir (refused otherwise, before any work).
     Returns the path of report.md. Nothing is left at out_dir if a section raises.
     """
@@ -869,7 +869,7 @@ def add_arguments(parser):
     parser.add_argument("--noise-scale", type=float, default=3.0, help="nu = scale x embedding std (default 3)")
     parser.add_argument("--window", type=int, default=5, help="sliding window compared with window 1 (default 5)")
     parser.add_argument("--ioi-split", choices=("all", "train", "test"), default="test",
-                        help="IOI name split (default test: names a toy model never saw)")
+                        help="IOI names and templates split (default test: ones a toy model never saw)")
     parser.add_argument("--seed", type=int, default=0, help="IOI prompt seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
