@@ -4,7 +4,7 @@ then steering and generation.
 
     python examples/ioi_walkthrough.py --out results/examples
 
-The bundled toy model was trained without a BOS token, hence prepend_bos=False.
+The bundled toy model was trained with and without a BOS token; these prompts have none (prepend_bos=False).
 """
 
 import argparse

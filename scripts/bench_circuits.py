@@ -80,12 +80,12 @@ def bench_path_patching(figures):
 
 def bench_acdc(figures, n_prompts=8, threshold=0.01):
     import jpatch
+    from jpatch.data.tasks import ioi_task
     from jpatch.methods.circuits import acdc
-    from jpatch.data.tasks import get_task
 
     weights = os.path.join(HERE, "..", "weights", "toy")
     model = jpatch.load(weights)
-    task = get_task("ioi", n_prompts=n_prompts)
+    task = ioi_task(n_prompts, split="test", length=15)  # circuits need prompts of one length
     t = time.perf_counter()
     circuit = acdc(model, task.clean_tokens, task.corrupted_tokens, threshold=threshold)
     first = time.perf_counter() - t

@@ -297,8 +297,8 @@ def test_circuit_command_writes_the_report(tmp_path):
     import jax
 
     import jpatch
+    from jpatch.data.tasks import ioi
     from jpatch.face import cli
-    from jpatch.data.tasks import get_task
 
     config = jpatch.GPT2Config(n_layer=2, n_head=2, d_model=32, d_mlp=64, n_ctx=32)
     model_dir = tmp_path / "m"
@@ -313,7 +313,8 @@ def test_circuit_command_writes_the_report(tmp_path):
     assert (out / "circuit.png").stat().st_size > 1000
     edges = json.loads((out / "circuit.json").read_text())
     assert edges["n_edges"] == len(edges["edges"]) and f"{edges['n_edges']} of {edges['n_valid_edges']}" in text
-    task = get_task("ioi", n_prompts=4, seed=0, split="test")
+    task = ioi.ioi_task(4, seed=0, split="test", length=15)  # the held-out templates' most common length
+    assert task.attention_mask is None
     model = jpatch.load(model_dir)
     expected = circuits.path_patch(model, task.clean_tokens, task.corrupted_tokens, "heads", "logits",
                                    task.metric())

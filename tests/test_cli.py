@@ -35,6 +35,9 @@ def test_console_script_is_installed():
 def test_demo_prints_top_components_and_writes_heatmaps(model_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     cli.main(["demo", "--model", model_dir, "--out", str(out), "--n-prompts", "4"])
+    from jpatch.data.tasks import ioi_task
+
+    longest = ioi_task(4, seed=0, split="test").seq_len  # the IOI templates differ in length
     printed = capsys.readouterr().out
     assert "top hook_resid_pre components" in printed and "head " in printed
     for name in ("resid_pre", "heads"):
@@ -42,7 +45,7 @@ def test_demo_prints_top_components_and_writes_heatmaps(model_dir, tmp_path, cap
         settings = json.loads((out / name / "settings.json").read_text())
         assert settings["corruption"] == "str" and settings["metric"] == "logit-diff"
         result = jpatch.load_result(out / name)[settings["site"]]
-        assert result.shape == ((2, 15) if name == "resid_pre" else (2, 4))
+        assert result.shape == ((2, longest) if name == "resid_pre" else (2, 4))
         assert np.isfinite(result).all()
 
 
@@ -55,7 +58,7 @@ def test_sweep_equals_library_call(model_dir, tmp_path):
               "--out", str(out)])
     task = ioi_task(4, seed=0, split="test")
     expected = jpatch.sweep(jpatch.load(model_dir), task.clean_tokens, task.corrupted_tokens, "mlp_out",
-                            task.metric(), progress=False)
+                            task.metric(), progress=False, attention_mask=task.attention_mask)
     np.testing.assert_allclose(jpatch.load_result(out)["hook_mlp_out"], expected, atol=1e-5)
     assert (out / "heatmap.png").exists()
 

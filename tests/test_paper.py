@@ -90,8 +90,10 @@ def test_ioi_gn_vs_str_equals_direct_sweeps(tiny, report):
     """Section 1's numbers are those of two plain jpatch.sweep calls with the same prompts and seeds."""
     out, _, text = report
     task = ioi_task(4, seed=0, split="test")
-    gn = corrupt.gaussian_noise(tiny, task.clean_tokens, task.key_positions, n_samples=1, scale=3.0, seed=1)
-    kw = dict(axes=("layer", "head"), progress=False)
+    mask = task.attention_mask  # the templates have different lengths: a right-padded batch
+    gn = corrupt.gaussian_noise(tiny, task.clean_tokens, task.key_positions, n_samples=1, scale=3.0, seed=1,
+                                attention_mask=mask)
+    kw = dict(axes=("layer", "head"), progress=False, attention_mask=mask)
     direct_str = jpatch.sweep(tiny, task.clean_tokens, task.corrupted_tokens, "z", task.metric(), **kw)
     direct_gn = jpatch.sweep(tiny, task.clean_tokens, gn, "z", task.metric(), **kw)
     stored = np.load(out / "results.npz")
@@ -105,6 +107,20 @@ def test_ioi_gn_vs_str_equals_direct_sweeps(tiny, report):
         assert float(row[2]) == pytest.approx(direct_gn[layer, head], abs=6e-5)
     top = stats.top_k(direct_str, 3)
     assert [f"{i // 2}.{i % 2}" for i in top] == [r[0] for r in table[1:4]]
+
+
+def test_ioi_resid_pre_by_role_equals_direct_sweeps(tiny, report):
+    """Section 5's resid_pre panel: each column is a direct sweep at each prompt's own role position."""
+    out, _, _ = report
+    task = ioi_task(4, seed=0, split="test")
+    assert task.attention_mask is not None and len(set(map(tuple, task.key_positions.tolist()))) > 1
+    stored = np.load(out / "results.npz")["ioi_resid_pre_str_ld_denoise"]
+    roles = [*task.key_positions.T, task.lengths - 1]
+    assert stored.shape[1] == len(roles) == len(paper.IOI_ROLES)
+    for column, pos in zip(stored.T, roles):
+        direct = jpatch.sweep(tiny, task.clean_tokens, task.corrupted_tokens, "resid_pre", task.metric(),
+                              prompt_positions=pos, attention_mask=task.attention_mask, progress=False)
+        np.testing.assert_allclose(column, np.asarray(direct)[:, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_factual_gn_vs_str_equals_direct_sweeps(tiny, report):

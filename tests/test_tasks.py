@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jpatch.data.tasks import TASKS, Task, get_task, read_jsonl
+from jpatch.data.tasks import TASKS, Task, combine, get_task, read_jsonl
 from jpatch.data.tasks import factual, greater_than, ioi
 from jpatch.model.tokenizer import get_tokenizer
 
@@ -26,24 +26,46 @@ def test_ioi_words_are_single_tokens():
         assert not bad
 
 
-def test_ioi_templates_share_length_and_name_positions():
-    assert len(ioi.BABA_TEMPLATES) >= 8 and len(ioi.ABBA_TEMPLATES) == len(ioi.BABA_TEMPLATES)
+def test_ioi_templates_vary_in_length_and_name_positions():
+    assert len(ioi.BABA_TEMPLATES) >= 15 and len(ioi.ABBA_TEMPLATES) == len(ioi.BABA_TEMPLATES)
     a, b = " Mary", " John"
+    lengths, positions = set(), set()
     for abba in (False, True):
         for i in range(len(ioi.BABA_TEMPLATES)):
-            for place, obj in (("store", "drink"), ("airport", "necklace")):
-                toks = tok.to_str_tokens(ioi._prompt(i, abba, a.strip(), b.strip(), place, obj))
-                assert len(toks) == ioi.PROMPT_LEN
-                first, second = (a, b) if abba else (b, a)
-                assert (toks[ioi.FIRST_NAME_POS], toks[ioi.SECOND_NAME_POS], toks[ioi.S2_POS]) == (first, second, b)
-                assert toks[-1] == " to"
+            toks = tok.to_str_tokens(tok.encode(ioi._prompt(i, abba, a.strip(), b.strip(), "store", "drink")))
+            at = lambda name: [p for p, t in enumerate(toks) if t == name]
+            assert len(at(a)) == 1 and len(at(b)) == 2 and toks[-1] == " to"
+            first = min(at(a) + at(b))
+            assert toks[first] == (a if abba else b)  # ABBA names the IO first, BABA the subject
+            assert at(b)[1] > at(a)[0]  # the subject is repeated after both names
+            lengths.add(len(toks))
+            positions.add((first, at(b)[1]))
+    assert len(lengths) >= 5 and len(positions) >= 8
+
+
+def test_ioi_template_split():
+    train, test = ioi.split_templates()
+    assert set(train).isdisjoint(test) and sorted(train + test) == list(range(len(ioi.BABA_TEMPLATES)))
+    assert len(test) >= 5 and len(train) >= 15
+    # every word of a held-out template occurs in a train template (only the sentences are new)
+    words = lambda i: set(tok.encode(ioi._prompt(i, False, "Mary", "John", "store", "drink")))
+    seen = set().union(*(words(i) for i in train))
+    for i in test:
+        assert words(i) - set(ids(["Mary", "John", "store", "drink"])) <= seen, ioi.BABA_TEMPLATES[i]
+    for split, templates in (("train", train), ("test", test)):
+        assert set(ioi.ioi_task(200, split=split).info["template"].tolist()) == set(templates)
+
+
+def _unpadded(task, field):
+    return [row[:n].tolist() for row, n in zip(getattr(task, field), task.lengths)]
 
 
 def test_ioi_task_answers_and_abc_corruption():
     task = ioi.ioi_task(64, seed=3)
     n = len(task)
-    assert task.clean_tokens.shape == task.corrupted_tokens.shape == (64, ioi.PROMPT_LEN)
-    assert task.clean_tokens.dtype == np.int32
+    assert task.clean_tokens.shape == task.corrupted_tokens.shape and task.clean_tokens.dtype == np.int32
+    assert task.attention_mask is not None and len(set(task.lengths.tolist())) > 2  # ragged, right-padded
+    assert (task.info["end_position"] == task.lengths - 1).all()
     rows = np.arange(n)
     clean, corrupted = task.clean_tokens, task.corrupted_tokens
     # answer = IO, contrast = S (named twice), and IO != S
@@ -52,9 +74,12 @@ def test_ioi_task_answers_and_abc_corruption():
     assert (clean[rows, task.info["s2_position"]] == task.contrasts).all()
     assert (task.answers != task.contrasts).all()
     assert set(task.info["abba"].tolist()) == {False, True}
+    first = np.minimum(task.info["io_position"], task.info["s1_position"])
+    assert (task.key_positions[:, 0] == first).all()
+    assert (task.last_key_position == task.info["s2_position"]).all()
+    assert len(set(map(tuple, task.key_positions.tolist()))) > 4  # names at varied positions
     # corrupted differs from clean exactly at the three name positions
     key = task.key_mask()
-    assert (task.key_positions == [2, 4, 10]).all() and (task.last_key_position == 10).all()
     assert ((clean != corrupted) == key).all()
     names = set(ids(ioi.NAMES))
     for i in range(n):
@@ -62,11 +87,33 @@ def test_ioi_task_answers_and_abc_corruption():
         assert len(set(new)) == 3 and set(new) <= names
         assert not set(new) & {int(task.answers[i]), int(task.contrasts[i])}
     # texts agree with tokens
-    assert [tok.encode(p) for p in task.prompts] == clean.tolist()
-    assert [tok.encode(p) for p in task.corrupted_prompts] == corrupted.tolist()
+    assert [tok.encode(p) for p in task.prompts] == _unpadded(task, "clean_tokens")
+    assert [tok.encode(p) for p in task.corrupted_prompts] == _unpadded(task, "corrupted_tokens")
     m = task.metric()
     assert m.name == "logit_diff" and m.normalize == "range"
     assert (m.data["answer"] == task.answers).all() and (m.data["contrast"] == task.contrasts).all()
+
+
+def test_ioi_no_positional_rule_finds_the_answer():
+    """With both orders and varied templates, no fixed token position holds the IO name (or,
+    counted from the end, the last name before it) in much more than half of the prompts."""
+    for split in ("train", "test"):
+        for bos in (False, True):
+            task = ioi.ioi_task(600, seed=7, split=split, bos=bos)
+            is_io = task.clean_tokens == task.answers[:, None]
+            assert is_io.mean(0).max() < 0.6
+            from_end = np.stack([np.roll(row, -n)[::-1] for row, n in zip(is_io, task.lengths)])
+            assert from_end.mean(0).max() < 0.6
+
+
+def test_ioi_bos_prepends_endoftext():
+    plain, bos = ioi.ioi_task(16, seed=5), ioi.ioi_task(16, seed=5, bos=True)
+    assert (bos.clean_tokens[:, 0] == 50256).all() and (bos.corrupted_tokens[:, 0] == 50256).all()
+    assert _unpadded(bos, "clean_tokens") == [[50256] + r for r in _unpadded(plain, "clean_tokens")]
+    assert (bos.key_positions == plain.key_positions + 1).all() and bos.info["bos"].all()
+    assert [tok.encode(p) for p in bos.prompts] == _unpadded(bos, "clean_tokens")
+    with pytest.raises(ValueError, match="bos"):
+        ioi.ioi_task(4, bos="yes")
 
 
 def test_ioi_deterministic_and_seeded():
@@ -292,7 +339,9 @@ def test_to_jsonl_round_trips(tmp_path):
             assert ex["clean"] == task.prompts[i] and ex["corrupted"] == task.corrupted_prompts[i]
             assert tok.token_id(ex["answer"]) == task.answers[i] and tok.token_id(ex["contrast"]) == task.contrasts[i]
             assert ex["key_positions"] == task.key_positions[i].tolist()
-        (back,) = get_task(str(path))
+        back = combine(get_task(str(path)))  # read back in token-length buckets, padded together
+        order = [back.prompts.index(p) for p in task.prompts]
+        back = back.select(order)
         for field in ("clean_tokens", "corrupted_tokens", "answers", "contrasts", "key_positions", "last_key_position"):
             assert (getattr(back, field) == getattr(task, field)).all()
 
@@ -336,7 +385,7 @@ def test_to_jsonl_reads_in_bulk_sweeps(tmp_path):
     for corruption in ("str", "noise"):
         dataset = read_dataset(path, corruption=corruption)
         assert len(dataset.examples) == len(task)
-        assert all(e.key_positions == (2, 4, 10) for e in dataset.examples)
+        assert [e.key_positions for e in dataset.examples] == [tuple(k) for k in task.key_positions.tolist()]
 
 
 def test_noise_std_is_one_rule_for_api_cli_bulk_and_report(tmp_path):

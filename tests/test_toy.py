@@ -1,5 +1,7 @@
 """The bundled toy model (weights/toy/, trained by scripts/train_toy.py) solves the three
-paper tasks on held-out prompts, over the full vocabulary, in bfloat16.
+paper tasks on held-out prompts, over the full vocabulary, in bfloat16: IOI on held-out
+templates x held-out names (of different lengths, names at different positions), with and
+without a leading <|endoftext|>.
 
 The figures are recomputed here from the model, independently of training.json, and
 then compared with the numbers training.json records."""
@@ -28,19 +30,38 @@ def record():
     return json.loads((resolve("toy") / "training.json").read_text())
 
 
-def last_logits(model, tokens):
+def last_logits(model, tokens, lengths=None):
+    """Logits at each prompt's last real token (right padding: causal attention never reads it)."""
     tokens = jnp.asarray(tokens)
-    return np.asarray(model(tokens, logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))[:, 0])
+    ends = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
+    return np.asarray(model(tokens, logits_at=jnp.asarray(ends - 1)[:, None])[:, 0])
 
 
 @pytest.fixture(scope="module")
 def figures(model):
     out = {}
-    task = ioi.ioi_task(N_IOI, seed=SEED, split="test")
-    assert not set(task.answers) & {get_id(n) for n in ioi.split_names()[0]}  # held-out names only
-    logits = last_logits(model, task.clean_tokens)
+    for bos in (False, True):
+        task = ioi.ioi_task(N_IOI, seed=SEED, split="test", bos=bos)
+        held_out = {get_id(n) for n in ioi.split_names()[1]}
+        assert set(task.answers) <= held_out and set(task.contrasts) <= held_out  # held-out names only
+        assert set(task.info["template"]) == set(ioi.TEST_TEMPLATES)  # every held-out template, no other
+        assert len(set(task.lengths)) >= 3 and len({tuple(k) for k in task.key_positions.tolist()}) >= 4
+        assert (task.clean_tokens[:, 0] == 50256).all() == bos
+        logits = last_logits(model, task.clean_tokens, task.lengths)
+        n = np.arange(len(task))
+        right = logits[n, task.answers] - logits[n, task.contrasts] > 0
+        key = "ioi_bos" if bos else "ioi"
+        out[f"{key}_logit_diff_positive_frac"] = float(right.mean())
+        out[f"{key}_worst_template_positive_frac"] = min(float(right[task.info["template"] == t].mean())
+                                                         for t in ioi.TEST_TEMPLATES)
+
+    # the train templates with held-out names: the name hold-out alone
+    task = ioi.ioi_task(2 * N_IOI, seed=321, names=ioi.split_names()[1], split="all")
+    task = task.select(np.flatnonzero(~np.isin(task.info["template"], ioi.TEST_TEMPLATES))[:N_IOI])
+    logits = last_logits(model, task.clean_tokens, task.lengths)
     n = np.arange(len(task))
-    out["ioi_logit_diff_positive_frac"] = float((logits[n, task.answers] - logits[n, task.contrasts] > 0).mean())
+    out["ioi_train_templates_logit_diff_positive_frac"] = float(
+        (logits[n, task.answers] - logits[n, task.contrasts] > 0).mean())
 
     ok = {}
     for task in factual.factual_task():
@@ -74,8 +95,22 @@ def test_bf16_and_small(model):
     assert size < 20 * 2**20, f"weights/toy is {size / 2**20:.1f} MiB"
 
 
-def test_ioi_held_out_names(figures):
-    assert figures["ioi_logit_diff_positive_frac"] >= 0.95
+# Measured on the bundled model: 0.844 without BOS, 0.936 with (held-out templates x held-out
+# names); the train templates with held-out names: 1.0. Asserted a little below what it reaches,
+# so a retrain that does worse fails; the issue's 95% target is not met (the xfail below).
+def test_ioi_held_out_templates_and_names(figures):
+    assert figures["ioi_logit_diff_positive_frac"] >= 0.80
+    assert figures["ioi_bos_logit_diff_positive_frac"] >= 0.90
+
+
+def test_ioi_train_templates_held_out_names(figures):
+    assert figures["ioi_train_templates_logit_diff_positive_frac"] >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14's target (>= 95% on held-out templates x held-out names, with and "
+                   "without BOS) is not met: templates 5 and 22 fail often")
+def test_ioi_issue_target(figures):
+    assert min(figures["ioi_logit_diff_positive_frac"], figures["ioi_bos_logit_diff_positive_frac"]) >= 0.95
 
 
 def test_factual_recall_full_vocab_top1(figures):
@@ -90,5 +125,6 @@ def test_training_json_matches(figures, record):
     for key in ("seed", "steps", "train_seconds", "losses", "eval"):
         assert key in record
     assert record["saved_dtype"] == "bfloat16"
+    assert record["train_seconds"] < 45 * 60  # the issue's budget on the project's 2-core CPU
     for key, value in figures.items():
         assert abs(record["eval"][key] - value) < 0.01, (key, record["eval"][key], value)

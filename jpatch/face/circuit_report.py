@@ -137,6 +137,16 @@ def write_report(path, figures, header):
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def _ioi_one_length(n_prompts, seed):
+    """IOI prompts (held-out names and templates) of one token length: the length most held-out
+    templates share (ties: the shorter); the names still sit at different positions."""
+    from jpatch.data.tasks import ioi
+
+    lengths = ioi.template_lengths("test")
+    length = min(lengths, key=lambda n: (-len(lengths[n]), n))
+    return ioi.ioi_task(n_prompts, seed=seed, split="test", length=length)
+
+
 def main(args):
     from jpatch.face import cli
     from jpatch.files.atomic import atomic_dir
@@ -144,7 +154,9 @@ def main(args):
     cli.check_at_least(1, n_prompts=args.n_prompts, top=args.top, ig_steps=args.ig_steps)
     cli.check_out(args.out, args.overwrite, KIND)
     model = cli.load_model(args.model)
-    task = cli.load_task(args.task, args.n_prompts, args.seed)
+    # Circuits need prompts of one length: for IOI, the held-out templates of the most common length.
+    task = _ioi_one_length(args.n_prompts, args.seed) if args.task == "ioi" else cli.load_task(
+        args.task, args.n_prompts, args.seed)
     if task.attention_mask is not None:
         raise cli.Fail(f"jpatch circuit: the {args.task} prompts have different lengths; circuits need prompts "
                        "of one length (choose --n-prompts or a task of equal-length prompts)")

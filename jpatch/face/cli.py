@@ -53,7 +53,7 @@ def load_task(name, n_prompts, seed):
 
     kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
     if name == "ioi":
-        kw["split"] = "test"  # names the bundled toy model never saw in IOI prompts
+        kw["split"] = "test"  # names and templates the bundled toy model never saw in IOI prompts
     try:
         task = get_task(name, **kw)
     except ValueError as e:
@@ -202,6 +202,9 @@ def cmd_demo(args):
     print(f"model {args.model}: {model.config.n_layer} layers x {model.config.n_head} heads; "
           f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
     print("corruption: symmetric token replacement (ABC names); metric: normalized logit difference; denoising")
+    if task.attention_mask is not None:  # IOI templates differ in length and name positions
+        print(f"prompts of {task.lengths.min()} to {task.seq_len} tokens, right-padded; positions are token indices "
+              "(the names sit at different indices per template), labelled with the longest prompt's tokens")
     common = dict(corruption="str", metric="logit-diff", direction="denoise", window=1,
                   noise_samples=1, noise_seed=corrupt.NOISE_SEED)
     start = time.perf_counter()

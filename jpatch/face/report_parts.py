@@ -12,9 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.methods import corrupt
-from jpatch.methods import metrics
 from jpatch.engine.inputs import as_run
-from jpatch.engine.readout import read_logits
 from jpatch.data.tasks import factual_task, ioi_task
 from jpatch.engine.sweep import sweep
 
@@ -57,7 +55,7 @@ def ioi_noise(model, task, *, n_samples=10, scale=3.0, seed=corrupt.NOISE_SEED):
     """The Gaussian-noise corruption of IOI: noise on the three name tokens, nu = scale x
     the std of the name tokens' embeddings (every occurrence in the batch)."""
     return corrupt.gaussian_noise(model, task.clean_tokens, task.key_positions, n_samples=n_samples, scale=scale,
-                                  std_tokens=subject_tokens([task]), seed=seed)
+                                  std_tokens=subject_tokens([task]), seed=seed, attention_mask=task.attention_mask)
 
 
 def factual_noise(model, task, std, *, n_samples=10, scale=3.0, seed=corrupt.NOISE_SEED):
@@ -167,11 +165,14 @@ def curve_figure(panels, n_layer):
     return fig
 
 
-def baseline(model, run, answers, contrasts):
+def baseline(model, run, answers, contrasts, lengths=None):
     """Mean logit difference, accuracy (answer logit > contrast logit) and mean P(answer)
-    of a run at the last position (a noised run: over every sample)."""
+    of a run at each prompt's last real token (`lengths`: of a right-padded batch; a noised
+    run: over every sample)."""
     run = as_run(run, "run")
-    logits = np.asarray(read_logits(model, run, metrics.logit_diff(answers, contrasts))[:, -1], np.float32)
+    n, t = run.tokens.shape
+    ends = np.full(n, t) if lengths is None else np.tile(np.asarray(lengths), n // len(answers))
+    logits = np.asarray(model(run.tokens, overrides=run.overrides, logits_at=(ends - 1)[:, None])[:, 0], np.float32)
     reps = logits.shape[0] // len(answers)
     a, c = np.tile(answers, reps), np.tile(contrasts, reps)
     rows = np.arange(len(a))
@@ -207,7 +208,25 @@ def factual(run):
 
 def ioi_heads(run, key, corrupted, metric, direction="denoise"):
     task, _ = ioi(run)
-    return run.sweep(key, task.clean_tokens, corrupted, "z", metric, axes=HEADS, direction=direction)
+    return run.sweep(key, task.clean_tokens, corrupted, "z", metric, axes=HEADS, direction=direction,
+                     attention_mask=task.attention_mask)
+
+
+IOI_ROLES = ("1st name", "2nd name", "S2", "end")
+
+
+def ioi_resid(run, key, metric, direction="denoise"):
+    """resid_pre at each IOI role, [layer, role]: the templates put the names at different
+    positions, so each prompt is patched at its own first name, second name, repeated
+    subject and last token (`prompt_positions`) rather than at one position index."""
+    task, _ = ioi(run)
+    if key not in run.arrays:
+        roles = [*task.key_positions.T, task.lengths - 1]
+        run.arrays[key] = np.stack([run.sweep(f"{key}/{name}", task.clean_tokens, task.corrupted_tokens, "resid_pre",
+                                              metric, prompt_positions=pos, direction=direction,
+                                              attention_mask=task.attention_mask)[:, 0]
+                                    for name, pos in zip(IOI_ROLES, roles)], 1)
+    return run.arrays[key]
 
 
 FACTUAL_SITES = {"mlp_out": "mlp", "attn_out": "attn", "resid_pre": "resid_pre"}

@@ -5,8 +5,9 @@ import math
 
 import numpy as np
 
-from jpatch.face.report_parts import (FACTUAL_SITES, HEADS, baseline, curve_figure, factual, factual_curve, fmt,
-                                      head_header, head_name, head_rows, heatmap_figure, ioi, ioi_heads, md_table)
+from jpatch.face.report_parts import (FACTUAL_SITES, HEADS, IOI_ROLES, baseline, curve_figure, factual, factual_curve, fmt,
+                                      head_header, head_name, head_rows, heatmap_figure, ioi, ioi_heads, ioi_resid,
+                                      md_table)
 from jpatch.methods import metrics
 from jpatch.methods.stats import peak, spearman, top_k
 
@@ -22,9 +23,9 @@ def section_corruption_ioi(run):
     top_str, top_gn = top_k(str_, k), top_k(gn_, k)
     overlap = len(set(top_str) & set(top_gn))
     rho = spearman(str_, gn_)
-    base = {"clean": baseline(model, task.clean_tokens, task.answers, task.contrasts),
-            "str": baseline(model, task.corrupted_tokens, task.answers, task.contrasts),
-            "gn": baseline(model, gn, task.answers, task.contrasts)}
+    base = {"clean": baseline(model, task.clean_tokens, task.answers, task.contrasts, task.lengths),
+            "str": baseline(model, task.corrupted_tokens, task.answers, task.contrasts, task.lengths),
+            "gn": baseline(model, gn, task.answers, task.contrasts, task.lengths)}
     run.numbers["corruption_ioi"] = {
         "top_str": [head_name(i, model.config.n_head) for i in top_str],
         "top_gn": [head_name(i, model.config.n_head) for i in top_gn],
@@ -36,7 +37,8 @@ def section_corruption_ioi(run):
                else "differ")
     order = list(dict.fromkeys(top_str + top_gn))
     return [
-        f"**Setting.** IOI, {len(task)} prompts ({task.name}, {task.seq_len} tokens). Site: each attention head's "
+        f"**Setting.** IOI, {len(task)} prompts ({task.name}, {task.lengths.min()} to {task.seq_len} tokens). "
+        "Site: each attention head's "
         "output z over all positions (`attn_head_out_all_pos`, site `z`, axes layer x head). Metric: normalized "
         "logit difference (IO vs S): 0 = corrupted, 1 = clean. Direction: denoising. Window: 1. Corruptions: "
         f"**STR** = the ABC prompts (the three names replaced by three other names); **GN** = Gaussian noise on "
@@ -274,9 +276,8 @@ def section_direction(run):
     metric, k = task.metric(), s["top_k"]
     den = ioi_heads(run, "ioi_heads_str_ld_denoise", task.corrupted_tokens, metric)
     noi = ioi_heads(run, "ioi_heads_str_ld_noise", task.corrupted_tokens, metric, direction="noise")
-    res_den = run.sweep("ioi_resid_pre_str_ld_denoise", task.clean_tokens, task.corrupted_tokens, "resid_pre", metric)
-    res_noi = run.sweep("ioi_resid_pre_str_ld_noise", task.clean_tokens, task.corrupted_tokens, "resid_pre", metric,
-                        direction="noise")
+    res_den = ioi_resid(run, "ioi_resid_pre_str_ld_denoise", metric)
+    res_noi = ioi_resid(run, "ioi_resid_pre_str_ld_noise", metric, direction="noise")
     drop, res_drop = 1 - noi, 1 - res_noi
     top_den, top_noi = top_k(den, k), top_k(drop, k)
     overlap = len(set(top_den) & set(top_noi))
@@ -286,9 +287,7 @@ def section_direction(run):
         "top_noise": [head_name(i, model.config.n_head) for i in top_noi],
         "overlap": overlap, "k": k, "spearman_heads": rho, "spearman_resid_pre": spearman(res_den, res_drop),
     }
-    from jpatch.model.tokenizer import get_tokenizer
-
-    labels = get_tokenizer().to_str_tokens(task.clean_tokens[0])
+    labels = list(IOI_ROLES)
     fig_heads = run.figure(heatmap_figure([(den, "denoising: recovered", "normalized logit diff"),
                                       (drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")]),
                            "fig5_ioi_heads_denoise_vs_noise.png")
@@ -296,15 +295,15 @@ def section_direction(run):
                                       (res_drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")],
                                      cols="pos", col_labels=labels), "fig5_ioi_resid_pre_denoise_vs_noise.png")
     order = list(dict.fromkeys(top_den + top_noi))
-    res_top = lambda v: ", ".join(f"L{i // v.shape[1]} pos {i % v.shape[1]} ({fmt(v.ravel()[i], 2)})"
+    res_top = lambda v: ", ".join(f"L{i // v.shape[1]} {labels[i % v.shape[1]]} ({fmt(v.ravel()[i], 2)})"
                                   for i in top_k(v, min(k, v.size), by="max"))
     return [
         f"**Setting.** IOI, {len(task)} prompts; STR (ABC) corruption; normalized logit difference; window 1. "
         "**Denoising**: the corrupted run with one clean activation patched in (what it recovers: sufficiency). "
         "**Noising**: the clean run with one corrupted activation patched in; shown as 1 - metric, the share of the "
         "clean logit difference it destroys (necessity). Sites: attention heads (site `z`, layer x head) and the "
-        "residual stream before each block (`resid_pre`, layer x position; column labels are the first prompt's "
-        "tokens, every prompt has the names at the same positions).",
+        "residual stream before each block (`resid_pre`, layer x role: each prompt patched at its own first name, "
+        "second name, repeated subject S2 and last token, since the templates put them at different positions).",
         "",
         "**Paper.** Denoising and noising find different components: a component can be sufficient without being "
         "necessary (e.g. backup heads take over when it is noised) and the reverse (e.g. a component whose "
@@ -342,11 +341,12 @@ def section_attribution(run):
     rows, found = [], run.numbers.setdefault("attribution", {})
     for site in ("z", "q", "k"):
         key = "ioi_heads_str_ld_denoise" if site == "z" else f"ioi_heads_{site}_str_ld_denoise"
-        exact = run.sweep(key, task.clean_tokens, task.corrupted_tokens, site, metric, axes=HEADS)
+        exact = run.sweep(key, task.clean_tokens, task.corrupted_tokens, site, metric, axes=HEADS,
+                          attention_mask=task.attention_mask)
         for method in ("atp", "atp-qk", "atp*") if site != "z" else ("atp", "atp*"):
             run.log(f"attribution {site} {method}")
             est = np.asarray(attribute(model, task.clean_tokens, task.corrupted_tokens, site, metric, method=method,
-                                       axes=HEADS), np.float64)
+                                       axes=HEADS, attention_mask=task.attention_mask), np.float64)
             run.arrays[f"ioi_heads_{site}_{method}"] = est
             signed = method != "atp*"  # GradDrop gives sizes: compared with |exact|
             target = exact if signed else np.abs(exact)

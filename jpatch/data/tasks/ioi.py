@@ -10,38 +10,61 @@ The corrupted prompt replaces the three names (IO, S1, S2) with three other
 distinct names (the paper's "ABC" distribution), so the repeated name that
 identifies the subject is gone. Answer = IO, contrast = S.
 
-Every template here tokenizes to the same 15 tokens with the names at the same
-positions (2, 4 and 10), so prompts from all templates and both orders share
-one batch and position-wise patching results line up across prompts.
+The templates have the IOI paper's variety: 28 sentences of 12 to 21 tokens
+(22 with a leading <|endoftext|>), the names at different positions, both
+orders. Prompts of different lengths share one batch right-padded with an
+`attention_mask`; each prompt's name positions are in `key_positions` and
+`info` ("io_position", "s1_position", "s2_position", "end_position").
+Templates are split into train and held-out (`TEST_TEMPLATES`) like the names
+(`split_names`), so a model trained on the train split can be tested on
+sentences and names it never saw.
 """
 
 import numpy as np
 
+from jpatch.model import padding
 from jpatch.model.tokenizer import get_tokenizer
 
-# BABA form: [B] is the subject (named twice), [A] the indirect object. Written for
-# jpatch in the style of Wang et al.'s templates; each is 15 GPT-2 tokens with
-# single-token names, places and objects.
+# BABA form: [B] is the subject (named twice), [A] the indirect object; the answer
+# (IO) follows the final " to". The first 15 are Wang et al.'s BABA templates
+# (ioi_dataset.py) less the answer; the rest are written for jpatch in their style.
 BABA_TEMPLATES = (
     "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to",
+    "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to",
+    "Then, [B] and [A] were working at the [PLACE]. [B] decided to give a [OBJECT] to",
+    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to",
+    "Then, [B] and [A] had a long argument, and afterwards [B] said to",
+    "After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give it to",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give the [OBJECT] to",
+    "While [B] and [A] were working at the [PLACE], [B] gave a [OBJECT] to",
+    "While [B] and [A] were commuting to the [PLACE], [B] gave a [OBJECT] to",
+    "After the lunch, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to",
+    "Afterwards, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to",
+    "Then, [B] and [A] had a long argument. Afterwards [B] said to",
+    "The [PLACE] [B] and [A] went to had a [OBJECT]. [B] gave it to",
+    "Friends [B] and [A] found a [OBJECT] at the [PLACE]. [B] gave it to",
     "Later, [B] and [A] walked to the [PLACE]. [B] handed a [OBJECT] to",
-    "Then, [B] and [A] arrived at the [PLACE]. [B] passed a [OBJECT] to",
     "Today, [B] and [A] met at the [PLACE]. [B] brought a [OBJECT] to",
     "Yesterday, [B] and [A] worked at the [PLACE]. [B] sent a [OBJECT] to",
     "Once, [B] and [A] were at the [PLACE]. [B] offered a [OBJECT] to",
     "Finally, [B] and [A] returned to the [PLACE]. [B] showed a [OBJECT] to",
-    "Earlier, [B] and [A] stopped by the [PLACE]. [B] tossed a [OBJECT] to",
-    "Next, [B] and [A] stayed at the [PLACE]. [B] threw a [OBJECT] to",
     "Meanwhile, [B] and [A] waited at the [PLACE]. [B] handed a [OBJECT] to",
-    "Soon, [B] and [A] ran to the [PLACE]. [B] gave a [OBJECT] to",
     "Tonight, [B] and [A] sat in the [PLACE]. [B] lent a [OBJECT] to",
+    "Today [B] met [A] at the [PLACE]. [B] gave a [OBJECT] to",
+    "Then [B] and [A] went to the [PLACE], and [B] handed the [OBJECT] to",
+    "At the [PLACE], [B] saw [A] with a [OBJECT]. Later, [B] sent it to",
+    "In the [PLACE], [B] and [A] found a [OBJECT]. Then [B] gave the [OBJECT] to",
+    "Yesterday [B] called [A] from the [PLACE], and today [B] brought a [OBJECT] to",
+    "The [OBJECT] was at the [PLACE] when [B] met [A]. [B] gave it to",
 )
 # ABBA form: the same sentences with the first two names swapped.
-ABBA_TEMPLATES = tuple(t.replace("[B] and [A]", "[A] and [B]", 1) for t in BABA_TEMPLATES)
-
-# Token positions shared by every template: first name, second name, repeated subject.
-FIRST_NAME_POS, SECOND_NAME_POS, S2_POS = 2, 4, 10
-PROMPT_LEN = 15
+ABBA_TEMPLATES = tuple(t.replace("[B]", "[X]", 1).replace("[A]", "[B]", 1).replace("[X]", "[A]", 1)
+                       for t in BABA_TEMPLATES)
+# Held-out templates: every word of them also occurs in a train template (checked in
+# tests/test_tasks.py), so a model trained on the others knows the words, not the sentences.
+TEST_TEMPLATES = (2, 5, 7, 13, 22, 23)
+BOS_ID = padding.PAD_ID  # <|endoftext|>, GPT-2's BOS
 
 # Single GPT-2 tokens with a leading space (checked in tests/test_tasks.py).
 NAMES = (
@@ -75,9 +98,18 @@ def split_names(names=NAMES):
     return tuple(n for i, n in enumerate(names) if i % 4 != 3), tuple(names[3::4])
 
 
-def _pool(names, split):
+def split_templates():
+    """(train, test) template indices: `TEST_TEMPLATES` are held out."""
+    return tuple(i for i in range(len(BABA_TEMPLATES)) if i not in TEST_TEMPLATES), TEST_TEMPLATES
+
+
+def _check_split(split):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
+def _pool(names, split):
+    _check_split(split)
     names = tuple(NAMES if names is None else names)
     tok = get_tokenizer()
     bad = [n for n in names if not isinstance(n, str) or not tok.is_single_token(" " + n.strip())]
@@ -91,21 +123,44 @@ def _pool(names, split):
     return names
 
 
+def _templates(split, length=None, bos=False):
+    _check_split(split)
+    templates = tuple(range(len(BABA_TEMPLATES))) if split == "all" else split_templates()[split == "test"]
+    if length is None:
+        return templates
+    by_length = template_lengths(split, bos)
+    if length not in by_length:
+        raise ValueError(f"no {split!r} IOI template has {length!r} tokens{' with the BOS' if bos else ''}; "
+                         f"lengths: {sorted(by_length)}")
+    return by_length[length]
+
+
+def template_lengths(split="all", bos=False):
+    """{token length: template indices} of the `split`'s templates (with the BOS when `bos`);
+    names, places and objects are single tokens, so a template has one length."""
+    tok = get_tokenizer()
+    out = {}
+    for i in _templates(split):
+        n = len(tok.encode(_prompt(i, False, "Mary", "John", PLACES[0], OBJECTS[0]))) + bool(bos)
+        out[n] = out.get(n, ()) + (i,)
+    return out
+
+
 def _render(template, a, b, place, obj):
     # Placeholders follow a space in the templates, so fillers carry none.
     return template.replace("[A]", a).replace("[B]", b).replace("[PLACE]", place).replace("[OBJECT]", obj)
 
 
-def _sample(n_prompts, seed, names, split):
+def _sample(n_prompts, seed, names, split, length=None, bos=False):
     """Per prompt: (template index, abba, io, s, place, object, (c, d, e) corrupted names)."""
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
         raise ValueError(f"n_prompts must be a positive int, got {n_prompts!r}")
-    pool = _pool(names, split)
+    pool, templates = _pool(names, split), _templates(split, length, bos)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(int(n_prompts)):
         io, s, c, d, e = rng.choice(len(pool), size=5, replace=False)
-        rows.append((int(rng.integers(len(BABA_TEMPLATES))), i % 2 == 0, pool[io], pool[s],
+        rows.append((int(templates[rng.integers(len(templates))]), i % 2 == 0, pool[io], pool[s],
                      PLACES[rng.integers(len(PLACES))], OBJECTS[rng.integers(len(OBJECTS))],
                      (pool[c], pool[d], pool[e])))
     return rows
@@ -120,53 +175,80 @@ def _abc_prompt(template_idx, abba, c, d, e, place, obj):
     """The template with first name c, second name d and repeated subject e."""
     t = (ABBA_TEMPLATES if abba else BABA_TEMPLATES)[template_idx]
     first, second = ("[A]", "[B]") if abba else ("[B]", "[A]")
-    t = t.replace(f"{first} and {second}", "[C] and [D]", 1).replace("[B]", "[E]")
+    t = t.replace(first, "[C]", 1).replace(second, "[D]", 1).replace("[B]", "[E]")
     return t.replace("[C]", c).replace("[D]", d).replace("[E]", e).replace("[PLACE]", place).replace("[OBJECT]", obj)
 
 
-def ioi_task(n_prompts=100, *, seed=0, names=None, split="all"):
-    """`n_prompts` IOI prompts (half ABBA, half BABA, random templates, places,
-    objects and names), all 15 tokens long, with the ABC corruption.
+def _name_positions(ids, io, s, prompt):
+    """(io, s1, s2) token positions; refuses a prompt whose names are not where the template puts them."""
+    ids = np.asarray(ids)
+    io_at, s_at = np.flatnonzero(ids == io), np.flatnonzero(ids == s)
+    if len(io_at) != 1 or len(s_at) != 2:
+        raise ValueError(f"IOI prompt {prompt!r}: expected the IO name once and the subject twice as tokens "
+                         "(a name that is also a template word?)")
+    return int(io_at[0]), int(s_at[0]), int(s_at[1])
 
-    names: the name pool (default `NAMES`); split: "all", or "train" / "test"
-    for the deterministic held-out split of the pool (`split_names`: every 4th
-    name is test), so a model trained on the train names can be patched on unseen
-    ones. Answer = IO, contrast = S; key_positions = [first name, second name,
-    repeated subject] = [2, 4, 10]; last_key_position = 10.
-    info: "template" (index), "abba" (bool), "io_position", "s1_position", "s2_position".
+
+def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, length=None):
+    """`n_prompts` IOI prompts (half ABBA, half BABA, random templates, places,
+    objects and names) with the ABC corruption (same token length per prompt).
+
+    names: the name pool (default `NAMES`); split: "all", or "train" / "test":
+    the deterministic held-out split of both the name pool (`split_names`: every
+    4th name is test) and the templates (`split_templates`), so a model trained
+    on the train split can be patched on sentences and names it never saw.
+    bos: start every prompt with <|endoftext|> (as TransformerLens does).
+    Prompts have different lengths: the batch is right-padded with an
+    `attention_mask` (None when all prompts have one length). length: only the
+    templates of this many tokens (`template_lengths`), for code that needs one
+    length (e.g. circuits); the names are still at different positions.
+    Answer = IO, contrast = S; key_positions = [first name, second name, repeated
+    subject] per prompt; last_key_position = the repeated subject.
+    info: "template" (index), "abba", "bos" (bool), "io_position", "s1_position",
+    "s2_position", "end_position" (the last real token, where the answer is read).
     """
     from jpatch.data.tasks import Task
 
+    if not isinstance(bos, (bool, np.bool_)):
+        raise ValueError(f"bos must be True or False, got {bos!r}")
     tok = get_tokenizer()
-    rows = _sample(n_prompts, seed, names, split)
+    rows = _sample(n_prompts, seed, names, split, length, bos)
     prompts = [_prompt(t, abba, io, s, place, obj) for t, abba, io, s, place, obj, _ in rows]
     corrupted = [_abc_prompt(t, abba, c, d, e, place, obj) for t, abba, io, s, place, obj, (c, d, e) in rows]
-    clean_tokens, _ = tok.encode_batch(prompts)
-    corrupted_tokens, _ = tok.encode_batch(corrupted)
-    if clean_tokens.shape != (len(rows), PROMPT_LEN) or corrupted_tokens.shape != clean_tokens.shape:
-        raise AssertionError(f"IOI prompts did not tokenize to {PROMPT_LEN} tokens each")
-    n = len(rows)
+    start = [BOS_ID] if bos else []
+    clean_ids = [start + tok.encode(p) for p in prompts]
+    corrupted_ids = [start + tok.encode(p) for p in corrupted]
+    if any(len(a) != len(b) for a, b in zip(clean_ids, corrupted_ids)):
+        raise AssertionError("an IOI prompt and its ABC corruption tokenized to different lengths")
+    answers = [tok.token_id(" " + r[2]) for r in rows]
+    contrasts = [tok.token_id(" " + r[3]) for r in rows]
+    pos = np.array([_name_positions(ids, a, c, p) for ids, a, c, p in zip(clean_ids, answers, contrasts, prompts)])
+    clean_tokens, mask = padding.pad(clean_ids)
+    corrupted_tokens, _ = padding.pad(corrupted_ids)
     abba = np.array([r[1] for r in rows])
-    io_pos = np.where(abba, FIRST_NAME_POS, SECOND_NAME_POS)
-    s1_pos = np.where(abba, SECOND_NAME_POS, FIRST_NAME_POS)
+    first = np.where(abba, pos[:, 0], pos[:, 1])
+    second = np.where(abba, pos[:, 1], pos[:, 0])
+    prefix = "<|endoftext|>" if bos else ""
     return Task(
-        name=f"ioi-{split}" if split != "all" else "ioi",
+        name=(f"ioi-{split}" if split != "all" else "ioi") + ("-bos" if bos else ""),
         clean_tokens=clean_tokens,
         corrupted_tokens=corrupted_tokens,
-        answers=[tok.token_id(" " + r[2]) for r in rows],
-        contrasts=[tok.token_id(" " + r[3]) for r in rows],
-        key_positions=np.tile([FIRST_NAME_POS, SECOND_NAME_POS, S2_POS], (n, 1)),
-        last_key_position=np.full(n, S2_POS),
-        prompts=prompts,
-        corrupted_prompts=corrupted,
-        info={"template": np.array([r[0] for r in rows]), "abba": abba, "io_position": io_pos,
-              "s1_position": s1_pos, "s2_position": np.full(n, S2_POS)},
+        answers=answers,
+        contrasts=contrasts,
+        key_positions=np.stack([first, second, pos[:, 2]], 1),
+        last_key_position=pos[:, 2],
+        prompts=[prefix + p for p in prompts],
+        corrupted_prompts=[prefix + p for p in corrupted],
+        info={"template": np.array([r[0] for r in rows]), "abba": abba, "bos": np.full(len(rows), bool(bos)),
+              "io_position": pos[:, 0], "s1_position": pos[:, 1], "s2_position": pos[:, 2],
+              "end_position": mask.sum(1) - 1},
+        attention_mask=None if mask.all() else mask,
     )
 
 
 def ioi_prompts_text(n_prompts, *, seed=0, names=None, split="train", with_answer=True):
-    """`n_prompts` IOI sentences for training a toy model (names from `split`),
-    completed with the IO name and a full stop when `with_answer`:
+    """`n_prompts` IOI sentences (names and templates from `split`), completed with
+    the IO name and a full stop when `with_answer`:
     "Then, John and Mary went to the store. John gave a drink to Mary."."""
     rows = _sample(n_prompts, seed, names, split)
     return [_prompt(t, abba, io, s, place, obj) + (f" {io}." if with_answer else "")
