@@ -14,6 +14,7 @@ import numpy as np
 from jpatch.engine.inputs import as_run, batch_mask
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.sweep import default_axes, sweep
+from jpatch.methods.perturb import check_base
 from jpatch.methods.stats import pearson, spearman, top_k
 
 SIGN_FLOOR = 0.01  # components with |exact| below this fraction of the largest do not count for signs
@@ -84,7 +85,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     if corrupted.samples != 1:
         raise ValueError("the subset diagnostic takes runs of a single sample")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    attribution._check_base(base)
+    check_base(base)
     N, T = clean.tokens.shape
     mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
@@ -96,7 +97,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     clean_score, corrupted_score = score(clean), score(corrupted)
     _, cache = model.run_with_cache(source.tokens, overrides=source.overrides, attention_mask=mask)
     value = cache.stacked(site)
-    names = attribution._DIMS[site]  # the activation's layout, with "row" for prompts
+    names = attribution.ESTIMATE_DIMS[site]  # the activation's layout, with "row" for prompts
     base_score = score(base)
     if base_score.ndim:  # per-prompt scores: the sweep's mean over prompts
         base_score, clean_score, corrupted_score = base_score.mean(), clean_score.mean(), corrupted_score.mean()

@@ -46,9 +46,9 @@ from jpatch.model.types import Grid, Mask, Tokens
 METHODS = ("atp", "atp-qk", "atp*")
 
 # Axes of a site's full-resolution estimate [layer, row, ...]; "row" is the prompt (x sample).
-_DIMS = {"attn.hook_pattern": ("layer", "row", "head", "pos", "src")}
-_DIMS.update({s: ("layer", "row", "pos", "head") for s in sites.HEAD_VECTOR_SITES})
-_DIMS.update({s: ("layer", "row", "pos") for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+ESTIMATE_DIMS = {"attn.hook_pattern": ("layer", "row", "head", "pos", "src")}
+ESTIMATE_DIMS.update({s: ("layer", "row", "pos", "head") for s in sites.HEAD_VECTOR_SITES})
+ESTIMATE_DIMS.update({s: ("layer", "row", "pos") for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                                                     "hook_attn_out", "hook_mlp_out")})
 
 
@@ -91,7 +91,7 @@ def _qk_fix(site, base, source, grad_pattern, key_mask, per_position):
 
 
 def _delta(site, base, source, grads, key_mask, method, per_position):
-    """Full-resolution estimates [n_layer, rows, ...] (the layout of _DIMS[site])."""
+    """Full-resolution estimates [n_layer, rows, ...] (the layout of ESTIMATE_DIMS[site])."""
     if method != "atp" and site in ("attn.hook_q", "attn.hook_k"):
         fix = functools.partial(_qk_fix, site, key_mask=key_mask, per_position=per_position)
         return jax.vmap(fix)(base, source, grads["attn.hook_pattern"])
@@ -162,7 +162,7 @@ def _estimate_from_runs(model, base_tokens, base_overrides, source_tokens, sourc
 def to_grid(delta, site, axes):
     """Sum a full-resolution estimate [..., layer, row, ...] over the dimensions a patch
     covers at once (those not in `axes`) and order it as [..., *axes, row]."""
-    names = _DIMS[site]
+    names = ESTIMATE_DIMS[site]
     lead = delta.ndim - len(names)
     summed = tuple(lead + i for i, n in enumerate(names) if n not in axes and n != "row")
     delta = delta.sum(summed)
@@ -188,7 +188,7 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     batch is never split).
     """
     site = sites.canonical(site)
-    if site not in _DIMS:
+    if site not in ESTIMATE_DIMS:
         default_axes(site)  # raises: the site has no layers to sweep
     check_memory_budget(memory_budget)
     if method not in METHODS:
