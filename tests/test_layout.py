@@ -96,6 +96,26 @@ def test_only_the_face_parses_arguments_or_prints():
     assert not bad, "only jpatch/face/ parses arguments or prints:\n" + "\n".join(bad)
 
 
+def test_no_private_names_across_modules():
+    """`from jpatch.x import _helper` or `x._helper` from another module: a shared helper gets a public name."""
+    bad = []
+    for path in _modules():
+        tree = ast.parse(path.read_text())
+        aliases = set()  # names bound to jpatch modules in this file
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jpatch") and node.level == 0:
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{alias.name}")
+                    elif (ROOT / Path(*f"{node.module}.{alias.name}".split("."))).with_suffix(".py").exists():
+                        aliases.add(alias.asname or alias.name)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
 def test_modules_stay_small():
     big = [(str(p.relative_to(ROOT)), n) for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not big, f"modules over {MAX_LINES} lines (split them by job): {big}"

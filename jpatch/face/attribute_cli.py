@@ -27,9 +27,9 @@ def add_arguments(parser):
 
 def main(args):
     if args.method not in attribution.METHODS:
-        raise cli._choice_error("method", args.method, attribution.METHODS)
+        raise cli.choice_error("method", args.method, attribution.METHODS)
     if args.corruption not in corrupt.CORRUPTIONS:
-        raise cli._choice_error("corruption", args.corruption, corrupt.CORRUPTIONS)
+        raise cli.choice_error("corruption", args.corruption, corrupt.CORRUPTIONS)
     if args.diagnostic and not args.compare_exact:
         raise cli.Fail("--diagnostic needs --compare-exact")
     cli.check_at_least(1, n_prompts=args.n_prompts, noise_samples=args.noise_samples)

@@ -36,7 +36,7 @@ def cli_message(error):
     return str(error).replace(OVERWRITE_HINT, "pass --overwrite")
 
 
-def _choice_error(what, value, valid):
+def choice_error(what, value, valid):
     return Fail(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
@@ -77,7 +77,7 @@ def make_corruption(model, task, corruption, site, *, noise_samples, noise_seed)
         return corrupt.mean_ablation(model, clean, site, clean)
     if corruption == "resample":
         return corrupt.resample_ablation(clean, clean, seed=noise_seed)
-    raise _choice_error("corruption", corruption, corrupt.CORRUPTIONS)
+    raise choice_error("corruption", corruption, corrupt.CORRUPTIONS)
 
 
 def make_metric(task, name):
@@ -87,7 +87,7 @@ def make_metric(task, name):
     try:
         return metrics.by_name(name, task.answers, task.contrasts)
     except ValueError:
-        raise _choice_error("metric", name, METRICS) from None
+        raise choice_error("metric", name, METRICS) from None
 
 
 def load_model(name):
@@ -226,9 +226,9 @@ def cmd_demo(args):
 def cmd_sweep(args):
     from jpatch.model import sites
     if args.corruption not in corrupt.CORRUPTIONS:
-        raise _choice_error("corruption", args.corruption, corrupt.CORRUPTIONS)
+        raise choice_error("corruption", args.corruption, corrupt.CORRUPTIONS)
     if args.metric not in METRICS:
-        raise _choice_error("metric", args.metric, METRICS)
+        raise choice_error("metric", args.metric, METRICS)
     try:
         site = sites.canonical(args.site)
     except KeyError as e:

@@ -190,7 +190,7 @@ def combine(tasks, name=None):
     )
 
 
-def _bucket(examples, name, *, metric_fn=None):
+def length_buckets(examples, name, *, metric_fn=None):
     """Tasks from examples (dicts with clean/corrupted texts and ids, answer/contrast
     ids, key_positions, last_key_position, info), one per (T, k), sorted by (T, k)."""
     groups = {}
@@ -239,7 +239,7 @@ def read_jsonl(path):
                          "key_positions": keys, "last_key_position": last, "info": {"line": ex.line}})
     if not examples:
         raise ValueError(f"{path}: no examples")
-    return _bucket(examples, os.path.splitext(os.path.basename(str(path)))[0])
+    return length_buckets(examples, os.path.splitext(os.path.basename(str(path)))[0])
 
 
 from jpatch.data.tasks.ioi import ioi_task  # noqa: E402

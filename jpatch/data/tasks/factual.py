@@ -163,9 +163,9 @@ def factual_task(path=None, *, length=None, subject_length=None):
     key_positions = the subject tokens; last_key_position = the last subject token;
     info: "line" (of the file), "pair" (index), "side" (which prompt of the pair is clean).
     """
-    from jpatch.data.tasks import _bucket
+    from jpatch.data.tasks import length_buckets
 
-    tasks = _bucket(_examples(load_pairs(path)), "factual")
+    tasks = length_buckets(_examples(load_pairs(path)), "factual")
     if length is None and subject_length is None:
         return tasks
     chosen = [t for t in tasks
