@@ -178,7 +178,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     check_finite: raise FloatingPointError naming the first patch whose value is not finite
     (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
     """
-    site = sites.canonical(site)
+    site = sites.canonical(site, model.config.n_layer)
     if memory_budget is not None:
         check_memory_budget(memory_budget)
     check_direction(direction)

@@ -187,7 +187,7 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     they do not fit `memory_budget` (bytes; a metric that is one number for the whole
     batch is never split).
     """
-    site = sites.canonical(site)
+    site = sites.canonical(site, model.config.n_layer)
     if site not in ESTIMATE_DIMS:
         default_axes(site)  # raises: the site has no layers to sweep
     check_memory_budget(memory_budget)

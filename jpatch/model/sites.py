@@ -117,12 +117,13 @@ class OneLayerName(KeyError, ValueError):
         return self.args[0]
 
 
-def canonical(site):
+def canonical(site, n_layer=None):
     """A site name without a layer, in any spelling ('z' / 'attn.hook_z') -> 'attn.hook_z'.
 
     The one resolver of a site where a site (not one layer's activation) is expected: sweeps,
-    bulk, the command line. A one-layer name is refused, never silently read as its site."""
-    site_name, layer = resolve(site)
+    bulk, the command line. A one-layer name is refused, never silently read as its site (its layer
+    is checked against n_layer first, when given)."""
+    site_name, layer = resolve(site, n_layer)
     if layer is not None:
         raise OneLayerName(f"{site!r} names one layer; a site is expected here: pass the site {site_name!r} "
                            f"(add layers=[{layer}] to patch that layer only)")
