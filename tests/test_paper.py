@@ -116,7 +116,7 @@ def test_ioi_resid_pre_by_role_equals_direct_sweeps(tiny, report):
     assert task.attention_mask is not None and len(set(map(tuple, task.key_positions.tolist()))) > 1
     stored = np.load(out / "results.npz")["ioi_resid_pre_str_ld_denoise"]
     roles = [*task.key_positions.T, task.lengths - 1]
-    assert stored.shape[1] == len(roles) == len(paper.IOI_ROLES)
+    assert stored.shape[1] == len(roles) == len(report_parts.IOI_ROLES)
     for column, pos in zip(stored.T, roles):
         direct = jpatch.sweep(tiny, task.clean_tokens, task.corrupted_tokens, "resid_pre", task.metric(),
                               prompt_positions=pos, attention_mask=task.attention_mask, progress=False)
