@@ -34,7 +34,7 @@ from jaxtyping import Float
 
 from jpatch.model import sites
 from jpatch.model.gpt2 import causal_attention
-from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
@@ -49,7 +49,7 @@ METHODS = ("atp", "atp-qk", "atp*")
 ESTIMATE_DIMS = {"attn.hook_pattern": ("layer", "row", "head", "pos", "src")}
 ESTIMATE_DIMS.update({s: ("layer", "row", "pos", "head") for s in sites.HEAD_VECTOR_SITES})
 ESTIMATE_DIMS.update({s: ("layer", "row", "pos") for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                                                    "hook_attn_out", "hook_mlp_out")})
+                                                           "hook_attn_out", "hook_mlp_out")})
 
 
 def _pattern(q, k, key_mask):
@@ -258,9 +258,10 @@ def tl_attribution(name, model, corrupted_tokens, clean_cache, metric, *, method
     site, axes = SWEEPS[name]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    corrupted, mask, metric, read, clean_logits = read_clean_cache(model, corrupted_tokens, clean_cache, metric,
+    corrupted = as_run(corrupted_tokens, "corrupted_tokens")
+    check_base(corrupted)  # refused before any computation
+    corrupted, mask, metric, read, clean_logits = read_clean_cache(model, corrupted, clean_cache, metric,
                                                                    attention_mask)
-    check_base(corrupted)
     N, T = corrupted.tokens.shape
     data = metric.batch_data(N)
     source = {s: clean_cache.stacked(s) for s in _needs(site, method)[1]}
