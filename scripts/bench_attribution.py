@@ -108,13 +108,13 @@ def main(json_path=None):
         runs = {
             "node AtP, head outputs by position": lambda: attribution.attribute(model, clean, corrupted, "z", metric),
             **{f"AtP* {s} by position": (lambda s=s: attribution.attribute(model, clean, corrupted, s, metric,
-                                                                            method="atp*"))
+                                                                           method="atp*"))
                for s in ("q", "k", "v", "z")},
             "EAP, every edge": lambda: edges.edge_attribution(model, clean, corrupted, metric),
             "EAP, every edge by position": lambda: edges.edge_attribution(model, clean, corrupted, metric,
-                                                                         per_position=True),
+                                                                          per_position=True),
             "exact attn_head_out_by_pos sweep": lambda: sweep(model, clean, corrupted, "z", metric,
-                                                                       progress=False),
+                                                              progress=False),
         }
         results = {}
         for name, fn in runs.items():

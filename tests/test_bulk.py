@@ -327,7 +327,7 @@ def test_bad_lines_are_named_before_any_compute(model, tmp_path, monkeypatch, ba
 def test_dataset_errors_for_noise_and_all_lines_listed(model, tmp_path):
     no_keys = {k: v for k, v in GOOD.items() if k not in ("key_positions", "corrupted")}
     path = write_jsonl(tmp_path / "bad.jsonl", [no_keys, {**no_keys, "key_positions": []}, {**no_keys, "key_positions": [-1]},
-                                               {**GOOD, "corrupted": GOOD["clean"]}])
+                                                {**GOOD, "corrupted": GOOD["clean"]}])
     with pytest.raises(ValueError) as info:
         read_dataset(path, corruption="noise", n_ctx=64)
     text = str(info.value)

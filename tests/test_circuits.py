@@ -305,7 +305,7 @@ def test_circuit_command_writes_the_report(tmp_path):
     jpatch.save(jpatch.GPT2.init(config, key=jax.random.PRNGKey(1), std=0.2), model_dir)
     out = tmp_path / "report"
     cli.main(["circuit", "--model", str(model_dir), "--n-prompts", "4", "--out", str(out),
-                        "--threshold", "0.001", "--top", "1", "--ig-steps", "2"])
+              "--threshold", "0.001", "--top", "1", "--ig-steps", "2"])
     text = (out / "report.md").read_text()
     for section in ("heads -> logits", "S-inhibition", "## ACDC", "Faithfulness at matched size",
                     "Overlap with ACDC", "Wall times", "circuit.png"):

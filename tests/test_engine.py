@@ -244,7 +244,7 @@ def test_rows_attention_equals_each_patch_attended_alone(starts):
     Bq, Tq, H, dh = 2, 11, 3, 5
     starts = np.array(starts)
     patches = plan.Patches("hook_resid_pre", np.zeros(6, int), np.ones(6, int), starts, np.full(6, -1),
-                             np.full(6, -1))
+                           np.full(6, -1))
     layout = plan.plan_layout(patches, 1, Tq)
     (stage,) = layout.stages
     assert stage.span == Tq - starts.min() and stage.n_rows == (Tq - starts).sum()

@@ -87,7 +87,7 @@ def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID):
     """
     B, T = runs[0].batch, runs[0].tokens.shape[1]
     given = [("attention_mask", attention_mask)] + [(f"the {w} run's attention_mask", r.attention_mask)
-                                                      for w, r in zip(("clean", "corrupted"), runs)]
+                                                    for w, r in zip(("clean", "corrupted"), runs)]
     given = [(w, np.asarray(m)[:B].astype(bool)) for w, m in given if m is not None]
     if not given:
         for what, run in zip(("clean tokens", "corrupted tokens"), runs):

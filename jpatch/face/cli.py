@@ -336,7 +336,7 @@ def build_parser():
     _delegate("jpatch.face.report", "paper")(sub, "rerun the paper's comparisons and write a Markdown report")
     _delegate("jpatch.face.bulk_cli", "bulk")(sub, "resumable sweeps over a JSONL dataset, sharded over devices and hosts")
     _delegate("jpatch.face.attribute_cli", "attribute")(sub, "attribution-patching estimate of a sweep (--compare-exact: "
-                                                     "agreement with the exact sweep)")
+                                                        "agreement with the exact sweep)")
     _delegate("jpatch.face.circuit_report", "circuit")(sub, "path patching, ACDC, EAP / EAP-IG circuits and their "
                                                        "faithfulness, as a Markdown report with the circuit picture")
     return parser

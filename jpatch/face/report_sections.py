@@ -32,7 +32,8 @@ def section_corruption_ioi(run):
         "overlap": overlap, "k": k, "spearman": rho, "baselines": base,
     }
     fig = run.figure(heatmap_figure([(gn_, "GN (name tokens)", "normalized logit diff"),
-                                (str_, "STR (ABC names)", "normalized logit diff")]), "fig1_ioi_heads_gn_vs_str.png")
+                                     (str_, "STR (ABC names)", "normalized logit diff")]),
+                     "fig1_ioi_heads_gn_vs_str.png")
     verdict = ("agree" if overlap == k and rho >= 0.9 else "partly agree" if overlap >= k / 2 and rho >= 0.5
                else "differ")
     order = list(dict.fromkeys(top_str + top_gn))
@@ -58,8 +59,8 @@ def section_corruption_ioi(run):
         f"**Top {k} heads by |effect|** under each corruption (the union, STR's first):",
         "",
         md_table(head_header(model, ["STR", "GN", "in STR top", "in GN top"]),
-               [r + ["yes" if i in top_str else "", "yes" if i in top_gn else ""]
-                for r, i in zip(head_rows(model, order, [str_, gn_]), order)]),
+                 [r + ["yes" if i in top_str else "", "yes" if i in top_gn else ""]
+                  for r, i in zip(head_rows(model, order, [str_, gn_]), order)]),
         "",
         md_table(["comparison", "value"], [[f"top-{k} overlap (of {k})", overlap], ["Spearman rank correlation", fmt(rho)]]),
         "",
@@ -74,7 +75,7 @@ def _baseline_table(columns, baselines, str_label):
     """The clean / STR / GN task baselines as a table, with a caution when the model hardly does the task."""
     runs = (("clean", baselines["clean"]), (str_label, baselines["str"]), ("GN", baselines["gn"]))
     table = md_table(["run"] + columns, [[name, fmt(b["logit_diff"]), fmt(b["accuracy"]), fmt(b["p_answer"])]
-                                       for name, b in runs])
+                                         for name, b in runs])
     return [table, *_caution(baselines["clean"], baselines["str"])]
 
 
@@ -90,7 +91,7 @@ def _caution(clean, corrupted):
 
 def _bucket_table(run, tasks):
     return md_table(["bucket", "prompts", "weight"],
-                  [[t.name, len(t), fmt(len(t) / sum(len(u) for u in tasks), 3)] for t in tasks])
+                    [[t.name, len(t), fmt(len(t) / sum(len(u) for u in tasks), 3)] for t in tasks])
 
 
 def section_corruption_factual(run):
@@ -113,8 +114,8 @@ def section_corruption_factual(run):
     site_curves = lambda c, mlp: [("MLP out", mlp), ("attention out", context[("attn_out", c)]),
                                   ("resid_pre (hidden state)", context[("resid_pre", c)])]
     fig = run.figure(curve_figure([("MLP output at the last subject token", [("STR", str_), ("GN", gn_)]),
-                              ("STR: the three sites", site_curves("str", str_)),
-                              ("GN: the three sites", site_curves("gn", gn_))], model.config.n_layer),
+                                   ("STR: the three sites", site_curves("str", str_)),
+                                   ("GN: the three sites", site_curves("gn", gn_))], model.config.n_layer),
                      "fig2_factual_mlp_gn_vs_str.png")
     run.numbers["corruption_factual"]["context"] = {f"{FACTUAL_SITES[site]}_{c}": v.tolist()
                                                     for (site, c), v in context.items()}
@@ -150,8 +151,8 @@ def section_corruption_factual(run):
         "stream before the block, at the same token, are ROME's other two sites, for context):",
         "",
         md_table(["layer", "STR", "GN", "STR attn", "GN attn", "STR resid_pre", "GN resid_pre"],
-               [[l, fmt(a), fmt(b)] + [fmt(context[(site, c)][l]) for site in ("attn_out", "resid_pre")
-                                     for c in ("str", "gn")] for l, (a, b) in enumerate(zip(str_, gn_))]),
+                 [[l, fmt(a), fmt(b)] + [fmt(context[(site, c)][l]) for site in ("attn_out", "resid_pre")
+                                         for c in ("str", "gn")] for l, (a, b) in enumerate(zip(str_, gn_))]),
         "",
         f"**This model.** MLP outputs: STR peaks at layer {p_str[0]} ({fmt(p_str[1], 3)}), GN at layer {p_gn[0]} "
         f"({fmt(p_gn[1], 3)}); Spearman rank correlation of the two per-layer curves {fmt(rho, 2)}. The peak layers "
@@ -164,7 +165,7 @@ def section_metrics(run):
     task, _ = ioi(run)
     ld = ioi_heads(run, "ioi_heads_str_ld_denoise", task.corrupted_tokens, task.metric())
     prob = ioi_heads(run, "ioi_heads_str_prob_denoise", task.corrupted_tokens,
-                      metrics.probability(task.answers, normalize=True))
+                     metrics.probability(task.answers, normalize=True))
     kl = ioi_heads(run, "ioi_heads_str_kl_denoise", task.corrupted_tokens, metrics.kl(normalize=True))
     thr, k = s["negative_threshold"], s["top_k"]
     named = (("logit_diff", ld), ("probability", prob), ("kl", kl))
@@ -179,11 +180,11 @@ def section_metrics(run):
         "spearman_ld_prob": spearman(ld, prob), "spearman_ld_kl": spearman(ld, kl),
     }
     fig = run.figure(heatmap_figure([(ld, "logit difference", "normalized"), (prob, "probability", "normalized"),
-                                (kl, "KL divergence", "normalized")]), "fig3_ioi_heads_metrics.png")
+                                     (kl, "KL divergence", "normalized")]), "fig3_ioi_heads_metrics.png")
     missed = [i for i in most_negative if ld.ravel()[i] < -thr and prob.ravel()[i] >= -thr]
     if most_negative:
         negative_rows = md_table(head_header(model, ["logit diff", "probability", "KL"]),
-                               head_rows(model, most_negative, [ld, prob, kl]))
+                                 head_rows(model, most_negative, [ld, prob, kl]))
     else:
         negative_rows = "No head has a negative normalized logit difference."
     return [
@@ -209,9 +210,9 @@ def section_metrics(run):
         f"**Heads with a clearly negative / positive effect** (normalized value < -{thr:g} / > {thr:g}):",
         "",
         md_table(["metric", f"heads < -{thr:g}", f"heads > {thr:g}", "minimum", "maximum", "Spearman vs logit diff"],
-               [[label, counts[name], positive[name], fmt(v.min()), fmt(v.max()),
-                 "1" if name == "logit_diff" else fmt(spearman(ld, v))]
-                for label, (name, v) in zip(("logit difference", "probability", "KL divergence"), named)]),
+                 [[label, counts[name], positive[name], fmt(v.min()), fmt(v.max()),
+                   "1" if name == "logit_diff" else fmt(spearman(ld, v))]
+                  for label, (name, v) in zip(("logit difference", "probability", "KL divergence"), named)]),
         "",
         f"**This model.** Logit difference marks {counts['logit_diff']} head(s) clearly negative, probability "
         f"{counts['probability']}, KL {counts['kl']} (clearly positive: {positive['logit_diff']}, "
@@ -234,10 +235,10 @@ def section_window(run):
         rows.append([c.upper(), win, at, fmt(top), width, fmt(curve.sum())])
     run.numbers["window"] = numbers
     fig = run.figure(curve_figure([(f"{c.upper()}: window 1 vs {w}", [(f"window {win}", curves[(c, win)])
-                                                                  for win in (1, w)]) for c in ("str", "gn")],
-                             model.config.n_layer), "fig4_factual_mlp_window.png")
+                                                                      for win in (1, w)]) for c in ("str", "gn")],
+                                  model.config.n_layer), "fig4_factual_mlp_window.png")
     table = md_table(["layer"] + [f"{c.upper()} w{win}" for c, win in curves],
-                   [[l] + [fmt(v[l]) for v in curves.values()] for l in range(model.config.n_layer)])
+                     [[l] + [fmt(v[l]) for v in curves.values()] for l in range(model.config.n_layer)])
     notes = []
     for c in ("str", "gn"):
         a, b = numbers[f"{c}_w1"], numbers[f"{c}_w{w}"]
@@ -262,7 +263,7 @@ def section_window(run):
         f"![window 1 vs {w}]({fig})",
         "",
         md_table(["corruption", "window", "peak layer", "peak value", "width (layers >= half peak)", "sum over layers"],
-               rows),
+                 rows),
         "",
         table,
         "",
@@ -289,11 +290,11 @@ def section_direction(run):
     }
     labels = list(IOI_ROLES)
     fig_heads = run.figure(heatmap_figure([(den, "denoising: recovered", "normalized logit diff"),
-                                      (drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")]),
+                                           (drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")]),
                            "fig5_ioi_heads_denoise_vs_noise.png")
     fig_resid = run.figure(heatmap_figure([(res_den, "denoising: recovered", "normalized logit diff"),
-                                      (res_drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")],
-                                     cols="pos", col_labels=labels), "fig5_ioi_resid_pre_denoise_vs_noise.png")
+                                           (res_drop, "noising: destroyed (1 - metric)", "1 - normalized logit diff")],
+                                          cols="pos", col_labels=labels), "fig5_ioi_resid_pre_denoise_vs_noise.png")
     order = list(dict.fromkeys(top_den + top_noi))
     res_top = lambda v: ", ".join(f"L{i // v.shape[1]} {labels[i % v.shape[1]]} ({fmt(v.ravel()[i], 2)})"
                                   for i in top_k(v, min(k, v.size), by="max"))
@@ -316,13 +317,13 @@ def section_direction(run):
         f"**Top {k} heads by |effect|** under each direction:",
         "",
         md_table(head_header(model, ["denoising (recovered)", "noising (destroyed)", "in denoising top",
-                                    "in noising top"]),
-               [r + ["yes" if i in top_den else "", "yes" if i in top_noi else ""]
-                for r, i in zip(head_rows(model, order, [den, drop]), order)]),
+                                     "in noising top"]),
+                 [r + ["yes" if i in top_den else "", "yes" if i in top_noi else ""]
+                  for r, i in zip(head_rows(model, order, [den, drop]), order)]),
         "",
         md_table(["comparison", "value"],
-               [[f"heads: top-{k} overlap (of {k})", overlap], ["heads: Spearman rank correlation", fmt(rho)],
-                ["resid_pre: Spearman rank correlation", fmt(run.numbers["direction"]["spearman_resid_pre"])]]),
+                 [[f"heads: top-{k} overlap (of {k})", overlap], ["heads: Spearman rank correlation", fmt(rho)],
+                  ["resid_pre: Spearman rank correlation", fmt(run.numbers["direction"]["spearman_resid_pre"])]]),
         "",
         f"**This model.** Denoising's top heads: {', '.join(run.numbers['direction']['top_denoise'])}; noising's: "
         f"{', '.join(run.numbers['direction']['top_noise'])} (overlap {overlap}/{k}, Spearman {fmt(rho, 2)}). "
@@ -358,7 +359,8 @@ def section_attribution(run):
                          na(stats["spearman"]), na(recall), na(stats["sign_agreement"]) if signed else "-"])
     z_atp = run.arrays["ioi_heads_z_atp"]
     fig = run.figure(heatmap_figure([(run.arrays["ioi_heads_str_ld_denoise"], "exact patching", "normalized logit diff"),
-                                (z_atp, "AtP estimate", "normalized logit diff")]), "fig6_ioi_heads_atp_vs_exact.png")
+                                     (z_atp, "AtP estimate", "normalized logit diff")]),
+                     "fig6_ioi_heads_atp_vs_exact.png")
     z = found["z/atp"]
     return [
         f"**Setting.** IOI, {len(task)} prompts; STR (ABC) corruption; normalized logit difference; denoising; "

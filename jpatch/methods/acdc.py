@@ -84,8 +84,8 @@ class Circuit:
             (x0, y0), (x1, y1) = pos[w], pos[node]
             width = 0.5 + 3.5 * (abs(s) / top if np.isfinite(s) else 0.0)
             ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", lw=width, alpha=0.6,
-                                                                   color=colours.get(chan, "tab:gray"),
-                                                                   connectionstyle="arc3,rad=0.15"))
+                                                                color=colours.get(chan, "tab:gray"),
+                                                                connectionstyle="arc3,rad=0.15"))
         for name, (x, y) in pos.items():
             on = name in used
             ax.scatter([x], [y], s=260, color="tab:red" if name.startswith("m") else "white", zorder=3,

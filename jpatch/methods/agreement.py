@@ -125,7 +125,7 @@ def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direct
     estimate = attribution.attribute(model, clean, corrupted, site, metric, method=method, direction=direction,
                                      axes=axes, attention_mask=attention_mask)
     exact = sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False,
-                           attention_mask=attention_mask)
+                  attention_mask=attention_mask)
     report = {"site": site, "method": method, "direction": direction, "axes": list(axes),
               **agreement(estimate, exact, axes)}
     if diagnostic:

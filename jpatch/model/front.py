@@ -113,7 +113,7 @@ class FrontDoor:
     b_K = property(lambda self: self._qkv_bias(1), doc="[n_layers, n_heads, d_head]")
     b_V = property(lambda self: self._qkv_bias(2), doc="[n_layers, n_heads, d_head]")
     W_O = property(lambda self: self.blocks.attn.c_proj_w.reshape(self.config.n_layer, self.config.n_head,
-                                                                   self.config.d_head, self.config.d_model),
+                                                                  self.config.d_head, self.config.d_model),
                    doc="[n_layers, n_heads, d_head, d_model]")
     b_O = property(lambda self: self.blocks.attn.c_proj_b, doc="[n_layers, d_model]")
     W_in = property(lambda self: self.blocks.mlp.c_fc_w, doc="[n_layers, d_model, d_mlp]")

@@ -99,7 +99,7 @@ def generate(model, input, max_new_tokens=10, *, do_sample=True, temperature=1.0
     if top_k is not None and not 1 <= top_k <= model.config.d_vocab:
         raise ValueError(f"top_k must be in [1, {model.config.d_vocab}], got {top_k}")
     out = np.array(_generate(model, jnp.asarray(tokens), jax.random.PRNGKey(seed), float(temperature),
-                               n_new=max_new_tokens, do_sample=bool(do_sample and temperature != 0), top_k=top_k))
+                             n_new=max_new_tokens, do_sample=bool(do_sample and temperature != 0), top_k=top_k))
     if stop_at_eos:
         new = out[:, tokens.shape[1]:]
         done = np.cumsum(new == eos_token_id, axis=1) > 0

@@ -164,8 +164,8 @@ def _sweep_batch(model, dataset, indices, specs, cfg, devices):
     for spec in specs:
         with np.errstate(divide="ignore", invalid="ignore"):
             r = sweep(model, clean, corrupted, spec.site, metric, direction=cfg["direction"],
-                               window=cfg["window"], axes=spec.axes, attention_mask=mask,
-                               memory_budget=cfg["memory_budget"], progress=False, devices=devices, check_finite=False)
+                      window=cfg["window"], axes=spec.axes, attention_mask=mask,
+                      memory_budget=cfg["memory_budget"], progress=False, devices=devices, check_finite=False)
         raw[spec.name] = r.raw[: len(ex)]
         baselines = (r.clean_per_prompt[: len(ex)], r.corrupted_per_prompt[: len(ex)])
     return raw, baselines
