@@ -44,6 +44,10 @@ import time
 
 import numpy as np
 
+# On a GPU the bench's processes (this one, TransformerLens's torch, the cold-sweep child) share
+# the device: JAX must not take 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 SWEEPS = {"resid_pre": 180, "attn_head_out_all_pos": 144}
 NAMES = [" Mary", " John", " Tom", " James", " Dan", " Sarah", " Paul", " Anne", " Mark", " Lisa"]
 TEMPLATE = "When{a} and{b} went to the store,{b} gave a drink to"

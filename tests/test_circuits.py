@@ -290,6 +290,37 @@ def test_acdc_thresholds_and_eap_order(models, tokens):
         acdc(jp, clean, corrupted, threshold=0.1, metric="logit-diff")
 
 
+def test_acdc_recovers_a_planted_circuit(models, tokens):
+    """Silence some heads and an MLP (their output weights zeroed): an edge from or into a silent
+    component changes nothing, so the structure is known by construction. ACDC must keep no edge
+    touching a silent component, and every live component must stay in the circuit."""
+    import equinox as eqx
+
+    from jpatch.methods.circuits import acdc
+
+    _, jp = models
+    clean, corrupted = tokens
+    d_head = jp.config.d_model // H
+    silent = {"a0.h1", "a1.h2", "a2.h0", "m1"}
+    w_o, w_mlp = np.array(jp.blocks.attn.c_proj_w), np.array(jp.blocks.mlp.c_proj_w)
+    for name in silent:
+        if name.startswith("m"):
+            w_mlp[int(name[1:])] = 0.0
+        else:
+            l, h = int(name[1]), int(name.split(".h")[1])
+            w_o[l, h * d_head:(h + 1) * d_head] = 0.0
+    planted = eqx.tree_at(lambda m: (m.blocks.attn.c_proj_w, m.blocks.mlp.c_proj_w), jp, (w_o, w_mlp))
+    got = acdc(planted, clean, corrupted, threshold=1e-6)
+    node = lambda name: name.split("<")[0]
+    kept_writers = {got.writers[i] for i in np.flatnonzero(got.keep.any(1))}
+    kept_readers = {node(got.readers[j]) for j in np.flatnonzero(got.keep.any(0))}
+    assert not (kept_writers | kept_readers) & silent
+    live = {w for w in got.writers if w not in silent}
+    assert kept_writers == live  # every live component still reaches the logits
+    assert kept_readers == (live - {"embed"}) | {"logits"}
+    assert got.keep.sum() < got.valid.sum()
+
+
 # --- the jpatch circuit report ---------------------------------------------------------------
 
 

@@ -79,3 +79,21 @@ def test_jpatch_asks_for_full_float32_matmuls():
     env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "default"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "default"
+
+
+def test_jpatch_turns_gpu_autotuning_off_unless_the_user_chose():
+    """At 'highest' precision XLA's GPU autotuner took minutes per program on an H200 (measured);
+    jpatch adds --xla_gpu_autotune_level=0 to XLA_FLAGS, keeps the user's other flags, and leaves
+    a level the user set alone (fresh processes; the flag is harmless on CPU, which runs here)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, jpatch, jax.numpy as jnp; print(float(jnp.ones(2).sum())); print(os.environ['XLA_FLAGS'])"
+    for given, expected in [("", "--xla_gpu_autotune_level=0"),
+                            ("--xla_force_host_platform_device_count=2",
+                             "--xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=0"),
+                            ("--xla_gpu_autotune_level=4", "--xla_gpu_autotune_level=4")]:
+        env = {**os.environ, "XLA_FLAGS": given}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split("\n")[:2] == ["2.0", expected], out.stdout
