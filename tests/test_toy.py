@@ -95,22 +95,16 @@ def test_bf16_and_small(model):
     assert size < 20 * 2**20, f"weights/toy is {size / 2**20:.1f} MiB"
 
 
-# Measured on the bundled model: 0.844 without BOS, 0.936 with (held-out templates x held-out
-# names); the train templates with held-out names: 1.0. Asserted a little below what it reaches,
-# so a retrain that does worse fails; the issue's 95% target is not met (the xfail below).
+# Measured on the bundled model: 1.0 without BOS and 1.0 with (held-out templates x held-out
+# names, 1000 prompts each); the train templates with held-out names: 1.0. The issue's target:
+# IO above S on at least 95% of them, with and without BOS.
 def test_ioi_held_out_templates_and_names(figures):
-    assert figures["ioi_logit_diff_positive_frac"] >= 0.80
-    assert figures["ioi_bos_logit_diff_positive_frac"] >= 0.90
+    assert figures["ioi_logit_diff_positive_frac"] >= 0.95
+    assert figures["ioi_bos_logit_diff_positive_frac"] >= 0.95
 
 
 def test_ioi_train_templates_held_out_names(figures):
     assert figures["ioi_train_templates_logit_diff_positive_frac"] >= 0.95
-
-
-@pytest.mark.xfail(strict=True, reason="issue 14's target (>= 95% on held-out templates x held-out names, with and "
-                   "without BOS) is not met: templates 5 and 22 fail often")
-def test_ioi_issue_target(figures):
-    assert min(figures["ioi_logit_diff_positive_frac"], figures["ioi_bos_logit_diff_positive_frac"]) >= 0.95
 
 
 def test_factual_recall_full_vocab_top1(figures):
