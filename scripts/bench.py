@@ -410,6 +410,10 @@ def bench_scaling(tmp, tl, args, figures):
         print(f"{shape:>7} {T:>6} {batch:>5} {n_patches:>7} | {jp['jpatch_cold_s']:>10.1f}s {jp['jpatch_warm_s']:>7.2f}s "
               f"{jp['compiles']:>11} ({jp['engine_programs']}) {jp['peak_rss_gb']:>6.2f}GB | "
               f"{tl_s:>9.1f}s {how:>12} | {row['warm_speedup']:>5.1f}x {row['cold_speedup']:>5.1f}x", flush=True)
+        figures["scaling"] = rows
+        if args.json:  # after every case: a long run stopped part-way keeps the rows it measured
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=2)
     figures["scaling"] = rows
 
 

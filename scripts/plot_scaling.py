@@ -12,6 +12,7 @@ import json
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,6 +48,7 @@ def plot(rows, out):
         ax.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="seconds per sweep",
                title=f"resid_pre sweep, GPT-2 small shape, batch {batch}")
         ax.set_xticks(tokens, [str(t) for t in tokens])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
