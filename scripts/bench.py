@@ -370,7 +370,7 @@ def bench_scaling(tmp, tl, args, figures):
     """Cost against prompt length (GPT-2 small's shape) and depth (medium / XL shapes)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    rows = []
+    rows = figures["scaling"] = []
     header = (f"{'model':>7} {'tokens':>6} {'batch':>5} {'patches':>7} | {'jpatch cold':>11} {'warm':>8} "
               f"{'compiles (engine)':>17} {'peak RSS':>8} | {'TransformerLens':>22} | {'warm x':>6} {'cold x':>6}")
     print(header)
@@ -410,11 +410,7 @@ def bench_scaling(tmp, tl, args, figures):
         print(f"{shape:>7} {T:>6} {batch:>5} {n_patches:>7} | {jp['jpatch_cold_s']:>10.1f}s {jp['jpatch_warm_s']:>7.2f}s "
               f"{jp['compiles']:>11} ({jp['engine_programs']}) {jp['peak_rss_gb']:>6.2f}GB | "
               f"{tl_s:>9.1f}s {how:>12} | {row['warm_speedup']:>5.1f}x {row['cold_speedup']:>5.1f}x", flush=True)
-        figures["scaling"] = rows
-        if args.json:  # after every case: a long run stopped part-way keeps the rows it measured
-            with open(args.json, "w") as f:
-                json.dump(figures, f, indent=2)
-    figures["scaling"] = rows
+        write_figures(figures, args.json)  # after every case: a run stopped part-way keeps its rows
 
 
 def main():
@@ -533,10 +529,15 @@ def main():
             if diff > 1e-4:
                 raise SystemExit(f"{name}: jpatch and TransformerLens disagree (max abs diff {diff:.2e})")
     figures["tl_peak_rss_gb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_figures(figures, args.json)
     return figures
+
+
+def write_figures(figures, path):
+    """The figures as JSON at `path` (--json; nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":
