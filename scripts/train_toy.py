@@ -349,6 +349,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "weights" / "toy"))
     ap.add_argument("--eval-only", action="store_true")
     args = ap.parse_args()
+    for name in ("ioi_share", "crop", "prefix_words", "word_noise"):  # chances: refused before any work
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            ap.error(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     out = Path(args.out)
     if not args.eval_only:
         CONFIG = GPT2Config(**{**CONFIG.to_dict(), "n_layer": args.layers, "n_head": args.heads})
