@@ -118,7 +118,7 @@ def matmul_flops():
 
 def engine_flops(model, name, n_prompts, pos):
     """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
-    attention of each row over the cached keys and 2 x span own keys (two score blocks), and the
+    attention of each row over the cached keys and its window's own keys, and the
     unembedding at the read position."""
     from jpatch.engine import execute as engine
     from jpatch.engine import plan
@@ -133,7 +133,9 @@ def engine_flops(model, name, n_prompts, pos):
     total = 0
     for stage in layout.stages:
         layers = stage.end_layer - stage.first_layer
-        total += layers * n_prompts * stage.n_rows * (per_row + 4 * H * (pos + 2 * stage.span) * cfg.d_head)
+        window, _ = plan.attention_steps(stage.n_rows, pos, stage.span, H)
+        keys = pos + window + stage.span - 1  # see rows_attention
+        total += layers * n_prompts * stage.n_rows * (per_row + 4 * H * keys * cfg.d_head)
     return total + n_prompts * len(patches) * 2 * d * cfg.d_vocab
 
 

@@ -235,11 +235,15 @@ def test_deep_models_windows_match_transformer_lens_hooks(deep, data):
 # --- attention on the recomputed rows only ----------------------------------------------------
 
 
+@pytest.mark.parametrize("window, score_elements", [(64, 1 << 24), (3, 1 << 24), (4, 600), (1, 1)])
 @pytest.mark.parametrize("starts", [[4, 0, 9, 10, 6, 4], [4, 9, 10, 6, 4, 7]])
-def test_rows_attention_equals_each_patch_attended_alone(starts):
-    """Patches starting at different positions, packed as rows that cross the span blocks:
-    each row's output equals torch's causal attention over that patch's own sequence
-    (the cached keys/values before its start, its own rows from there on)."""
+def test_rows_attention_equals_each_patch_attended_alone(starts, window, score_elements, monkeypatch):
+    """Patches starting at different positions, packed as rows that cross the attention
+    windows and steps (windows shorter than the span, several steps, one row a step): each
+    row's output equals torch's causal attention over that patch's own sequence (the cached
+    keys/values before its start, its own rows from there on)."""
+    monkeypatch.setattr(plan, "OWN_WINDOW", window)
+    monkeypatch.setattr(plan, "SCORE_ELEMENTS", score_elements)
     rng = np.random.default_rng(0)
     Bq, Tq, H, dh = 2, 11, 3, 5
     starts = np.array(starts)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpatch.engine import plan
 from jpatch.engine.plan import ALL
 from jpatch.model import sites
 
@@ -50,43 +51,54 @@ def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_p
     A row at position p of a patch whose first recomputed position is s attends to the
     base run's cached keys/values [B, T, H, d_head] at positions < s (unchanged by the
     patch) and to its own patch's rows at positions s..p: the rows at most p - s < span
-    before it. In blocks of `span` rows, the row at offset a of a block finds those at the
-    block's offsets <= a and at the block before's offsets > a, so one [span, span] score
-    block per block of rows holds them all. Scores: rows x (T + span), not patches x T x T.
-    One softmax spans both parts. edit_pattern(pattern, key_pos, valid) edits each part of
-    the pattern [B, H, R, K]: key_pos [R, K] the keys' positions, valid where a key is seen.
+    before it. Rows go `window` at a time (see `plan.attention_steps`): a window's own keys
+    are its rows and the span - 1 rows before them, so a row scores T + window + span - 1
+    keys, not patches x T x T. `per_step` windows run at once, the steps one after another,
+    so the scores in memory stay bounded at any length. One softmax spans both parts.
+    edit_pattern(pattern, rows, key_pos, valid) edits each part of the pattern [B, H, r, K]
+    of the rows `rows` [r]: key_pos [r, K] the keys' positions, valid where a key is seen.
     """
     B, R, H, d_head = q.shape
     T = k_cached.shape[1]
-    C = span
-    n_blocks = -(-R // C)
+    W, per_step = plan.attention_steps(R, T, span, H)
+    E, S = span - 1, W * per_step  # own keys reach E rows back; S rows per step
+    n_steps = -(-R // S)
+    pad = lambda a, front: jnp.pad(a, ((0, 0), (front, n_steps * S - R)) + ((0, 0),) * (a.ndim - 2))
+    q, k, v = pad(q, 0), pad(k, E), pad(v, E)  # k, v: global row r at index r + E
+    row_pos, row_start = (jnp.pad(a, (0, n_steps * S - R), constant_values=T - 1) for a in (row_pos, row_start))
     # Heads before rows, so every matmul's batch axes lead (no transposed score copies).
-    q, k, v, k_cached, v_cached = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, k_cached, v_cached))
-    blocks = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n_blocks * C - a.shape[2]), (0, 0))).reshape(
-        B, H, n_blocks, C, a.shape[-1])
-    before = lambda a: jnp.pad(a, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))[:, :, :-1]  # each block's previous block
-    same_block = jnp.arange(C)[:, None] >= jnp.arange(C)  # [C, C]: own key (a, b) in a's block, else the one before
-    unblock = lambda a: a.reshape(B, H, n_blocks * C, -1)[:, :, :R]
-    offset = jnp.arange(R) % C
-    back = offset[:, None] - jnp.arange(C) + C * (jnp.arange(C) > offset[:, None])  # [R, C] rows back to the key
-    cached_pos, own_pos = jnp.broadcast_to(jnp.arange(T), (R, T)), row_pos[:, None] - back
-    cached_valid, own_valid = cached_pos < row_start[:, None], own_pos >= row_start[:, None]
-
-    # Scores, softmax and the weighted sums accumulate in float32 whatever the weights' dtype.
+    heads_first = lambda a: jnp.moveaxis(a, -2, 1)  # [B, ..., H, d] -> [B, H, ..., d]
+    k_cached, v_cached = heads_first(k_cached), heads_first(v_cached)
     matmul = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
     t = lambda a: jnp.swapaxes(a, -1, -2)
-    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
     scale, fill = 1 / math.sqrt(d_head), jnp.finfo(jnp.float32).min
-    cached = jnp.where(cached_valid, matmul(q, t(k_cached)) * scale, fill)  # [B, H, R, T]
-    own = jnp.where(same_block, matmul(q_blocks, t(k_blocks)), matmul(q_blocks, t(before(k_blocks))))
-    own = jnp.where(own_valid, unblock(own) * scale, fill)  # [B, H, R, C]
-    top = jnp.maximum(cached.max(-1, keepdims=True), own.max(-1, keepdims=True))
-    cached, own = jnp.exp(cached - top), jnp.exp(own - top)
-    total = cached.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
-    cached = edit_pattern((cached / total).astype(q.dtype), cached_pos, cached_valid)
-    own = blocks(edit_pattern((own / total).astype(q.dtype), own_pos, own_valid))  # [B, H, n_blocks, C, C]
-    z_own = matmul(jnp.where(same_block, own, 0), v_blocks) + matmul(jnp.where(same_block, 0, own), before(v_blocks))
-    z = matmul(cached, v_cached) + unblock(z_own)  # [B, H, R, d_head]
+    # Window-local geometry: row offset o in its window, key m of the window's W + E own keys.
+    offset = jnp.arange(S) % W
+    back = offset[:, None] + E - jnp.arange(W + E)  # [S, W + E] rows from the row back to key m
+    windows = (jnp.arange(per_step) * W)[:, None] + jnp.arange(W + E)  # [per_step, W + E] in the step's keys
+
+    def step(first):  # the rows first .. first + S - 1
+        rows = first + jnp.arange(S)
+        pos, start = row_pos[rows], row_start[rows]
+        q_s = heads_first(jax.lax.dynamic_slice_in_dim(q, first, S, axis=1))  # [B, H, S, d]
+        own_k, own_v = (heads_first(jax.lax.dynamic_slice_in_dim(a, first, S + E, axis=1)[:, windows])
+                        for a in (k, v))  # [B, H, per_step, W + E, d]
+        cached_pos, own_pos = jnp.broadcast_to(jnp.arange(T), (S, T)), pos[:, None] - back
+        cached_valid, own_valid = cached_pos < start[:, None], (back >= 0) & (own_pos >= start[:, None])
+        cached = jnp.where(cached_valid, matmul(q_s, t(k_cached)) * scale, fill)  # [B, H, S, T]
+        own = matmul(q_s.reshape(B, H, per_step, W, d_head), t(own_k)).reshape(B, H, S, W + E)
+        own = jnp.where(own_valid, own * scale, fill)
+        top = jnp.maximum(cached.max(-1, keepdims=True), own.max(-1, keepdims=True))
+        cached, own = jnp.exp(cached - top), jnp.exp(own - top)
+        total = cached.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
+        rows = jnp.minimum(rows, R - 1)  # step padding rows read the last row's patch (discarded)
+        cached = edit_pattern((cached / total).astype(q.dtype), rows, cached_pos, cached_valid)
+        own = edit_pattern((own / total).astype(q.dtype), rows, own_pos, own_valid)
+        z_own = matmul(own.reshape(B, H, per_step, W, W + E), own_v).reshape(B, H, S, d_head)
+        return matmul(cached, v_cached) + z_own  # [B, H, S, d]
+
+    z = jax.lax.map(step, jnp.arange(n_steps) * S)  # [n_steps, B, H, S, d]
+    z = jnp.moveaxis(z, 0, 2).reshape(B, H, n_steps * S, d_head)[:, :, :R]
     return jnp.swapaxes(z, 1, 2).astype(q.dtype)
 
 
@@ -136,13 +148,13 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                     row_on = row_on[..., None]
                 return jnp.where(row_on, value, act)
 
-            def edit_pattern(pattern, key_pos, valid):  # [B, H, R, K], key_pos and valid [R, K]
+            def edit_pattern(pattern, rows, key_pos, valid):  # [B, H, r, K] of rows [r]; key_pos, valid [r, K]
                 if site != "attn.hook_pattern":
                     return pattern
-                on = ((patched[None, :] & at_row)[:, None, :, None]
-                      & _matches(patch.head[row_patch][:, None], jnp.arange(cfg.n_head)[:, None, None])
-                      & _matches(patch.src[row_patch][:, None], key_pos) & valid)
-                value = source_j[:, :, row_pos[:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, R, K]
+                on = ((patched[rows][None, :] & at_row[:, rows])[:, None, :, None]
+                      & _matches(patch.head[row_patch[rows]][:, None], jnp.arange(cfg.n_head)[:, None, None])
+                      & _matches(patch.src[row_patch[rows]][:, None], key_pos) & valid)
+                value = source_j[:, :, row_pos[rows][:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, r, K]
                 return jnp.where(on, value, pattern)
 
             attend = lambda q, k, v: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span,

@@ -164,21 +164,36 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
     return out
 
 
+OWN_WINDOW = 64  # rows per attention window: a row scores T + window + span - 1 keys
+SCORE_ELEMENTS = 1 << 24  # attention scores of one prompt in one step (64 MB of float32)
+
+
+def attention_steps(n_rows, n_keys, span, n_head):
+    """How `rows_attention` walks n_rows rows over n_keys cached keys: (window, per_step),
+    windows of `window` rows whose own keys are their rows and the span - 1 rows before,
+    `per_step` windows per step so that a step's scores stay under SCORE_ELEMENTS."""
+    window = max(1, min(span, OWN_WINDOW))
+    keys = n_keys + window + span - 1
+    per_step = max(1, SCORE_ELEMENTS // (window * n_head * keys))
+    return window, int(min(per_step, -(-n_rows // window)))
+
+
 def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
     """A rough peak-memory estimate of one prompt's share of a call: activations of
     `itemsize` bytes (float32: the residual stream is float32 whatever the weights' dtype),
-    attention scores in float32. Attention costs the rows alive times the keys each row
-    scores: every position of the cached keys, and span own keys (see `rows_attention`)."""
+    attention scores in float32. Attention holds one step's scores (`attention_steps`)."""
     last = layout.stages[-1] if layout.stages else Stage(0, 0, 0, 0, 1)  # the stage with the most rows
     rows, span = last.n_rows, last.span
     n = len(layout.order)
     T = layout.row_at.shape[1]
     d, H = config.d_model, config.n_head
     per_row = 3 * d + config.d_mlp + 4 * d
-    before = 2 * (rows + span) * d * itemsize  # own keys and values of each block's previous block
-    scores = 2 * rows * H * (T + span) * 4  # scores and pattern
+    window, per_step = attention_steps(rows, T, span, H)
+    step_rows = window * per_step
+    own_keys = 2 * (rows + span + per_step * (window + span)) * d * itemsize  # padded keys/values, a step's windows
+    scores = 3 * step_rows * H * (T + window + span) * 4  # scores, pattern and their exponentials
     final = n * n_read * d * itemsize + n * n_read * vocab_read * 4
-    return 2 * (rows * per_row * itemsize + before + scores + final)
+    return 2 * (rows * per_row * itemsize + own_keys + scores + final)
 
 
 def default_memory_budget(device=None, fraction=0.25):
