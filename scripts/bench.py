@@ -386,13 +386,14 @@ def bench_scaling(tmp, tl, args, figures):
         else:  # the factual-recall grid: every layer x (last subject position, last position)
             spec = {"shape": shape, "pos": T, "batch": batch, "subject": T - 5}
             positions = np.array([T - 5, T - 1])
+        if positions is not None:
+            spec["positions"] = positions.tolist()
+        jp = run_child(spec, tmp)
+        if shape != "small":  # built after the jpatch child has exited: XL's two copies never coexist
             layers, heads, d = SHAPES[shape]
             model_tl = HookedTransformer(HookedTransformerConfig(
                 n_layers=layers, d_model=d, n_ctx=1024, d_head=d // heads, n_heads=heads, d_mlp=4 * d, d_vocab=50257,
                 act_fn="gelu_new", normalization_type="LN", default_prepend_bos=False, device=TL_DEVICE)).eval()
-        if positions is not None:
-            spec["positions"] = positions.tolist()
-        jp = run_child(spec, tmp)
         clean, corrupted, answers, contrasts = scaling_inputs(batch, T, 50257, spec.get("subject"))
         tl_s, how, tl_result, per_patch = tl_resid_pre(model_tl, clean, corrupted, answers, contrasts, positions,
                                                        args.tl_limit)
