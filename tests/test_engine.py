@@ -286,10 +286,16 @@ def long_prompts(tl_tiny):
     ("pattern", ("layer", "pos", "head", "src"), lambda pos, head, src: (slice(None), head, pos, src)),
     ("k", ("layer", "pos", "head"), lambda pos, head: (slice(None), pos, head)),
 ])
+@pytest.mark.parametrize("window, score_elements", [(64, 1 << 24), (3, 400)])
 def test_patches_starting_at_different_positions_match_transformer_lens(jp_tiny, tl_tiny, long_prompts, site, axes,
-                                                                        hook_index):
+                                                                        hook_index, window, score_elements,
+                                                                        monkeypatch):
     """The attention pattern (per query and key position) and the keys patched at positions
-    spread over the prompt, so the patches recompute 1 to 11 rows: TransformerLens hooks."""
+    spread over the prompt, so the patches recompute 1 to 11 rows: TransformerLens hooks.
+    Also with attention windows shorter than the span, a few rows per step (as at long lengths)."""
+    monkeypatch.setattr(plan, "OWN_WINDOW", window)
+    monkeypatch.setattr(plan, "SCORE_ELEMENTS", score_elements)
+    engine.run_layout.clear_cache()  # the constants are read when the program is traced
     d = long_prompts
     positions, heads = [2, 6, 11, 12], [1, 3]
     name = {"pattern": "attn.hook_pattern", "k": "attn.hook_k"}[site]
@@ -311,3 +317,4 @@ def test_patches_starting_at_different_positions_match_transformer_lens(jp_tiny,
         got = patching.sweep(jp_tiny, d.clean, d.corrupted, site, d.metric, axes=axes, positions=positions,
                              heads=heads, skip_positions=skip_positions, progress=False)
         close(got, expected, what=f"{site} skip_positions={skip_positions}")
+    engine.run_layout.clear_cache()
