@@ -120,7 +120,6 @@ def engine_flops(model, name, n_prompts, pos):
     """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
     attention of each row over the cached keys and its window's own keys, and the
     unembedding at the read position."""
-    from jpatch.engine import execute as engine
     from jpatch.engine import plan
     from jpatch.engine.patching import SWEEPS
     from jpatch.engine.sweep import make_patches
@@ -159,7 +158,6 @@ class Compiles:
         from jax import monitoring
 
         from jpatch.engine import execute as engine
-        from jpatch.engine import plan
         self.events = []
         monitoring.register_event_duration_secs_listener(
             lambda event, secs, **kw: self.events.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -308,13 +306,13 @@ def scaling_child(spec):
             "result": np.asarray(result).tolist()}
 
 
-def run_child(spec, tmp):
-    """scaling_child(spec) in a fresh process with an empty compilation cache."""
+def run_child(spec):
+    """scaling_child(spec) in a fresh process without a persistent compilation cache, as jpatch
+    runs by default (a cache would add the cost of writing its entries to the cold sweep)."""
     code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import bench; "
             f"print(json.dumps(bench.scaling_child(json.loads(sys.argv[1]))))")
-    cache = tempfile.mkdtemp(dir=tmp, prefix="jax-cache-")
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache})
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JPATCH_COMPILE_CACHE")}
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     if run.returncode:
         raise SystemExit(f"scaling case {spec} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -388,7 +386,7 @@ def bench_scaling(tmp, tl, args, figures):
             positions = np.array([T - 5, T - 1])
         if positions is not None:
             spec["positions"] = positions.tolist()
-        jp = run_child(spec, tmp)
+        jp = run_child(spec)
         if shape != "small":  # built after the jpatch child has exited: XL's two copies never coexist
             layers, heads, d = SHAPES[shape]
             model_tl = HookedTransformer(HookedTransformerConfig(
