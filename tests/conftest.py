@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import reference
+from jpatch.engine import plan
 from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 
@@ -33,6 +34,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def every_stage(monkeypatch):
+    """Tiny models cost almost nothing to recompute, so the engine would merge every sweep's
+    layer stages into one; keep them, so the tests exercise the skipped layers
+    (test_engine tests the merging with the real setting)."""
+    monkeypatch.setattr(plan, "STAGE_COMPILE_FLOPS", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")

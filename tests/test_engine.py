@@ -23,6 +23,7 @@ from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
+STAGE_COMPILE_FLOPS = plan.STAGE_COMPILE_FLOPS  # the real setting (conftest sets 0 in every test)
 B, T = 3, 7
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -182,6 +183,17 @@ def test_default_memory_budget_is_a_share_of_free_memory():
     assert 0.15 * available < budget < 0.35 * available
 
 
+@pytest.mark.parametrize("merge_below, starts", [(0, [0, 1, 2, 3]), (5, [0, 2, 3]), (25, [0, 3]), (1000, [0])])
+def test_cheap_stages_merge_cheapest_first(merge_below, starts):
+    """One patch per layer recomputing 10, 1, 10 and 100 rows (positions 90, 99, 90, 0 of 100).
+    By hand: dropping the boundary at layer 1 adds 1 x 1 row-layers, at 2: 10 x 1, at 3:
+    100 x 1; after the first drop, layer 2's costs 10 x 2 = 20, then layer 3's 100 x 3."""
+    patches = plan.Patches("hook_resid_pre", np.arange(4), np.arange(1, 5), np.array([90, 99, 90, 0]),
+                           np.full(4, -1), np.full(4, -1))
+    layout = plan.plan_layout(patches, 4, 100, merge_below=merge_below)
+    assert [s.first_layer for s in layout.stages] == starts
+
+
 # --- deeper than the 12 layer stages ---------------------------------------------------------
 
 
@@ -202,8 +214,16 @@ def deep(request, data):
                                  jp_cache=jp.run_with_cache(data.clean)[1])
 
 
-@pytest.mark.parametrize("name", ["resid_pre", "attn_out", "attn_head_out_all_pos"])
-def test_deep_models_match_transformer_lens(deep, data, name):
+@pytest.mark.parametrize("name, merged", [("resid_pre", False), ("attn_out", False), ("attn_head_out_all_pos", False),
+                                          ("resid_pre", True), ("attn_head_out_all_pos", True)])
+def test_deep_models_match_transformer_lens(deep, data, name, merged, monkeypatch):
+    """merged: with the engine's real STAGE_COMPILE_FLOPS, which on a tiny model merges the
+    layer stages (recomputing its layers costs less than compiling them)."""
+    if merged:
+        monkeypatch.setattr(plan, "STAGE_COMPILE_FLOPS", STAGE_COMPILE_FLOPS)
+        patches, _ = make_patches(deep.jp.config, "hook_resid_pre", ("layer", "pos"), data.clean.shape[1], B)
+        layout = plan.plan_layout(patches, deep.L, data.clean.shape[1], merge_below=plan.merge_below(deep.jp.config, B))
+        assert len(layout.stages) < 12
     tl_metric = lambda l: (deep.ld(l) - deep.CO) / (deep.CL - deep.CO)
     with torch.no_grad():
         expected = getattr(tl_patching, f"get_act_patch_{name}")(

@@ -30,6 +30,10 @@ import jax
 import numpy as np
 
 ALL = -1  # "every position / head" in a patch's description
+# Block-matmul FLOPs worth less than compiling one more stage: about 0.04 s on this project's
+# 2-core CPU, where a stage of GPT-2 small compiles in about 0.5 s (a GPU computes far more in a
+# stage's compile time, so there this errs toward keeping stages).
+STAGE_COMPILE_FLOPS = 1e10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +98,14 @@ class Rows(NamedTuple):
     at: jax.Array  # [n, T]
 
 
-def _starts(patches, n_layer, skip_layers, skip_positions, max_stages):
+def merge_below(config, n_prompts):
+    """Row-layers (per prompt) cheaper to recompute than one more stage is to compile:
+    STAGE_COMPILE_FLOPS of block matmuls over n_prompts prompts."""
+    d = config.d_model
+    return STAGE_COMPILE_FLOPS / (2 * (4 * d * d + 2 * d * config.d_mlp) * max(n_prompts, 1))
+
+
+def _starts(patches, n_layer, pos_len, skip_layers, skip_positions, max_stages, merge_below):
     """Each patch's first recomputed layer and position, its stage, and the stage boundaries."""
     n = len(patches)
     start_layer = patches.layer_lo if skip_layers else np.zeros(n, int)
@@ -104,17 +115,34 @@ def _starts(patches, n_layer, skip_layers, skip_positions, max_stages):
     starts = np.unique(start_layer)
     if len(starts) > max_stages:
         starts = starts[np.linspace(0, len(starts) - 1, max_stages).round().astype(int)]
+    starts = _merge_cheap_stages(starts, start_layer, pos_len - start_pos, merge_below)
     stage_of = np.searchsorted(starts, start_layer, side="right") - 1
     return start_pos, stage_of, starts
 
 
-def plan_layout(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, max_stages=12):
+def _merge_cheap_stages(starts, start_layer, rows, merge_below):
+    """Drop stage boundaries, cheapest first, while dropping one makes the patches after it
+    recompute fewer than `merge_below` extra row-layers (each stage is a compiled loop body)."""
+    starts = list(starts)
+    while len(starts) > 1:
+        stage = np.searchsorted(starts, start_layer, side="right") - 1
+        stage_rows = np.bincount(stage, weights=rows, minlength=len(starts))
+        extra = stage_rows[1:] * np.diff(starts)  # boundary k + 1 dropped: stage k + 1 starts at stage k's layer
+        k = int(np.argmin(extra))
+        if extra[k] >= merge_below:
+            break
+        del starts[k + 1]
+    return np.array(starts, int)
+
+
+def plan_layout(patches, n_layer, pos_len, *, skip_layers=True, skip_positions=True, max_stages=12, merge_below=0):
     """Pack the patches' recomputed positions into rows, grouped into layer stages."""
     return plan_groups(patches, n_layer, pos_len, 1, skip_layers=skip_layers, skip_positions=skip_positions,
-                       max_stages=max_stages)[0][1]
+                       max_stages=max_stages, merge_below=merge_below)[0][1]
 
 
-def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_positions=True, max_stages=12):
+def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_positions=True, max_stages=12,
+                merge_below=0):
     """Split the patches into `groups` groups that share one static layout, so one
     compiled program runs them all: [(members, Layout)], members [n_slots] indexing
     `patches` with -1 for padding slots.
@@ -123,9 +151,12 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
     holds nearly the same mix; each group is then padded per stage to the largest
     group's patch and row counts. Slot 0 of every group is a padding patch that is
     never patched; the padding rows belong to it (their values are never read).
+    Stages are merged where that recomputes fewer than `merge_below` extra row-layers per
+    prompt (`merge_below(config, n_prompts)`: cheaper than compiling the stage).
     """
     n = len(patches)
-    start_pos, stage_of, starts = _starts(patches, n_layer, skip_layers, skip_positions, max_stages)
+    start_pos, stage_of, starts = _starts(patches, n_layer, pos_len, skip_layers, skip_positions, max_stages,
+                                          merge_below)
     order = np.lexsort((np.arange(n), start_pos, stage_of))
     dealt = [order[g::groups] for g in range(groups)]
     n_stages = len(starts)
