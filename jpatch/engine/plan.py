@@ -14,10 +14,12 @@ Only work that can change is done:
 Layout: the recomputed (patch, position) pairs of all patches are packed as
 *rows* [batch, R, d_model], so the block matmuls are one dense matmul over every
 row of every patch. Patches are sorted by start layer, so the rows alive at a
-layer are a prefix of that list and the row set only grows. Attention is the one
-step that mixes positions, and it too works on the rows (`rows_attention`): a row
-scores the cached keys before its patch's start and its own patch's rows, so its
-cost is rows x keys, not patches x positions x positions.
+layer are a prefix of that list and the row set only grows. Each stage is a compiled
+loop body, so stages are merged where recomputing a few more layers is cheaper than compiling
+one more body (`merge_below`). Attention is the one step that mixes positions, and it
+too works on the rows (`rows_attention`): a row scores the cached keys before its patch's
+start and its own patch's recent rows, so its cost is rows x keys, not patches x
+positions x positions.
 The prompt axis stays dense, so it is chunked and sharded freely.
 """
 
