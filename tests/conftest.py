@@ -1,10 +1,17 @@
 """Shared fixtures: one tiny random GPT-2 as Hugging Face, TransformerLens and jpatch models."""
 
-import pytest
-import torch
+import os
 
-import reference
-from jpatch.engine import plan
+# Tiny models cost almost nothing to recompute, so the engine would merge every sweep's layer
+# stages into one; keep them, so the tests exercise the skipped layers (test_engine tests the
+# merging). Set before jpatch is imported, and inherited by the tests' subprocesses, so that
+# in-process and subprocess runs plan alike.
+os.environ["JPATCH_STAGE_COMPILE_FLOPS"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import reference  # noqa: E402
 from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 
@@ -34,14 +41,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def every_stage(monkeypatch):
-    """Tiny models cost almost nothing to recompute, so the engine would merge every sweep's
-    layer stages into one; keep them, so the tests exercise the skipped layers
-    (test_engine tests the merging with the real setting)."""
-    monkeypatch.setattr(plan, "STAGE_COMPILE_FLOPS", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")

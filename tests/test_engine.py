@@ -23,7 +23,7 @@ from jpatch.model.convert import config_from_hf, from_hf_state_dict
 
 TOL = 1e-4
 V = reference.TINY["vocab_size"]
-STAGE_COMPILE_FLOPS = plan.STAGE_COMPILE_FLOPS  # the real setting (conftest sets 0 in every test)
+STAGE_COMPILE_FLOPS = plan.DEFAULT_STAGE_COMPILE_FLOPS  # jpatch's default (conftest sets 0 for the suite)
 B, T = 3, 7
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,6 +181,18 @@ def test_default_memory_budget_is_a_share_of_free_memory():
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     assert 0.15 * available < budget < 0.35 * available
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0.0), ("2.5e9", 2.5e9), ("-1", None), ("many", None), ("inf", None)])
+def test_stage_compile_flops_setting(monkeypatch, value, expected):
+    monkeypatch.setenv("JPATCH_STAGE_COMPILE_FLOPS", value)
+    if expected is None:
+        with pytest.raises(ValueError, match="JPATCH_STAGE_COMPILE_FLOPS must be a number of FLOPs >= 0"):
+            plan._stage_compile_flops()
+    else:
+        assert plan._stage_compile_flops() == expected
+    monkeypatch.delenv("JPATCH_STAGE_COMPILE_FLOPS")
+    assert plan._stage_compile_flops() == plan.DEFAULT_STAGE_COMPILE_FLOPS
 
 
 @pytest.mark.parametrize("merge_below, starts", [(0, [0, 1, 2, 3]), (5, [0, 2, 3]), (25, [0, 3]), (1000, [0])])

@@ -35,7 +35,24 @@ ALL = -1  # "every position / head" in a patch's description
 # Block-matmul FLOPs worth less than compiling one more stage: about 0.04 s on this project's
 # 2-core CPU, where a stage of GPT-2 small compiles in about 0.5 s (a GPU computes far more in a
 # stage's compile time, so there this errs toward keeping stages).
-STAGE_COMPILE_FLOPS = 1e10
+DEFAULT_STAGE_COMPILE_FLOPS = 1e10
+
+
+def _stage_compile_flops():
+    """JPATCH_STAGE_COMPILE_FLOPS if set (0 keeps every stage), else the default."""
+    value = os.environ.get("JPATCH_STAGE_COMPILE_FLOPS")
+    if value is None:
+        return DEFAULT_STAGE_COMPILE_FLOPS
+    try:
+        flops = float(value)
+    except ValueError:
+        flops = -1.0
+    if not 0 <= flops < float("inf"):
+        raise ValueError(f"JPATCH_STAGE_COMPILE_FLOPS must be a number of FLOPs >= 0 (0 keeps every stage), got {value!r}")
+    return flops
+
+
+STAGE_COMPILE_FLOPS = _stage_compile_flops()
 
 
 @dataclasses.dataclass(frozen=True)
