@@ -126,9 +126,9 @@ def engine_flops(model, name, n_prompts, pos):
     cfg = model.config
     site, axes = SWEEPS[name]
     patches, _ = make_patches(cfg, site, axes, pos, n_prompts)
-    layout = plan.plan_layout(patches, cfg.n_layer, pos)
-    d, m, H = cfg.d_model, cfg.d_mlp, cfg.n_head
-    per_row = 2 * (4 * d * d + 2 * d * m)
+    layout = plan.plan_layout(patches, cfg.n_layer, pos, merge_below=plan.cheap_row_layers(cfg, n_prompts))  # as the engine plans
+    d, H = cfg.d_model, cfg.n_head
+    per_row = plan.block_flops_per_row(cfg)
     total = 0
     for stage in layout.stages:
         layers = stage.end_layer - stage.first_layer

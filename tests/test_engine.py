@@ -234,7 +234,7 @@ def test_deep_models_match_transformer_lens(deep, data, name, merged, monkeypatc
     if merged:
         monkeypatch.setattr(plan, "STAGE_COMPILE_FLOPS", STAGE_COMPILE_FLOPS)
         patches, _ = make_patches(deep.jp.config, "hook_resid_pre", ("layer", "pos"), data.clean.shape[1], B)
-        layout = plan.plan_layout(patches, deep.L, data.clean.shape[1], merge_below=plan.merge_below(deep.jp.config, B))
+        layout = plan.plan_layout(patches, deep.L, data.clean.shape[1], merge_below=plan.cheap_row_layers(deep.jp.config, B))
         assert len(layout.stages) < 12
     tl_metric = lambda l: (deep.ld(l) - deep.CO) / (deep.CL - deep.CO)
     with torch.no_grad():

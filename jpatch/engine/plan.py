@@ -16,7 +16,7 @@ Layout: the recomputed (patch, position) pairs of all patches are packed as
 row of every patch. Patches are sorted by start layer, so the rows alive at a
 layer are a prefix of that list and the row set only grows. Each stage is a compiled
 loop body, so stages are merged where recomputing a few more layers is cheaper than compiling
-one more body (`merge_below`). Attention is the one step that mixes positions, and it
+one more body (`cheap_row_layers`). Attention is the one step that mixes positions, and it
 too works on the rows (`rows_attention`): a row scores the cached keys before its patch's
 start and its own patch's recent rows, so its cost is rows x keys, not patches x
 positions x positions.
@@ -117,11 +117,16 @@ class Rows(NamedTuple):
     at: jax.Array  # [n, T]
 
 
-def merge_below(config, n_prompts):
-    """Row-layers (per prompt) cheaper to recompute than one more stage is to compile:
-    STAGE_COMPILE_FLOPS of block matmuls over n_prompts prompts."""
+def block_flops_per_row(config):
+    """The FLOPs of one block's matmuls (q/k/v, output, MLP) on one row."""
     d = config.d_model
-    return STAGE_COMPILE_FLOPS / (2 * (4 * d * d + 2 * d * config.d_mlp) * max(n_prompts, 1))
+    return 2 * (4 * d * d + 2 * d * config.d_mlp)
+
+
+def cheap_row_layers(config, n_prompts):
+    """Row-layers (per prompt) cheaper to recompute than one more stage is to compile:
+    STAGE_COMPILE_FLOPS of block matmuls over n_prompts prompts (plan_groups' merge_below)."""
+    return STAGE_COMPILE_FLOPS / (block_flops_per_row(config) * max(n_prompts, 1))
 
 
 def _starts(patches, n_layer, pos_len, skip_layers, skip_positions, max_stages, merge_below):
@@ -171,7 +176,7 @@ def plan_groups(patches, n_layer, pos_len, groups, *, skip_layers=True, skip_pos
     group's patch and row counts. Slot 0 of every group is a padding patch that is
     never patched; the padding rows belong to it (their values are never read).
     Stages are merged where that recomputes fewer than `merge_below` extra row-layers per
-    prompt (`merge_below(config, n_prompts)`: cheaper than compiling the stage).
+    prompt (`cheap_row_layers(config, n_prompts)`: cheaper than compiling the stage).
     """
     n = len(patches)
     start_pos, stage_of, starts = _starts(patches, n_layer, pos_len, skip_layers, skip_positions, max_stages,

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jpatch.engine import execute as engine
-from jpatch.engine.plan import ALL, bytes_per_prompt, default_memory_budget, merge_below, plan_groups
+from jpatch.engine.plan import ALL, bytes_per_prompt, cheap_row_layers, default_memory_budget, plan_groups
 from jpatch.engine.readout import checked_metric, narrowed
 from jpatch.model import sites
 
@@ -73,7 +73,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     # Patch groups split a sweep too big for one prompt; prompt chunks split the rest. Every
     # group has one static layout, so the sweep compiles one program whatever its size.
     plan = lambda g: plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
-                                 skip_positions=skip_positions, merge_below=merge_below(cfg, N))
+                                 skip_positions=skip_positions, merge_below=cheap_row_layers(cfg, N))
     need = lambda layout: bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
     groups = 1
     planned = plan(groups)
