@@ -29,14 +29,14 @@ class BaseCache(NamedTuple):
     """What a patched run reads of the base run (stacks over layers, then prompts)."""
 
     resid_pre: jax.Array  # [L, B, T, d_model]
-    k: jax.Array  # [L, B, T, H, d_head]
+    k: jax.Array  # [L, B, T, H, d_head]: the keys attention scores against (model.KEY_SITE)
     v: jax.Array  # [L, B, T, H, d_head]
     final: jax.Array  # [B, T, d_model]: the last residual stream
 
     @classmethod
-    def from_sites(cls, stacks):
-        """From `cached_sites(..., BASE_SITES, ...)`."""
-        return cls(*(stacks[s] for s in BASE_SITES))
+    def from_sites(cls, stacks, model):
+        """From `cached_sites(..., base_sites(model), ...)`."""
+        return cls(*(stacks[s] for s in base_sites(model)))
 
 
 class MetricInputs(NamedTuple):
@@ -123,6 +123,7 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
     cfg = model.config
     B, T = base.final.shape[:2]
     prompt = jnp.arange(B)[:, None]
+    has_heads = model.sites.has_heads(site)
     x = jnp.zeros((B, 0, cfg.d_model), jnp.float32)  # the residual stream is float32 (see GPT2._forward)
     for stage in stages:
         new_pos = rows.pos[x.shape[1] : stage.n_rows]
@@ -142,7 +143,7 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                     return act
                 row_on = patched[None, :] & at_row  # [B, R]
                 value = source_j[prompt, row_pos[None, :]]  # [B, R, ...]
-                if site in sites.HEAD_VECTOR_SITES:
+                if has_heads:
                     heads = _matches(patch.head[row_patch][None, :, None], jnp.arange(cfg.n_head))
                     row_on = (row_on[..., None] & heads)[..., None]  # [B, R, H, 1]
                 else:
@@ -160,7 +161,7 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
 
             attend = lambda q, k, v: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span,
                                                     edit_pattern)
-            return block(x, cfg, attend, edit), None
+            return block(x, row_pos, cfg, attend, edit), None
 
         blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)
         layers = slice(stage.first_layer, stage.end_layer)
@@ -178,16 +179,17 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
     return jax.vmap(lambda lg: score(lg, metric_inputs.clean_logits, metric_inputs.data), in_axes=1)(logits)
 
 
-BASE_SITES = ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "final")  # what a patched run reads of the base run
+def base_sites(model):
+    """What a patched run reads of the base run: BaseCache's fields."""
+    return ("hook_resid_pre", model.KEY_SITE, "attn.hook_v", "final")
 
 
-def _batch_rows(overrides, n, rows):
+def _batch_rows(overrides, table, n, rows):
     """The prompts `rows` of a run's overrides: a leaf is sliced where it has the batch
     axis (right-aligned against its site's activation), left whole where it broadcasts."""
     out = {}
     for site, ov in overrides.items():
-        # distance of the batch axis from the last axis, with the layer axis of per-layer sites
-        from_end = {"attn.hook_pattern": 4, **{s: 4 for s in sites.HEAD_VECTOR_SITES}}.get(site, 3)
+        from_end = len(table[site].axes)  # distance of the batch axis from the last axis
 
         def take(a):
             axis = a.ndim - from_end
@@ -225,7 +227,7 @@ def cached_sites(model, tokens, overrides, keep, memory_budget):
     for c in range(math.ceil(N / chunk)):
         start = min(c * chunk, N - chunk)  # the last chunk overlaps the one before: one shape
         rows = slice(start, start + chunk)
-        part = _cache_chunk(model, jnp.asarray(tokens)[rows], _batch_rows(overrides, N, rows), tuple(keep))
+        part = _cache_chunk(model, jnp.asarray(tokens)[rows], _batch_rows(overrides, model.sites, N, rows), tuple(keep))
         for s, a in part.items():
             parts[s].append(a[c * chunk - start:] if s == "final" else a[:, c * chunk - start:])
     return {s: jnp.concatenate(p, axis=0 if s == "final" else 1) for s, p in parts.items()}

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from jpatch.engine import execute as engine
 from jpatch.engine.plan import ALL, bytes_per_prompt, cheap_row_layers, default_memory_budget, plan_groups
 from jpatch.engine.readout import checked_metric, narrowed
-from jpatch.model import sites
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
 MANY_GROUPS = 8  # more patch groups than this (a tiny memory budget) is warned about
@@ -56,7 +55,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     source = source_cache.stacked(patches.site)
     if source.shape[1] != N:
         raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
-    base_arrays = engine.cached_sites(model, base.tokens, base.overrides, engine.BASE_SITES, memory_budget)
+    base_arrays = engine.cached_sites(model, base.tokens, base.overrides, engine.base_sites(model), memory_budget)
 
     n_read = T if read_all else read_pos.shape[1]
     score_shape = jax.eval_shape(
@@ -121,7 +120,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
             put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
             scores = engine.run_layout(
                 model,
-                engine.BaseCache.from_sites({k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}),
+                engine.BaseCache.from_sites({k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}, model),
                 put(source, 1),
                 slot_patches._replace(pos=put(pos_slots, 1)),
                 jax.tree_util.tree_map(jnp.asarray, lay.rows()),
@@ -160,7 +159,7 @@ def no_op_patches(patches, base_stack, source_stack):
     diff = np.asarray(base_stack != source_stack)
     if patches.site == "attn.hook_pattern":  # [L, N, H, Tq, Tk]
         diff = np.moveaxis(diff, 2, -1)  # [L, N, Tq, Tk, H]
-    elif patches.site in sites.HEAD_VECTOR_SITES:  # [L, N, T, H, d_head]
+    elif base_stack.ndim == 5:  # per-head vectors [L, N, T, H, d_head]
         diff = diff.any(-1)[:, :, :, None]  # [L, N, T, 1(src), H]
     else:  # [L, N, T, d]
         diff = diff.any(-1)[:, :, :, None, None]  # [L, N, T, 1, 1]

@@ -17,23 +17,28 @@ from jpatch.engine.plan import ALL, Patches
 from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.readout import prepare_metric, read_logits
 from jpatch.engine.scores import applies, no_op_patches, patch_scores
-from jpatch.model import sites
+from jpatch.model import families, sites
 from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Grid, Mask, Tokens
 
 WINDOW_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
 
-def default_axes(site):
+def default_axes(site, table=None):
+    """A sweep's axes for `site`: (layer, pos), (layer, pos, head) for per-head vectors, (layer, head,
+    pos) for the pattern. table: the model family's `SiteTable`, whose sweepable sites are checked;
+    None (before a model is loaded) checks the sites some family's engine sweeps."""
     site = sites.canonical(site)
-    if site in sites.HEAD_VECTOR_SITES:
-        return ("layer", "pos", "head")
-    if site == "attn.hook_pattern":
+    sweepable = table.sweep_sites if table is not None else families.SWEEP_SITES
+    if site not in sweepable:
+        per_layer = site in (table.layer if table is not None else sites.LAYER_AXES)
+        why = "has no layers to sweep" if not per_layer else "is not patched by the sweep engine"
+        family = f" in {table.family}" if table is not None else ""
+        raise ValueError(f"site {site!r} {why}{family}; sweepable: {', '.join(sweepable)}")
+    axes = sites.LAYER_AXES[site]
+    if axes == sites.SCORES:
         return ("layer", "head", "pos")
-    if site not in sites.SWEEP_SITES:
-        why = "has no layers to sweep" if site not in sites.LAYER_SITES else "is not patched by the sweep engine"
-        raise ValueError(f"site {site!r} {why}; sweepable: {', '.join(sites.SWEEP_SITES)}")
-    return ("layer", "pos")
+    return ("layer", "pos", "head") if "head" in axes or "kv_head" in axes else ("layer", "pos")
 
 
 def _choose(values, limit, what):
@@ -56,9 +61,8 @@ def make_patches(config, site, axes, n_pos, n_prompts, *, window=1, layers=None,
     prompt_positions: one position per prompt ([n_prompts], e.g. the last subject
     token), giving a "pos" axis of length 1.
     """
-    default_axes(site)  # refuses a site the engine does not patch
-    valid = ("layer", "pos") + {"attn.hook_pattern": ("head", "src")}.get(
-        site, ("head",) if site in sites.HEAD_VECTOR_SITES else ())
+    own = default_axes(site, config.sites)  # refuses a site the engine does not patch
+    valid = ("layer", "pos") + (("head", "src") if site == "attn.hook_pattern" else own[2:])
     for a in axes:
         if a not in ("layer", "pos", "head", "src"):
             raise ValueError(f"unknown axis {a!r}; valid: layer, pos, head, src")
@@ -183,7 +187,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
         check_memory_budget(memory_budget)
     check_direction(direction)
     clean, corrupted = paired_runs(clean, corrupted)
-    axes = tuple(axes or default_axes(site))
+    axes = tuple(axes or default_axes(site, model.sites))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
     lengths = prompt_lengths(mask, B, T)
@@ -196,7 +200,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     memory_budget = plan.default_memory_budget() if memory_budget is None else memory_budget
     # Only the patched site of the source run is kept (not every site, e.g. the [L, B, H, T, T] pattern).
     source_cache = Cache(engine.cached_sites(model, source.tokens, source.overrides, (site,), memory_budget),
-                         model.config.n_layer)
+                         model.config.n_layer, table=model.sites)
     if prompt_positions is not None:
         prompt_positions = np.asarray(prompt_positions)
         if mask is not None and prompt_positions.shape == (B,) and (prompt_positions >= lengths).any():

@@ -97,7 +97,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     clean_score, corrupted_score = score(clean), score(corrupted)
     _, cache = model.run_with_cache(source.tokens, overrides=source.overrides, attention_mask=mask)
     value = cache.stacked(site)
-    names = attribution.ESTIMATE_DIMS[site]  # the activation's layout, with "row" for prompts
+    names = attribution.estimate_dims(site)  # the activation's layout, with "row" for prompts
     base_score = score(base)
     if base_score.ndim:  # per-prompt scores: the sweep's mean over prompts
         base_score, clean_score, corrupted_score = base_score.mean(), clean_score.mean(), corrupted_score.mean()
@@ -121,7 +121,7 @@ def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direct
     effect of K random subsets (a tenth of the rest each) of the components outside the
     estimate's top set (default: 5% of the components). Returns (estimate, exact, report)."""
     from jpatch.methods import attribution
-    axes = tuple(axes or default_axes(site))
+    axes = tuple(axes or default_axes(site, model.sites))
     estimate = attribution.attribute(model, clean, corrupted, site, metric, method=method, direction=direction,
                                      axes=axes, attention_mask=attention_mask)
     exact = sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False,

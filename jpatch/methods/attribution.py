@@ -33,23 +33,25 @@ import numpy as np
 from jaxtyping import Float
 
 from jpatch.model import sites
-from jpatch.model.gpt2 import causal_attention
+from jpatch.model.layers import causal_attention
 from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
 from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches
 from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
-from jpatch.model.gpt2 import Cache
+from jpatch.model.architecture import Cache
 from jpatch.model.types import Grid, Mask, Tokens
 
 METHODS = ("atp", "atp-qk", "atp*")
 
-# Axes of a site's full-resolution estimate [layer, row, ...]; "row" is the prompt (x sample).
-ESTIMATE_DIMS = {"attn.hook_pattern": ("layer", "row", "head", "pos", "src")}
-ESTIMATE_DIMS.update({s: ("layer", "row", "pos", "head") for s in sites.HEAD_VECTOR_SITES})
-ESTIMATE_DIMS.update({s: ("layer", "row", "pos") for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                                                           "hook_attn_out", "hook_mlp_out")})
+
+
+def estimate_dims(site):
+    """Axes of a site's full-resolution estimate [layer, row, ...]; "row" is the prompt (x sample)."""
+    if site == "attn.hook_pattern":
+        return ("layer", "row", "head", "pos", "src")
+    return ("layer", "row") + default_axes(site)[1:]
 
 
 def _pattern(q, k, key_mask):
@@ -91,7 +93,7 @@ def _qk_fix(site, base, source, grad_pattern, key_mask, per_position):
 
 
 def _delta(site, base, source, grads, key_mask, method, per_position):
-    """Full-resolution estimates [n_layer, rows, ...] (the layout of ESTIMATE_DIMS[site])."""
+    """Full-resolution estimates [n_layer, rows, ...] (the layout of estimate_dims(site))."""
     if method != "atp" and site in ("attn.hook_q", "attn.hook_k"):
         fix = functools.partial(_qk_fix, site, key_mask=key_mask, per_position=per_position)
         return jax.vmap(fix)(base, source, grads["attn.hook_pattern"])
@@ -162,7 +164,7 @@ def _estimate_from_runs(model, base_tokens, base_overrides, source_tokens, sourc
 def to_grid(delta, site, axes):
     """Sum a full-resolution estimate [..., layer, row, ...] over the dimensions a patch
     covers at once (those not in `axes`) and order it as [..., *axes, row]."""
-    names = ESTIMATE_DIMS[site]
+    names = estimate_dims(site)
     lead = delta.ndim - len(names)
     summed = tuple(lead + i for i, n in enumerate(names) if n not in axes and n != "row")
     delta = delta.sum(summed)
@@ -188,14 +190,13 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     batch is never split).
     """
     site = sites.canonical(site, model.config.n_layer)
-    if site not in ESTIMATE_DIMS:
-        default_axes(site)  # raises: the site has no layers to sweep
+    default_axes(site, model.sites)  # raises: the site has no layers to sweep in this family
     check_memory_budget(memory_budget)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     check_direction(direction)
     clean, corrupted = paired_runs(clean, corrupted)
-    axes = tuple(axes or default_axes(site))
+    axes = tuple(axes or default_axes(site, model.sites))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     cfg = model.config
     mask = batch_mask(attention_mask, clean, corrupted, pad_id=cfg.d_vocab - 1)

@@ -86,7 +86,7 @@ def embedding_std(model, token_ids=None):
     token_ids: any-shaped int token ids (e.g. the subject tokens of every prompt),
     or None for the whole vocabulary. Returns a Python float.
     """
-    vocab = model.wte.shape[0]
+    vocab = model.W_E.shape[0]
     if token_ids is None:
         ids = np.arange(vocab)
     else:
@@ -101,7 +101,7 @@ def embedding_std(model, token_ids=None):
     # Over the distinct rows, each weighted by how often it occurs: the std of the stacked
     # rows without stacking them (a dataset's subject tokens repeat a lot).
     unique, counts = np.unique(ids.astype(np.int64), return_counts=True)
-    rows = np.asarray(model.wte[unique], np.float64)  # [u, d]
+    rows = np.asarray(model.W_E[unique], np.float64)  # [u, d]
     n = counts.sum() * rows.shape[1]
     if n < 2:
         raise ValueError("embedding_std needs at least two embedding elements")
@@ -164,7 +164,7 @@ def gaussian_noise(model, tokens: Tokens, positions, *, n_samples=10, scale=3.0,
     mask_rows = jnp.asarray(np.tile(mask, (n_samples, 1)))[..., None]  # [S * B, T, 1]
     noise = jnp.where(mask_rows, noise.reshape(n_samples * B, T, d), 0.0)
     tiled = np.tile(tokens, (n_samples, 1))
-    embed = model.wte[jnp.asarray(tiled)].astype(jnp.float32)
+    embed = model.W_E[jnp.asarray(tiled)].astype(jnp.float32)
     return Run(tiled, {"hook_embed": Override((embed + noise).astype(model.dtype), mask_rows)}, n_samples,
                attention_mask)
 

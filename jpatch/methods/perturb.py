@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model.gpt2 import apply_override, causal_attention
+from jpatch.model.layers import causal_attention
 
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
 
@@ -25,7 +25,7 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
     """The base run with `eps[site]` ([n_layer, *activation]) added at each site in `eps`
     (and `embed_shift` [rows, pos, d_model] added to the embeddings).
 
-    The same blocks, attention and unembedding as `GPT2.__call__` (through the
+    The same embedding, blocks, attention and unembedding as the model's forward (through the
     `edit` callback), so d logits / d eps is the gradient with respect to the
     activations. keep [n_layer]: gradient scale of each layer's residual writes
     (GradDrop). Returns logits at `read_pos` ([rows, K, vocab]; all positions when
@@ -33,9 +33,8 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
     """
     cfg = model.config
     key_mask = None if attention_mask is None else attention_mask.astype(bool)
-    embed = apply_override(overrides.get("hook_embed"), model.wte[tokens], "hook_embed")
-    pos_embed = apply_override(overrides.get("hook_pos_embed"), model.wpe[model.positions(tokens, attention_mask)],
-                               "hook_pos_embed")
+    positions = model.positions(tokens, attention_mask)
+    override = lambda site, act: act if overrides.get(site) is None else overrides[site](act, site)
 
     def step(x, per_layer):
         block, layer_eps, layer_keep = per_layer
@@ -51,9 +50,10 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
             return act
 
         attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
-        return block(x, cfg, attend, edit), acts
+        return block(x, positions, cfg, attend, edit), acts
 
-    x = embed + pos_embed if embed_shift is None else embed + pos_embed + embed_shift
+    x = model.embed(tokens, positions, override)
+    x = x if embed_shift is None else x + embed_shift
     keep_xs = jnp.ones(cfg.n_layer) if keep is None else keep
     x, acts = jax.lax.scan(step, x.astype(model.dtype), (model.blocks, eps, keep_xs))
     if read_pos is not None:

@@ -130,7 +130,7 @@ def apply_ln_to_stack(cache, residual_stack, layer=None, mlp_input=False, pos_sl
         stack = _pos(stack, batch_slice, dim=1)
     if recompute_ln and layer == cache.n_layer:
         model = _model(cache)
-        return model.ln_f(stack.astype(jnp.float32), model.config.layer_norm_eps)
+        return model.ln_final(stack)
     stack = stack - stack.mean(-1, keepdims=True)
     name = "ln_final.hook_scale" if layer == cache.n_layer else f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
     scale = _pos(cache[name], pos_slice)

@@ -88,39 +88,6 @@ class FrontDoor:
                 attention_mask = jnp.asarray(attention_mask).reshape(1, -1)
         return tokens, attention_mask
 
-    # --- weights in TransformerLens's shapes -------------------------------------------
-
-    def _heads(self, w):  # [L, d, H * d_head] -> [L, H, d, d_head]
-        L, d, _ = w.shape
-        return w.reshape(L, d, self.config.n_head, -1).transpose(0, 2, 1, 3)
-
-    def _qkv(self, i):
-        d = self.config.d_model
-        return self._heads(self.blocks.attn.c_attn_w[..., i * d:(i + 1) * d])
-
-    def _qkv_bias(self, i):
-        d = self.config.d_model
-        return self.blocks.attn.c_attn_b[..., i * d:(i + 1) * d].reshape(self.config.n_layer, self.config.n_head, -1)
-
-    W_E = property(lambda self: self.wte, doc="[d_vocab, d_model]")
-    W_pos = property(lambda self: self.wpe, doc="[n_ctx, d_model]")
-    W_U = property(lambda self: self.wte.T, doc="[d_model, d_vocab] (tied to W_E)")
-    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: GPT-2 has none")
-    W_Q = property(lambda self: self._qkv(0), doc="[n_layers, n_heads, d_model, d_head]")
-    W_K = property(lambda self: self._qkv(1), doc="[n_layers, n_heads, d_model, d_head]")
-    W_V = property(lambda self: self._qkv(2), doc="[n_layers, n_heads, d_model, d_head]")
-    b_Q = property(lambda self: self._qkv_bias(0), doc="[n_layers, n_heads, d_head]")
-    b_K = property(lambda self: self._qkv_bias(1), doc="[n_layers, n_heads, d_head]")
-    b_V = property(lambda self: self._qkv_bias(2), doc="[n_layers, n_heads, d_head]")
-    W_O = property(lambda self: self.blocks.attn.c_proj_w.reshape(self.config.n_layer, self.config.n_head,
-                                                                  self.config.d_head, self.config.d_model),
-                   doc="[n_layers, n_heads, d_head, d_model]")
-    b_O = property(lambda self: self.blocks.attn.c_proj_b, doc="[n_layers, d_model]")
-    W_in = property(lambda self: self.blocks.mlp.c_fc_w, doc="[n_layers, d_model, d_mlp]")
-    b_in = property(lambda self: self.blocks.mlp.c_fc_b, doc="[n_layers, d_mlp]")
-    W_out = property(lambda self: self.blocks.mlp.c_proj_w, doc="[n_layers, d_mlp, d_model]")
-    b_out = property(lambda self: self.blocks.mlp.c_proj_b, doc="[n_layers, d_model]")
-
     def tokens_to_residual_directions(self, tokens):
         """The unembedding direction(s) of `tokens` (a one-token str, an id or an array of ids): [..., d_model]."""
         if isinstance(tokens, str):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model.gpt2 import no_edit
+from jpatch.model.layers import no_edit
 
 
 def _step_attention(K, V, t):
@@ -47,9 +47,9 @@ def _generate(model, tokens, key, temperature, *, n_new, do_sample, top_k):
     cfg = model.config
     B, T = tokens.shape
     S = T + n_new
-    logits, cache = model.run_with_cache(tokens, names_filter=["attn.hook_k", "attn.hook_v"])
+    logits, cache = model.run_with_cache(tokens, names_filter=[model.KEY_SITE, "attn.hook_v"])
     pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, n_new), (0, 0), (0, 0)])  # [L, B, S, H, d_head]
-    K, V = pad(cache.stacked("attn.hook_k")), pad(cache.stacked("attn.hook_v"))
+    K, V = pad(cache.stacked(model.KEY_SITE)), pad(cache.stacked("attn.hook_v"))
     keys = jax.random.split(key, n_new)
     first = _choose(logits[:, -1], keys[0], do_sample, temperature, top_k)
 
@@ -59,10 +59,11 @@ def _generate(model, tokens, key, temperature, *, n_new, do_sample, top_k):
         def layer(x, per_layer):
             block, K_l, V_l = per_layer
             attend, new = _step_attention(K_l, V_l, t)
-            x = block(x, cfg, attend, no_edit)
+            x = block(x, position, cfg, attend, no_edit)
             return x, (new["K"], new["V"])
 
-        x = (model.wte[token] + model.wpe[t])[:, None].astype(model.dtype)  # [B, 1, d]
+        position = jnp.full((B, 1), t)
+        x = model.embed(token[:, None], position).astype(model.dtype)  # [B, 1, d]
         x, (K, V) = jax.lax.scan(layer, x, (model.blocks, K, V))
         nxt = _choose(model.unembed(x)[:, -1], key, do_sample, temperature, top_k)
         return (K, V, nxt, t + 1), token

@@ -1,4 +1,4 @@
-"""GPT-2 as a pure function of (params, tokens, overrides).
+"""GPT-2 as a pure function of (params, tokens, overrides): a family on `jpatch.model.architecture`.
 
 Weights follow the Hugging Face GPT-2 layout (Conv1D weights are [in, out],
 the unembedding is tied to `wte`); blocks are stacked along a leading layer
@@ -9,26 +9,25 @@ it gives a mask of the entries to replace and the values to put there, so
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model.types import Logits, Mask, Tokens
-from jpatch.model import analysis
-
-from jpatch.model import interventions
-
 from jpatch.model import sites
-from jpatch.model.front import FrontDoor
+from jpatch.model.architecture import Cache, Transformer, editor, override_from_cache, record_sites  # noqa: F401
 from jpatch.model.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
+from jpatch.model.layers import (ACTIVATIONS, LayerNorm, causal_attention, no_edit, normalize,  # noqa: F401
+                                 normalize_hooked)
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
+# Every hook point of TransformerLens's GPT-2, and the ones the engine sweeps.
+SITES = sites.SiteTable(
+    "GPT-2", tuple(s for s in sites.ALL_SITES if s not in ("attn.hook_rot_q", "attn.hook_rot_k")),
+    sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
+           "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"),
+    on_request=("attn.hook_result",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +40,8 @@ class GPT2Config:
     d_vocab: int = 50257
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"
+    sites: ClassVar[object] = SITES  # the family's hook points
+    family: ClassVar[str] = "gpt2"  # the registry's name (jpatch.model.families)
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab"):
@@ -79,33 +80,6 @@ class GPT2Config:
         return cls(**d)
 
 
-def normalize(x, eps):
-    """Layer norm without its affine part, computed in float32."""
-    x = x.astype(jnp.float32)
-    x = x - x.mean(-1, keepdims=True)
-    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
-
-
-def no_edit(site, act):
-    return act
-
-
-def normalize_hooked(x, eps, edit, name):
-    """`normalize` through TransformerLens's hook points <name>.hook_scale [..., 1] and <name>.hook_normalized."""
-    x = x.astype(jnp.float32)
-    x = x - x.mean(-1, keepdims=True)
-    scale = edit(f"{name}.hook_scale", jnp.sqrt((x * x).mean(-1, keepdims=True) + eps))
-    return edit(f"{name}.hook_normalized", x / scale)
-
-
-class LayerNorm(eqx.Module):
-    weight: jax.Array
-    bias: jax.Array
-
-    def __call__(self, x, eps, edit=no_edit, name="ln"):
-        return (normalize_hooked(x, eps, edit, name) * self.weight + self.bias).astype(x.dtype)
-
-
 class Attention(eqx.Module):
     c_attn_w: jax.Array  # [d_model, 3 * d_model]: q, k, v, heads contiguous within each
     c_attn_b: jax.Array
@@ -139,30 +113,15 @@ class MLP(eqx.Module):
         return edit("mlp.hook_post", ACTIVATIONS[activation](pre)) @ self.c_proj_w + self.c_proj_b
 
 
-def causal_attention(q, k, v, key_mask=None, edit=no_edit):
-    """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens."""
-    T = q.shape[-3]
-    # Scores, softmax and the pattern-weighted sum accumulate in float32 even for bfloat16 weights.
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    allowed = jnp.tril(jnp.ones((T, T), bool))
-    if key_mask is not None:
-        allowed = allowed & key_mask[..., None, None, :].astype(bool)
-    scores = edit("attn.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf))  # -inf as TransformerLens
-    # A finite fill keeps fully masked rows (left padding) finite instead of NaN.
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
-    z = jnp.einsum("...hqk,...khd->...qhd", pattern, v, preferred_element_type=jnp.float32)
-    return z.astype(q.dtype)
-
-
 class Block(eqx.Module):
     ln_1: LayerNorm
     attn: Attention
     ln_2: LayerNorm
     mlp: MLP
 
-    def __call__(self, x, config, attend, edit=no_edit):
-        """One block on rows x [..., d].
+    def __call__(self, x, positions, config, attend, edit=no_edit):
+        """One block on rows x [..., d] at `positions` (broadcastable to x's [...]; GPT-2's
+        positions enter through the embedding, so its block does not read them).
 
         attend(q, k, v) -> z mixes positions (and applies the pattern edit);
         edit(site, activation) -> activation is where overrides and caching happen.
@@ -179,103 +138,12 @@ class Block(eqx.Module):
         return edit("hook_resid_post", x + mlp_out)
 
 
-def apply_override(override, act, site):
-    """One intervention (or None) on `act`, for callers that build their own forward."""
-    return act if override is None else override(act, site)
-
-
-def _editor(plan, cache, record, layer=None):
-    """An `edit(site, act)` that applies the interventions of `plan` (see
-    `interventions.normalize`) and stores the sites in `record` into `cache`."""
-
-    def edit(site, act):
-        act = interventions.apply(plan.get(site, ()), site, act, layer)
-        if site in record:
-            cache[site] = act
-        return act
-
-    edit.wants_result = "attn.hook_result" in record or "attn.hook_result" in plan
-    return edit
-
-
-def record_sites(names_filter, n_layer):
-    """run_with_cache's names_filter -> the frozenset of sites to record.
-
-    None: every site except the per-head attn.hook_result (only when asked); a name or
-    list of names in any spelling; or a function of a full hook name (TransformerLens's
-    filter), asked about every layer's name. A site is kept at every layer if any is asked.
-    """
-    if names_filter is None:
-        return frozenset(sites.ALL_SITES) - frozenset(sites.ON_REQUEST_SITES)
-    if callable(names_filter):
-        full = lambda s: [sites.full_name(s, l) for l in range(n_layer)] if s in sites.LAYER_SITES else [s]
-        return frozenset(s for s in sites.ALL_SITES if any(names_filter(n) for n in full(s)))
-    names = [names_filter] if isinstance(names_filter, (str, tuple)) else list(names_filter)
-    return frozenset(sites.resolve(n)[0] for n in names)
-
-
-class Cache(eqx.Module):
-    """Activations keyed by TransformerLens hook names.
-
-    `stacks[site]` holds a per-layer site as one [n_layer, ...] array;
-    `cache["blocks.3.hook_resid_pre"]` gives one layer's slice.
-    """
-
-    stacks: dict
-    n_layer: int = eqx.field(static=True)
-    model: object = None  # the GPT2 that made it, for the analysis helpers (attached outside jit)
-
-    # TransformerLens's ActivationCache helpers (see jpatch.analysis)
-    accumulated_resid = analysis.accumulated_resid
-    decompose_resid = analysis.decompose_resid
-    stack_head_results = analysis.stack_head_results
-    apply_ln_to_stack = analysis.apply_ln_to_stack
-    logit_attrs = analysis.logit_attrs
-    logit_lens = analysis.logit_lens
-
-    def __contains__(self, name):
-        try:
-            self[name]
-        except KeyError:
-            return False
-        return True
-
-    def __getitem__(self, name):
-        site, layer = sites.parse(name, self.n_layer)
-        if site not in self.stacks:
-            raise KeyError(f"{name!r} was not cached" + (
-                " (attn.hook_result is cached only when asked: run_with_cache(names_filter=...))"
-                if site in sites.ON_REQUEST_SITES else ""))
-        return self.stacks[site] if layer is None else self.stacks[site][layer]
-
-    def keys(self):
-        """Full hook names in TransformerLens's (forward) order."""
-        have = lambda names: [s for s in names if s in self.stacks]
-        blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_SITES)]
-        return have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
-
-    def items(self):
-        return [(name, self[name]) for name in self.keys()]
-
-    def stacked(self, site):
-        """All layers of a site as one [n_layer, ...] array."""
-        return self.stacks[sites.canonical(site)]
-
-
-class GPT2(FrontDoor, eqx.Module):
+class GPT2(Transformer):
     config: GPT2Config = eqx.field(static=True)
     wte: jax.Array  # [d_vocab, d_model], also the unembedding
     wpe: jax.Array  # [n_ctx, d_model]
     blocks: Block  # every leaf has a leading [n_layer] axis
     ln_f: LayerNorm
-
-    @property
-    def cfg(self):
-        return self.config
-
-    @property
-    def dtype(self):
-        return self.wte.dtype
 
     @classmethod
     def init(cls, config, *, key, std=0.02, dtype=jnp.float32):
@@ -293,31 +161,8 @@ class GPT2(FrontDoor, eqx.Module):
         )
         return cls(config, normal(config.d_vocab, d), normal(config.n_ctx, d), blocks, LayerNorm(ones(d), zeros(d)))
 
-    def astype(self, dtype):
-        return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
-
-    def check_tokens(self, tokens):
-        """Raise a clear error for inputs the model cannot run."""
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.config.n_ctx:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's n_ctx={self.config.n_ctx}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
-        if not isinstance(tokens, jax.core.Tracer):
-            t = np.asarray(tokens)
-            bad = (t < 0) | (t >= self.config.d_vocab)
-            if bad.any():
-                b, p = np.argwhere(bad)[0]
-                raise ValueError(
-                    f"token id {int(t[b, p])} at [batch {b}, pos {p}] is outside the vocabulary [0, {self.config.d_vocab})"
-                )
-
-    def positions(self, tokens, attention_mask=None):
-        """Position ids [batch, pos]: counted over real tokens, so left padding does not shift them."""
-        if attention_mask is None:
-            return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    def embed(self, tokens, positions, edit=no_edit):
+        return edit("hook_embed", self.wte[tokens]) + edit("hook_pos_embed", self.wpe[positions])
 
     def unembed(self, x, edit=no_edit):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
@@ -325,90 +170,39 @@ class GPT2(FrontDoor, eqx.Module):
         x = edit("unembed.hook_in", normalized * self.ln_f.weight + self.ln_f.bias)
         return edit("unembed.hook_out", jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32))
 
-    def __call__(self, tokens: Tokens, *, overrides=None, attention_mask: Mask = None, logits_at=None) -> Logits:
-        """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]
-        (or [batch, K, d_vocab] at `logits_at` [batch, K]).
+    # --- weights in TransformerLens's shapes -------------------------------------------
 
-        overrides: {site name in any spelling: Override / Add / Scale / Apply or a list of them}
-        (see `jpatch.interventions`)."""
-        return self._run(tokens, overrides, attention_mask, logits_at, record=frozenset())[0]
+    def _heads(self, w):  # [L, d, H * d_head] -> [L, H, d, d_head]
+        L, d, _ = w.shape
+        return w.reshape(L, d, self.config.n_head, -1).transpose(0, 2, 1, 3)
 
-    def run_with_cache(self, tokens: Tokens, *, names_filter=None, overrides=None, attention_mask: Mask = None,
-                       logits_at=None) -> tuple[Logits, "Cache"]:
-        """Logits and a `Cache` of every hook point, keyed by TransformerLens hook names.
+    def _qkv(self, i):
+        d = self.config.d_model
+        return self._heads(self.blocks.attn.c_attn_w[..., i * d:(i + 1) * d])
 
-        names_filter: None (every hook point but the per-head attn.hook_result), a name or
-        list of names in any spelling, or a function of a full hook name; only those are kept."""
-        return self._run(tokens, overrides, attention_mask, logits_at, record=record_sites(names_filter, self.config.n_layer))
+    def _qkv_bias(self, i):
+        d = self.config.d_model
+        return self.blocks.attn.c_attn_b[..., i * d:(i + 1) * d].reshape(self.config.n_layer, self.config.n_head, -1)
 
-    def _run(self, tokens, overrides, attention_mask, logits_at, record):
-        tokens, attention_mask = self.as_tokens(tokens, attention_mask)
-        self.check_tokens(tokens)
-        overrides = interventions.normalize(overrides, self.config.n_layer)
-        if logits_at is not None:
-            logits_at = jnp.asarray(logits_at)
-            if logits_at.ndim != 2 or logits_at.shape[0] != tokens.shape[0]:
-                raise ValueError(f"logits_at must be [batch, K] positions, got shape {tuple(logits_at.shape)}")
-        logits, cache = _forward(self, tokens, overrides, attention_mask, logits_at, record)
-        return logits, None if cache is None else eqx.tree_at(lambda c: c.model, cache, self, is_leaf=lambda x: x is None)
+    W_E = property(lambda self: self.wte, doc="[d_vocab, d_model]")
+    W_pos = property(lambda self: self.wpe, doc="[n_ctx, d_model]")
+    W_U = property(lambda self: self.wte.T, doc="[d_model, d_vocab] (tied to W_E)")
+    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: GPT-2 has none")
+    W_Q = property(lambda self: self._qkv(0), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._qkv(1), doc="[n_layers, n_heads, d_model, d_head]")
+    W_V = property(lambda self: self._qkv(2), doc="[n_layers, n_heads, d_model, d_head]")
+    b_Q = property(lambda self: self._qkv_bias(0), doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self._qkv_bias(1), doc="[n_layers, n_heads, d_head]")
+    b_V = property(lambda self: self._qkv_bias(2), doc="[n_layers, n_heads, d_head]")
+    W_O = property(lambda self: self.blocks.attn.c_proj_w.reshape(self.config.n_layer, self.config.n_head,
+                                                                  self.config.d_head, self.config.d_model),
+                   doc="[n_layers, n_heads, d_head, d_model]")
+    b_O = property(lambda self: self.blocks.attn.c_proj_b, doc="[n_layers, d_model]")
+    W_in = property(lambda self: self.blocks.mlp.c_fc_w, doc="[n_layers, d_model, d_mlp]")
+    b_in = property(lambda self: self.blocks.mlp.c_fc_b, doc="[n_layers, d_mlp]")
+    W_out = property(lambda self: self.blocks.mlp.c_proj_w, doc="[n_layers, d_mlp, d_model]")
+    b_out = property(lambda self: self.blocks.mlp.c_proj_b, doc="[n_layers, d_model]")
 
-    def _forward(self, tokens, overrides, attention_mask, logits_at, record):
-        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        cache = {}
-        global_edit = _editor(overrides, cache, record)
-        embed = global_edit("hook_embed", self.wte[tokens])
-        pos_embed = global_edit("hook_pos_embed", self.wpe[self.positions(tokens, attention_mask)])
-
-        def step(x, per_layer):
-            block, layer = per_layer
-            layer_cache = {}
-            edit = _editor(overrides, layer_cache, record, layer)
-            attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
-            return block(x, self.config, attend, edit), layer_cache
-
-        # The residual stream is float32 whatever the weights' dtype: bfloat16 weights save memory,
-        # while every activation, and so every patched score, keeps float32 precision.
-        x = (embed + pos_embed).astype(jnp.float32)
-        x, layer_cache = jax.lax.scan(step, x, (self.blocks, jnp.arange(self.config.n_layer)))
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
-        logits = self.unembed(x, global_edit)
-        if not record:
-            return logits, None
-        return logits, Cache({**layer_cache, **cache}, self.config.n_layer)
-
-
-# Compiled once per shape; called from Python it avoids op-by-op dispatch, inside a
-# user's jit it is simply inlined.
-_forward = eqx.filter_jit(GPT2._forward)
-
-
-def override_from_cache(cache, site, *, layers=None, positions=None, heads=None):
-    """An `Override` that puts `cache`'s values at the given layers / positions / heads of `site`.
-
-    For "attn.hook_pattern" `positions` are query (destination) positions.
-    None selects everything along that axis.
-    """
-    site = sites.canonical(site)
-    value = cache.stacked(site)
-    per_layer = site in sites.LAYER_SITES
-    b = 1 if per_layer else 0  # the batch axis
-    if site == "attn.hook_pattern":
-        axes = {"layers": 0, "heads": b + 1, "positions": b + 2}
-    elif site in sites.HEAD_VECTOR_SITES:
-        axes = {"layers": 0, "positions": b + 1, "heads": b + 2}
-    else:
-        axes = {"layers": 0, "positions": b + 1}
-    if not per_layer:
-        del axes["layers"]
-    mask = np.ones(value.shape, bool)
-    for name, chosen in (("layers", layers), ("positions", positions), ("heads", heads)):
-        if chosen is None:
-            continue
-        if name not in axes:
-            raise ValueError(f"site {site!r} has no {name[:-1]} axis")
-        axis = axes[name]
-        axis_mask = np.zeros(value.shape[axis], bool)
-        axis_mask[np.asarray(chosen)] = True
-        mask &= axis_mask.reshape([-1 if a == axis else 1 for a in range(value.ndim)])
-    return Override(value, jnp.asarray(mask))
+    def ln_final(self, x):
+        """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""
+        return self.ln_f(x.astype(jnp.float32), self.config.layer_norm_eps)

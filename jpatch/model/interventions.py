@@ -87,8 +87,11 @@ class Apply(eqx.Module):
 INTERVENTIONS = (Override, Add, Scale, Apply)
 
 
-def normalize(overrides, n_layer):
+def normalize(overrides, n_layer, table=None):
     """An overrides dict -> {site: [(layer, intervention), ...]} in the order given.
+
+    table: the model family's `SiteTable`; a site the family does not have is refused (it
+    would never be reached).
 
     layer is an int for a one-layer key, None for a global site or an all-layer key
     (whose arrays then need a leading [n_layer] axis).
@@ -97,6 +100,9 @@ def normalize(overrides, n_layer):
     seen = {}
     for key, given in dict(overrides or {}).items():
         site, layer = sites.resolve(key, n_layer)
+        if table is not None and site not in table:
+            raise KeyError(f"override {key!r}: {table.family} has no hook point {site!r}; "
+                           f"its hook points: {', '.join(table.all_sites)}")
         if (site, layer) in seen:
             raise KeyError(f"override keys {seen[site, layer]!r} and {key!r} name the same site; "
                            "give one key a list of interventions, applied in order")

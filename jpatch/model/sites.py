@@ -9,50 +9,47 @@ tuples as `cache["z", 3]` takes them.
 """
 
 import re
+from typing import NamedTuple
 
 from jpatch.model.names import get_act_name
 
-# Every hook point of TransformerLens's GPT-2 block, in forward order.
-LAYER_SITES = (
-    "hook_resid_pre",
-    "ln1.hook_scale",
-    "ln1.hook_normalized",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "attn.hook_result",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "ln2.hook_scale",
-    "ln2.hook_normalized",
-    "mlp.hook_pre",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-GLOBAL_SITES = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in",
-                "unembed.hook_out")
+D, HEADS, SCALE = ("batch", "pos", "d_model"), ("batch", "pos", "head", "d_head"), ("batch", "pos", "one")
+SCORES = ("batch", "head", "query", "key")
+# Every hook point a family's block may have, in forward order, with its axes as TransformerLens
+# defines the name (one meaning per name, in every family). Which of them a family has, and which
+# the engine sweeps there, is the family's `SiteTable`.
+LAYER_AXES = {
+    "hook_resid_pre": D,
+    "ln1.hook_scale": SCALE,
+    "ln1.hook_normalized": D,
+    "attn.hook_q": HEADS,
+    "attn.hook_k": HEADS,
+    "attn.hook_v": HEADS,
+    "attn.hook_rot_q": HEADS,  # q and k after rotary embedding (rotary families)
+    "attn.hook_rot_k": HEADS,
+    "attn.hook_attn_scores": SCORES,
+    "attn.hook_pattern": SCORES,
+    "attn.hook_z": HEADS,
+    "attn.hook_result": ("batch", "pos", "head", "d_model"),
+    "hook_attn_out": D,
+    "hook_resid_mid": D,  # sequential blocks only
+    "ln2.hook_scale": SCALE,
+    "ln2.hook_normalized": D,
+    "mlp.hook_pre": ("batch", "pos", "d_mlp"),
+    "mlp.hook_post": ("batch", "pos", "d_mlp"),
+    "hook_mlp_out": D,
+    "hook_resid_post": D,
+}
+GLOBAL_AXES = {
+    "hook_embed": D,
+    "hook_pos_embed": D,  # learned position embeddings only
+    "ln_final.hook_scale": SCALE,
+    "ln_final.hook_normalized": D,
+    "unembed.hook_in": D,
+    "unembed.hook_out": ("batch", "pos", "d_vocab"),
+}
+LAYER_SITES, GLOBAL_SITES = tuple(LAYER_AXES), tuple(GLOBAL_AXES)
 ALL_SITES = LAYER_SITES + GLOBAL_SITES
-HEAD_VECTOR_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
-# [batch, pos, head, d_model]: computed only when a cache filter or an override asks for it.
-ON_REQUEST_SITES = ("attn.hook_result",)
-# The sites the patching engine sweeps (it patches them inside its packed rows).
-SWEEP_SITES = (
-    "hook_resid_pre",
-    "hook_resid_mid",
-    "hook_resid_post",
-    "hook_attn_out",
-    "hook_mlp_out",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_z",
-    "attn.hook_pattern",
-)
-
 # jpatch's own short name beside TransformerLens's shorthand (which spells it "normalized").
 SHORT_NAMES = {"ln_final": "ln_final.hook_normalized"}
 
@@ -149,19 +146,59 @@ def full_name(site, layer=None):
     return f"blocks.{int(layer)}.{site}"
 
 
+class Site(NamedTuple):
+    """One hook point of a family: its axes per call (batch first) and what the engine does with it."""
+
+    axes: tuple  # e.g. ("batch", "pos", "head", "d_head"); sizes from the config (`axis_size`)
+    sweep: bool = False  # the patching engine patches it (sweep, get_act_patch_*, attribute)
+    on_request: bool = False  # computed only when a cache filter or an override asks for it
+
+
+def axis_size(config, axis, batch, pos):
+    """The length of a named axis for a [batch, pos] input."""
+    sizes = {"batch": batch, "pos": pos, "query": pos, "key": pos, "one": 1, "head": config.n_head,
+             "kv_head": getattr(config, "n_kv_head", config.n_head), "d_head": config.d_head,
+             "d_model": config.d_model, "d_mlp": config.d_mlp, "d_vocab": config.d_vocab}
+    return sizes[axis]
+
+
+class SiteTable:
+    """A family's hook points: which names of the vocabulary it has, with their axes, which the
+    engine sweeps and which are computed only on request. Everything that depends on what a
+    site is (its shape, its heads, whether the engine sweeps it) reads this table; a family has
+    exactly the sites its table lists, and a name it lacks is refused naming the family."""
+
+    def __init__(self, family, names, *, sweep=(), on_request=(), axes=None):
+        axes = {**LAYER_AXES, **GLOBAL_AXES, **(axes or {})}
+        unknown = [s for s in (*names, *sweep, *on_request) if s not in axes or s not in names]
+        if unknown:
+            raise ValueError(f"{family}: sites {unknown} are not in jpatch's vocabulary or not listed")
+        self.family = family
+        self.sites = {s: Site(axes[s], s in sweep, s in on_request) for s in ALL_SITES if s in names}
+        self.layer = {s: v for s, v in self.sites.items() if s in LAYER_AXES}
+        self.layer_sites = tuple(self.layer)
+        self.global_sites = tuple(s for s in self.sites if s in GLOBAL_AXES)
+        self.all_sites = tuple(self.sites)
+        self.sweep_sites = tuple(sweep)
+        self.on_request = tuple(on_request)
+
+    def __contains__(self, site):
+        return site in self.sites
+
+    def __getitem__(self, site):
+        if site not in self.sites:
+            raise KeyError(f"{self.family} has no hook point {site!r}; its hook points: {', '.join(self.all_sites)}")
+        return self.sites[site]
+
+    def has_heads(self, site):
+        return "head" in self[site].axes or "kv_head" in self[site].axes
+
+    def check(self, site):
+        """`site` (canonical) if this family has it, else a KeyError naming the family's sites."""
+        self[site]
+        return site
+
+
 def activation_shape(config, site, batch, pos):
-    """Shape of one layer's activation at `site` for a [batch, pos] input."""
-    site = canonical(site)
-    if site in HEAD_VECTOR_SITES:
-        return (batch, pos, config.n_head, config.d_head)
-    if site in ("attn.hook_pattern", "attn.hook_attn_scores"):
-        return (batch, config.n_head, pos, pos)
-    if site == "attn.hook_result":
-        return (batch, pos, config.n_head, config.d_model)
-    if site.endswith("hook_scale"):
-        return (batch, pos, 1)
-    if site == "unembed.hook_out":
-        return (batch, pos, config.d_vocab)
-    if site.startswith("mlp."):
-        return (batch, pos, config.d_mlp)
-    return (batch, pos, config.d_model)
+    """Shape of one layer's activation at `site` for a [batch, pos] input (the family's table)."""
+    return tuple(axis_size(config, a, batch, pos) for a in config.sites[canonical(site)].axes)

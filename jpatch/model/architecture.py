@@ -1,0 +1,246 @@
+"""The architecture interface: what every model family provides, and the one forward built on it.
+
+A family (`jpatch.model.gpt2`, `jpatch.model.neox`) is a final subclass of `Transformer` that owns
+
+- its config (a frozen dataclass with `n_layer, n_head, d_head, d_model, d_mlp, d_vocab, n_ctx`)
+  whose `sites` is the family's `SiteTable`: every hook point and its axes;
+- `embed(tokens, positions, edit)`, its stacked `Block`s called as
+  `block(x, positions, config, attend, edit)`, and `unembed(x, edit)`: the only code that
+  computes a layer. The plain forward, the patching engine, gradients and generation all run
+  through them, supplying `attend(q, k, v) -> z` (how positions mix) and `edit(site, act) -> act`
+  (where overrides, caching and patches act);
+- `KEY_SITE`: the site whose values attention scores against (GPT-2's `attn.hook_k`; a rotary
+  family's rotated `attn.hook_rot_k`), which the engine and generation cache;
+- the weights in TransformerLens's shapes (`W_E`, `W_U`, `W_Q`, ...), its Hugging Face conversion
+  (`jpatch.model.families`) and its tokenizer.
+"""
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model import analysis, interventions, sites
+from jpatch.model.front import FrontDoor
+from jpatch.model.interventions import Override
+from jpatch.model.layers import causal_attention, no_edit
+from jpatch.model.types import Logits, Mask, Tokens
+
+
+def record_sites(names_filter, table, n_layer):
+    """run_with_cache's names_filter -> the frozenset of sites to record.
+
+    None: every site of the family except those computed only on request (attn.hook_result);
+    a name or list of names in any spelling; or a function of a full hook name (TransformerLens's
+    filter), asked about every layer's name. A site is kept at every layer if any is asked.
+    """
+    if names_filter is None:
+        return frozenset(table.all_sites) - frozenset(table.on_request)
+    if callable(names_filter):
+        full = lambda s: [sites.full_name(s, l) for l in range(n_layer)] if s in table.layer else [s]
+        return frozenset(s for s in table.all_sites if any(names_filter(n) for n in full(s)))
+    names = [names_filter] if isinstance(names_filter, (str, tuple)) else list(names_filter)
+    return frozenset(table.check(sites.resolve(n)[0]) for n in names)
+
+
+def editor(plan, cache, record, layer=None):
+    """An `edit(site, act)` that applies the interventions of `plan` (see
+    `interventions.normalize`) and stores the sites in `record` into `cache`."""
+
+    def edit(site, act):
+        act = interventions.apply(plan.get(site, ()), site, act, layer)
+        if site in record:
+            cache[site] = act
+        return act
+
+    edit.wants_result = "attn.hook_result" in record or "attn.hook_result" in plan
+    return edit
+
+
+class Cache(eqx.Module):
+    """Activations keyed by TransformerLens hook names.
+
+    `stacks[site]` holds a per-layer site as one [n_layer, ...] array;
+    `cache["blocks.3.hook_resid_pre"]` gives one layer's slice.
+    """
+
+    stacks: dict
+    n_layer: int = eqx.field(static=True)
+    model: object = None  # the model that made it, for the analysis helpers (attached outside jit)
+    table: sites.SiteTable = eqx.field(static=True, default=None)  # the family's sites (their axes)
+
+    # TransformerLens's ActivationCache helpers (see jpatch.analysis)
+    accumulated_resid = analysis.accumulated_resid
+    decompose_resid = analysis.decompose_resid
+    stack_head_results = analysis.stack_head_results
+    apply_ln_to_stack = analysis.apply_ln_to_stack
+    logit_attrs = analysis.logit_attrs
+    logit_lens = analysis.logit_lens
+
+    def __contains__(self, name):
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    def __getitem__(self, name):
+        site, layer = sites.parse(name, self.n_layer)
+        if site not in self.stacks:
+            raise KeyError(f"{name!r} was not cached" + (
+                " (attn.hook_result is cached only when asked: run_with_cache(names_filter=...))"
+                if site == "attn.hook_result" else ""))
+        return self.stacks[site] if layer is None else self.stacks[site][layer]
+
+    def keys(self):
+        """Full hook names in TransformerLens's (forward) order."""
+        have = lambda names: [s for s in names if s in self.stacks]
+        blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_SITES)]
+        return have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
+
+    def items(self):
+        return [(name, self[name]) for name in self.keys()]
+
+    def stacked(self, site):
+        """All layers of a site as one [n_layer, ...] array."""
+        return self.stacks[sites.canonical(site)]
+
+
+class Transformer(FrontDoor, eqx.Module):
+    """The abstract model: a family fills in the abstract parts (see the module docstring)."""
+
+    config: eqx.AbstractVar[object]
+    blocks: eqx.AbstractVar[eqx.Module]  # every leaf has a leading [n_layer] axis
+    KEY_SITE: ClassVar[str] = "attn.hook_k"
+
+    @abc.abstractmethod
+    def embed(self, tokens, positions, edit=no_edit):
+        """tokens [batch, pos], positions [batch, pos] -> the residual stream's start [batch, pos, d_model]."""
+
+    @abc.abstractmethod
+    def unembed(self, x, edit=no_edit):
+        """The final norm and unembedding: [..., d_model] -> float32 logits [..., d_vocab]."""
+
+    @property
+    def cfg(self):
+        return self.config
+
+    @property
+    def sites(self):
+        """The family's `SiteTable`."""
+        return self.config.sites
+
+    @property
+    def dtype(self):
+        return self.W_E.dtype
+
+    def astype(self, dtype):
+        return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
+
+    def check_tokens(self, tokens):
+        """Raise a clear error for inputs the model cannot run."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.config.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's n_ctx={self.config.n_ctx}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        if not isinstance(tokens, jax.core.Tracer):
+            t = np.asarray(tokens)
+            bad = (t < 0) | (t >= self.config.d_vocab)
+            if bad.any():
+                b, p = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"token id {int(t[b, p])} at [batch {b}, pos {p}] is outside the vocabulary [0, {self.config.d_vocab})"
+                )
+
+    def positions(self, tokens, attention_mask=None):
+        """Position ids [batch, pos]: counted over real tokens, so left padding does not shift them."""
+        if attention_mask is None:
+            return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
+    def __call__(self, tokens: Tokens, *, overrides=None, attention_mask: Mask = None, logits_at=None) -> Logits:
+        """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]
+        (or [batch, K, d_vocab] at `logits_at` [batch, K]).
+
+        overrides: {site name in any spelling: Override / Add / Scale / Apply or a list of them}
+        (see `jpatch.interventions`)."""
+        return self._run(tokens, overrides, attention_mask, logits_at, record=frozenset())[0]
+
+    def run_with_cache(self, tokens: Tokens, *, names_filter=None, overrides=None, attention_mask: Mask = None,
+                       logits_at=None) -> tuple[Logits, "Cache"]:
+        """Logits and a `Cache` of every hook point, keyed by TransformerLens hook names.
+
+        names_filter: None (every hook point but the per-head attn.hook_result), a name or
+        list of names in any spelling, or a function of a full hook name; only those are kept."""
+        record = record_sites(names_filter, self.sites, self.config.n_layer)
+        return self._run(tokens, overrides, attention_mask, logits_at, record=record)
+
+    def _run(self, tokens, overrides, attention_mask, logits_at, record):
+        tokens, attention_mask = self.as_tokens(tokens, attention_mask)
+        self.check_tokens(tokens)
+        overrides = interventions.normalize(overrides, self.config.n_layer, self.sites)
+        if logits_at is not None:
+            logits_at = jnp.asarray(logits_at)
+            if logits_at.ndim != 2 or logits_at.shape[0] != tokens.shape[0]:
+                raise ValueError(f"logits_at must be [batch, K] positions, got shape {tuple(logits_at.shape)}")
+        logits, cache = _forward(self, tokens, overrides, attention_mask, logits_at, record)
+        return logits, None if cache is None else eqx.tree_at(lambda c: c.model, cache, self, is_leaf=lambda x: x is None)
+
+    def _forward(self, tokens, overrides, attention_mask, logits_at, record):
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = self.positions(tokens, attention_mask)
+        cache = {}
+        global_edit = editor(overrides, cache, record)
+
+        def step(x, per_layer):
+            block, layer = per_layer
+            layer_cache = {}
+            edit = editor(overrides, layer_cache, record, layer)
+            attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
+            return block(x, positions, self.config, attend, edit), layer_cache
+
+        # The residual stream is float32 whatever the weights' dtype: bfloat16 weights save memory,
+        # while every activation, and so every patched score, keeps float32 precision.
+        x = self.embed(tokens, positions, global_edit).astype(jnp.float32)
+        x, layer_cache = jax.lax.scan(step, x, (self.blocks, jnp.arange(self.config.n_layer)))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
+        logits = self.unembed(x, global_edit)
+        if not record:
+            return logits, None
+        return logits, Cache({**layer_cache, **cache}, self.config.n_layer, table=self.sites)
+
+
+# Compiled once per shape (and family); called from Python it avoids op-by-op dispatch, inside a
+# user's jit it is simply inlined.
+_forward = eqx.filter_jit(lambda model, *args: model._forward(*args))
+
+
+def override_from_cache(cache, site, *, layers=None, positions=None, heads=None):
+    """An `Override` that puts `cache`'s values at the given layers / positions / heads of `site`.
+
+    For "attn.hook_pattern" `positions` are query (destination) positions.
+    None selects everything along that axis.
+    """
+    site = sites.canonical(site)
+    value = cache.stacked(site)
+    per_layer = site in sites.LAYER_SITES
+    axes = ("layer",) * per_layer + cache.table[site].axes
+    names = {"layers": ("layer",), "positions": ("query", "pos"), "heads": ("head", "kv_head")}
+    mask = np.ones(value.shape, bool)
+    for name, chosen in (("layers", layers), ("positions", positions), ("heads", heads)):
+        if chosen is None:
+            continue
+        found = [axes.index(a) for a in names[name] if a in axes]
+        if not found:
+            raise ValueError(f"site {site!r} has no {name[:-1]} axis")
+        axis = found[0]
+        axis_mask = np.zeros(value.shape[axis], bool)
+        axis_mask[np.asarray(chosen)] = True
+        mask &= axis_mask.reshape([-1 if a == axis else 1 for a in range(value.ndim)])
+    return Override(value, jnp.asarray(mask))

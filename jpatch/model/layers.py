@@ -1,0 +1,75 @@
+"""Parts that more than one model family is built from: layer norm through its hook points,
+activation functions, causal attention and rotary position embeddings.
+
+Every function reports its activations through `edit(site, act) -> act` (the seam where
+overrides, caching and the patching engine act); `no_edit` is the plain forward's.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def no_edit(site, act):
+    return act
+
+
+def normalize(x, eps):
+    """Layer norm without its affine part, computed in float32."""
+    x = x.astype(jnp.float32)
+    x = x - x.mean(-1, keepdims=True)
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def normalize_hooked(x, eps, edit, name):
+    """`normalize` through TransformerLens's hook points <name>.hook_scale [..., 1] and <name>.hook_normalized."""
+    x = x.astype(jnp.float32)
+    x = x - x.mean(-1, keepdims=True)
+    scale = edit(f"{name}.hook_scale", jnp.sqrt((x * x).mean(-1, keepdims=True) + eps))
+    return edit(f"{name}.hook_normalized", x / scale)
+
+
+class LayerNorm(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array
+
+    def __call__(self, x, eps, edit=no_edit, name="ln"):
+        return (normalize_hooked(x, eps, edit, name) * self.weight + self.bias).astype(x.dtype)
+
+
+def causal_attention(q, k, v, key_mask=None, edit=no_edit):
+    """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens.
+
+    q and k are the ones attention scores (for a rotary family: after rotation)."""
+    T = q.shape[-3]
+    # Scores, softmax and the pattern-weighted sum accumulate in float32 even for bfloat16 weights.
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    allowed = jnp.tril(jnp.ones((T, T), bool))
+    if key_mask is not None:
+        allowed = allowed & key_mask[..., None, None, :].astype(bool)
+    scores = edit("attn.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf))  # -inf as TransformerLens
+    # A finite fill keeps fully masked rows (left padding) finite instead of NaN.
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    pattern = edit("attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
+    z = jnp.einsum("...hqk,...khd->...qhd", pattern, v, preferred_element_type=jnp.float32)
+    return z.astype(q.dtype)
+
+
+def rotate(x, positions, rotary_dim, base):
+    """Rotary position embedding of the first `rotary_dim` dims of each head, the two halves of
+    those dims paired (GPT-NeoX's and Llama's layout, not interleaved): x [..., T, H, d_head],
+    positions broadcastable to x's [..., T]. Angles in float32, as Hugging Face computes them."""
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))  # [half]
+    angles = jnp.asarray(positions, jnp.float32)[..., None, None] * inv_freq  # [..., T, 1, half]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)

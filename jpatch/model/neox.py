@@ -1,0 +1,197 @@
+"""GPT-NeoX (Pythia) on `jpatch.model.architecture`: attention and MLP read the same residual
+(parallel residual), rotary position embeddings on the first `rotary_dim` dims of each head,
+an untied unembedding. Weights in TransformerLens's per-head shapes; `jpatch.model.families`
+converts Hugging Face's `GPTNeoXForCausalLM` into them.
+"""
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpatch.model import sites
+from jpatch.model.architecture import Transformer
+from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate
+
+# TransformerLens's NeoX hook points: GPT-2's without hook_pos_embed and hook_resid_mid (the block
+# is parallel), with the rotated attn.hook_rot_q / attn.hook_rot_k.
+SITES = sites.SiteTable(
+    "GPT-NeoX", tuple(s for s in sites.ALL_SITES if s not in ("hook_pos_embed", "hook_resid_mid")),
+    sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
+           "hook_attn_out", "hook_mlp_out", "hook_resid_post"),
+    on_request=("attn.hook_result",))
+
+
+@dataclasses.dataclass(frozen=True)
+class NeoXConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    d_mlp: int = 3072
+    n_ctx: int = 2048
+    d_vocab: int = 50304
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu"
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    sites: ClassVar[object] = SITES  # the family's hook points
+    family: ClassVar[str] = "neox"  # the registry's name (jpatch.model.families)
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"NeoXConfig {name} must be an integer >= 1, got {value!r}")
+        for name in ("layer_norm_eps", "rotary_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
+                raise ValueError(f"NeoXConfig {name} must be a finite number > 0, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if not 0 < self.rotary_pct <= 1 or self.rotary_dim < 2:
+            raise ValueError(f"rotary_pct={self.rotary_pct!r} must be in (0, 1] and rotate at least 2 of "
+                             f"the {self.d_head} dims of a head")
+
+    @property
+    def d_head(self):
+        return self.d_model // self.n_head
+
+    @property
+    def rotary_dim(self):
+        """Rotated dims per head, as Hugging Face counts them (int(d_head * rotary_pct))."""
+        return int(self.d_head * self.rotary_pct)
+
+    n_layers = property(lambda self: self.n_layer)
+    n_heads = property(lambda self: self.n_head)
+    act_fn = property(lambda self: self.activation)
+    eps = property(lambda self: self.layer_norm_eps)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown NeoXConfig fields {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+class Attention(eqx.Module):
+    w_q: jax.Array  # [d_model, n_head, d_head]
+    w_k: jax.Array
+    w_v: jax.Array
+    b_q: jax.Array  # [n_head, d_head]
+    b_k: jax.Array
+    b_v: jax.Array
+    w_o: jax.Array  # [n_head, d_head, d_model]
+    b_o: jax.Array  # [d_model]
+
+    def qkv(self, x):
+        """x [..., d] -> q, k, v each [..., n_head, d_head]."""
+        project = lambda w, b: jnp.einsum("...d,dhe->...he", x, w) + b
+        return project(self.w_q, self.b_q), project(self.w_k, self.b_k), project(self.w_v, self.b_v)
+
+    def out(self, z, edit=no_edit):
+        """z [..., n_head, d_head] -> [..., d]; per-head attn.hook_result [..., n_head, d] when `edit` wants it."""
+        if not getattr(edit, "wants_result", False):
+            return jnp.einsum("...he,hed->...d", z, self.w_o) + self.b_o
+        result = edit("attn.hook_result", jnp.einsum("...he,hed->...hd", z, self.w_o))
+        return result.sum(-2) + self.b_o
+
+
+class MLP(eqx.Module):
+    w_in: jax.Array  # [d_model, d_mlp]
+    b_in: jax.Array
+    w_out: jax.Array  # [d_mlp, d_model]
+    b_out: jax.Array
+
+    def __call__(self, x, activation, edit=no_edit):
+        pre = edit("mlp.hook_pre", x @ self.w_in + self.b_in)
+        return edit("mlp.hook_post", ACTIVATIONS[activation](pre)) @ self.w_out + self.b_out
+
+
+class Block(eqx.Module):
+    ln1: LayerNorm
+    attn: Attention
+    ln2: LayerNorm
+    mlp: MLP
+
+    def __call__(self, x, positions, config, attend, edit=no_edit):
+        """One parallel block on rows x [..., d] at `positions` (broadcastable to x's [...]):
+        attention and MLP both read the block's input, and both write to its output."""
+        eps = config.layer_norm_eps
+        x = edit("hook_resid_pre", x)
+        q, k, v = self.attn.qkv(self.ln1(x, eps, edit, "ln1"))
+        q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
+        rot = lambda t: rotate(t, positions, config.rotary_dim, config.rotary_base)
+        q, k = edit("attn.hook_rot_q", rot(q)), edit("attn.hook_rot_k", rot(k))
+        z = edit("attn.hook_z", attend(q, k, v))
+        attn_out = edit("hook_attn_out", self.attn.out(z, edit))
+        mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(x, eps, edit, "ln2"), config.activation, edit))
+        return edit("hook_resid_post", mlp_out + attn_out + x)  # Hugging Face's order of the sum
+
+
+class NeoX(Transformer):
+    config: NeoXConfig = eqx.field(static=True)
+    embed_in: jax.Array  # [d_vocab, d_model]
+    blocks: Block  # every leaf has a leading [n_layer] axis
+    final_norm: LayerNorm
+    unembed_w: jax.Array  # [d_model, d_vocab] (untied)
+    tokenizer_file: str = eqx.field(static=True, default=None)  # tokenizer.json of the model's folder
+    KEY_SITE: ClassVar[str] = "attn.hook_rot_k"
+
+    @classmethod
+    def init(cls, config, *, key, std=0.02, dtype=jnp.float32):
+        """Random weights (normal(0, std) weights, zero biases, unit norms)."""
+        L, d, m, H, e = config.n_layer, config.d_model, config.d_mlp, config.n_head, config.d_head
+        keys = iter(jax.random.split(key, 10))
+        normal = lambda *shape: std * jax.random.normal(next(keys), shape, dtype)
+        zeros = lambda *shape: jnp.zeros(shape, dtype)
+        ones = lambda *shape: jnp.ones(shape, dtype)
+        blocks = Block(
+            ln1=LayerNorm(ones(L, d), zeros(L, d)),
+            attn=Attention(normal(L, d, H, e), normal(L, d, H, e), normal(L, d, H, e), zeros(L, H, e),
+                           zeros(L, H, e), zeros(L, H, e), normal(L, H, e, d), zeros(L, d)),
+            ln2=LayerNorm(ones(L, d), zeros(L, d)),
+            mlp=MLP(normal(L, d, m), zeros(L, m), normal(L, m, d), zeros(L, d)),
+        )
+        return cls(config, normal(config.d_vocab, d), blocks, LayerNorm(ones(d), zeros(d)),
+                   normal(d, config.d_vocab))
+
+    def embed(self, tokens, positions, edit=no_edit):
+        return edit("hook_embed", self.embed_in[tokens])
+
+    def unembed(self, x, edit=no_edit):
+        """Final layer norm and the unembedding: [..., d] -> float32 logits [..., d_vocab]."""
+        normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
+        x = edit("unembed.hook_in", normalized * self.final_norm.weight + self.final_norm.bias)
+        return edit("unembed.hook_out", jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32))
+
+    def ln_final(self, x):
+        """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""
+        return self.final_norm(x.astype(jnp.float32), self.config.layer_norm_eps)
+
+    # --- weights in TransformerLens's shapes -------------------------------------------
+    W_E = property(lambda self: self.embed_in, doc="[d_vocab, d_model]")
+    W_U = property(lambda self: self.unembed_w, doc="[d_model, d_vocab]")
+    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: NeoX has none")
+    W_Q = property(lambda self: jnp.moveaxis(self.blocks.attn.w_q, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: jnp.moveaxis(self.blocks.attn.w_k, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
+    W_V = property(lambda self: jnp.moveaxis(self.blocks.attn.w_v, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
+    b_Q = property(lambda self: self.blocks.attn.b_q, doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self.blocks.attn.b_k, doc="[n_layers, n_heads, d_head]")
+    b_V = property(lambda self: self.blocks.attn.b_v, doc="[n_layers, n_heads, d_head]")
+    W_O = property(lambda self: self.blocks.attn.w_o, doc="[n_layers, n_heads, d_head, d_model]")
+    b_O = property(lambda self: self.blocks.attn.b_o, doc="[n_layers, d_model]")
+    W_in = property(lambda self: self.blocks.mlp.w_in, doc="[n_layers, d_model, d_mlp]")
+    b_in = property(lambda self: self.blocks.mlp.b_in, doc="[n_layers, d_mlp]")
+    W_out = property(lambda self: self.blocks.mlp.w_out, doc="[n_layers, d_mlp, d_model]")
+    b_out = property(lambda self: self.blocks.mlp.b_out, doc="[n_layers, d_model]")
