@@ -324,8 +324,9 @@ def build_parser():
     sweep.add_argument("--overwrite", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
 
-    convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 weights",
-                             description="Convert a Hugging Face GPT-2 checkpoint (folder or hub id) to weights/<name>.",
+    convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 or GPT-NeoX (Pythia) weights",
+                             description="Convert a Hugging Face GPT-2 or GPT-NeoX (Pythia) checkpoint (folder or "
+                                         "hub id) to weights/<name>; a GPT-NeoX folder's tokenizer.json comes along.",
                              formatter_class=_HelpWithDefaults)
     convert.add_argument("src")
     convert.add_argument("out")

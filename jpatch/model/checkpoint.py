@@ -1,7 +1,10 @@
 """Save and load jpatch models: a folder with config.json and an orbax checkpoint.
 
-    weights/<name>/config.json   GPT2Config fields, "dtype", and whatever the writer added ("source")
+    weights/<name>/config.json   "family" (jpatch.model.families; absent: gpt2), the family's config
+                                 fields, "dtype", and whatever the writer added ("source")
     weights/<name>/checkpoint/   orbax: one array per model leaf, named like "blocks.attn.c_attn_w"
+    weights/<name>/tokenizer.json   the model's tokenizer, for a family that carries its own (GPT-NeoX),
+                                 with tokenizer_config.json / special_tokens_map.json when it had them
 
 Loading needs only the folder: the model's structure comes from config.json, so
 no model has to exist first. Folders are written atomically (a temporary folder
@@ -13,16 +16,17 @@ import importlib.resources
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from jpatch.files.atomic import atomic_dir
-from jpatch.model.gpt2 import GPT2, GPT2Config
 
 CONFIG_FILE = "config.json"
 ARRAYS_DIR = "checkpoint"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 # --- names <-> arrays ---------------------------------------------------------------
@@ -42,8 +46,27 @@ def named_arrays(model):
 
 
 def _abstract_model(config, dtype):
-    """A `GPT2` whose leaves are ShapeDtypeStructs: the structure config.json implies, at no cost."""
-    return jax.eval_shape(lambda: GPT2.init(config, key=jax.random.key(0), dtype=dtype))
+    """A model of `config`'s family whose leaves are ShapeDtypeStructs: the structure config.json
+    implies, at no cost."""
+    from jpatch.model import families
+
+    model = families.by_name(config.family).model
+    return jax.eval_shape(lambda: model.init(config, key=jax.random.key(0), dtype=dtype))
+
+
+def _tokenizer_files(model):
+    """[(source path, name in the folder)] of the model's tokenizer: its tokenizer.json and the
+    special-token files beside it; [] for a model without one. Raises if the file is gone."""
+    from jpatch.model.hf_tokenizer import SPECIAL_TOKEN_FILES
+
+    path = getattr(model, "tokenizer_file", None)
+    if path is None:
+        return []
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"the model's tokenizer file {path} is missing; set tokenizer_file=None to save "
+                                "the model without a tokenizer")
+    return [(path, TOKENIZER_FILE)] + [(path.parent / n, n) for n in SPECIAL_TOKEN_FILES if (path.parent / n).is_file()]
 
 
 # --- quiet orbax ----------------------------------------------------------------------
@@ -86,15 +109,19 @@ def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
     `overwrite=True` (`check_target`); `inputs`: paths `out_dir` may not be or contain.
     """
     extra_config = dict(extra_config or {})
-    clash = set(extra_config) & ({f.name for f in dataclasses.fields(GPT2Config)} | {"dtype"})
+    clash = set(extra_config) & ({f.name for f in dataclasses.fields(model.config)} | {"dtype", "family"})
     if clash:
         raise ValueError(f"extra_config may not set {sorted(clash)}: they are written from the model")
+    tokenizer = _tokenizer_files(model)
     arrays = named_arrays(model)
     dtypes = sorted({str(jnp.dtype(a.dtype)) for a in arrays.values()})
-    config = {**model.config.to_dict(), "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, **extra_config}
+    config = {"family": model.config.family, **model.config.to_dict(),
+              "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, **extra_config}
     out_dir = Path(out_dir).expanduser()
     with atomic_dir(out_dir, overwrite, kind="model", inputs=inputs) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for source, name in tokenizer:
+            shutil.copyfile(source, tmp / name)
         ocp = _ocp()
         with _quiet():
             checkpointer = ocp.StandardCheckpointer()
@@ -139,14 +166,22 @@ def resolve(path_or_name):
 
 
 def read_config(folder):
-    """config.json of a model folder -> (GPT2Config, the whole dict)."""
+    """config.json of a model folder -> (the family's config, the whole dict). The family is its
+    "family" entry; a folder without one (written before jpatch had families) is GPT-2."""
+    from jpatch.model import families
+
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: not a jpatch model folder")
     try:
         raw = json.loads(path.read_text())
-        fields = {f.name for f in dataclasses.fields(GPT2Config)}
-        return GPT2Config.from_dict({k: v for k, v in raw.items() if k in fields}), raw
+        family = raw.get("family", "gpt2")
+        if not isinstance(family, str) or family not in families.FAMILIES:
+            raise ValueError(f"family {family!r} is not a model family this jpatch has "
+                             f"({', '.join(families.FAMILIES)}); a newer jpatch may have written it")
+        config_class = families.by_name(family).config
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        return config_class.from_dict({k: v for k, v in raw.items() if k in fields}), raw
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from e
 
@@ -161,12 +196,13 @@ def _stored_arrays(checkpointer, directory):
 
 
 def load(path_or_name, *, dtype="float32"):
-    """Load a `GPT2` saved by `save` / `convert_hf`.
+    """Load a model (`GPT2`, `NeoX`: the folder's family) saved by `save` / `convert_hf`.
 
     `path_or_name` is a folder, or a bare name resolved to weights/<name>/ (working
     directory first, then the repository root). `dtype` casts the weights while
     reading: float32 by default, so analysis runs in full precision whatever the
     checkpoint stores; "bfloat16" halves the memory; None keeps the stored dtype.
+    A model that carries its tokenizer (GPT-NeoX) reads it from the folder's tokenizer.json.
     """
     folder = resolve(path_or_name)
     config, _ = read_config(folder)
@@ -207,4 +243,8 @@ def load(path_or_name, *, dtype="float32"):
         finally:
             checkpointer.close()
     treedef = jax.tree_util.tree_structure(abstract)
-    return jax.tree_util.tree_unflatten(treedef, [restored[name] for name in expected])
+    model = jax.tree_util.tree_unflatten(treedef, [restored[name] for name in expected])
+    tokenizer = folder / TOKENIZER_FILE
+    if hasattr(model, "tokenizer_file") and tokenizer.is_file():
+        model = dataclasses.replace(model, tokenizer_file=str(tokenizer.absolute()))
+    return model

@@ -1,11 +1,13 @@
-"""Hugging Face GPT-2 weights -> jpatch `GPT2`.
+"""Hugging Face GPT-2 weights -> jpatch `GPT2`, and the conversion of any family's checkpoint.
 
-The mapping is name for name (Hugging Face Conv1D weights are already [in, out]);
+The GPT-2 mapping is name for name (Hugging Face Conv1D weights are already [in, out]);
 the per-layer tensors are stacked along a leading layer axis. `convert_hf` reads a
-checkpoint folder (safetensors, torch bin or Flax msgpack) or Hub id and writes a
+checkpoint folder (safetensors, torch bin or Flax msgpack) or Hub id of a family jpatch
+has (`jpatch.model.families`, by config.json's `model_type`: gpt2, gpt_neox) and writes a
 jpatch folder that `jpatch.model.checkpoint.load` reads.
 """
 
+import dataclasses
 import json
 import logging
 import re
@@ -95,6 +97,9 @@ TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 FLAX_MSGPACK = "flax_model.msgpack"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FLAX_MSGPACK)
 
+# A GPT-NeoX model carries its tokenizer (jpatch.model.hf_tokenizer): the file and its special tokens.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HF_CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 
@@ -132,7 +137,7 @@ def _download(repo_id):
     )
     try:
         for patterns in formats:
-            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", *patterns]))
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", *TOKENIZER_FILES, *patterns]))
             if any((folder / f).is_file() for f in patterns[:2]):
                 return folder
     except Exception as e:
@@ -211,11 +216,11 @@ def flax_params_to_hf(params):
     return state
 
 
-def _weight_file(folder):
+def _weight_file(folder, family="GPT-2"):
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"no GPT-2 weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+    raise FileNotFoundError(f"no {family} weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def _read_weights(path):
@@ -241,19 +246,41 @@ def _read_weights(path):
         raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
 
 
+def _hf_config_keys(family):
+    from jpatch.model import neox_hf
+
+    return {"gpt2": HF_CONFIG_KEYS, "neox": neox_hf.HF_CONFIG_KEYS}.get(family.name, ())
+
+
 def _check_hf_config(config, path):
+    """config.json's family (by `model_type`; none means gpt2) and the jpatch config it converts
+    to; a ValueError naming `path` and the field for a setting jpatch cannot reproduce."""
+    from jpatch.model import families
+
     if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a GPT-2 config: expected a JSON object")
+        raise ValueError(f"{path} is not a Hugging Face model config: expected a JSON object")
     model_type = config.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"{path} describes a {model_type!r} model; jpatch converts GPT-2 checkpoints only")
-    missing = [k for k in HF_CONFIG_KEYS if config.get(k) is None]
+    try:
+        family = families.by_hf_type(model_type)
+    except ValueError as e:
+        raise ValueError(f"{path} describes a {model_type!r} model: {e}") from None
+    label = family.config.sites.family
+    missing = [k for k in _hf_config_keys(family) if config.get(k) is None]
     if missing:
-        raise ValueError(f"{path} is not a GPT-2 config: missing {', '.join(missing)}")
+        raise ValueError(f"{path} is not a {label} config: missing {', '.join(missing)}")
+    try:
+        return family, family.config_from_hf(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _tied(family, hf_config):
+    """Whether the checkpoint ties its unembedding to the embedding, as transformers reads config.json."""
+    return bool(hf_config.get("tie_word_embeddings", family.name == "gpt2"))
 
 
 def load_hf_state_dict(src):
-    """Read a Hugging Face GPT-2 checkpoint: (state dict of NumPy arrays, config.json dict).
+    """Read a Hugging Face checkpoint of a family jpatch has: (state dict of NumPy arrays, config.json dict).
 
     `src` is a local folder with config.json and one of model.safetensors,
     pytorch_model.bin (needs torch) or flax_model.msgpack (tried in that order;
@@ -263,23 +290,50 @@ def load_hf_state_dict(src):
     """
     folder = resolve_source(src)
     config = _read_json(folder / "config.json")
-    _check_hf_config(config, folder / "config.json")
-    return _read_weights(_weight_file(folder)), config
+    family, _ = _check_hf_config(config, folder / "config.json")
+    return _read_weights(_weight_file(folder, family.config.sites.family)), config
 
 
 def load_hf(src, *, dtype=jnp.float32):
-    """A `GPT2` straight from a Hugging Face checkpoint folder or Hub id (see `load_hf_state_dict`)."""
-    state, hf_config = load_hf_state_dict(src)
-    return from_hf_state_dict(state, config_from_hf(hf_config), dtype=dtype)
+    """A model (`GPT2`, `NeoX`: config.json's `model_type`) straight from a Hugging Face checkpoint
+    folder or Hub id (see `load_hf_state_dict`). A GPT-NeoX folder's tokenizer.json becomes the
+    model's `tokenizer_file`."""
+    folder = resolve_source(src)
+    state, hf_config = load_hf_state_dict(folder)
+    family, config = _check_hf_config(hf_config, folder / "config.json")
+    model = family.from_hf_state_dict(state, config, dtype, _tied(family, hf_config))
+    tokenizer = _source_tokenizer(folder, model)
+    if tokenizer is not None:
+        model = dataclasses.replace(model, tokenizer_file=str(tokenizer))
+    return model
+
+
+def _source_tokenizer(folder, model):
+    """The source folder's tokenizer.json when the model carries a tokenizer (GPT-NeoX); checked
+    readable, so that a broken file is refused before anything is written."""
+    path = Path(folder) / "tokenizer.json"
+    if not hasattr(model, "tokenizer_file") or not path.is_file():
+        return None
+    from jpatch.model.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer(path)
+    if tok.vocab_size > model.config.d_vocab:
+        raise ValueError(f"{path} has {tok.vocab_size} tokens, more than the model's vocab_size="
+                         f"{model.config.d_vocab}")
+    return path.absolute()
 
 
 def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
-    """Convert a Hugging Face GPT-2 checkpoint into a jpatch folder: config.json + orbax checkpoint.
+    """Convert a Hugging Face checkpoint of a family jpatch has (GPT-2, GPT-NeoX / Pythia: config.json's
+    `model_type`) into a jpatch folder: config.json + orbax checkpoint (+ tokenizer.json, for a
+    GPT-NeoX source folder that has one).
 
-    The folder is written atomically (a temporary folder beside `out_dir`, renamed
-    at the end), so a failed conversion leaves nothing behind. An existing non-empty
-    `out_dir` is replaced only when it is a jpatch model folder and `overwrite=True`;
-    the source (or a folder containing it) is never a valid `out_dir`. Returns the folder's path.
+    A local source's config.json is checked first: a setting jpatch cannot reproduce exactly is
+    refused, naming the field, before anything is written. The folder is written atomically (a
+    temporary folder beside `out_dir`, renamed at the end), so a failed conversion leaves nothing
+    behind. An existing non-empty `out_dir` is replaced only when it is a jpatch model folder and
+    `overwrite=True`; the source (or a folder containing it) is never a valid `out_dir`. Returns
+    the folder's path.
     """
     from jpatch.files import atomic
     from jpatch.model import checkpoint
@@ -289,7 +343,10 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
         dtype_name = None
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    local = [Path(src).expanduser()] if Path(src).expanduser().exists() else []
+    local_dir = Path(src).expanduser()
+    if local_dir.is_dir() and (local_dir / "config.json").is_file():  # settings first; a Hub id's after download
+        _check_hf_config(_read_json(local_dir / "config.json"), local_dir / "config.json")
+    local = [local_dir] if local_dir.exists() else []
     atomic.check_target(out_dir, overwrite, kind="model", inputs=local)  # before the slow part
     folder = resolve_source(src)
     source = str(src) if not Path(src).expanduser().is_dir() else str(folder.resolve())

@@ -22,21 +22,25 @@ class FrontDoor:
         return get_tokenizer()
 
     def to_tokens(self, input, prepend_bos=True, padding_side="right"):
-        """Text -> int32 tokens [batch, pos], with <|endoftext|> (50256) first when prepend_bos,
-        as TransformerLens's `to_tokens`. A list of texts of different token lengths is padded
-        (with 50256, on `padding_side`) and returns (tokens, attention_mask)."""
+        """Text -> int32 tokens [batch, pos], with the tokenizer's BOS first when prepend_bos
+        (GPT-2's and Pythia's <|endoftext|>: 50256, 0), as TransformerLens's `to_tokens`. A list
+        of texts of different token lengths is padded (with the tokenizer's `pad_id`, on
+        `padding_side`) and returns (tokens, attention_mask)."""
         tok = self.tokenizer
+        bos, pad = tok.bos_id, tok.pad_id
+        if prepend_bos and bos is None:
+            raise ValueError("this model's tokenizer has no BOS token: pass prepend_bos=False")
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"to_tokens takes a str or a non-empty list of str, got {input!r:.80}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        ids = [[EOS_ID] * bool(prepend_bos) + tok.encode(t) for t in texts]
+        ids = [[bos] * bool(prepend_bos) + tok.encode(t) for t in texts]
         for t, i in zip(texts, ids):
             if not i:
                 raise ValueError(f"{t!r} has no tokens (pass prepend_bos=True or a non-empty text)")
         n = max(map(len, ids))
-        tokens = np.full((len(ids), n), EOS_ID, np.int32)
+        tokens = np.full((len(ids), n), pad, np.int32)
         mask = np.zeros((len(ids), n), np.int32)
         for b, i in enumerate(ids):
             at = slice(0, len(i)) if padding_side == "right" else slice(n - len(i), n)
@@ -97,9 +101,19 @@ class FrontDoor:
     # --- generation ------------------------------------------------------------------
 
     def generate(self, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=0,
-                 stop_at_eos=True, eos_token_id=EOS_ID, prepend_bos=True):
-        """Continue text or tokens, as TransformerLens's `generate`: see `jpatch.model.generate.generate`."""
+                 stop_at_eos=True, eos_token_id=None, prepend_bos=True):
+        """Continue text or tokens, as TransformerLens's `generate`: see `jpatch.model.generate.generate`.
+
+        eos_token_id: default the tokenizer's end-of-text token (GPT-2: 50256 whatever its
+        vocabulary); a model with neither a tokenizer nor an `eos_token_id` does not stop at EOS."""
         from jpatch.model.generate import generate
 
+        if eos_token_id is None:
+            try:
+                eos_token_id = self.tokenizer.eos_id
+            except ValueError:  # no tokenizer: GPT-2's id for GPT-2, as before; else nothing to stop at
+                eos_token_id = EOS_ID if self.config.family == "gpt2" else None
+            if eos_token_id is None:
+                stop_at_eos, eos_token_id = False, -1
         return generate(self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, prepend_bos=prepend_bos)

@@ -166,6 +166,17 @@ class NeoX(Transformer):
         return cls(config, normal(config.d_vocab, d), blocks, LayerNorm(ones(d), zeros(d)),
                    normal(d, config.d_vocab))
 
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (`jpatch.model.hf_tokenizer.HFTokenizer`) from `tokenizer_file`, the
+        tokenizer.json its folder carries (`jpatch.load` sets it; `jpatch convert` copies it from the source)."""
+        if self.tokenizer_file is None:
+            raise ValueError("this GPT-NeoX model has no tokenizer (its folder has no tokenizer.json): pass token "
+                             "ids, or set one with dataclasses.replace(model, tokenizer_file='.../tokenizer.json')")
+        from jpatch.model.hf_tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_file)
+
     def embed(self, tokens, positions, edit=no_edit):
         return edit("hook_embed", self.embed_in[tokens])
 

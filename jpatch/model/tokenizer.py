@@ -132,6 +132,8 @@ class GPT2Tokenizer:
 
     vocab_size = VOCAB_SIZE
     eos_id = EOS_ID
+    bos_id = EOS_ID  # what `to_tokens` prepends (prepend_bos), as TransformerLens does
+    pad_id = EOS_ID  # what `to_tokens` pads texts of different lengths with
 
     def __init__(self, backend=None):
         self._tok = backend if backend is not None else build_backend()
