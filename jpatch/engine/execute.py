@@ -179,9 +179,13 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
     return jax.vmap(lambda lg: score(lg, metric_inputs.clean_logits, metric_inputs.data), in_axes=1)(logits)
 
 
+# What a patched run reads of the base run (BaseCache's fields), with the keys as GPT-2 names them.
+BASE_SITES = ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "final")
+
+
 def base_sites(model):
-    """What a patched run reads of the base run: BaseCache's fields."""
-    return ("hook_resid_pre", model.KEY_SITE, "attn.hook_v", "final")
+    """BASE_SITES with the keys attention scores against in `model`'s family (rotated, for rotary ones)."""
+    return tuple(model.KEY_SITE if s == "attn.hook_k" else s for s in BASE_SITES)
 
 
 def _batch_rows(overrides, table, n, rows):

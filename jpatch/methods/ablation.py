@@ -47,7 +47,7 @@ def _ablation_run(model, tokens, site, value):
     value broadcasts to one layer's activation; for a per-layer site it has a
     leading [n_layer] axis (the engine's override layout).
     """
-    mask_shape = value.shape[:1] + (1,) * (value.ndim - 1) if site in sites.LAYER_SITES else (1,) * value.ndim
+    mask_shape = value.shape[:1] + (1,) * (value.ndim - 1) if site in sites.LAYER_AXES else (1,) * value.ndim
     return Run(tokens, {site: Override(value, jnp.ones(mask_shape, bool))})
 
 
@@ -63,7 +63,7 @@ def zero_ablation(model, tokens, site):
     tokens = token_array(tokens)
     site = _as_site(site)
     n_dims = len(sites.activation_shape(model.config, site, *tokens.shape))
-    lead = (model.config.n_layer,) if site in sites.LAYER_SITES else ()
+    lead = (model.config.n_layer,) if site in sites.LAYER_AXES else ()
     return _ablation_run(model, tokens, site, jnp.zeros(lead + (1,) * n_dims, model.dtype))
 
 
@@ -101,7 +101,7 @@ def mean_ablation(model, tokens, site, dataset_tokens, *, chunk=64):
         if ((r < 0) | (r >= model.config.d_vocab)).any():
             raise ValueError(f"dataset prompt {i} has token ids outside the vocabulary [0, {model.config.d_vocab})")
     T = tokens.shape[1]
-    per_layer = site in sites.LAYER_SITES
+    per_layer = site in sites.LAYER_AXES
     b = 1 if per_layer else 0  # the batch axis of a stacked activation
     per_position = all(len(r) == T for r in rows)
     if not per_position and site == "attn.hook_pattern":

@@ -98,7 +98,7 @@ class Cache(eqx.Module):
     def keys(self):
         """Full hook names in TransformerLens's (forward) order."""
         have = lambda names: [s for s in names if s in self.stacks]
-        blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_SITES)]
+        blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_AXES)]
         return have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
 
     def items(self):
@@ -229,7 +229,7 @@ def override_from_cache(cache, site, *, layers=None, positions=None, heads=None)
     """
     site = sites.canonical(site)
     value = cache.stacked(site)
-    per_layer = site in sites.LAYER_SITES
+    per_layer = site in sites.LAYER_AXES
     axes = ("layer",) * per_layer + cache.table[site].axes
     names = {"layers": ("layer",), "positions": ("query", "pos"), "heads": ("head", "kv_head")}
     mask = np.ones(value.shape, bool)

@@ -24,7 +24,7 @@ from jpatch.model.layers import (ACTIVATIONS, LayerNorm, causal_attention, no_ed
 
 # Every hook point of TransformerLens's GPT-2, and the ones the engine sweeps.
 SITES = sites.SiteTable(
-    "GPT-2", tuple(s for s in sites.ALL_SITES if s not in ("attn.hook_rot_q", "attn.hook_rot_k")),
+    "GPT-2", sites.ALL_SITES,
     sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
            "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"),
     on_request=("attn.hook_result",))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from jpatch.model.tokenizer import EOS_TOKEN, _check_str
+from jpatch.model.tokenizer import EOS_TOKEN, check_str
 
 TOKENIZER_FILE = "tokenizer.json"
 # Files beside tokenizer.json naming its special tokens (transformers 5 writes the first only).
@@ -105,7 +105,7 @@ class HFTokenizer:
 
     def encode(self, text):
         """``str`` -> token ids (``list[int]``); special tokens in the text encode to their ids."""
-        _check_str(text, "encode")
+        check_str(text, "encode")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
@@ -119,7 +119,7 @@ class HFTokenizer:
             raise TypeError(f"encode_batch expects a list of str, got {type(texts).__name__}: {texts!r:.80}")
         texts = list(texts)
         for t in texts:
-            _check_str(t, "encode_batch")
+            check_str(t, "encode_batch")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         pad_id = self.pad_id if pad_id is None else pad_id
@@ -137,12 +137,12 @@ class HFTokenizer:
 
     def is_single_token(self, word):
         """Whether ``word`` encodes to exactly one token."""
-        _check_str(word, "is_single_token")
+        check_str(word, "is_single_token")
         return len(self.encode(word)) == 1
 
     def token_id(self, word):
         """The id of ``word`` if it is exactly one token; a ValueError showing its split otherwise."""
-        _check_str(word, "token_id")
+        check_str(word, "token_id")
         ids = self.encode(word)
         if len(ids) != 1:
             raise ValueError(f"{word!r} is not a single token of {self.path}: it encodes to {len(ids)} tokens "

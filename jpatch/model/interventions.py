@@ -111,7 +111,7 @@ def normalize(overrides, n_layer, table=None):
         for iv in items:
             if not isinstance(iv, INTERVENTIONS):
                 raise TypeError(f"override {key!r}: expected Override, Add, Scale or Apply, got {type(iv).__name__}")
-            if site in sites.LAYER_SITES and layer is None:
+            if site in sites.LAYER_AXES and layer is None:
                 for leaf in jax.tree_util.tree_leaves(iv):
                     if leaf.shape[:1] != (n_layer,):
                         raise ValueError(

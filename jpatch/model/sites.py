@@ -48,7 +48,11 @@ GLOBAL_AXES = {
     "unembed.hook_in": D,
     "unembed.hook_out": ("batch", "pos", "d_vocab"),
 }
-LAYER_SITES, GLOBAL_SITES = tuple(LAYER_AXES), tuple(GLOBAL_AXES)
+VOCABULARY = tuple(LAYER_AXES) + tuple(GLOBAL_AXES)  # every name any family may have
+ROTARY_SITES = ("attn.hook_rot_q", "attn.hook_rot_k")
+# TransformerLens's GPT-2 hook points (0.1's names; a family's own are in its SiteTable).
+LAYER_SITES = tuple(s for s in LAYER_AXES if s not in ROTARY_SITES)
+GLOBAL_SITES = tuple(GLOBAL_AXES)
 ALL_SITES = LAYER_SITES + GLOBAL_SITES
 # jpatch's own short name beside TransformerLens's shorthand (which spells it "normalized").
 SHORT_NAMES = {"ln_final": "ln_final.hook_normalized"}
@@ -58,7 +62,7 @@ _FULL = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 
 def unknown_site_error(name):
     return KeyError(
-        f"unknown site {name!r}; valid sites: {', '.join(ALL_SITES)} "
+        f"unknown site {name!r}; valid sites: {', '.join(VOCABULARY)} "
         f"(per layer as 'blocks.{{layer}}.<site>'), or TransformerLens's short names "
         "(e.g. 'z', 'resid_pre', 'pattern', 'pre', 'scale', ('z', 3), 'z3', 'scale4ln1')"
     )
@@ -77,7 +81,7 @@ def resolve(name, n_layer=None):
         if layer is not None and not isinstance(layer, int):
             raise KeyError(f"layer in {name!r} must be an int")
         site = SHORT_NAMES.get(name[0], name[0])
-        if len(name) == 2 and layer is not None and site in LAYER_SITES:
+        if len(name) == 2 and layer is not None and site in LAYER_AXES:
             full = f"blocks.{layer}.{site}"  # ("attn.hook_z", 3)
         else:
             full = get_act_name(*name[:1], layer, *name[2:]) if layer is not None or len(name) > 2 else name[0]
@@ -86,15 +90,15 @@ def resolve(name, n_layer=None):
     else:
         raise KeyError(f"a site name is a str or a (name, layer) tuple, got {type(name).__name__}: {name!r}")
     full = SHORT_NAMES.get(full, full)
-    if full not in ALL_SITES and not _FULL.match(full):
+    if full not in VOCABULARY and not _FULL.match(full):
         full = get_act_name(full)
     match = _FULL.match(full)
     if match is None:
-        if full not in ALL_SITES:
+        if full not in VOCABULARY:
             raise unknown_site_error(name)
         return full, None
     layer, site = int(match.group(1)), match.group(2)
-    if site not in LAYER_SITES:
+    if site not in LAYER_AXES:
         raise unknown_site_error(name)
     if n_layer is not None:
         if layer < 0:
@@ -131,7 +135,7 @@ def parse(name, n_layer=None):
     """A cache key -> (site, layer): 'blocks.3.attn.hook_z' / ('z', 3) -> ('attn.hook_z', 3);
     'hook_embed' -> ('hook_embed', None). A per-layer site needs its layer."""
     site, layer = resolve(name, n_layer)
-    if site in LAYER_SITES and layer is None:
+    if site in LAYER_AXES and layer is None:
         raise KeyError(f"site {name!r} needs a layer: write 'blocks.{{layer}}.{site}' or ({name!r}, layer)")
     return site, layer
 
@@ -141,7 +145,7 @@ def full_name(site, layer=None):
     site = canonical(site)
     if layer is None:
         return site
-    if site not in LAYER_SITES:
+    if site not in LAYER_AXES:
         raise KeyError(f"site {site!r} is outside the blocks and has no layer")
     return f"blocks.{int(layer)}.{site}"
 
@@ -174,7 +178,7 @@ class SiteTable:
         if unknown:
             raise ValueError(f"{family}: sites {unknown} are not in jpatch's vocabulary or not listed")
         self.family = family
-        self.sites = {s: Site(axes[s], s in sweep, s in on_request) for s in ALL_SITES if s in names}
+        self.sites = {s: Site(axes[s], s in sweep, s in on_request) for s in VOCABULARY if s in names}
         self.layer = {s: v for s, v in self.sites.items() if s in LAYER_AXES}
         self.layer_sites = tuple(self.layer)
         self.global_sites = tuple(s for s in self.sites if s in GLOBAL_AXES)

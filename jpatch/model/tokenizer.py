@@ -100,7 +100,7 @@ def build_backend():
     return tok
 
 
-def _check_str(text, what):
+def check_str(text, what):
     if not isinstance(text, str):
         raise TypeError(f"{what} expects a str, got {type(text).__name__}: {text!r:.80}")
 
@@ -145,7 +145,7 @@ class GPT2Tokenizer:
 
     def encode(self, text):
         """``str`` -> token ids, ``list[int]`` of length [pos]. ``<|endoftext|>`` -> 50256."""
-        _check_str(text, "encode")
+        check_str(text, "encode")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
@@ -168,7 +168,7 @@ class GPT2Tokenizer:
             raise TypeError(f"encode_batch expects a list of str, got {type(texts).__name__}: {texts!r:.80}")
         texts = list(texts)
         for t in texts:
-            _check_str(t, "encode_batch")
+            check_str(t, "encode_batch")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < VOCAB_SIZE:
@@ -188,7 +188,7 @@ class GPT2Tokenizer:
 
     def is_single_token(self, word):
         """Whether ``word`` encodes to exactly one token (" Mary": True, "Mary Smith": False)."""
-        _check_str(word, "is_single_token")
+        check_str(word, "is_single_token")
         return len(self.encode(word)) == 1
 
     def token_id(self, word):
@@ -196,7 +196,7 @@ class GPT2Tokenizer:
 
         Raises ValueError naming the word and showing its token split otherwise.
         """
-        _check_str(word, "token_id")
+        check_str(word, "token_id")
         ids = self.encode(word)
         if len(ids) != 1:
             raise ValueError(
