@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Float
 
 from jpatch.model import sites
+from jpatch.model import families
 from jpatch.model.layers import causal_attention
 from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
@@ -194,6 +195,8 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     check_memory_budget(memory_budget)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method != "atp":  # the QK fix recomputes GPT-2's pattern from q and k (no rotary)
+        families.refuse_unless(model, ("gpt2",), f"method={method!r}")
     check_direction(direction)
     clean, corrupted = paired_runs(clean, corrupted)
     axes = tuple(axes or default_axes(site, model.sites))

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.engine import aggregate
-from jpatch.methods.edges import graph_names
-from jpatch.model.gpt2 import causal_attention
+from jpatch.methods.edges import GRAPH_FAMILIES, graph_names
+from jpatch.model import families
+from jpatch.model.layers import causal_attention
 from jpatch.engine.inputs import as_run, check_direction
 from jpatch.engine.readout import checked_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
@@ -53,6 +54,7 @@ def reader_indices(config, name):
 
 def run_writes(model, tokens):
     """A plain run's logits [B, T, V] and writes [n_writers, B, T, d] (heads without b_O)."""
+    families.refuse_unless(model, GRAPH_FAMILIES, "The edge graph")
     cfg = model.config
     logits, cache = model.run_with_cache(tokens)
     w_o = model.blocks.attn.c_proj_w.reshape(cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model)
@@ -69,6 +71,7 @@ def edge_forward(model, tokens, mask, source, read_pos=None):
     mask [n_writers, n_readers] float (1: this run, 0: source); source [n_writers, B or 1, T, d]
     (e.g. `run_writes` of the corrupted tokens). Pure and jittable; vmap it over masks.
     """
+    families.refuse_unless(model, GRAPH_FAMILIES, "edge_forward")
     cfg = model.config
     L, H, d, dh = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_head
     valid = jnp.asarray(graph_names(cfg)[2])
@@ -152,6 +155,7 @@ def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory
     run's write, 0 = the ablated one), the clean run's logits as the metric's reference. The
     ablated writes are computed once; masks run in vmapped chunks that fit `memory_budget` (bytes).
     A bfloat16 model runs in float32."""
+    families.refuse_unless(model, GRAPH_FAMILIES, "Circuit scoring (faithfulness, edge_scores, ACDC)")
     model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)
     metric = checked_metric(metric, model.config.d_vocab)
@@ -388,6 +392,7 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
     A bfloat16 model runs in float32. TransformerLens 4.3's `get_act_patch_direct_path*` is a
     different, linearized quantity (one head's write added to one later head's input).
     """
+    families.refuse_unless(model, GRAPH_FAMILIES, "path_patch")
     check_direction(direction)
     model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)

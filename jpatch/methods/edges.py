@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model import sites
+from jpatch.model import families, sites
 from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
 from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
 from jpatch.engine.readout import prepare_metric
@@ -40,6 +40,11 @@ from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 from jpatch.engine.sweep import check_memory_budget
 
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
+
+
+# The edge graph (sequential residual: MLP l reads layer l's heads) and the edge forwards write
+# GPT-2's layer out by hand: other families are refused until they run through their blocks.
+GRAPH_FAMILIES = ("gpt2",)
 
 
 def graph_names(config):
@@ -210,6 +215,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     attention_mask: [batch, pos] for right-padded prompts of different lengths (as in `sweep`).
     memory_budget (bytes): prompts are split into chunks that fit it (a per-prompt metric only).
     """
+    families.refuse_unless(model, GRAPH_FAMILIES, "edge_attribution")
     if method not in EDGE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(EDGE_METHODS)}")
     check_direction(direction)
