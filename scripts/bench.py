@@ -7,7 +7,7 @@ as a fraction of this machine's measured dense-matmul FLOP/s, peak memory, and
 the cold time (first call in a fresh process, compilation included) beside
 TransformerLens's. The two results must agree within 1e-4.
 
-    python scripts/bench.py [--json out.json]
+    python scripts/bench.py [--json out.json] [--family neox]   (neox: Pythia-160M's shape)
     python scripts/bench.py --bulk [--bulk-prompts 1000] [--json out.json]
     python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
     python scripts/bench.py --circuits [--json out.json]      (see bench_circuits.py)
@@ -82,21 +82,32 @@ def tt(array):
     return torch.tensor(np.asarray(array), device=TL_DEVICE)
 
 
-def build_models(tmp):
-    """Random GPT-2-small-shaped weights in transformers, TransformerLens and jpatch."""
+# --family neox: Pythia-160M's shape.
+PYTHIA_160M = dict(num_hidden_layers=12, num_attention_heads=12, hidden_size=768, intermediate_size=3072,
+                   vocab_size=50304, max_position_embeddings=2048)
+
+
+def build_models(tmp, family="gpt2"):
+    """Random weights of GPT-2 small's shape (or, family "neox", Pythia-160M's) in transformers,
+    TransformerLens and jpatch (converted from the saved Hugging Face folder, as users do)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from reference import tl_model
+    from reference import neox_hf_model, neox_tl_model, tl_model
 
     import jpatch
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.05, attn_implementation="eager")).eval()
+    if family == "neox":
+        hf = neox_hf_model(seed=0, rotary_pct=0.25, initializer_range=0.05, **PYTHIA_160M)
+        tl = neox_tl_model(hf)
+    else:
+        hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.05, attn_implementation="eager")).eval()
+        tl = tl_model(hf)
     hf.save_pretrained(os.path.join(tmp, "hf"))
     jpatch.convert_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "jp"))
-    return tl_model(hf).to(TL_DEVICE), jpatch.load(os.path.join(tmp, "jp"))
+    return tl.to(TL_DEVICE), jpatch.load(os.path.join(tmp, "jp"))
 
 
 def matmul_flops():
@@ -419,6 +430,8 @@ def main():
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--tl-device", default="cpu", help="TransformerLens's torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated: " + ", ".join(SWEEPS))
+    parser.add_argument("--family", default="gpt2", choices=("gpt2", "neox"),
+                        help="the sweeps' model: GPT-2 small's shape, or neox: Pythia-160M's (12 layers, d 768)")
     parser.add_argument("--bulk", action="store_true", help="benchmark a bulk dataset sweep instead")
     parser.add_argument("--bulk-prompts", type=int, default=1000)
     parser.add_argument("--attribution", action="store_true",
@@ -450,11 +463,13 @@ def main():
     from jpatch.methods import metrics
 
     from jpatch import patching
+    if args.family != "gpt2" and (args.bulk or args.scaling):
+        parser.error("--family applies to the sweeps (not --bulk or --scaling, which run GPT-2 shapes)")
     figures = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "jax_device": str(jax.devices()[0]), "jax": jax.__version__, "torch": torch.__version__},
-               "sweeps": {}}
+               "family": args.family, "sweeps": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        tl, model = build_models(tmp)
+        tl, model = build_models(tmp, args.family)
         if args.bulk:
             bench_bulk(tmp, tl, args.bulk_prompts, figures)
             args.sweeps = ""

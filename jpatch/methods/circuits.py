@@ -240,6 +240,7 @@ def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupte
     """How much of the metric a circuit (edges or nodes, see `circuit_mask`) recovers when every
     edge outside it takes the corrupted run's write ("corrupted") or the clean run's mean over
     prompts at each position ("mean"). Returns a `Faithfulness` with its baselines."""
+    families.refuse_unless(model, GRAPH_FAMILIES, "faithfulness")
     cfg = model.config
     keep = circuit_mask(cfg, circuit)
     valid = graph_names(cfg)[2]

@@ -16,6 +16,8 @@ A family (`jpatch.model.gpt2`, `jpatch.model.neox`) is a final subclass of `Tran
 """
 
 import abc
+import dataclasses
+import math
 from typing import ClassVar
 
 import equinox as eqx
@@ -26,8 +28,54 @@ import numpy as np
 from jpatch.model import analysis, interventions, sites
 from jpatch.model.front import FrontDoor
 from jpatch.model.interventions import Override
-from jpatch.model.layers import causal_attention, no_edit
+from jpatch.model.layers import ACTIVATIONS, causal_attention, no_edit
 from jpatch.model.types import Logits, Mask, Tokens
+
+
+class Config:
+    """What every family's config (a frozen dataclass subclassing this) shares: the checks of
+    its sizes, TransformerLens's field names beside jpatch's, and the dict round trip."""
+
+    SIZES: ClassVar[tuple] = ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab")
+    POSITIVE: ClassVar[tuple] = ("layer_norm_eps",)  # finite numbers > 0
+
+    def __post_init__(self):
+        kind = type(self).__name__
+        for name in self.SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{kind} {name} must be an integer >= 1, got {value!r}")
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
+                raise ValueError(f"{kind} {name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.activation, str):
+            raise ValueError(f"{kind} activation must be a string, got {self.activation!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+
+    @property
+    def d_head(self):
+        return self.d_model // self.n_head
+
+    # TransformerLens's field names beside jpatch's own.
+    n_layers = property(lambda self: self.n_layer)
+    n_heads = property(lambda self: self.n_head)
+    act_fn = property(lambda self: self.activation)
+    eps = property(lambda self: self.layer_norm_eps)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
 
 
 def record_sites(names_filter, table, n_layer):

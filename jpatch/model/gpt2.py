@@ -8,16 +8,14 @@ it gives a mask of the entries to replace and the values to put there, so
 """
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jpatch.model import sites
-from jpatch.model.architecture import Cache, Transformer, editor, override_from_cache, record_sites  # noqa: F401
+from jpatch.model.architecture import Cache, Config, Transformer, editor, override_from_cache, record_sites  # noqa: F401
 from jpatch.model.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
 from jpatch.model.layers import (ACTIVATIONS, LayerNorm, causal_attention, no_edit, normalize,  # noqa: F401
                                  normalize_hooked)
@@ -31,7 +29,7 @@ SITES = sites.SiteTable(
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(Config):
     n_layer: int = 12
     n_head: int = 12
     d_model: int = 768
@@ -42,42 +40,6 @@ class GPT2Config:
     activation: str = "gelu_new"
     sites: ClassVar[object] = SITES  # the family's hook points
     family: ClassVar[str] = "gpt2"  # the registry's name (jpatch.model.families)
-
-    def __post_init__(self):
-        for name in ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GPT2Config {name} must be an integer >= 1, got {value!r}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < math.inf:
-            raise ValueError(f"GPT2Config layer_norm_eps must be a finite number > 0, got {eps!r}")
-        if not isinstance(self.activation, str):
-            raise ValueError(f"GPT2Config activation must be a string, got {self.activation!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-
-    @property
-    def d_head(self):
-        return self.d_model // self.n_head
-
-    # TransformerLens's field names beside jpatch's own.
-    n_layers = property(lambda self: self.n_layer)
-    n_heads = property(lambda self: self.n_head)
-    act_fn = property(lambda self: self.activation)
-    eps = property(lambda self: self.layer_norm_eps)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown GPT2Config fields {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
 
 
 class Attention(eqx.Module):

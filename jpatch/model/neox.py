@@ -5,16 +5,14 @@ converts Hugging Face's `GPTNeoXForCausalLM` into them.
 """
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jpatch.model import sites
-from jpatch.model.architecture import Transformer
+from jpatch.model.architecture import Config, Transformer
 from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate
 
 # TransformerLens's NeoX hook points: GPT-2's without hook_pos_embed and hook_resid_mid (the block
@@ -27,7 +25,7 @@ SITES = sites.SiteTable(
 
 
 @dataclasses.dataclass(frozen=True)
-class NeoXConfig:
+class NeoXConfig(Config):
     n_layer: int = 12
     n_head: int = 12
     d_model: int = 768
@@ -41,47 +39,18 @@ class NeoXConfig:
     sites: ClassVar[object] = SITES  # the family's hook points
     family: ClassVar[str] = "neox"  # the registry's name (jpatch.model.families)
 
+    POSITIVE: ClassVar[tuple] = ("layer_norm_eps", "rotary_base")
+
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "d_vocab"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"NeoXConfig {name} must be an integer >= 1, got {value!r}")
-        for name in ("layer_norm_eps", "rotary_base"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
-                raise ValueError(f"NeoXConfig {name} must be a finite number > 0, got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        super().__post_init__()
         if not 0 < self.rotary_pct <= 1 or self.rotary_dim < 2:
             raise ValueError(f"rotary_pct={self.rotary_pct!r} must be in (0, 1] and rotate at least 2 of "
                              f"the {self.d_head} dims of a head")
 
     @property
-    def d_head(self):
-        return self.d_model // self.n_head
-
-    @property
     def rotary_dim(self):
         """Rotated dims per head, as Hugging Face counts them (int(d_head * rotary_pct))."""
         return int(self.d_head * self.rotary_pct)
-
-    n_layers = property(lambda self: self.n_layer)
-    n_heads = property(lambda self: self.n_head)
-    act_fn = property(lambda self: self.activation)
-    eps = property(lambda self: self.layer_norm_eps)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown NeoXConfig fields {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
 
 
 class Attention(eqx.Module):
