@@ -141,3 +141,69 @@ def tl_path_patch(tl, base, source, sender, receivers, freeze_mlps=False, caches
             hooks2 += [(f"blocks.{layer}.hook_{c}_input", replace([int(head)])) for c in chans]
     with torch.no_grad():
         return tl.run_with_hooks(toks, fwd_hooks=hooks2).numpy()
+
+
+# --- GPT-NeoX (Pythia) ------------------------------------------------------------------
+
+NEOX_TINY = dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=64, intermediate_size=128, vocab_size=101,
+                 max_position_embeddings=64)
+
+
+def neox_hf_model(seed=0, rotary_pct=0.5, initializer_range=0.1, **shape):
+    """A random GPTNeoXForCausalLM (eager attention, parallel residual) with layer-norm
+    weights and biases perturbed away from 1 and 0 so that they matter."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    shape = {**NEOX_TINY, **shape}
+    last = shape["vocab_size"] - 1
+    config = GPTNeoXConfig(**shape, rotary_pct=rotary_pct, initializer_range=initializer_range,
+                           bos_token_id=last, eos_token_id=last, attn_implementation="eager")
+    model = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def neox_tl_model(hf):
+    """The same weights in TransformerLens 3.9's HookedTransformer, unprocessed, with the NeoX
+    config of /work/shared/FAMILIES.md (which agrees with transformers)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_neox_weights
+
+    c = hf.config
+    d_head = c.hidden_size // c.num_attention_heads
+    rotary_pct = c.rope_parameters["partial_rotary_factor"]
+    cfg = HookedTransformerConfig(
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_ctx=c.max_position_embeddings,
+        d_head=d_head,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        d_vocab=c.vocab_size,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=int(rotary_pct * d_head),
+        rotary_base=c.rope_parameters["rope_theta"],
+        parallel_attn_mlp=True,
+        rotary_adjacent_pairs=False,
+        original_architecture="GPTNeoXForCausalLM",
+        eps=c.layer_norm_eps,
+        default_prepend_bos=False,
+        device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(
+        dict(convert_neox_weights(hf, cfg)),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    return model.eval()
