@@ -18,8 +18,7 @@ import numpy as np
 
 from jpatch.methods import metrics
 from jpatch.methods.circuits import mask_scorer
-from jpatch.methods.edges import GRAPH_FAMILIES, Edges, graph_names
-from jpatch.model import families
+from jpatch.methods.edges import Edges, graph_names
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 
 
@@ -127,7 +126,6 @@ def acdc(model, clean, corrupted, *, threshold, metric="kl", ablation="corrupted
     order: None (at each reader, the latest writer first, as ACDC) or an `Edges` (e.g.
     `edge_attribution`'s EAP scores): the edges with the smallest |score| are tried first.
     """
-    families.refuse_unless(model, GRAPH_FAMILIES, "ACDC")
     if not np.isfinite(threshold) and threshold != np.inf:
         raise ValueError(f"threshold must be a number, got {threshold!r}")
     if order is not None and not isinstance(order, Edges):

@@ -33,7 +33,6 @@ import numpy as np
 from jaxtyping import Float
 
 from jpatch.model import sites
-from jpatch.model import families
 from jpatch.model.layers import causal_attention
 from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
@@ -55,24 +54,25 @@ def estimate_dims(site):
     return ("layer", "row") + default_axes(site)[1:]
 
 
-def _pattern(q, k, key_mask):
-    """The attention pattern [rows, H, Tq, Tk] of q, k [rows, T, H, d_head], as the model computes it."""
-    got = {}
-
-    def grab(name, pattern):
-        got[name] = pattern
-        return pattern
-
-    causal_attention(q, k, jnp.zeros_like(k), key_mask, grab)
-    return got["attn.hook_pattern"]
-
-
-def _qk_fix(site, base, source, grad_pattern, key_mask, per_position):
+def _qk_fix(site, base, source, grad_pattern, key_mask, per_position, position_qk):
     """AtP*'s QK fix for one layer: sum (A' - A) . dM/dA with A' recomputed for the patched q or k.
 
-    base/source: q, k [rows, T, H, d_head]; grad_pattern [rows, H, Tq, Tk].
+    base/source: q, k [rows, T, H, d_head]; grad_pattern [rows, H, Tq, Tk]; position_qk(q, k):
+    the q and k attention scores (the family's position encoding, e.g. rotary).
     Returns [rows, T, H] (by patched position) or [rows, 1, H] (all positions patched at once).
     """
+    def _pattern(q, k, key_mask):
+        """The attention pattern [rows, H, Tq, Tk] of q, k [rows, T, H, d_head], as the model computes it."""
+        got = {}
+
+        def grab(name, pattern):
+            got[name] = pattern
+            return pattern
+
+        q, k = position_qk(q, k)
+        causal_attention(q, k, jnp.zeros_like(k), key_mask, grab)
+        return got["attn.hook_pattern"]
+
     q, k = base["attn.hook_q"], base["attn.hook_k"]
     A = _pattern(q, k, key_mask)
     gain = lambda A_new: (A_new - A) * grad_pattern  # [rows, H, Tq, Tk]
@@ -93,10 +93,11 @@ def _qk_fix(site, base, source, grad_pattern, key_mask, per_position):
     return jnp.moveaxis(jax.lax.map(one_key, jnp.arange(T)), 0, 1)  # [rows, Tk, H]
 
 
-def _delta(site, base, source, grads, key_mask, method, per_position):
+def _delta(site, base, source, grads, key_mask, method, per_position, position_qk):
     """Full-resolution estimates [n_layer, rows, ...] (the layout of estimate_dims(site))."""
     if method != "atp" and site in ("attn.hook_q", "attn.hook_k"):
-        fix = functools.partial(_qk_fix, site, key_mask=key_mask, per_position=per_position)
+        fix = functools.partial(_qk_fix, site, key_mask=key_mask, per_position=per_position,
+                                position_qk=position_qk)
         return jax.vmap(fix)(base, source, grads["attn.hook_pattern"])
     diff = (source[site] - base[site]).astype(jnp.float32) * grads[site].astype(jnp.float32)
     return diff if site == "attn.hook_pattern" else diff.sum(-1)
@@ -124,6 +125,8 @@ def _estimate(model, base_tokens, base_overrides, source_acts, clean_logits, rea
     perturb, reads = _needs(site, method)
     eps = {s: jnp.zeros((cfg.n_layer,) + sites.activation_shape(cfg, s, N, T), model.dtype) for s in perturb}
     key_mask = None if attention_mask is None else attention_mask.astype(bool)
+    positions = model.positions(base_tokens, attention_mask)
+    position_qk = lambda q, k: model.position_qk(q, k, positions)
 
     def backward(keep):
         def f(eps):
@@ -135,7 +138,7 @@ def _estimate(model, base_tokens, base_overrides, source_acts, clean_logits, rea
 
         _, vjp, (s, acts, logits) = jax.vjp(f, eps, has_aux=True)
         grads = vjp(jnp.ones((), jnp.float32))[0]
-        return _delta(site, acts, source_acts, grads, key_mask, method, per_position), s, logits
+        return _delta(site, acts, source_acts, grads, key_mask, method, per_position, position_qk), s, logits
 
     if method != "atp*":
         return backward(None)
@@ -195,8 +198,6 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     check_memory_budget(memory_budget)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if method != "atp":  # the QK fix recomputes GPT-2's pattern from q and k (no rotary)
-        families.refuse_unless(model, ("gpt2",), f"method={method!r}")
     check_direction(direction)
     clean, corrupted = paired_runs(clean, corrupted)
     axes = tuple(axes or default_axes(site, model.sites))

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.engine import aggregate
-from jpatch.methods.edges import GRAPH_FAMILIES, graph_names
-from jpatch.model import families
-from jpatch.model.layers import causal_attention
+from jpatch.methods.edges import graph_names, reader_bias
+from jpatch.model.layers import SPLIT_INPUTS, causal_attention
 from jpatch.engine.inputs import as_run, check_direction
 from jpatch.engine.readout import checked_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
@@ -54,14 +53,17 @@ def reader_indices(config, name):
 
 def run_writes(model, tokens):
     """A plain run's logits [B, T, V] and writes [n_writers, B, T, d] (heads without b_O)."""
-    families.refuse_unless(model, GRAPH_FAMILIES, "The edge graph")
-    cfg = model.config
-    logits, cache = model.run_with_cache(tokens)
-    w_o = model.blocks.attn.c_proj_w.reshape(cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model)
-    heads = jnp.einsum("lbthe,lhed->lhbtd", cache.stacked("attn.hook_z"), w_o)
+    logits, cache = model.run_with_cache(tokens, names_filter=["hook_resid_pre", "attn.hook_result", "hook_mlp_out"])
+    heads = jnp.moveaxis(cache.stacked("attn.hook_result"), 3, 1)  # [L, H, B, T, d]
     per_layer = jnp.concatenate([heads, cache.stacked("hook_mlp_out")[:, None]], axis=1)
     per_layer = per_layer.reshape((-1,) + per_layer.shape[2:])
     return logits, jnp.concatenate([cache.stacked("hook_resid_pre")[0][None], per_layer])
+
+
+def _layer_writes(writes, l, n_head):
+    """Layer l's head writes [B, T, H, d] and MLP write [B, T, d] of a [n_writers, B, T, d] stack."""
+    start = 1 + l * (n_head + 1)
+    return jnp.moveaxis(jax.lax.dynamic_slice_in_dim(writes, start, n_head), 0, 2), writes[start + n_head]
 
 
 def edge_forward(model, tokens, mask, source, read_pos=None):
@@ -69,42 +71,49 @@ def edge_forward(model, tokens, mask, source, read_pos=None):
     mixing m[w, r] of this run's write and 1 - m[w, r] of `source`'s write.
 
     mask [n_writers, n_readers] float (1: this run, 0: source); source [n_writers, B or 1, T, d]
-    (e.g. `run_writes` of the corrupted tokens). Pure and jittable; vmap it over masks.
+    (e.g. `run_writes` of the corrupted tokens). Pure and jittable; vmap it over masks. The
+    model's own blocks run it: every reader's input (hook_q_input / hook_k_input / hook_v_input
+    per head, hook_mlp_in) is replaced by its mix of the writes so far.
     """
-    families.refuse_unless(model, GRAPH_FAMILIES, "edge_forward")
     cfg = model.config
-    L, H, d, dh = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_head
+    L, H, d = cfg.n_layer, cfg.n_head, cfg.d_model
     valid = jnp.asarray(graph_names(cfg)[2])
     mask = jnp.asarray(mask, jnp.float32)
     own, src = jnp.where(valid, mask, 0.0), jnp.where(valid, 1.0 - mask, 0.0)
     per = 3 * H + 1  # readers per layer: q, k, v of each head, then the MLP
     by_layer = lambda m: jnp.moveaxis(m[:, :L * per].reshape(-1, L, per), 1, 0)  # [L, W, per]
-    b_o = model.blocks.attn.c_proj_b.astype(jnp.float32)
-    bias_before = jnp.cumsum(b_o, 0) - b_o  # b_O of the earlier layers
+    bias = reader_bias(model)  # [n_readers, d]
     source = jnp.asarray(source, jnp.float32)
     mix = lambda w_own, w_src, buf: (jnp.einsum("wr,wbtd->rbtd", w_own, buf)
                                      + jnp.einsum("wr,wbtd->rbtd", w_src, source))
     B, T = tokens.shape
-    embed = (model.wte[tokens] + model.wpe[model.positions(tokens)]).astype(jnp.float32)
-    buf = jnp.zeros((len(valid), B, T, d), jnp.float32).at[0].set(embed)
+    positions = model.positions(tokens)
+    buf = jnp.zeros((len(valid), B, T, d), jnp.float32).at[0].set(model.embed(tokens, positions).astype(jnp.float32))
 
     def layer(buf, xs):
-        l, block, m_own, m_src, bias = xs
-        x = (mix(m_own[:, :3 * H], m_src[:, :3 * H], buf) + bias).reshape(3, H, B, T, d)
-        w = block.attn.c_attn_w.reshape(d, 3, H, dh).astype(jnp.float32)
-        qkv = jnp.einsum("chbtd,dche->cbthe", block.ln_1(x, cfg.layer_norm_eps), w)
-        qkv = qkv + block.attn.c_attn_b.reshape(3, 1, 1, H, dh)
-        z = causal_attention(qkv[0], qkv[1], qkv[2])
-        heads = jnp.einsum("bthe,hed->hbtd", z, block.attn.c_proj_w.reshape(H, dh, d).astype(jnp.float32))
-        start = 1 + l * (H + 1)
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, heads, start, 0)
-        mid = mix(m_own[:, 3 * H:], m_src[:, 3 * H:], buf)[0] + bias + block.attn.c_proj_b
-        out = block.mlp(block.ln_2(mid, cfg.layer_norm_eps), cfg.activation).astype(jnp.float32)
-        return jax.lax.dynamic_update_slice_in_dim(buf, out[None], start + H, 0), None
+        l, block, m_own, m_src, b = xs
+        start, got = 1 + l * (H + 1), {}
 
-    blocks = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), model.blocks)
-    buf, _ = jax.lax.scan(layer, buf, (jnp.arange(L), blocks, by_layer(own), by_layer(src), bias_before))
-    final = mix(own[:, -1:], src[:, -1:], buf)[0] + b_o.sum(0)
+        def edit(name, act):
+            if name in SPLIT_INPUTS:  # [B, T, H, d]: each head's mix for this input
+                cols = slice(SPLIT_INPUTS.index(name) * H, (SPLIT_INPUTS.index(name) + 1) * H)
+                return jnp.moveaxis(mix(m_own[:, cols], m_src[:, cols], buf) + b[cols, None, None], 0, 2)
+            if name == "attn.hook_result":
+                got["buf"] = jax.lax.dynamic_update_slice_in_dim(buf, jnp.moveaxis(act, 2, 0), start, 0)
+            elif name == "hook_mlp_in":
+                return mix(m_own[:, 3 * H:], m_src[:, 3 * H:], got["buf"])[0] + b[3 * H]
+            elif name == "hook_mlp_out":
+                got["mlp"] = act
+            return act
+
+        edit.split_inputs = edit.wants_result = True
+        block(jnp.zeros((B, T, d), jnp.float32), positions, cfg, causal_attention, edit)
+        return jax.lax.dynamic_update_slice_in_dim(got["buf"], got["mlp"][None].astype(jnp.float32), start + H, 0), None
+
+    blocks = _float32(model).blocks
+    xs = (jnp.arange(L), blocks, by_layer(own), by_layer(src), bias[:L * per].reshape(L, per, d))
+    buf, _ = jax.lax.scan(layer, buf, xs)
+    final = mix(own[:, -1:], src[:, -1:], buf)[0] + bias[-1]
     if read_pos is not None:
         final = jnp.take_along_axis(final, jnp.asarray(read_pos)[..., None], axis=1)
     return model.unembed(final.astype(model.dtype))
@@ -155,7 +164,6 @@ def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory
     run's write, 0 = the ablated one), the clean run's logits as the metric's reference. The
     ablated writes are computed once; masks run in vmapped chunks that fit `memory_budget` (bytes).
     A bfloat16 model runs in float32."""
-    families.refuse_unless(model, GRAPH_FAMILIES, "Circuit scoring (faithfulness, edge_scores, ACDC)")
     model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)
     metric = checked_metric(metric, model.config.d_vocab)
@@ -240,7 +248,6 @@ def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupte
     """How much of the metric a circuit (edges or nodes, see `circuit_mask`) recovers when every
     edge outside it takes the corrupted run's write ("corrupted") or the clean run's mean over
     prompts at each position ("mean"). Returns a `Faithfulness` with its baselines."""
-    families.refuse_unless(model, GRAPH_FAMILIES, "faithfulness")
     cfg = model.config
     keep = circuit_mask(cfg, circuit)
     valid = graph_names(cfg)[2]
@@ -289,35 +296,51 @@ def _receiver_flags(config, receivers):
 
 
 def _path_forward(model, tokens, base, src_writes, sender, receive, read_pos, freeze_mlps):
-    """Wang et al.'s two passes for one sender set, as one function of the base run.
+    """Wang et al.'s two passes for one sender set, as one function of the base run, through the
+    model's own blocks.
 
-    base: the base run's residuals, MLP outputs and writes; sender [n_writers] 0/1.
+    base: the base run's residuals, MLP inputs and outputs and writes; sender [n_writers] 0/1.
     Pass 1 (heads frozen to the base run, MLPs recomputed unless frozen): the change d of
     the residual stream that the senders' source writes cause. Pass 2: the base tokens with
     each receiver's input replaced by (base input + d at that reader), everything else
     recomputed. Returns logits [B, K, V].
     """
     cfg = model.config
-    L, H, d_model, dh = cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_head
+    L, H = cfg.n_layer, cfg.n_head
     per = 3 * H + 1
     diff = (src_writes - base["writes"]) * sender[:, None, None, None]  # the senders' changed writes
+    positions = model.positions(tokens) if read_pos is None else read_pos
+    frozen = lambda q, k, v: jnp.zeros_like(q)  # heads are frozen: attention is never read
 
     def pass1(delta, xs):
-        l, block, resid_mid, mlp_out = xs
-        start = 1 + l * (H + 1)
+        l, block, mlp_in, mlp_out = xs
+        base_heads, _ = _layer_writes(base["writes"], l, H)
+        diff_heads, diff_mlp = _layer_writes(diff, l, H)
         at_pre = delta
-        delta = delta + jax.lax.dynamic_slice_in_dim(diff, start, H).sum(0)
-        at_mid = delta
+        at_mlp = delta if cfg.parallel_block else delta + diff_heads.sum(2)
+        got = {}
+
+        def edit(name, act):
+            if name == "attn.hook_result":
+                return base_heads + diff_heads
+            if name == "hook_mlp_in":  # the base run's own input plus the change: exact when it is 0
+                return mlp_in + at_mlp
+            if name == "hook_mlp_out":
+                got["mlp"] = act
+            return act
+
+        edit.wants_result = True
         if freeze_mlps:
             change = jnp.zeros_like(delta)
         else:
-            change = block.mlp(block.ln_2(resid_mid + delta, cfg.layer_norm_eps), cfg.activation) - mlp_out
-        is_sender = sender[start + H]
-        delta = delta + is_sender * diff[start + H] + (1 - is_sender) * change
-        return delta, (at_pre, at_mid)
+            block(base["hook_resid_pre"][l] + delta, positions, cfg, frozen, edit)
+            change = got["mlp"] - mlp_out
+        is_sender = sender[1 + l * (H + 1) + H]
+        delta = delta + diff_heads.sum(2) + is_sender * diff_mlp + (1 - is_sender) * change
+        return delta, (at_pre, at_mlp)
 
-    delta, (at_pre, at_mid) = jax.lax.scan(
-        pass1, diff[0], (jnp.arange(L), model.blocks, base["hook_resid_mid"], base["hook_mlp_out"]))
+    delta, (at_pre, at_mlp) = jax.lax.scan(
+        pass1, diff[0], (jnp.arange(L), model.blocks, base["hook_mlp_in"], base["hook_mlp_out"]))
     final = base["final"] + delta
     if not receive[:-1].any():  # only the logits receive: pass 2 is the unembedding
         if read_pos is not None:
@@ -325,20 +348,23 @@ def _path_forward(model, tokens, base, src_writes, sender, receive, read_pos, fr
         return model.unembed(final)
     recv = jnp.asarray(receive[:L * per].reshape(L, per))
     fixed_pre = base["hook_resid_pre"] + at_pre  # [L, B, T, d]: the receivers' pass-1 inputs
-    fixed_mid = base["hook_resid_mid"] + at_mid
+    fixed_mlp = base["hook_mlp_in"] + at_mlp
 
     def pass2(x, xs):
-        block, r, pre, mid = xs
-        B, T = x.shape[:2]
-        inputs = jnp.where(r[:3 * H, None, None, None], pre[None], x[None]).reshape(3, H, B, T, d_model)
-        w = block.attn.c_attn_w.reshape(d_model, 3, H, dh)
-        qkv = jnp.einsum("chbtd,dche->cbthe", block.ln_1(inputs, cfg.layer_norm_eps), w)
-        qkv = qkv + block.attn.c_attn_b.reshape(3, 1, 1, H, dh)
-        x = x + block.attn.out(causal_attention(qkv[0], qkv[1], qkv[2]))
-        mlp_in = jnp.where(r[3 * H], mid, x)
-        return x + block.mlp(block.ln_2(mlp_in, cfg.layer_norm_eps), cfg.activation), None
+        block, r, pre, mlp = xs
 
-    x, _ = jax.lax.scan(pass2, base["hook_resid_pre"][0], (model.blocks, recv, fixed_pre, fixed_mid))
+        def edit(name, act):
+            if name in SPLIT_INPUTS:  # [B, T, H, d]
+                heads = r[SPLIT_INPUTS.index(name) * H:(SPLIT_INPUTS.index(name) + 1) * H]
+                return jnp.where(heads[:, None], pre[:, :, None], act)
+            if name == "hook_mlp_in":
+                return jnp.where(r[3 * H], mlp, act)
+            return act
+
+        edit.split_inputs = bool(np.asarray(receive[:L * per]).reshape(L, per)[:, :3 * H].any())
+        return block(x, model.positions(tokens), cfg, causal_attention, edit), None
+
+    x, _ = jax.lax.scan(pass2, base["hook_resid_pre"][0], (model.blocks, recv, fixed_pre, fixed_mlp))
     x = jnp.where(receive[-1], final, x)
     if read_pos is not None:
         x = jnp.take_along_axis(x, read_pos[..., None], axis=1)
@@ -349,9 +375,10 @@ def _path_scores(model, base_tokens, source_tokens, senders, read_pos, data, *, 
                  freeze_mlps):
     base_logits, base_writes = run_writes(model, base_tokens)
     source_logits, src_writes = run_writes(model, source_tokens)
-    _, cache = model.run_with_cache(base_tokens)
+    _, cache = model.run_with_cache(base_tokens, names_filter=["hook_resid_pre", "hook_mlp_in", "hook_mlp_out",
+                                                                "hook_resid_post"])
     base = {"writes": base_writes, "final": cache.stacked("hook_resid_post")[-1],
-            **{s: cache.stacked(s) for s in ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out")}}
+            **{s: cache.stacked(s) for s in ("hook_resid_pre", "hook_mlp_in", "hook_mlp_out")}}
     at = (lambda lg: lg) if read_pos is None else (lambda lg: jnp.take_along_axis(lg, read_pos[..., None], 1))
     base_logits, source_logits = at(base_logits), at(source_logits)
     clean_logits = base_logits if clean_is_base else source_logits
@@ -364,7 +391,7 @@ def _path_scores(model, base_tokens, source_tokens, senders, read_pos, data, *, 
         pick = lambda a, axis: jnp.take_along_axis(
             a, jnp.expand_dims(read_pos, tuple(range(axis - 1)) + (-1,)), axis=axis)
         base = {"writes": pick(base["writes"], 2), "final": pick(base["final"], 1),
-                "hook_resid_mid": pick(base["hook_resid_mid"], 2), "hook_mlp_out": pick(base["hook_mlp_out"], 2)}
+                **{s: pick(base[s], 2) for s in ("hook_resid_pre", "hook_mlp_in", "hook_mlp_out")}}
         src_writes, read_pos = pick(src_writes, 2), None
 
     def one(sender):
@@ -393,7 +420,6 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
     A bfloat16 model runs in float32. TransformerLens 4.3's `get_act_patch_direct_path*` is a
     different, linearized quantity (one head's write added to one later head's input).
     """
-    families.refuse_unless(model, GRAPH_FAMILIES, "path_patch")
     check_direction(direction)
     model = _float32(model)
     clean, corrupted = _pair(model, clean, corrupted)

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model import families, sites
+from jpatch.model import sites
+from jpatch.model.layers import SPLIT_INPUTS
 from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
 from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
 from jpatch.engine.readout import prepare_metric
@@ -42,24 +43,40 @@ from jpatch.engine.sweep import check_memory_budget
 EDGE_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 
 
-# The edge graph (sequential residual: MLP l reads layer l's heads) and the edge forwards write
-# GPT-2's layer out by hand: other families are refused until they run through their blocks.
-GRAPH_FAMILIES = ("gpt2",)
+def _stages(config):
+    """Each writer's and reader's stage in the residual stream: a reader sees the writers of earlier
+    stages. Layer l's heads write (and its q/k/v inputs read) at stage 2l + 1; its MLP writes at
+    2l + 2 and reads at 2l + 2 in a sequential block (after the heads of its layer), at 2l + 1 in a
+    parallel one (the family's `parallel_block`: beside them)."""
+    L, H = config.n_layer, config.n_head
+    mlp_reads = 1 if config.parallel_block else 2
+    w_stage, r_stage = [0], []
+    for l in range(L):
+        w_stage += [2 * l + 1] * H + [2 * l + 2]
+        r_stage += [2 * l + 1] * 3 * H + [2 * l + mlp_reads]
+    return np.asarray(w_stage), np.asarray(r_stage + [2 * L + 1])
 
 
 def graph_names(config):
     """Writer and reader names (hannamw/EAP-IG's) and which edges exist ([n_writers, n_readers] bool)."""
     L, H = config.n_layer, config.n_head
-    writers, w_stage, readers, r_stage = ["embed"], [0], [], []
+    writers, readers = ["embed"], []
     for l in range(L):
         writers += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
-        w_stage += [2 * l + 1] * H + [2 * l + 2]
         readers += [f"a{l}.h{h}<{c}>" for c in "qkv" for h in range(H)] + [f"m{l}"]
-        r_stage += [2 * l + 1] * 3 * H + [2 * l + 2]
     readers.append("logits")
-    r_stage.append(2 * L + 1)
-    valid = np.asarray(w_stage)[:, None] < np.asarray(r_stage)[None, :]  # a reader sees earlier writers only
+    w_stage, r_stage = _stages(config)
+    valid = w_stage[:, None] < r_stage[None, :]  # a reader sees earlier writers only
     return tuple(writers), tuple(readers), valid
+
+
+def reader_bias(model):
+    """[n_readers, d_model]: the attention output biases b_O each reader's input holds (those of the
+    layers whose heads it sees); the same in every run, so edges never mix them."""
+    w_stage, r_stage = _stages(model.config)
+    head_stage = 2 * np.arange(model.config.n_layer) + 1
+    sees = (head_stage[None, :] < r_stage[:, None]).astype(np.float32)  # [n_readers, L]
+    return jnp.asarray(sees) @ model.b_O.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,41 +120,29 @@ class Edges:
         return text
 
 
-def _reader_grads(model, acts, grads):
-    """Gradients at every reader's input [n_readers, rows, pos, d_model] from the gradients at
-    q/k/v, the MLP outputs and the last residual stream, and the run's residual streams."""
-    cfg = model.config
-    d, H = cfg.d_model, cfg.n_head
-
-    def layer(block, resid_pre, resid_mid, g_q, g_k, g_v, g_mlp):
-        w = block.attn.c_attn_w.reshape(d, 3, H, cfg.d_head)
-        at_ln1 = jnp.einsum("cnthe,dche->chntd", jnp.stack([g_q, g_k, g_v]), w)  # per head, at ln_1's output
-        _, ln1_vjp = jax.vjp(lambda x: block.ln_1(x, cfg.layer_norm_eps), resid_pre)
-        qkv_in = jax.vmap(jax.vmap(lambda g: ln1_vjp(g.astype(resid_pre.dtype))[0]))(at_ln1)  # [3, H, rows, T, d]
-        _, mlp_vjp = jax.vjp(lambda x: block.mlp(block.ln_2(x, cfg.layer_norm_eps), cfg.activation), resid_mid)
-        mlp_in = mlp_vjp(g_mlp)[0]
-        return jnp.concatenate([qkv_in.reshape((3 * H,) + mlp_in.shape), mlp_in[None]])
-
-    per_layer = jax.vmap(layer)(model.blocks, acts["hook_resid_pre"], acts["hook_resid_mid"], grads["attn.hook_q"],
-                                grads["attn.hook_k"], grads["attn.hook_v"], grads["hook_mlp_out"])
+def _reader_grads(grads):
+    """Gradients at every reader's input [n_readers, rows, pos, d_model], in the graph's order (per
+    layer: each head's q, k, v input, the MLP's input; then the logits' final residual), from the
+    gradients at the reader-input sites."""
+    per_head = jnp.concatenate([jnp.moveaxis(grads[s], 3, 1) for s in SPLIT_INPUTS], axis=1)  # [L, 3H, n, t, d]
+    per_layer = jnp.concatenate([per_head, grads["hook_mlp_in"][:, None]], axis=1)
     per_layer = per_layer.reshape((-1,) + per_layer.shape[2:])
     return jnp.concatenate([per_layer, grads["hook_resid_post"][-1][None]]).astype(jnp.float32)
 
 
-def _writes(model, base, source):
-    """Source - base writes [n_writers, rows, pos, d_model]: embeddings, each head's z W_O[h], each MLP."""
-    cfg = model.config
-    w_o = model.blocks.attn.c_proj_w.reshape(cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model)
-    dz = (source["attn.hook_z"] - base["attn.hook_z"]).astype(jnp.float32)
-    heads = jnp.einsum("lnthe,lhed->lhntd", dz, w_o.astype(jnp.float32))
+def _writes(base, source):
+    """Source - base writes [n_writers, rows, pos, d_model]: embeddings, each head's result, each MLP."""
+    heads = jnp.moveaxis((source["attn.hook_result"] - base["attn.hook_result"]).astype(jnp.float32), 3, 1)
     mlp = (source["hook_mlp_out"] - base["hook_mlp_out"]).astype(jnp.float32)[:, None]
     per_layer = jnp.concatenate([heads, mlp], axis=1)
     embed = (source["hook_resid_pre"][0] - base["hook_resid_pre"][0]).astype(jnp.float32)[None]
     return jnp.concatenate([embed, per_layer.reshape((-1,) + per_layer.shape[2:])])
 
 
-_GRAD_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "hook_mlp_out", "hook_resid_post", "hook_attn_out")
-_RECORD = ("hook_resid_pre", "hook_resid_mid", "attn.hook_z", "hook_mlp_out", "hook_attn_out")
+# Gradients are taken at the readers' inputs (and the last residual, the logits' reader); the
+# writes shift the residual at hook_attn_out / hook_mlp_out (EAP-IG's interpolations).
+_GRAD_SITES = SPLIT_INPUTS + ("hook_mlp_in", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_RECORD = ("hook_resid_pre", "attn.hook_result", "hook_mlp_out", "hook_attn_out")
 
 
 def _alphas(method, steps, n_layer):
@@ -158,7 +163,7 @@ def _alphas(method, steps, n_layer):
 
 @jax.jit
 def _source_acts(model, tokens, overrides, read_pos):
-    logits, cache = model.run_with_cache(tokens, overrides=overrides, logits_at=read_pos)
+    logits, cache = model.run_with_cache(tokens, names_filter=list(_RECORD), overrides=overrides, logits_at=read_pos)
     return logits, {s: cache.stacked(s) for s in _RECORD}
 
 
@@ -183,7 +188,7 @@ def _edge_scores(model, base_tokens, base_overrides, source_tokens, source_overr
             return s.sum(), (s, acts, logits)
 
         _, vjp, (s, acts, logits) = jax.vjp(f, eps, has_aux=True)
-        return _reader_grads(model, acts, vjp(jnp.ones((), jnp.float32))[0]), s, acts, logits
+        return _reader_grads(vjp(jnp.ones((), jnp.float32))[0]), s, acts, logits
 
     no_shift = {"embed": 0.0, "hook_attn_out": 0.0, "hook_mlp_out": 0.0}
     readers, base_score, base, base_logits = run(alphas[0], no_shift)  # run 0: the base run itself
@@ -193,7 +198,7 @@ def _edge_scores(model, base_tokens, base_overrides, source_tokens, source_overr
     if alphas.shape[0] > 1:
         readers = jax.lax.scan(lambda acc, a: (acc + run(a, shift)[0], None), readers, alphas[1:])[0]
     readers = readers / alphas.shape[0]
-    writes = _writes(model, base, source)
+    writes = _writes(base, source)
     scores = jnp.einsum("wntd,rntd->wrt" if per_position else "wntd,rntd->wr", writes, readers)
     clean_logits, corrupted_logits = (base_logits, source_logits) if noise else (source_logits, base_logits)
     return scores, score(clean_logits, clean_logits, data), score(corrupted_logits, clean_logits, data)
@@ -215,7 +220,6 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     attention_mask: [batch, pos] for right-padded prompts of different lengths (as in `sweep`).
     memory_budget (bytes): prompts are split into chunks that fit it (a per-prompt metric only).
     """
-    families.refuse_unless(model, GRAPH_FAMILIES, "edge_attribution")
     if method not in EDGE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(EDGE_METHODS)}")
     check_direction(direction)

@@ -105,6 +105,7 @@ def editor(plan, cache, record, layer=None):
         return act
 
     edit.wants_result = "attn.hook_result" in record or "attn.hook_result" in plan
+    edit.split_inputs = any(s in record or s in plan for s in sites.SPLIT_INPUT_SITES)
     return edit
 
 
@@ -171,6 +172,11 @@ class Transformer(FrontDoor, eqx.Module):
     @abc.abstractmethod
     def unembed(self, x, edit=no_edit):
         """The final norm and unembedding: [..., d_model] -> float32 logits [..., d_vocab]."""
+
+    def position_qk(self, q, k, positions):
+        """q, k [..., T, H, d_head] (attn.hook_q / hook_k) -> the q, k attention scores (the family's
+        position encoding, e.g. rotary; none for learned absolute positions)."""
+        return q, k
 
     @property
     def cfg(self):

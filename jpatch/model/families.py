@@ -51,12 +51,3 @@ def of(model):
     """The family of a model instance."""
     return by_name(model.config.family)
 
-
-def refuse_unless(model, names, what):
-    """Refuse `what` on a family it is not written for yet, naming both (never an inexact number)."""
-    family = getattr(model.config, "family", None)
-    if family not in names:
-        have = ", ".join(by_name(n).config.sites.family for n in names)
-        raise NotImplementedError(
-            f"{what} runs on {have} models only so far; this model is {model.sites.family}. "
-            "Activation patching (sweep, get_act_patch_*) and attribution (method='atp') run on every family.")

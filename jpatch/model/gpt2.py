@@ -18,14 +18,14 @@ from jpatch.model import sites
 from jpatch.model.architecture import Cache, Config, Transformer, editor, override_from_cache, record_sites  # noqa: F401
 from jpatch.model.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
 from jpatch.model.layers import (ACTIVATIONS, LayerNorm, causal_attention, no_edit, normalize,  # noqa: F401
-                                 normalize_hooked)
+                                 normalize_hooked, split_inputs)
 
 # Every hook point of TransformerLens's GPT-2, and the ones the engine sweeps.
 SITES = sites.SiteTable(
-    "GPT-2", sites.ALL_SITES,
+    "GPT-2", sites.ALL_SITES + sites.READER_INPUT_SITES,
     sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
            "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"),
-    on_request=("attn.hook_result",))
+    on_request=("attn.hook_result",) + sites.READER_INPUT_SITES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,7 @@ class GPT2Config(Config):
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"
     sites: ClassVar[object] = SITES  # the family's hook points
+    parallel_block: ClassVar[bool] = False  # the MLP reads the attention's output (residual graph)
     family: ClassVar[str] = "gpt2"  # the registry's name (jpatch.model.families)
 
 
@@ -54,6 +55,13 @@ class Attention(eqx.Module):
         q, k, v = jnp.split(qkv, 3, axis=-1)
         split = lambda t: t.reshape(*t.shape[:-1], n_head, -1)
         return split(q), split(k), split(v)
+
+    def qkv_per_head(self, xq, xk, xv):
+        """Each head's own inputs [..., n_head, d] -> q, k, v each [..., n_head, d_head]."""
+        H = xq.shape[-2]
+        w = self.c_attn_w.reshape(self.c_attn_w.shape[0], 3, H, -1)
+        b = self.c_attn_b.reshape(3, H, -1)
+        return tuple(jnp.einsum("...hd,dhe->...he", x, w[:, i]) + b[i] for i, x in enumerate((xq, xk, xv)))
 
     def out(self, z, edit=no_edit):
         """z [..., n_head, d_head] -> [..., d]; per-head attn.hook_result [..., n_head, d] when `edit` wants it."""
@@ -92,11 +100,16 @@ class Block(eqx.Module):
         """
         eps = config.layer_norm_eps
         x = edit("hook_resid_pre", x)
-        q, k, v = self.attn.qkv(self.ln_1(x, eps, edit, "ln1"), config.n_head)
+        split = split_inputs(x, config.n_head, edit)
+        if split is None:
+            q, k, v = self.attn.qkv(self.ln_1(x, eps, edit, "ln1"), config.n_head)
+        else:
+            q, k, v = self.attn.qkv_per_head(*(self.ln_1(t, eps, edit, "ln1") for t in split))
         q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
         z = edit("attn.hook_z", attend(q, k, v))
         x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z, edit)))
-        mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(x, eps, edit, "ln2"), config.activation, edit))
+        mlp_in = edit("hook_mlp_in", x)
+        mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(mlp_in, eps, edit, "ln2"), config.activation, edit))
         return edit("hook_resid_post", x + mlp_out)
 
 

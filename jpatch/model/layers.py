@@ -45,6 +45,20 @@ class LayerNorm(eqx.Module):
         return (normalize_hooked(x, eps, edit, name) * self.weight + self.bias).astype(x.dtype)
 
 
+SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
+
+
+def split_inputs(x, n_head, edit):
+    """The residual each head's q, k and v read, when `edit.split_inputs` asks for them (edge and
+    path patching): a copy of x [..., d] per head, for each of q, k and v, through
+    hook_q_input / hook_k_input / hook_v_input [..., n_head, d], which such an edit replaces.
+    None otherwise: q, k and v all read x (one norm, one projection)."""
+    if not getattr(edit, "split_inputs", False):
+        return None
+    per_head = jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (n_head, x.shape[-1]))
+    return tuple(edit(name, per_head) for name in SPLIT_INPUTS)
+
+
 def causal_attention(q, k, v, key_mask=None, edit=no_edit):
     """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens.
 

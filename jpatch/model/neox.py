@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jpatch.model import sites
 from jpatch.model.architecture import Config, Transformer
-from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate
+from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate, split_inputs
 
 # TransformerLens's NeoX hook points: GPT-2's without hook_pos_embed and hook_resid_mid (the block
 # is parallel), with the rotated attn.hook_rot_q / attn.hook_rot_k.
@@ -21,7 +21,7 @@ SITES = sites.SiteTable(
     "GPT-NeoX", tuple(s for s in sites.VOCABULARY if s not in ("hook_pos_embed", "hook_resid_mid")),
     sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
            "hook_attn_out", "hook_mlp_out", "hook_resid_post"),
-    on_request=("attn.hook_result",))
+    on_request=("attn.hook_result",) + sites.READER_INPUT_SITES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,7 @@ class NeoXConfig(Config):
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
     sites: ClassVar[object] = SITES  # the family's hook points
+    parallel_block: ClassVar[bool] = True  # attention and MLP read the same input (residual graph)
     family: ClassVar[str] = "neox"  # the registry's name (jpatch.model.families)
 
     POSITIVE: ClassVar[tuple] = ("layer_norm_eps", "rotary_base")
@@ -68,6 +69,11 @@ class Attention(eqx.Module):
         project = lambda w, b: jnp.einsum("...d,dhe->...he", x, w) + b
         return project(self.w_q, self.b_q), project(self.w_k, self.b_k), project(self.w_v, self.b_v)
 
+    def qkv_per_head(self, xq, xk, xv):
+        """Each head's own inputs [..., n_head, d] -> q, k, v each [..., n_head, d_head]."""
+        project = lambda x, w, b: jnp.einsum("...hd,dhe->...he", x, w) + b
+        return project(xq, self.w_q, self.b_q), project(xk, self.w_k, self.b_k), project(xv, self.w_v, self.b_v)
+
     def out(self, z, edit=no_edit):
         """z [..., n_head, d_head] -> [..., d]; per-head attn.hook_result [..., n_head, d] when `edit` wants it."""
         if not getattr(edit, "wants_result", False):
@@ -87,6 +93,12 @@ class MLP(eqx.Module):
         return edit("mlp.hook_post", ACTIVATIONS[activation](pre)) @ self.w_out + self.b_out
 
 
+def position_qk(config, q, k, positions):
+    """q, k [..., T, H, d_head] as attention scores them: rotated at `positions`."""
+    rot = lambda t: rotate(t, positions, config.rotary_dim, config.rotary_base)
+    return rot(q), rot(k)
+
+
 class Block(eqx.Module):
     ln1: LayerNorm
     attn: Attention
@@ -98,13 +110,18 @@ class Block(eqx.Module):
         attention and MLP both read the block's input, and both write to its output."""
         eps = config.layer_norm_eps
         x = edit("hook_resid_pre", x)
-        q, k, v = self.attn.qkv(self.ln1(x, eps, edit, "ln1"))
+        split = split_inputs(x, config.n_head, edit)
+        if split is None:
+            q, k, v = self.attn.qkv(self.ln1(x, eps, edit, "ln1"))
+        else:
+            q, k, v = self.attn.qkv_per_head(*(self.ln1(t, eps, edit, "ln1") for t in split))
         q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
-        rot = lambda t: rotate(t, positions, config.rotary_dim, config.rotary_base)
-        q, k = edit("attn.hook_rot_q", rot(q)), edit("attn.hook_rot_k", rot(k))
+        q, k = position_qk(config, q, k, positions)
+        q, k = edit("attn.hook_rot_q", q), edit("attn.hook_rot_k", k)
         z = edit("attn.hook_z", attend(q, k, v))
         attn_out = edit("hook_attn_out", self.attn.out(z, edit))
-        mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(x, eps, edit, "ln2"), config.activation, edit))
+        mlp_in = edit("hook_mlp_in", x)
+        mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(mlp_in, eps, edit, "ln2"), config.activation, edit))
         return edit("hook_resid_post", mlp_out + attn_out + x)  # Hugging Face's order of the sum
 
 
@@ -154,6 +171,9 @@ class NeoX(Transformer):
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", normalized * self.final_norm.weight + self.final_norm.bias)
         return edit("unembed.hook_out", jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32))
+
+    def position_qk(self, q, k, positions):
+        return position_qk(self.config, q, k, positions)
 
     def ln_final(self, x):
         """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""

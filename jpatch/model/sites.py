@@ -20,6 +20,9 @@ SCORES = ("batch", "head", "query", "key")
 # the engine sweeps there, is the family's `SiteTable`.
 LAYER_AXES = {
     "hook_resid_pre": D,
+    "hook_q_input": ("batch", "pos", "head", "d_model"),  # each head's q / k / v input (edge and path
+    "hook_k_input": ("batch", "pos", "head", "d_model"),  # patching replace them; TransformerLens's
+    "hook_v_input": ("batch", "pos", "head", "d_model"),  # use_split_qkv_input)
     "ln1.hook_scale": SCALE,
     "ln1.hook_normalized": D,
     "attn.hook_q": HEADS,
@@ -33,6 +36,7 @@ LAYER_AXES = {
     "attn.hook_result": ("batch", "pos", "head", "d_model"),
     "hook_attn_out": D,
     "hook_resid_mid": D,  # sequential blocks only
+    "hook_mlp_in": D,  # the MLP's input before its norm (TransformerLens's use_hook_mlp_in)
     "ln2.hook_scale": SCALE,
     "ln2.hook_normalized": D,
     "mlp.hook_pre": ("batch", "pos", "d_mlp"),
@@ -50,8 +54,11 @@ GLOBAL_AXES = {
 }
 VOCABULARY = tuple(LAYER_AXES) + tuple(GLOBAL_AXES)  # every name any family may have
 ROTARY_SITES = ("attn.hook_rot_q", "attn.hook_rot_k")
-# TransformerLens's GPT-2 hook points (0.1's names; a family's own are in its SiteTable).
-LAYER_SITES = tuple(s for s in LAYER_AXES if s not in ROTARY_SITES)
+# The reader inputs a block reports only when asked (`edit.split_inputs` for q, k, v).
+SPLIT_INPUT_SITES = ("hook_q_input", "hook_k_input", "hook_v_input")
+READER_INPUT_SITES = SPLIT_INPUT_SITES + ("hook_mlp_in",)
+# TransformerLens's GPT-2 hook points by default (0.1's names; a family's own are in its SiteTable).
+LAYER_SITES = tuple(s for s in LAYER_AXES if s not in ROTARY_SITES + READER_INPUT_SITES)
 GLOBAL_SITES = tuple(GLOBAL_AXES)
 ALL_SITES = LAYER_SITES + GLOBAL_SITES
 # jpatch's own short name beside TransformerLens's shorthand (which spells it "normalized").
