@@ -9,9 +9,9 @@ with transformers (3 layers, d_model 64, 4 heads, rotary on 8 of 16 dims per hea
   same metric as a plain callable (resid_mid is refused: the block is parallel);
 - `sweep` vs brute-force TransformerLens hook runs, with the engine's shortcuts on and off,
   right-padded prompts, and patches that change nothing scoring exactly the base run (a
-  per-prompt metric; with a scalar callable they do not yet: strict xfail);
-- `attribute` ("atp") vs torch autograd through TransformerLens hooks; "atp-qk" and "atp*"
-  are refused on NeoX for now (strict xfail; their references agree with jpatch on GPT-2);
+  per-prompt metric and a scalar callable);
+- `attribute` ("atp", AtP*'s QK fix "atp-qk" through the rotary embedding, GradDrop "atp*") vs
+  torch autograd through TransformerLens hooks;
 - greedy generation vs transformers' `generate(do_sample=False)`.
 
 Nothing is compared against jpatch's own output except where the claim is "the same with a
@@ -412,11 +412,6 @@ def test_no_op_patches_score_exactly_the_base_run(family, setups, site):
             assert np.abs(np.take(got, np.arange(first, T), axis=pos_axis) - base).max() > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jpatch.engine.sweep.sweep (and patching.tl_sweep) substitute the base run's exact score for no-op "
-    "patches only when the metric has one value per prompt (raw.ndim > 1); a scalar callable (the mean "
-    "over the batch, as TransformerLens users write it) gets the float32 recomputation instead: "
-    "no-op patches score up to ~4e-7 (NeoX) / 1.2e-7 (GPT-2), not exactly 0. Engine-generic, not NeoX's."))
 def test_no_op_patches_with_a_scalar_callable_score_exactly_zero(family, setups):
     m, s = family(), setups()
     got = np.asarray(patching.sweep(m.jp, s.clean, s.corrupted, "resid_pre",
@@ -553,14 +548,6 @@ def qk_fix_reference(m, s, site, grad_pattern):
     return out
 
 
-NOT_ON_NEOX = pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "jpatch refuses this method on GPT-NeoX on purpose (families.refuse_unless: AtP*'s QK fix recomputes "
-    "GPT-2's attention layer by hand): \"method='atp-qk' / 'atp*' runs on GPT-2 models only so far\". "
-    "The references below agree with jpatch on GPT-2 (checked to 2.2e-7: QK fix 9.8e-8, GradDrop 2.2e-7), "
-    "ready for when the method is written for every family."))
-
-
-@NOT_ON_NEOX
 @pytest.mark.parametrize("site", ["attn.hook_q", "attn.hook_k"])
 def test_atp_qk_fix_is_the_exact_pattern_change(family, setups, torch_runs, site):
     m, s = family(), setups()
@@ -572,7 +559,6 @@ def test_atp_qk_fix_is_the_exact_pattern_change(family, setups, torch_runs, site
     assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-4  # the test tells the two apart
 
 
-@NOT_ON_NEOX
 @pytest.mark.parametrize("site", ["attn.hook_z", "attn.hook_k"])
 def test_graddrop_matches_torch(family, setups, torch_runs, site):
     """AtP*: (1/(L-1)) sum_l |estimate with layer l's attention and MLP outputs cut from the backward pass|."""

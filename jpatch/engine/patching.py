@@ -20,7 +20,7 @@ from jpatch.engine import execute as engine
 from jpatch.engine import plan
 from jpatch.engine.inputs import as_run, batch_mask, prompt_lengths
 from jpatch.engine.readout import prepare_metric
-from jpatch.engine.scores import applies, no_op_patches, patch_scores
+from jpatch.engine.scores import applies, with_exact_no_ops, patch_scores
 from jpatch.engine.inputs import Run  # jpatch 0.1 had jpatch.patching.Run and .sweep
 from jpatch.engine.sweep import finish, make_patches, sweep  # noqa: F401 (jpatch.patching.sweep)
 from jpatch.model.gpt2 import Cache
@@ -78,11 +78,9 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     corrupted_logits = model(corrupted.tokens, overrides=corrupted.overrides, logits_at=read)
     clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
     corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
-    if raw.ndim > 1:
-        budget = kwargs.get("memory_budget") or plan.default_memory_budget()
-        base_site = engine.cached_sites(model, corrupted.tokens, corrupted.overrides, (site,), budget)[site]
-        no_op = no_op_patches(patches, base_site, clean_cache.stacked(site))
-        raw = np.where(no_op, corrupted_score, raw)
+    budget = kwargs.get("memory_budget") or plan.default_memory_budget()
+    base_site = engine.cached_sites(model, corrupted.tokens, corrupted.overrides, (site,), budget)[site]
+    raw = with_exact_no_ops(raw, patches, base_site, clean_cache.stacked(site), corrupted_score)
     defined = applies(patches, prompt_lengths(mask, N, T))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,
                   axes, shape)

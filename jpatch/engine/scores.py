@@ -149,6 +149,14 @@ def applies(patches, lengths):
     return within & ((src == ALL) | (src < lengths[None, :]))
 
 
+def with_exact_no_ops(raw, patches, base_stack, source_stack, base_score):
+    """`raw` [n_patches, rows] (or [n_patches] for a batch-level metric) with the base run's exact
+    score wherever a patch writes only the base run's own values (`no_op_patches`), so a patch that
+    changes nothing measures exactly 0; a batch-level metric's patch is one when it is in every prompt."""
+    no_op = no_op_patches(patches, base_stack, source_stack)
+    return np.where(no_op if raw.ndim > 1 else no_op.all(1), base_score, raw)
+
+
 def no_op_patches(patches, base_stack, source_stack):
     """[n_patches, rows]: True where every value a patch writes equals the base run's own value.
 

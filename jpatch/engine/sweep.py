@@ -16,7 +16,7 @@ from jpatch.engine import plan
 from jpatch.engine.plan import ALL, Patches
 from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
 from jpatch.engine.readout import prepare_metric, read_logits
-from jpatch.engine.scores import applies, no_op_patches, patch_scores
+from jpatch.engine.scores import applies, patch_scores, with_exact_no_ops
 from jpatch.model import families, sites
 from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Grid, Mask, Tokens
@@ -30,9 +30,10 @@ def default_axes(site, table=None):
     None (before a model is loaded) checks the sites some family's engine sweeps."""
     site = sites.canonical(site)
     sweepable = table.sweep_sites if table is not None else families.SWEEP_SITES
+    if table is not None and site not in table:
+        raise ValueError(f"{table.family} has no hook point {site!r}; sweepable: {', '.join(sweepable)}")
     if site not in sweepable:
-        per_layer = site in (table.layer if table is not None else sites.LAYER_AXES)
-        why = "has no layers to sweep" if not per_layer else "is not patched by the sweep engine"
+        why = "has no layers to sweep" if site not in sites.LAYER_AXES else "is not patched by the sweep engine"
         family = f" in {table.family}" if table is not None else ""
         raise ValueError(f"site {site!r} {why}{family}; sweepable: {', '.join(sweepable)}")
     axes = sites.LAYER_AXES[site]
@@ -216,10 +217,9 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
     raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
                        skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
-    if raw.ndim > 1:
-        base_site = engine.cached_sites(model, base.tokens, base.overrides, (site,), memory_budget)[site]
-        no_op = no_op_patches(patches, base_site, source_cache.stacked(site))
-        raw = np.where(no_op, corrupted_score if direction == "denoise" else clean_score, raw)
+    base_site = engine.cached_sites(model, base.tokens, base.overrides, (site,), memory_budget)[site]
+    raw = with_exact_no_ops(raw, patches, base_site, source_cache.stacked(site),
+                            corrupted_score if direction == "denoise" else clean_score)
     defined = applies(patches, np.tile(lengths, S))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,
                   shape, samples=S, per_prompt=per_prompt, check=check_finite)
