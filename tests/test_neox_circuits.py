@@ -211,21 +211,12 @@ def tl_caches(m):
         return {name: m.tl.run_with_cache(torch.tensor(getattr(m, name)))[1] for name in ("clean", "corrupted")}
 
 
-# path_patch with the logits as the only receiver and MLPs recomputed takes a shortcut (pass 1 at
-# the metric's read positions alone) that hands the block positions for every token: NeoX's rotary
-# embedding cannot concatenate the rotated [B, T] half with the [B, 1] rest and raises. GPT-2's block
-# takes no positions, so it never showed. The same quantity is checked through ["m0", "logits"]
-# (MLP 0 reads only the embeddings on a parallel block, so it receives nothing from any head).
-LOGITS_SHORTCUT_CRASH = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="jpatch bug: circuits._path_scores' logits-only shortcut sets read_pos=None after picking the read "
-           "positions, so _path_forward's pass 1 runs the NeoX block on [B, 1, d] rows with "
-           "model.positions(tokens) [B, T]; rotary's concatenate fails (TypeError)")
-
-
+# With the logits as the only receiver and MLPs recomputed, pass 1 runs at the metric's read
+# positions alone (a shortcut); ["m0", "logits"] checks the same quantity without it (MLP 0 reads
+# only the embeddings on a parallel block, so it receives nothing from any head).
 @pytest.mark.parametrize("receivers,freeze_mlps,direction", [
-    pytest.param(["logits"], False, "noise", marks=LOGITS_SHORTCUT_CRASH),
-    pytest.param(["logits"], False, "denoise", marks=LOGITS_SHORTCUT_CRASH),
+    (["logits"], False, "noise"),
+    (["logits"], False, "denoise"),
     (["m0", "logits"], False, "noise"),
     (["m0", "logits"], False, "denoise"),
     (["m1"], False, "noise"),
