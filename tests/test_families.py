@@ -29,13 +29,12 @@ def test_site_table_lists_exactly_what_the_forward_caches_with_its_shapes(name):
     family = families.by_name(name)
     config = family.config(n_layer=2, n_head=4, d_model=32, d_mlp=64, n_ctx=32, d_vocab=50)
     model = family.model.init(config, key=jax.random.PRNGKey(1))
-    tokens = jnp.zeros((3, 5), jnp.int32)
+    tokens, table = jnp.zeros((3, 5), jnp.int32), config.sites
     # Asking for the per-head q/k/v inputs splits the norm before them per head (ln1's hooks get a
     # head axis, as in TransformerLens's use_split_qkv_input): those are checked on their own.
-    split = lambda n: any(n.endswith(s) for s in sites.SPLIT_INPUT_SITES)
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: not split(n))
-    _, split_cache = model.run_with_cache(tokens, names_filter=split)
-    table = config.sites
+    _, cache = model.run_with_cache(tokens, names_filter=[s for s in table.all_sites
+                                                         if s not in sites.SPLIT_INPUT_SITES])
+    _, split_cache = model.run_with_cache(tokens, names_filter=list(sites.SPLIT_INPUT_SITES))
     assert set(cache.stacks) | set(split_cache.stacks) == set(table.all_sites)
     for site in table.all_sites:
         lead = (config.n_layer,) if site in table.layer else ()

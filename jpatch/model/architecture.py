@@ -83,13 +83,17 @@ def record_sites(names_filter, table, n_layer):
 
     None: every site of the family except those computed only on request (attn.hook_result);
     a name or list of names in any spelling; or a function of a full hook name (TransformerLens's
-    filter), asked about every layer's name. A site is kept at every layer if any is asked.
+    filter), asked about every layer's name (the reader inputs hook_q_input ... hook_mlp_in only
+    when named). A site is kept at every layer if any is asked.
     """
     if names_filter is None:
         return frozenset(table.all_sites) - frozenset(table.on_request)
     if callable(names_filter):
+        # The reader inputs change how a block computes (q, k, v per head), so as in TransformerLens
+        # (use_split_qkv_input) they are recorded only when named, never by a filter function.
         full = lambda s: [sites.full_name(s, l) for l in range(n_layer)] if s in table.layer else [s]
-        return frozenset(s for s in table.all_sites if any(names_filter(n) for n in full(s)))
+        return frozenset(s for s in table.all_sites
+                         if s not in sites.READER_INPUT_SITES and any(names_filter(n) for n in full(s)))
     names = [names_filter] if isinstance(names_filter, (str, tuple)) else list(names_filter)
     return frozenset(table.check(sites.resolve(n)[0]) for n in names)
 

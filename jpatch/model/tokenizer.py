@@ -105,46 +105,38 @@ def check_str(text, what):
         raise TypeError(f"{what} expects a str, got {type(text).__name__}: {text!r:.80}")
 
 
-def _check_ids(ids, what):
-    """``ids`` (a sequence or 1-D array of ints) as a list of Python ints in [0, VOCAB_SIZE)."""
-    if isinstance(ids, (str, bytes)):
-        raise TypeError(f"{what} expects a sequence of token ids, got {type(ids).__name__}: {ids!r:.80}")
-    arr = np.asarray(ids)
-    if arr.size == 0:
-        return []
-    if arr.ndim != 1 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(
-            f"{what} expects a 1-D sequence of integer token ids, got {type(ids).__name__} "
-            f"with shape {arr.shape} and dtype {arr.dtype}"
-        )
-    bad = arr[(arr < 0) | (arr >= VOCAB_SIZE)]
-    if bad.size:
-        raise ValueError(f"token id {int(bad[0])} is outside the GPT-2 vocabulary [0, {VOCAB_SIZE})")
-    return arr.tolist()
+class TextTokenizer:
+    """Text <-> token ids through a ``tokenizers.Tokenizer`` (``self._tok``): what the models'
+    text methods use. A subclass sets ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id`` and the
+    words its messages use (``vocabulary``, ``single_token``)."""
 
-
-class GPT2Tokenizer:
-    """GPT-2's tokenizer: text <-> token ids (ints in [0, 50257)).
-
-    Get the shared instance with :func:`get_tokenizer`. No BOS token is
-    prepended anywhere; prepend ``eos_id`` yourself if you want one.
-    """
-
-    vocab_size = VOCAB_SIZE
-    eos_id = EOS_ID
-    bos_id = EOS_ID  # what `to_tokens` prepends (prepend_bos), as TransformerLens does
-    pad_id = EOS_ID  # what `to_tokens` pads texts of different lengths with
-
-    def __init__(self, backend=None):
-        self._tok = backend if backend is not None else build_backend()
+    vocabulary = "the vocabulary"  # "token id 7 is outside <vocabulary> [0, n)"
+    single_token = "a single token"  # "'x' is not <single_token>: ..."
 
     @property
     def backend(self):
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tok
 
+    def _check_ids(self, ids, what):
+        """``ids`` (a sequence or 1-D array of ints) as a list of Python ints in [0, vocab_size)."""
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"{what} expects a sequence of token ids, got {type(ids).__name__}: {ids!r:.80}")
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            return []
+        if arr.ndim != 1 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(
+                f"{what} expects a 1-D sequence of integer token ids, got {type(ids).__name__} "
+                f"with shape {arr.shape} and dtype {arr.dtype}"
+            )
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside {self.vocabulary} [0, {self.vocab_size})")
+        return arr.tolist()
+
     def encode(self, text):
-        """``str`` -> token ids, ``list[int]`` of length [pos]. ``<|endoftext|>`` -> 50256."""
+        """``str`` -> token ids, ``list[int]`` of length [pos]; special tokens in the text encode to their ids."""
         check_str(text, "encode")
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -152,17 +144,17 @@ class GPT2Tokenizer:
         """Token ids ([pos] list or 1-D array) -> ``str``; special tokens are kept.
 
         Ids whose bytes are not valid UTF-8 on their own decode to U+FFFD.
-        Raises ValueError naming any id outside [0, 50257).
+        Raises ValueError naming any id outside the vocabulary.
         """
-        return self._tok.decode(_check_ids(ids, "decode"), skip_special_tokens=False)
+        return self._tok.decode(self._check_ids(ids, "decode"), skip_special_tokens=False)
 
-    def encode_batch(self, texts, *, padding_side="right", pad_id=EOS_ID):
+    def encode_batch(self, texts, *, padding_side="right", pad_id=None):
         """Encode ``texts`` ([batch] strs) and pad to the longest.
 
         Returns ``(tokens, attention_mask)``, both ``np.ndarray`` of shape
         [batch, pos] and dtype int32, pos = the longest encoding; the mask is 1
-        on real tokens and 0 on padding (filled with ``pad_id``), which goes on
-        the ``padding_side`` ("right" or "left").
+        on real tokens and 0 on padding (filled with ``pad_id``, default ``self.pad_id``),
+        which goes on the ``padding_side`` ("right" or "left").
         """
         if isinstance(texts, str) or not hasattr(texts, "__iter__"):
             raise TypeError(f"encode_batch expects a list of str, got {type(texts).__name__}: {texts!r:.80}")
@@ -171,19 +163,17 @@ class GPT2Tokenizer:
             check_str(t, "encode_batch")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < VOCAB_SIZE:
-            raise ValueError(f"pad_id must be an int in [0, {VOCAB_SIZE}), got {pad_id!r}")
+        pad_id = self.pad_id if pad_id is None else pad_id
+        if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < self.vocab_size:
+            raise ValueError(f"pad_id must be an int in [0, {self.vocab_size}), got {pad_id!r}")
         encoded = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
         pos = max((len(ids) for ids in encoded), default=0)
         tokens = np.full((len(encoded), pos), pad_id, dtype=np.int32)
         mask = np.zeros((len(encoded), pos), dtype=np.int32)
         for i, ids in enumerate(encoded):
-            n = len(ids)
-            if n == 0:
-                continue
-            sl = slice(0, n) if padding_side == "right" else slice(pos - n, pos)
-            tokens[i, sl] = ids
-            mask[i, sl] = 1
+            if ids:
+                sl = slice(0, len(ids)) if padding_side == "right" else slice(pos - len(ids), pos)
+                tokens[i, sl], mask[i, sl] = ids, 1
         return tokens, mask
 
     def is_single_token(self, word):
@@ -192,7 +182,7 @@ class GPT2Tokenizer:
         return len(self.encode(word)) == 1
 
     def token_id(self, word):
-        """The id of ``word`` if it is exactly one token (" Mary" -> 5335).
+        """The id of ``word`` if it is exactly one token (" Mary" -> 5335 in GPT-2).
 
         Raises ValueError naming the word and showing its token split otherwise.
         """
@@ -200,7 +190,7 @@ class GPT2Tokenizer:
         ids = self.encode(word)
         if len(ids) != 1:
             raise ValueError(
-                f"{word!r} is not a single GPT-2 token: it encodes to {len(ids)} tokens "
+                f"{word!r} is not {self.single_token}: it encodes to {len(ids)} tokens "
                 f"{self.to_str_tokens(ids)!r} (ids {ids})"
             )
         return ids[0]
@@ -214,8 +204,26 @@ class GPT2Tokenizer:
         """
         if isinstance(ids, str):
             ids = self.encode(ids)
-        ids = _check_ids(ids, "to_str_tokens")
+        ids = self._check_ids(ids, "to_str_tokens")
         return self._tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
+
+
+class GPT2Tokenizer(TextTokenizer):
+    """GPT-2's tokenizer: text <-> token ids (ints in [0, 50257)).
+
+    Get the shared instance with :func:`get_tokenizer`. No BOS token is
+    prepended anywhere; prepend ``eos_id`` yourself if you want one.
+    """
+
+    vocab_size = VOCAB_SIZE
+    eos_id = EOS_ID
+    bos_id = EOS_ID  # what `to_tokens` prepends (prepend_bos), as TransformerLens does
+    pad_id = EOS_ID  # what `to_tokens` pads texts of different lengths with
+    vocabulary = "the GPT-2 vocabulary"
+    single_token = "a single GPT-2 token"
+
+    def __init__(self, backend=None):
+        self._tok = backend if backend is not None else build_backend()
 
     def __repr__(self):
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
