@@ -316,3 +316,16 @@ def test_config_family(tmp_path):
 def test_gpt2_tokenizer_bos_and_pad():
     tok = jpatch.get_tokenizer()
     assert tok.bos_id == tok.pad_id == tok.eos_id == 50256
+
+
+def test_hidden_padding_is_refused_with_the_tokenizers_pad_id(files, model, tmp_path):
+    """A sweep of texts padded by the model's own tokenizer, given without their mask, is refused
+    (the pad id is the tokenizer's, not GPT-2's 50256); without a tokenizer, the last id pads."""
+    from jpatch.methods import metrics
+    tokens, mask = model.to_tokens(TEXTS[:2])
+    assert model.pad_id == files["hf_tok"].bos_token_id  # no pad token named: BOS pads, as TransformerLens
+    metric = metrics.logit_diff(np.array([1, 2]), np.array([3, 4]))
+    with pytest.raises(ValueError, match=f"end in the pad token {model.pad_id} while others do not"):
+        jpatch.sweep(model, tokens, tokens, "resid_pre", metric, progress=False)
+    bare = jpatch.load(convert_hf(files["dirs"]["bare"], tmp_path / "bare"))
+    assert bare.pad_id == bare.config.d_vocab - 1

@@ -53,7 +53,7 @@ def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mas
     the clean cache's last residual stream (no clean forward)."""
     corrupted = as_run(corrupted_tokens, "corrupted_tokens")
     N, T = corrupted.tokens.shape
-    mask = batch_mask(attention_mask, corrupted, pad_id=model.config.d_vocab - 1)
+    mask = batch_mask(attention_mask, corrupted, pad_id=model.pad_id)
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
     read = metric.read_positions(N, T)
     final = clean_cache.stacked("hook_resid_post")[-1]

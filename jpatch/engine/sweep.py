@@ -190,7 +190,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     clean, corrupted = paired_runs(clean, corrupted)
     axes = tuple(axes or default_axes(site, model.sites))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     lengths = prompt_lengths(mask, B, T)
     metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     clean_rows = clean.tiled(S)

@@ -87,7 +87,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     check_base(base)
     N, T = clean.tokens.shape
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
     data, read = metric.batch_data(N), metric.read_positions(N, T)
     run = lambda r, overrides=None: model(r.tokens, overrides={**r.overrides, **(overrides or {})},

@@ -203,7 +203,7 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     axes = tuple(axes or default_axes(site, model.sites))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     cfg = model.config
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=cfg.d_vocab - 1)
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     lengths = np.tile(prompt_lengths(mask, B, T), S)
     metric = prepare_metric(metric, cfg.d_vocab, B, T, mask, S)
     patches, shape = make_patches(cfg, site, axes, T, S * B)  # validates the axes

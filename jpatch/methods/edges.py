@@ -230,7 +230,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     # Right padding needs no mask in the forward: real positions never attend to later pads, and
     # the metric reads each prompt's last real token, so pad positions get no gradient.
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.config.d_vocab - 1)
+    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     clean_rows = clean.tiled(S)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)

@@ -21,6 +21,16 @@ class FrontDoor:
                              "the GPT-2 tokenizer does not apply; pass token ids")
         return get_tokenizer()
 
+    @property
+    def pad_id(self):
+        """The id texts of different lengths are padded with: the tokenizer's (GPT-2's 50256), else the
+        vocabulary's last id. Prompts given without an attention_mask whose rows end in it in some rows
+        only are refused as hidden padding (`jpatch.engine.inputs.batch_mask`)."""
+        try:
+            return self.tokenizer.pad_id
+        except ValueError:  # no tokenizer for this model
+            return self.config.d_vocab - 1
+
     def to_tokens(self, input, prepend_bos=True, padding_side="right"):
         """Text -> int32 tokens [batch, pos], with the tokenizer's BOS first when prepend_bos
         (GPT-2's and Pythia's <|endoftext|>: 50256, 0), as TransformerLens's `to_tokens`. A list
