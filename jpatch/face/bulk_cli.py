@@ -96,6 +96,7 @@ def main(args):
         # Validate the data before loading weights, so a bad line is reported at once.
         dataset = read_dataset(args.data, corruption=corruption, metric=metric)
         model = load(args.model, dtype=args.dtype)
+        model.check_gpt2_ids(f"{args.data}'s prompts (read with GPT-2's tokenizer)")
         run = bulk_sweep(model, dataset, args.sites, corruption, metric, args.out, direction=args.direction,
                          window=args.window, shard_size=args.shard_size, memory_budget=memory_budget,
                          seed=args.seed, n_samples=args.n_samples, noise_scale=args.noise_scale,

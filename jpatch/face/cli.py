@@ -94,9 +94,14 @@ def load_model(name):
     import jpatch
 
     try:
-        return jpatch.load(name)
+        model = jpatch.load(name)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise Fail(f"cannot load model {name!r}: {e}") from None
+    try:  # every command that loads a model here runs the bundled (GPT-2-tokenized) tasks
+        model.check_gpt2_ids("the command line's tasks")
+    except ValueError as e:
+        raise Fail(f"model {name!r}: {e}") from None
+    return model
 
 
 def top_components(result, axes, tokens=None, k=8):

@@ -143,6 +143,7 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
     overwrite: replace a non-empty out_dir (refused otherwise, before any work).
     Returns the path of report.md. Nothing is left at out_dir if a section raises.
     """
+    model.check_gpt2_ids("the paper's tasks")
     _check_settings(n_prompts=n_prompts, n_factual=n_factual, noise_samples=noise_samples, window=window,
                     top_k=top_k, min_bucket=min_bucket, noise_scale=noise_scale, ioi_split=ioi_split)
     check_target(out_dir, overwrite, kind="paper")

@@ -21,6 +21,15 @@ class FrontDoor:
                              "the GPT-2 tokenizer does not apply; pass token ids")
         return get_tokenizer()
 
+    def check_gpt2_ids(self, what):
+        """Refuse `what` (token ids made by GPT-2's tokenizer: the bundled tasks, a text dataset read
+        without this model's tokenizer) on a family with another vocabulary: they would be valid ids
+        of the wrong tokens, and every number computed from them wrong."""
+        if self.config.family != "gpt2":
+            raise ValueError(f"{what} are tokenized with GPT-2's tokenizer, and this is a {self.sites.family} model "
+                             "with its own vocabulary: build prompts with model.to_tokens (or read a dataset with "
+                             "jpatch.data.dataset.read_dataset(path, tokenizer=model.tokenizer)) and use the Python API")
+
     @property
     def pad_id(self):
         """The id texts of different lengths are padded with: the tokenizer's (GPT-2's 50256), else the

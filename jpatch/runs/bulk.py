@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpatch.data.dataset import FILE_CORRUPTIONS, MAX_ERRORS, as_dataset, key_token_std
+from jpatch.data.dataset import FILE_CORRUPTIONS, MAX_ERRORS, Dataset, as_dataset, key_token_std
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import Run, check_direction
 from jpatch.engine.patching import SWEEPS
@@ -226,7 +226,7 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
                process_count=None, manifest_timeout=600.0, devices=None):
     """Sweep `sites` over every prompt of `dataset`, streaming per-prompt results to `out_dir`.
 
-    model: a jpatch GPT2. dataset: a JSONL path, a `Dataset` (`read_dataset`) or a list of
+    model: a jpatch model. dataset: a JSONL path, a `Dataset` (`read_dataset`) or a list of
     example dicts. sites: names (list or comma-separated) of `SWEEPS` ("resid_pre",
     "attn_head_out_all_pos", ...) or sites ("mlp_out", "attn.hook_z": default axes).
     corruption: "str" (the example's "corrupted" prompt) or "noise" (Gaussian noise on its
@@ -268,6 +268,8 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     specs = resolve_sites(sites, int(window))
+    if not isinstance(dataset, Dataset):  # read here, with GPT-2's tokenizer
+        model.check_gpt2_ids("the dataset's prompts")
     dataset = as_dataset(dataset, corruption, metric, model.config.n_ctx)
     out_dir = Path(out_dir).expanduser()
 
