@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.methods.edges import graph_names, reader_bias
-from jpatch.model.layers import SPLIT_INPUTS, causal_attention
+from jpatch.model.layers import causal_attention
+from jpatch.model.sites import SPLIT_INPUT_SITES
 from jpatch.engine.inputs import as_run
 from jpatch.engine.readout import checked_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
@@ -94,8 +95,8 @@ def edge_forward(model, tokens, mask, source, read_pos=None):
         start, got = 1 + l * (H + 1), {}
 
         def edit(name, act):
-            if name in SPLIT_INPUTS:  # [B, T, H, d]: each head's mix for this input
-                cols = slice(SPLIT_INPUTS.index(name) * H, (SPLIT_INPUTS.index(name) + 1) * H)
+            if name in SPLIT_INPUT_SITES:  # [B, T, H, d]: each head's mix for this input
+                cols = slice(SPLIT_INPUT_SITES.index(name) * H, (SPLIT_INPUT_SITES.index(name) + 1) * H)
                 return jnp.moveaxis(mix(m_own[:, cols], m_src[:, cols], buf) + b[cols, None, None], 0, 2)
             if name == "attn.hook_result":
                 got["buf"] = jax.lax.dynamic_update_slice_in_dim(buf, jnp.moveaxis(act, 2, 0), start, 0)

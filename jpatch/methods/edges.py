@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import sites
-from jpatch.model.layers import SPLIT_INPUTS
+from jpatch.model.sites import SPLIT_INPUT_SITES
 from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
 from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
 from jpatch.engine.readout import prepare_metric
@@ -73,7 +73,7 @@ def graph_names(config):
 def reader_bias(model):
     """[n_readers, d_model]: the attention output biases b_O each reader's input holds (those of the
     layers whose heads it sees); the same in every run, so edges never mix them."""
-    w_stage, r_stage = _stages(model.config)
+    r_stage = _stages(model.config)[1]
     head_stage = 2 * np.arange(model.config.n_layer) + 1
     sees = (head_stage[None, :] < r_stage[:, None]).astype(np.float32)  # [n_readers, L]
     return jnp.asarray(sees) @ model.b_O.astype(jnp.float32)
@@ -124,7 +124,7 @@ def _reader_grads(grads):
     """Gradients at every reader's input [n_readers, rows, pos, d_model], in the graph's order (per
     layer: each head's q, k, v input, the MLP's input; then the logits' final residual), from the
     gradients at the reader-input sites."""
-    per_head = jnp.concatenate([jnp.moveaxis(grads[s], 3, 1) for s in SPLIT_INPUTS], axis=1)  # [L, 3H, n, t, d]
+    per_head = jnp.concatenate([jnp.moveaxis(grads[s], 3, 1) for s in SPLIT_INPUT_SITES], axis=1)  # [L, 3H, n, t, d]
     per_layer = jnp.concatenate([per_head, grads["hook_mlp_in"][:, None]], axis=1)
     per_layer = per_layer.reshape((-1,) + per_layer.shape[2:])
     return jnp.concatenate([per_layer, grads["hook_resid_post"][-1][None]]).astype(jnp.float32)
@@ -141,7 +141,7 @@ def _writes(base, source):
 
 # Gradients are taken at the readers' inputs (and the last residual, the logits' reader); the
 # writes shift the residual at hook_attn_out / hook_mlp_out (EAP-IG's interpolations).
-_GRAD_SITES = SPLIT_INPUTS + ("hook_mlp_in", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_GRAD_SITES = SPLIT_INPUT_SITES + ("hook_mlp_in", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 _RECORD = ("hook_resid_pre", "attn.hook_result", "hook_mlp_out", "hook_attn_out")
 
 

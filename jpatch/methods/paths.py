@@ -11,7 +11,8 @@ from jpatch.engine.readout import checked_metric
 from jpatch.methods.circuits import (float32_model, layer_writes, pair_tokens, reader_indices, run_writes,
                                      writer_index)
 from jpatch.methods.edges import graph_names
-from jpatch.model.layers import SPLIT_INPUTS, causal_attention
+from jpatch.model.layers import causal_attention
+from jpatch.model.sites import SPLIT_INPUT_SITES
 
 
 def _sender_onehots(config, senders):
@@ -104,8 +105,8 @@ def _path_forward(model, tokens, base, src_writes, sender, receive, read_pos, fr
         block, r, pre, mlp = xs
 
         def edit(name, act):
-            if name in SPLIT_INPUTS:  # [B, T, H, d]
-                heads = r[SPLIT_INPUTS.index(name) * H:(SPLIT_INPUTS.index(name) + 1) * H]
+            if name in SPLIT_INPUT_SITES:  # [B, T, H, d]
+                heads = r[SPLIT_INPUT_SITES.index(name) * H:(SPLIT_INPUT_SITES.index(name) + 1) * H]
                 return jnp.where(heads[:, None], pre[:, :, None], act)
             if name == "hook_mlp_in":
                 return jnp.where(r[3 * H], mlp, act)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model.layers import SPLIT_INPUTS, causal_attention
+from jpatch.model.architecture import request_flags
+from jpatch.model.layers import causal_attention
 
 WRITES = ("hook_attn_out", "hook_mlp_out")  # a layer's writes to the residual stream (GradDrop)
 
@@ -49,8 +50,7 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
                 act = _scale_grad(act, layer_keep)
             return act
 
-        edit.split_inputs = any(s in layer_eps for s in SPLIT_INPUTS)
-        edit.wants_result = "attn.hook_result" in record or "attn.hook_result" in layer_eps
+        request_flags(edit, {*record, *layer_eps})
         attend = lambda q, k, v: causal_attention(q, k, v, key_mask, edit)
         return block(x, positions, cfg, attend, edit), acts
 

@@ -108,8 +108,14 @@ def editor(plan, cache, record, layer=None):
             cache[site] = act
         return act
 
-    edit.wants_result = "attn.hook_result" in record or "attn.hook_result" in plan
-    edit.split_inputs = any(s in record or s in plan for s in sites.SPLIT_INPUT_SITES)
+    return request_flags(edit, {*record, *plan})
+
+
+def request_flags(edit, requested):
+    """Mark `edit` with what a block computes only on request: per-head results (attn.hook_result)
+    and per-head q / k / v inputs (hook_q_input ...) when any of them is among the `requested` sites."""
+    edit.wants_result = "attn.hook_result" in requested
+    edit.split_inputs = any(s in requested for s in sites.SPLIT_INPUT_SITES)
     return edit
 
 

@@ -11,6 +11,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from jpatch.model import sites
+
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -45,9 +47,6 @@ class LayerNorm(eqx.Module):
         return (normalize_hooked(x, eps, edit, name) * self.weight + self.bias).astype(x.dtype)
 
 
-SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
-
-
 def split_inputs(x, n_head, edit):
     """The residual each head's q, k and v read, when `edit.split_inputs` asks for them (edge and
     path patching): a copy of x [..., d] per head, for each of q, k and v, through
@@ -56,7 +55,7 @@ def split_inputs(x, n_head, edit):
     if not getattr(edit, "split_inputs", False):
         return None
     per_head = jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (n_head, x.shape[-1]))
-    return tuple(edit(name, per_head) for name in SPLIT_INPUTS)
+    return tuple(edit(name, per_head) for name in sites.SPLIT_INPUT_SITES)
 
 
 def causal_attention(q, k, v, key_mask=None, edit=no_edit):
