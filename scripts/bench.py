@@ -139,7 +139,7 @@ def engine_flops(model, name, n_prompts, pos):
     patches, _ = make_patches(cfg, site, axes, pos, n_prompts)
     layout = plan.plan_layout(patches, cfg.n_layer, pos, merge_below=plan.cheap_row_layers(cfg, n_prompts))  # as the engine plans
     d, H = cfg.d_model, cfg.n_head
-    per_row = plan.block_flops_per_row(cfg)
+    per_row = cfg.block_flops_per_row()
     total = 0
     for stage in layout.stages:
         layers = stage.end_layer - stage.first_layer

@@ -7,6 +7,7 @@ import tokenize
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,3 +86,31 @@ def test_the_weight_name_check_finds_a_planted_name(tmp_path):
     with open(planted, "rb") as f:
         names = [t.string for t in tokenize.tokenize(f.readline) if t.type == tokenize.NAME]
     assert [n for n in names if GPT2_WEIGHT_NAMES.fullmatch(n)] == ["c_attn_w"]
+
+
+def _matmul_flops(jaxpr):
+    """2 x the multiply-adds of every dot_general in a jaxpr (a scan's body times its length)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in lhs_contract])
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += times * _matmul_flops(sub)
+    return int(total)
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_cost_model_counts_the_forwards_matmuls(name):
+    """The planner's FLOPs per block row equal the dot products the forward itself traces on one
+    token (minus attention's two per head, which scale with the keys, and the unembedding)."""
+    family = families.by_name(name)
+    config = family.config(n_layer=3, n_head=4, d_model=32, d_mlp=48, n_ctx=32, d_vocab=50)
+    model = family.model.init(config, key=jax.random.PRNGKey(1))
+    jaxpr = jax.make_jaxpr(lambda tokens: model(tokens))(jnp.zeros((1, 1), jnp.int32)).jaxpr
+    attention = 2 * 2 * config.n_head * config.d_head  # q.k and pattern.v against one key
+    unembed = 2 * config.d_model * config.d_vocab
+    per_block = (_matmul_flops(jaxpr) - unembed) / config.n_layer - attention
+    assert per_block == config.block_flops_per_row()

@@ -222,7 +222,7 @@ def cached_sites(model, tokens, overrides, keep, memory_budget):
     N, T = tokens.shape
     itemsize = 4  # activations are float32 whatever the weights' dtype
     # one prompt's forward: a layer's activations plus float32 scores and pattern, and the kept stacks
-    per_prompt = T * (10 * cfg.d_model + cfg.d_mlp) * itemsize + 3 * cfg.n_head * T * T * 4
+    per_prompt = T * (cfg.block_floats_per_row() + 3 * cfg.d_model) * itemsize + 3 * cfg.n_head * T * T * 4
     per_prompt += sum(cfg.n_layer * math.prod(sites.activation_shape(cfg, s, 1, T)) for s in keep if s != "final") * itemsize
     chunk = int(max(1, min(N, memory_budget // max(per_prompt, 1))))
     if chunk == N:

@@ -117,16 +117,10 @@ class Rows(NamedTuple):
     at: jax.Array  # [n, T]
 
 
-def block_flops_per_row(config):
-    """The FLOPs of one block's matmuls (q/k/v, output, MLP) on one row."""
-    d = config.d_model
-    return 2 * (4 * d * d + 2 * d * config.d_mlp)
-
-
 def cheap_row_layers(config, n_prompts):
     """Row-layers (per prompt) cheaper to recompute than one more stage is to compile:
     STAGE_COMPILE_FLOPS of block matmuls over n_prompts prompts (plan_groups' merge_below)."""
-    return STAGE_COMPILE_FLOPS / (block_flops_per_row(config) * max(n_prompts, 1))
+    return STAGE_COMPILE_FLOPS / (config.block_flops_per_row() * max(n_prompts, 1))
 
 
 def _starts(patches, n_layer, pos_len, skip_layers, skip_positions, max_stages, merge_below):
@@ -242,7 +236,7 @@ def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
     n = len(layout.order)
     T = layout.row_at.shape[1]
     d, H = config.d_model, config.n_head
-    per_row = 3 * d + config.d_mlp + 4 * d
+    per_row = config.block_floats_per_row()
     window, per_step = attention_steps(rows, T, span, H)
     step_rows = window * per_step
     own_keys = 2 * (rows + span + per_step * (window + span)) * d * itemsize  # padded keys/values, a step's windows

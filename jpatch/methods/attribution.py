@@ -213,7 +213,7 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     read_pos = metric.read_positions(rows, T)
     mask = None if mask is None else jnp.asarray(np.tile(mask, (S, 1)).astype(np.int32))
     # Per prompt row: the activations the backward pass keeps (x n_layer for GradDrop's vmapped passes).
-    row_bytes = 4 * cfg.n_layer * T * (16 * cfg.d_model + 4 * cfg.n_head * T) * (cfg.n_layer if method == "atp*" else 1)
+    row_bytes = 4 * cfg.n_layer * T * (2 * cfg.block_floats_per_row() + 4 * cfg.n_head * T) * (cfg.n_layer if method == "atp*" else 1)
     parts = [jax.device_get(_estimate_from_runs(
         model, jnp.asarray(base.tokens[sl]), take_rows(base.overrides, sl, rows), jnp.asarray(source.tokens[sl]),
         take_rows(source.overrides, sl, rows), None if read_pos is None else jnp.asarray(read_pos[sl]),

@@ -60,6 +60,27 @@ class Config:
     def d_head(self):
         return self.d_model // self.n_head
 
+    # The cost model: what the planner and every memory budget read of a family's block.
+    @property
+    def n_kv_head(self):
+        """Key/value heads (fewer than n_head under grouped-query attention)."""
+        return self.n_head
+
+    @property
+    def d_mlp_in(self):
+        """Width of the MLP's input projection (twice d_mlp for a gated MLP)."""
+        return self.d_mlp
+
+    def block_flops_per_row(self):
+        """FLOPs of one block's matmuls (q, k, v, output, MLP in and out) on one row."""
+        d, dh = self.d_model, self.d_head
+        return 2 * (d * dh * (2 * self.n_head + 2 * self.n_kv_head) + d * (self.d_mlp_in + self.d_mlp))
+
+    def block_floats_per_row(self):
+        """Floats one block holds per row besides attention scores: q, k, v, the MLP's hidden
+        units and four residual-width vectors (input, normed, attention and MLP outputs)."""
+        return self.d_head * (self.n_head + 2 * self.n_kv_head) + self.d_mlp_in + 4 * self.d_model
+
     # TransformerLens's field names beside jpatch's own.
     n_layers = property(lambda self: self.n_layer)
     n_heads = property(lambda self: self.n_head)
