@@ -3,6 +3,7 @@ the edge-level forward, exact path patching (Wang et al.'s two passes written wi
 faithfulness and ACDC on a random 3-layer model."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -279,8 +280,21 @@ def test_acdc_thresholds_and_eap_order(models, tokens):
 
     _, jp = models
     clean, corrupted = tokens
-    everything = acdc(jp, clean, corrupted, threshold=0.0)
-    np.testing.assert_array_equal(everything.keep, everything.valid)
+    # Threshold 0 keeps every edge in exact arithmetic (KL starts at 0 and cannot fall); in float32
+    # an edge whose effect is below rounding may go either way, and only such an edge.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        everything = acdc(jp, clean, corrupted, threshold=0.0)
+    assert 0 < everything.noise < 1e-5
+    removed = everything.valid & ~everything.keep
+    assert (np.abs(everything.scores[removed]) <= everything.noise).all()
+    assert removed.sum() < 0.05 * everything.valid.sum()
+    # A decision within the noise of the threshold is warned about: the first edge tried (the logits'
+    # latest writer) is tried from the full graph in every run, so its score is the same at any threshold.
+    last = len(everything.readers) - 1
+    first = max(np.flatnonzero(everything.valid[:, last]))
+    with pytest.warns(RuntimeWarning, match=r"ACDC: \d+ edge decision\(s\) fell within float32 noise"):
+        acdc(jp, clean, corrupted, threshold=float(everything.scores[first, last]))
     nothing = acdc(jp, clean, corrupted, threshold=1e9)
     assert not nothing.keep.any()
     eap = edge_attribution(jp, clean, corrupted, metrics.kl(), direction="noise")

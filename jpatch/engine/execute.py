@@ -207,33 +207,51 @@ def _batch_rows(overrides, table, n, rows):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("keep",))
-def _cache_chunk(model, tokens, overrides, keep):
-    # Only the kept stacks leave the program: XLA drops the rest of the cache and the logits.
-    _, cache = model.run_with_cache(tokens, overrides=overrides)
-    return {s: cache.stacks["hook_resid_post"][-1] if s == "final" else cache.stacks[s] for s in keep}
+@functools.partial(jax.jit, static_argnames=("keep", "logits"))
+def _cache_chunk(model, tokens, overrides, read, keep, logits):
+    # Only the kept stacks (and the logits when asked) leave the program: XLA drops the rest.
+    out, cache = model.run_with_cache(tokens, overrides=overrides, logits_at=read)
+    kept = {s: cache.stacks["hook_resid_post"][-1] if s == "final" else cache.stacks[s] for s in keep}
+    return (kept, out) if logits else (kept, None)
 
 
-def cached_sites(model, tokens, overrides, keep, memory_budget):
-    """The stacks `keep` ([L, B, ...] per site; "final": the last residual [B, T, d]) of a
-    run, computed in prompt chunks that fit `memory_budget`, all of one shape (the last
-    overlaps the one before), so the forward compiles once."""
+def cached_run(model, run, keep, memory_budget, *, read="none"):
+    """One forward of `run` (a Run: tokens and overrides) giving the stacks `keep` ([L, B, ...]
+    per site; "final": the last residual [B, T, d]) and, unless read is "none", its logits at
+    `read` ([B, K] positions, None: every position). Computed in prompt chunks that fit
+    `memory_budget`, all of one shape (the last overlaps the one before), so it compiles once."""
     cfg = model.config
+    tokens, keep, logits = jnp.asarray(run.tokens), tuple(keep), not isinstance(read, str)
+    read = None if not logits or read is None else jnp.asarray(read)
     N, T = tokens.shape
     itemsize = 4  # activations are float32 whatever the weights' dtype
-    # one prompt's forward: a layer's activations plus float32 scores and pattern, and the kept stacks
+    # one prompt's forward: a layer's activations plus float32 scores and pattern, the kept stacks, the logits
     per_prompt = T * (cfg.block_floats_per_row() + 3 * cfg.d_model) * itemsize + 3 * cfg.n_head * T * T * 4
     per_prompt += sum(cfg.n_layer * math.prod(sites.activation_shape(cfg, s, 1, T)) for s in keep if s != "final") * itemsize
+    per_prompt += logits * (T if read is None else read.shape[1]) * cfg.d_vocab * 4
     chunk = int(max(1, min(N, memory_budget // max(per_prompt, 1))))
     if chunk == N:
-        return _cache_chunk(model, tokens, overrides, tuple(keep))
-    parts = {s: [] for s in keep}
+        return _cache_chunk(model, tokens, run.overrides, read, keep, logits)
+    parts, outs = {s: [] for s in keep}, []
     for c in range(math.ceil(N / chunk)):
         start = min(c * chunk, N - chunk)  # the last chunk overlaps the one before: one shape
         rows = slice(start, start + chunk)
-        part = _cache_chunk(model, jnp.asarray(tokens)[rows], _batch_rows(overrides, model.sites, N, rows), tuple(keep))
+        part, out = _cache_chunk(model, tokens[rows], _batch_rows(run.overrides, model.sites, N, rows),
+                                 None if read is None else read[rows], keep, logits)
         for s, a in part.items():
             parts[s].append(a[c * chunk - start:] if s == "final" else a[:, c * chunk - start:])
-    return {s: jnp.concatenate(p, axis=0 if s == "final" else 1) for s, p in parts.items()}
+        outs.append(None if out is None else out[c * chunk - start:])
+    stacks = {s: jnp.concatenate(p, axis=0 if s == "final" else 1) for s, p in parts.items()}
+    return stacks, jnp.concatenate(outs) if logits else None
+
+
+def cached_sites(model, tokens, overrides, keep, memory_budget):
+    """The stacks `keep` of the run (tokens, overrides): `cached_run` without logits."""
+    return cached_run(model, _Run(tokens, overrides), keep, memory_budget)[0]
+
+
+class _Run(NamedTuple):
+    tokens: jax.Array
+    overrides: dict
 
 

@@ -67,6 +67,17 @@ def as_run(x, what):
     return run or Run(tokens)
 
 
+def check_base(base):
+    """Refuse a base run (patched, or differentiated) with overrides past the embeddings: each patched
+    run starts from the base run's cache and recomputes later layers without its overrides."""
+    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
+    if late:
+        raise ValueError(
+            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
+            f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
+            "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'")
+
+
 def paired_runs(clean, corrupted):
     """The clean and corrupted inputs of a sweep as Runs, checked to pair up: one clean sample,
     the same [batch, pos] shape (the corrupted run may stack several noise samples)."""

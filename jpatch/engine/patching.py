@@ -18,11 +18,11 @@ from jaxtyping import Float
 
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
-from jpatch.engine.inputs import as_run, batch_mask, prompt_lengths
+from jpatch.engine.inputs import as_run, batch_mask, check_base, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, with_exact_no_ops, patch_scores
 from jpatch.engine.inputs import Run  # jpatch 0.1 had jpatch.patching.Run and .sweep
-from jpatch.engine.sweep import finish, make_patches, sweep  # noqa: F401 (jpatch.patching.sweep)
+from jpatch.engine.sweep import check_memory_budget, finish, make_patches, sweep  # noqa: F401 (jpatch.patching.sweep)
 from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Tokens
 
@@ -73,14 +73,18 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
                                                                    attention_mask)
     N, T = corrupted.tokens.shape
     patches, shape = make_patches(model.config, site, axes, T, N)
-    raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, **kwargs)
+    check_base(corrupted)
+    if kwargs.get("memory_budget") is not None:
+        check_memory_budget(kwargs["memory_budget"])
+    budget = kwargs.get("memory_budget") or plan.default_memory_budget()
+    # The corrupted run's one forward: the engine's base stacks, the patched site, the logits.
+    keep = tuple(dict.fromkeys(engine.base_sites(model) + (site,)))
+    base_stacks, corrupted_logits = engine.cached_run(model, corrupted, keep, budget, read=read)
+    raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, base_stacks=base_stacks, **kwargs)
     data = metric.batch_data(N)
-    corrupted_logits = model(corrupted.tokens, overrides=corrupted.overrides, logits_at=read)
     clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
     corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
-    budget = kwargs.get("memory_budget") or plan.default_memory_budget()
-    base_site = engine.cached_sites(model, corrupted.tokens, corrupted.overrides, (site,), budget)[site]
-    raw = with_exact_no_ops(raw, patches, base_site, clean_cache.stacked(site), corrupted_score)
+    raw = with_exact_no_ops(raw, patches, base_stacks[site], clean_cache.stacked(site), corrupted_score)
     defined = applies(patches, prompt_lengths(mask, N, T))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,
                   axes, shape)

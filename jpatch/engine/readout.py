@@ -216,12 +216,18 @@ class _OnReadLogits:
         return isinstance(other, _OnReadLogits) and other.fn is self.fn
 
 
-def narrowed(metric, shape):
+def is_user_callable(metric):
+    """Whether `metric` wraps a plain callable (written for the whole batch, narrowed or not)."""
+    return isinstance(metric.score, (_CallOnLogits, _OnReadLogits))
+
+
+def narrowed(metric, shape, read=False):
     """A callable metric on full logits `shape` [batch, pos, vocab], as one reading only
-    the positions it uses (see `callable_reads`); any other metric unchanged."""
+    the positions it uses (`read`: its [batch, pos] reads when already known, else found by
+    `callable_reads`); any other metric unchanged."""
     if not isinstance(metric.score, _CallOnLogits) or not isinstance(metric.positions, str):
         return metric
-    read = callable_reads(metric.score.fn, shape)
+    read = callable_reads(metric.score.fn, shape) if read is False else read
     if read is None:
         return metric
     batch, pos = read.shape
@@ -250,15 +256,18 @@ def checked_metric(metric, d_vocab):
 
 def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     """The metric checked and bound to this batch: its data and read positions (each prompt's
-    last real token unless told otherwise) tiled over `samples` noise samples."""
+    last real token unless told otherwise) tiled over `samples` noise samples. A plain callable
+    is traced once, here, for the positions it reads, and narrowed to them (`narrowed`)."""
     metric = checked_metric(metric, d_vocab)
     lengths = prompt_lengths(mask, batch, pos)
+    reads = False  # not traced
+    if isinstance(metric.positions, str) and hasattr(metric.score, "fn"):
+        reads = callable_reads(metric.score.fn, (samples * batch, pos, d_vocab))
     if isinstance(metric.positions, str) and mask is not None and (lengths < pos).any():
         # A plain callable on a padded batch: allowed only where it provably reads no padding.
-        reads = callable_reads(metric.score.fn, (batch, pos, d_vocab)) if hasattr(metric.score, "fn") else None
-        padded = np.arange(pos) >= lengths[:, None]
-        if reads is None or (reads & padded).any():
-            where = "every position" if reads is None else f"position {int(np.argmax((reads & padded).any(0)))}"
+        padded = np.tile(np.arange(pos) >= lengths[:, None], (samples, 1))
+        if reads is None or reads is False or (reads & padded).any():
+            where = "every position" if reads is None or reads is False else f"position {int(np.argmax((reads & padded).any(0)))}"
             raise ValueError(
                 f"metric {metric.name!r} reads the logits at {where}, which is padding for some prompts of this "
                 "batch. Use a jpatch Metric (jpatch.metrics.logit_diff, probability, kl, ...), which reads each "
@@ -267,11 +276,5 @@ def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     read = metric.read_positions(batch, pos, None if mask is None else lengths)
     tile = lambda a: np.tile(np.asarray(a), (samples,) + (1,) * (np.ndim(a) - 1))
     data = {k: tile(v) for k, v in metric.batch_data(batch).items()}
-    return dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
-
-
-def read_logits(model, run, metric):
-    """Logits of a run at the positions `metric` reads ([rows, K, vocab])."""
-    N, T = run.tokens.shape
-    positions = from_callable(metric).read_positions(N, T)
-    return model(run.tokens, overrides=run.overrides, logits_at=positions)
+    metric = dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
+    return narrowed(metric, (samples * batch, pos, d_vocab), reads)

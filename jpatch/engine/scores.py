@@ -12,8 +12,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jpatch.engine import execute as engine
+from jpatch.engine.inputs import check_base
 from jpatch.engine.plan import ALL, bytes_per_prompt, cheap_row_layers, default_memory_budget, plan_groups
-from jpatch.engine.readout import checked_metric, narrowed
+from jpatch.engine.readout import checked_metric, is_user_callable, narrowed
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
 MANY_GROUPS = 8  # more patch groups than this (a tiny memory budget) is warned about
@@ -26,36 +27,33 @@ def _sharding(mesh, ndim, axis):
 
 
 def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=None,
-                 skip_layers=True, skip_positions=True, progress=True, devices=None):
+                 skip_layers=True, skip_positions=True, progress=True, devices=None, base_stacks=None):
     """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
     every patch applied to the `base` Run with values from `source_cache`.
-    memory_budget: bytes per compiled call (None: from the device's free memory)."""
+    memory_budget: bytes per compiled call (None: from the device's free memory).
+    base_stacks: the base run's `execute.base_sites` stacks when the caller has them (its one
+    cached forward, `execute.cached_run`); None computes them."""
     cfg = model.config
     N, T = base.tokens.shape
-    # Each patched run starts from the base run's cache and recomputes the later layers
-    # without the base run's per-layer overrides: only the embeddings may be overridden.
-    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
-    if late:
-        raise ValueError(
-            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
-            f"{', '.join(late)}; a base run may only override hook_embed / hook_pos_embed. Use such a run "
-            "(e.g. a zero / mean ablation) as the source of patched values: direction='noise'"
-        )
+    check_base(base)
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
     metric = checked_metric(metric, model.config.d_vocab)
-    # A callable on full logits is fed only the positions it reads (found by probing it).
-    full_logits = isinstance(metric.positions, str)  # "all": a callable written against full logits
-    metric = narrowed(metric, (N, T, cfg.d_vocab))
-    read_pos = metric.read_positions(N, T)
+    # A callable on full logits is fed only the positions it reads (found by probing it), unless
+    # prepare_metric narrowed it already.
+    unread = narrowed(metric, (N, T, cfg.d_vocab))
+    read_pos = unread.read_positions(N, T)
+    if unread is not metric:  # the clean logits a newly narrowed callable sees
+        clean_logits = jnp.take_along_axis(jnp.asarray(clean_logits), jnp.asarray(read_pos)[..., None], axis=1)
+    metric = unread
     read_all = read_pos is None
     read_pos = np.zeros((N, 1), int) if read_all else read_pos
-    if full_logits and not read_all:  # the clean logits a narrowed callable sees
-        clean_logits = jnp.take_along_axis(jnp.asarray(clean_logits), jnp.asarray(read_pos)[..., None], axis=1)
     data = metric.batch_data(N)
     source = source_cache.stacked(patches.site)
     if source.shape[1] != N:
         raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
-    base_arrays = engine.cached_sites(model, base.tokens, base.overrides, engine.base_sites(model), memory_budget)
+    if base_stacks is None:
+        base_stacks = engine.cached_sites(model, base.tokens, base.overrides, engine.base_sites(model), memory_budget)
+    base_arrays = {k: base_stacks[k] for k in engine.base_sites(model)}
 
     n_read = T if read_all else read_pos.shape[1]
     score_shape = jax.eval_shape(
@@ -65,7 +63,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({N}), got shape {score_shape}")
     scalar = score_shape == ()
     # A scalar metric, or any user callable (written for the whole batch), sees every prompt at once.
-    whole = scalar or full_logits
+    whole = scalar or is_user_callable(metric)
 
     devices = list(devices or jax.local_devices())
     mesh = Mesh(np.array(devices), ("batch",))

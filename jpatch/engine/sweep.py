@@ -14,8 +14,8 @@ from jpatch.engine import aggregate
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
 from jpatch.engine.plan import ALL, Patches
-from jpatch.engine.inputs import Run, batch_mask, check_direction, paired_runs, prompt_lengths
-from jpatch.engine.readout import prepare_metric, read_logits
+from jpatch.engine.inputs import Run, batch_mask, check_base, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, patch_scores, with_exact_no_ops
 from jpatch.model import families, sites
 from jpatch.model.gpt2 import Cache
@@ -193,15 +193,6 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     lengths = prompt_lengths(mask, B, T)
     metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
-    clean_rows = clean.tiled(S)
-
-    clean_logits = read_logits(model, clean_rows, metric)
-    corrupted_logits = read_logits(model, corrupted, metric)
-    base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
-    memory_budget = plan.default_memory_budget() if memory_budget is None else memory_budget
-    # Only the patched site of the source run is kept (not every site, e.g. the [L, B, H, T, T] pattern).
-    source_cache = Cache(engine.cached_sites(model, source.tokens, source.overrides, (site,), memory_budget),
-                         model.config.n_layer, table=model.sites)
     if prompt_positions is not None:
         prompt_positions = np.asarray(prompt_positions)
         if mask is not None and prompt_positions.shape == (B,) and (prompt_positions >= lengths).any():
@@ -211,14 +202,27 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
         prompt_positions = np.tile(prompt_positions, S) if prompt_positions.shape == (B,) else prompt_positions
     patches, shape = make_patches(model.config, site, axes, T, S * B, window=window, layers=layers,
                                   positions=positions, heads=heads, prompt_positions=prompt_positions)
+    base, source = (corrupted, clean.tiled(S)) if direction == "denoise" else (clean.tiled(S), corrupted)
+    check_base(base)
+    memory_budget = plan.default_memory_budget() if memory_budget is None else memory_budget
+    # One forward per run: the base run's stacks the engine starts from (and its patched site, for the
+    # exact no-ops), the source's patched site only (not every site, e.g. the [L, B, H, T, T] pattern),
+    # and both runs' logits at the positions the metric reads.
+    read = metric.read_positions(S * B, T)
+    base_stacks, base_logits = engine.cached_run(model, base, tuple(dict.fromkeys(engine.base_sites(model) + (site,))), memory_budget,
+                                                 read=read)
+    source_stacks, source_logits = engine.cached_run(model, source, (site,), memory_budget, read=read)
+    source_cache = Cache(source_stacks, model.config.n_layer, table=model.sites)
+    clean_logits, corrupted_logits = ((source_logits, base_logits) if direction == "denoise"
+                                      else (base_logits, source_logits))
     baseline = lambda logits: np.asarray(metric.score(logits, clean_logits, metric.batch_data(S * B)))
     clean_score, corrupted_score = baseline(clean_logits), baseline(corrupted_logits)
     if per_prompt and clean_score.ndim == 0:
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
     raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
-                       skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices)
-    base_site = engine.cached_sites(model, base.tokens, base.overrides, (site,), memory_budget)[site]
-    raw = with_exact_no_ops(raw, patches, base_site, source_cache.stacked(site),
+                       skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices,
+                       base_stacks=base_stacks)
+    raw = with_exact_no_ops(raw, patches, base_stacks[site], source_cache.stacked(site),
                             corrupted_score if direction == "denoise" else clean_score)
     defined = applies(patches, np.tile(lengths, S))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,

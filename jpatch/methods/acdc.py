@@ -13,6 +13,7 @@ a reader costs one call per switch between keeping and removing, not one per edg
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 
@@ -27,7 +28,9 @@ class Circuit:
     """keep [n_writers, n_readers]: the edges ACDC kept; scores: each tested edge's cost increase
     when it was tried (NaN where never tested); n_forwards: edge-patched forwards evaluated,
     n_calls: compiled calls they ran in, n_tested: edges decided (the sequential algorithm's
-    forwards)."""
+    forwards); noise: the float32 error of a cost, measured as how far the all-kept graph's
+    per-prompt scores are from the clean run's (zero in exact arithmetic). A tested edge whose
+    score lies within `noise` of the threshold was kept or removed by rounding (warned)."""
 
     keep: np.ndarray
     scores: np.ndarray
@@ -40,6 +43,7 @@ class Circuit:
     n_forwards: int
     n_calls: int
     n_tested: int
+    noise: float = 0.0
 
     def edges(self):
         """[(writer, reader, score), ...] of the kept edges."""
@@ -49,7 +53,7 @@ class Circuit:
         data = {"method": "acdc", "threshold": self.threshold, "metric": self.metric,
                 "cost_of_full_ablation": self.baseline, "n_edges": int(self.keep.sum()),
                 "n_valid_edges": int(self.valid.sum()), "n_forwards": self.n_forwards, "n_calls": self.n_calls,
-                "n_tested": self.n_tested,
+                "n_tested": self.n_tested, "float_noise": self.noise,
                 "edges": [{"writer": w, "reader": r, "score": s} for w, r, s in self.edges()]}
         text = json.dumps(data, indent=1)
         if path is not None:
@@ -142,7 +146,9 @@ def acdc(model, clean, corrupted, *, threshold, metric="kl", ablation="corrupted
         raise ValueError(f"order's scores {order.totals().shape} do not match this model's graph {valid.shape}")
     mask = valid.astype(np.float32)
     scores = np.full(valid.shape, np.nan)
-    current, baseline = cost(np.stack([mask, np.zeros_like(mask)]))
+    raw = score(np.stack([mask, np.zeros_like(mask)]))
+    noise = float(np.max(np.abs(raw[0] - score.clean)))
+    current, baseline = -raw.reshape(2, -1).mean(-1)
     n_forwards, n_calls, n_tested = 2, 1, 0
     for r in reversed(range(len(readers))):
         pending = _order([int(w) for w in np.flatnonzero(mask[:, r])], r, order)
@@ -170,5 +176,19 @@ def acdc(model, clean, corrupted, *, threshold, metric="kl", ablation="corrupted
                 else:
                     removed_all = False
             pending = pending[done:]
-    return Circuit(mask.astype(bool), scores, writers, readers, valid, float(threshold), name, float(baseline),
-                   n_forwards, n_calls, n_tested)
+    circuit = Circuit(mask.astype(bool), scores, writers, readers, valid, float(threshold), name, float(baseline),
+                      n_forwards, n_calls, n_tested, noise)
+    _warn_near_threshold(circuit)
+    return circuit
+
+
+def _warn_near_threshold(circuit):
+    """Warn when an edge's keep/remove decision was within float32 noise of the threshold."""
+    near = np.argwhere(np.abs(circuit.scores - circuit.threshold) <= circuit.noise)  # NaN (untested): False
+    if len(near):
+        w, r = near[np.argmin(np.abs(circuit.scores[tuple(near.T)] - circuit.threshold))]
+        warnings.warn(
+            f"ACDC: {len(near)} edge decision(s) fell within float32 noise ({circuit.noise:.1e}) of the threshold "
+            f"{circuit.threshold:g}, e.g. {circuit.writers[w]} -> {circuit.readers[r]} at {circuit.scores[w, r]:.3e}: "
+            "rounding, not the model, decided them; move the threshold further than the noise from those scores "
+            "(Circuit.scores) for a circuit that does not depend on it", RuntimeWarning, stacklevel=3)

@@ -14,7 +14,7 @@ import numpy as np
 from jpatch.engine.inputs import as_run, batch_mask
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.sweep import default_axes, sweep
-from jpatch.methods.perturb import check_base
+from jpatch.engine.inputs import check_base
 from jpatch.methods.stats import pearson, spearman, top_k
 
 SIGN_FLOOR = 0.01  # components with |exact| below this fraction of the largest do not count for signs

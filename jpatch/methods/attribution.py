@@ -39,7 +39,8 @@ from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
 from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches
-from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
+from jpatch.engine.inputs import check_base
+from jpatch.methods.perturb import perturbed_forward, row_chunks, take_rows
 from jpatch.model.architecture import Cache
 from jpatch.model.types import Grid, Mask, Tokens
 

@@ -193,6 +193,8 @@ def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory
             parts.append(np.asarray(jax.device_get(out), np.float64)[:len(part)])
         return np.concatenate(parts)
 
+    # The clean run's own score ([batch] or scalar): what the all-kept mask gives in exact arithmetic.
+    scores.clean = np.asarray(metric.score(clean_logits, clean_logits, data), np.float64)
     return scores
 
 

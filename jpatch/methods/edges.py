@@ -34,7 +34,8 @@ import numpy as np
 
 from jpatch.model import sites
 from jpatch.model.sites import SPLIT_INPUT_SITES
-from jpatch.methods.perturb import check_base, perturbed_forward, row_chunks, take_rows
+from jpatch.engine.inputs import check_base
+from jpatch.methods.perturb import perturbed_forward, row_chunks, take_rows
 from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET

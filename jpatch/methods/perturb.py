@@ -63,15 +63,6 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
     return model.unembed(x), acts
 
 
-def check_base(base):
-    late = sorted(set(base.overrides) - {"hook_embed", "hook_pos_embed"})
-    if late:
-        raise ValueError(
-            f"the base run (the corrupted run when denoising, the clean run when noising) overrides "
-            f"{', '.join(late)}; attribution differentiates the base run, which may only override "
-            "hook_embed / hook_pos_embed. Use such a run as the source of patched values: direction='noise'")
-
-
 def take_rows(tree, rows_slice, rows):
     """The rows `rows_slice` of every array in `tree` whose leading axis has `rows` entries."""
     return jax.tree_util.tree_map(lambda a: a[rows_slice] if np.ndim(a) and np.shape(a)[0] == rows else a, tree)
