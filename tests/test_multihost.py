@@ -3,6 +3,7 @@
 localhost) writing their own shards into one folder."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_four_devices_match_one(data, reference, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(setup=""))
     out = tmp_path / "four"
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = subprocess_env(XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     (report,) = run_children([[sys.executable, str(script), str(data), str(out)]], env)
     assert report == {"devices": 4, "process": [0, 1], "computed": [0, 1]}
     result = load_result(out)

@@ -100,7 +100,8 @@ def child(path):
 
 def test_sharded_sweeps_match_one_device(tmp_path, jp_tiny):
     path = tmp_path / "sharded.npz"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_DEVICES}",
+               JAX_PLATFORMS="cpu")  # the suite's own flags kept (conftest)
     here = os.path.dirname(os.path.abspath(__file__))
     code = f"import sys; sys.path.insert(0, {here!r}); import test_sharding; test_sharding.child({str(path)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
