@@ -304,6 +304,22 @@ def test_eap_ig_matches_torch(hf_tiny, jp_tiny, setup):
     assert_close(got.scores, expected, what="EAP-IG activations")
 
 
+def test_eap_ig_inputs_at_hanna_et_al_step_placements(jp_tiny, hf_tiny, setup):
+    """hannamw/EAP-IG scores (corrupted - clean) . mean gradient over the points corrupted +
+    (k/steps)(clean - corrupted): k in range(0, steps) in its src/eap code, range(1, steps + 1) in
+    its earlier code (a copy of each placement, in torch). The first is jpatch's denoise scores
+    with the sign flipped, the second jpatch's noise scores (edges.py's docstring)."""
+    steps = 3
+    hanna = lambda ks: -reference_edges(hf_tiny, setup, [{"embed": k / steps} for k in ks])  # (corrupted - clean) . g
+    run = lambda direction: edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric,
+                                                   method="eap-ig-inputs", steps=steps, direction=direction).scores
+    assert_close(-run("denoise"), hanna(range(0, steps)), what="src/eap placement")
+    assert_close(run("noise"), hanna(range(1, steps + 1)), what="earlier placement")
+    # Its EAP: the gradient at the clean run (the corrupted embeddings moved all the way).
+    eap_noise = edges.edge_attribution(jp_tiny, setup.clean, setup.corrupted, setup.metric, direction="noise")
+    assert_close(eap_noise.scores, -reference_edges(hf_tiny, setup, [{"embed": 1.0}]), what="EAP")
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_edge_sums_are_node_atp(jp_tiny, setup, direction):
     """Each writer's scores summed over its readers equal AtP of the writer (a head's z, an MLP's

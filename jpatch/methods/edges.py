@@ -17,12 +17,16 @@ of the input embeddings ("eap-ig-inputs") or of one writer group at a time (the
 embeddings, each layer's attention, each layer's MLP: "eap-ig-activations", 2L+1 groups).
 With steps=1 both are EAP.
 
-Hanna et al.'s reference code (hannamw/EAP-IG) takes gradients at the clean run and
-differences corrupted - clean (noising); here `direction` picks the base run as in
-`attribute` (denoising by default), so its EAP scores are these with direction="noise",
-sign flipped. Its activations variant also cuts the gradient through the interpolated
-group; here the group is shifted and every gradient path kept, which is what makes
-steps=1 equal EAP.
+Hanna et al.'s reference code (hannamw/EAP-IG) scores (corrupted - clean) . gradient, where
+jpatch scores (source - base) . gradient, `direction` picking the base run as in `attribute`
+(denoising by default). With the same metric: its EAP (gradient at the clean run) equals
+jpatch's direction="noise"; its EAP-IG-inputs with points corrupted + (k/steps)(clean -
+corrupted) for k in range(0, steps) (its src/eap code) are jpatch's direction="denoise" points,
+scores sign flipped, and for k in range(1, steps + 1) (its earlier code) direction="noise"'s,
+scores equal. Its examples minimize a loss (minus the logit difference), which flips each sign
+again. Its activations variant also cuts the gradient
+through the interpolated group; here the group is shifted and every gradient path kept, which
+is what makes steps=1 equal EAP.
 """
 
 import dataclasses
