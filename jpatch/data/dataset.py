@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jpatch.data import short_repr
 from jpatch.methods import corrupt, metrics
 
 FILE_CORRUPTIONS = ("str", "noise")  # the corruptions a dataset line describes (of corrupt.FILE_CORRUPTIONS)
@@ -105,6 +106,9 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
             except json.JSONDecodeError as e:
                 errors.append(f"line {number}: malformed JSON: {e.msg} (column {e.colno})")
                 continue
+            except RecursionError:
+                errors.append(f"line {number}: malformed JSON: nested too deeply")
+                continue
         if not isinstance(obj, dict):
             errors.append(f"line {number}: expected a JSON object, got {type(obj).__name__}")
             continue
@@ -164,7 +168,7 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
             not isinstance(positions, list)
             or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions)
         ):
-            bad(f"'key_positions' must be a list of integer token positions, got {positions!r}")
+            bad(f"'key_positions' must be a list of integer token positions, got {short_repr(positions)}")
             positions = ()
         else:
             if corruption == "noise" and not positions:
@@ -172,7 +176,7 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
             if clean is not None:
                 out = [p for p in positions if not 0 <= p < len(clean)]
                 if out:
-                    bad(f"key position(s) {out} out of range for the clean prompt's {len(clean)} tokens [0, {len(clean)})")
+                    bad(f"key position(s) {short_repr(out)} out of range for the clean prompt's {len(clean)} tokens [0, {len(clean)})")
             positions = tuple(sorted(set(positions)))
         if line_errors:
             errors += line_errors

@@ -41,6 +41,7 @@ def main(args):
         raise cli.Fail(f"--site {args.site}: {e.args[0]}") from None
     cli.check_out(args.out, args.overwrite, "attribute")
     model = cli.load_model(args.model)
+    cli.check_axes(model, site, axes)
     task = cli.load_task(args.task, args.n_prompts, args.seed)
     corrupted = cli.make_corruption(model, task, args.corruption, site, noise_samples=args.noise_samples,
                                     noise_seed=args.noise_seed)

@@ -1,5 +1,7 @@
 """`jpatch bulk`: the command line of `jpatch.runs.bulk.bulk_sweep`."""
 
+import math
+
 import jax
 import numpy as np
 
@@ -7,6 +9,7 @@ from jpatch.data.dataset import FILE_CORRUPTIONS, read_dataset
 from jpatch.engine.inputs import DIRECTIONS
 from jpatch.engine.patching import SWEEPS
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
+from jpatch.files import safety
 from jpatch.methods import corrupt, metrics
 from jpatch.runs import results
 from jpatch.runs.bulk import DEFAULT_SHARD_SIZE, bulk_sweep, check_positive, resolve_sites
@@ -26,6 +29,8 @@ def parse_bytes(text):
         value = float(low) * scale
     except ValueError:
         raise ValueError(f"not a byte count: {text!r} (e.g. 4G, 512M, 1000000)") from None
+    if not math.isfinite(value):
+        raise ValueError(f"byte count must be a finite number, got {text!r}")
     if value <= 0:
         raise ValueError(f"byte count must be positive, got {text!r}")
     return int(value)
@@ -62,6 +67,9 @@ def add_arguments(parser):
     parser.add_argument("--process-count", type=int, default=None, help="number of processes sharing --out")
     parser.add_argument("--manifest-timeout", type=float, default=600.0,
                         help="seconds a process other than 0 waits for process 0's manifest (default: 600)")
+    parser.add_argument("--break-locks", action="store_true",
+                        help="first remove the lock files of --out (left by runs that are gone; a lock unrefreshed "
+                             f"for {safety.LOCK_LEASE:g} s is taken over anyway); never while another run writes there")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -84,6 +92,10 @@ def main(args):
                        "SLURM, ...) or a coordinator address; without one use --process-index/--process-count") from None
     corruption, metric = args.corruption, args.metric
     try:
+        safety.check_placement(args.out, inputs=[args.data])  # as for every output: not the working directory
+        safety.check_writable(args.out)
+        if math.isnan(args.manifest_timeout) or args.manifest_timeout < 0:
+            raise ValueError(f"--manifest-timeout must be a number of seconds >= 0, got {args.manifest_timeout}")
         resolve_sites(args.sites, args.window)
         memory_budget = parse_bytes(args.memory_budget)
         for name in ("window", "shard_size", "n_samples"):
@@ -96,6 +108,9 @@ def main(args):
         # Validate the data before loading weights, so a bad line is reported at once.
         dataset = read_dataset(args.data, corruption=corruption, metric=metric)
         model = load(args.model, dtype=args.dtype)
+        if args.break_locks:
+            for path in safety.break_locks(args.out):
+                print(f"jpatch bulk: removed the lock {path}")
         model.check_gpt2_ids(f"{args.data}'s prompts (read with GPT-2's tokenizer)")
         run = bulk_sweep(model, dataset, args.sites, corruption, metric, args.out, direction=args.direction,
                          window=args.window, shard_size=args.shard_size, memory_budget=memory_budget,

@@ -152,6 +152,7 @@ def main(args):
     from jpatch.files.atomic import atomic_dir
 
     cli.check_at_least(1, n_prompts=args.n_prompts, top=args.top, ig_steps=args.ig_steps)
+    cli.check_finite(0, threshold=args.threshold)  # ACDC's threshold on a KL increase
     cli.check_out(args.out, args.overwrite, KIND)
     model = cli.load_model(args.model)
     # Circuits need prompts of one length: for IOI, the held-out templates of the most common length.

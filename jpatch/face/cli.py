@@ -1,6 +1,7 @@
 """The `jpatch` command: demo, sweep, convert, paper, bulk."""
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,19 +15,41 @@ from jpatch.methods.metrics import METRICS
 
 
 
+MAX_LINE = 1000  # characters of one message line kept (an error may quote a huge value)
+
+
+def shorten(line, limit=MAX_LINE):
+    """`line`, cut to `limit` characters with a note of how long it was."""
+    return line if len(line) <= limit else f"{line[:limit]}... ({len(line)} characters)"
+
+
 class Fail(SystemExit):
-    """A refused command: one `jpatch: ...` line on stderr and exit status 2, no traceback."""
+    """A refused command: one `jpatch: ...` line on stderr and exit status 2, no traceback
+    (a dataset's errors: one line each); lines quoting huge values are shortened."""
+
+    status = 2
 
     def __init__(self, message):
-        super().__init__(2)
-        self.message = message if message.startswith("jpatch") else f"jpatch: {message}"
+        super().__init__(self.status)
+        message = message if message.startswith("jpatch") else f"jpatch: {message}"
+        self.message = "\n".join(shorten(line) for line in message.split("\n"))
 
     def __str__(self):
         return self.message
 
 
-# Errors that describe a bad setting or path (raised by the library's checks): reported as one line.
-USER_ERRORS = (ValueError, OSError, TimeoutError)
+class Interrupted(Fail):
+    """Ctrl-C: one `jpatch: interrupted` line and exit status 130 (128 + SIGINT), no traceback."""
+
+    status = 130
+
+    def __init__(self):
+        super().__init__("jpatch: interrupted")
+
+
+# Errors that describe a bad setting, path or model (raised by the library's checks; FloatingPointError:
+# a metric that is not finite, e.g. of a model with NaN weights): reported as one line.
+USER_ERRORS = (ValueError, OSError, TimeoutError, FloatingPointError)
 
 
 def cli_message(error):
@@ -38,6 +61,13 @@ def cli_message(error):
 
 def choice_error(what, value, valid):
     return Fail(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def check_finite(minimum, **options):
+    """Refuse any float option (given as name=value) that is NaN, infinite or below `minimum`."""
+    for name, value in options.items():
+        if not math.isfinite(value) or value < minimum:
+            raise Fail(f"--{name.replace('_', '-')} must be a finite number >= {minimum:g}, got {value}")
 
 
 def check_at_least(minimum, **options):
@@ -66,8 +96,14 @@ def load_task(name, n_prompts, seed):
 def make_corruption(model, task, corruption, site, *, noise_samples, noise_seed):
     """The corrupted Run for a task (noise_seed: Gaussian noise and resampling)."""
     clean, mask = task.clean_tokens, task.attention_mask
-    if corruption == "str":
-        return corrupt.token_replacement(clean, task.corrupted_tokens, task.key_positions, attention_mask=mask)
+    declared = task.key_counts() > 0
+    if corruption == "str":  # prompts that declare key positions must differ only there
+        positions = task.key_mask() | ~declared[:, None]
+        return corrupt.token_replacement(clean, task.corrupted_tokens, positions, attention_mask=mask)
+    if corruption == "noise" and not declared.all():
+        lines = task.info.get("line", np.arange(1, len(task) + 1))
+        raise Fail(f"--corruption noise needs key_positions (the tokens Gaussian noise corrupts) for every prompt; "
+                   f"{(~declared).sum()} have none (line(s) {np.asarray(lines)[~declared][:20].tolist()})")
     if corruption == "noise":
         return corrupt.gaussian_noise(model, clean, task.key_positions, n_samples=noise_samples,
                                       std_tokens=task.key_token_ids(), seed=noise_seed, attention_mask=mask)
@@ -188,6 +224,16 @@ def add_task_arguments(parser, *, site):
                         help=f"Gaussian-noise / resampling seed (default: {corrupt.NOISE_SEED})")
 
 
+def check_axes(model, site, axes, window=1):
+    """Refuse axes (or a window) the sweep engine would refuse for `site` on `model`, before any compile."""
+    from jpatch.engine.sweep import make_patches
+
+    try:
+        make_patches(model.config, site, axes, 1, 1, window=window)
+    except (KeyError, ValueError) as e:
+        raise Fail(f"--site {site} --axes {','.join(axes)}: {e.args[0] if e.args else e}") from None
+
+
 def check_out(out, overwrite, kind):
     """Refuse an output folder jpatch may not write, before any work."""
     from jpatch.files.atomic import check_target
@@ -245,6 +291,7 @@ def cmd_sweep(args):
         raise Fail(f"--site {args.site}: {e.args[0]}") from None
     check_out(args.out, args.overwrite, "sweep")
     model = load_model(args.model)
+    check_axes(model, site, axes, args.window)
     task = load_task(args.task, args.n_prompts, args.seed)
     try:
         result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
@@ -352,6 +399,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: exit status 130 as usual, without a traceback
+        fail = Interrupted()
     except USER_ERRORS as e:
         fail = Fail(f"jpatch {args.command}: {cli_message(e)}")
     except Fail as e:

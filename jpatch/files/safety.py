@@ -10,8 +10,10 @@ jpatch replaces only what it wrote itself:
   one whose process is gone (same host, pid not running or reused) is stale and
   removed by the next run into the same place (`remove_stale`); another host's or
   a live process's are left alone.
-* a lock file (`Lock`) holds its owner (host, pid, start time); creating it is
-  atomic (O_EXCL), and a lock whose owner is dead is taken over.
+* a lock file (`Lock`) holds its owner (host, pid, start time) and its lease; creating it is
+  atomic (O_EXCL), its holder refreshes its modification time while it runs, and a lock whose
+  owner is dead (same host) or whose lease ran out unrefreshed (any host: a pre-empted pod comes
+  back under a new hostname) is taken over. `break_locks` removes a folder's locks by hand.
 """
 
 import contextlib
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +31,7 @@ MARKER = ".jpatch-output.json"
 OVERWRITE_HINT = "pass overwrite=True"  # the command line says "pass --overwrite" (jpatch.face.cli.cli_message)
 _TMP_KINDS = ("tmp", "old")
 UNREADABLE_LOCK_AGE = 60.0  # seconds after which a lock file that holds no owner counts as stale
+LOCK_LEASE = 300.0  # seconds a lock stays valid unrefreshed; its holder refreshes it every LOCK_LEASE / 10
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -136,14 +140,10 @@ def _listing(names, k=5):
     return ", ".join(sorted(names)[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def check_output(out_dir, kind, overwrite=False, *, inputs=()):
-    """Raise unless `out_dir` may be written as a jpatch `kind` output; returns it as a Path.
-
-    Allowed: a new folder, an empty one, or with `overwrite` a folder marked as a jpatch
-    `kind` output that holds no file beyond those its marker lists. Refused always: the
-    working directory or a folder containing it, a file, and `inputs` (paths the command
-    reads, e.g. a conversion's source) or a folder containing one of them.
-    """
+def check_placement(out_dir, *, inputs=()):
+    """Refuse, for any output (a replaced folder or a shared bulk folder): the working directory or a
+    folder containing it, `inputs` (paths the command reads) or a folder containing one, and a
+    symbolic link (jpatch writes to the folder itself, never through a link)."""
     out_dir = Path(out_dir).expanduser()
     where = out_dir.resolve()
     cwd = Path.cwd().resolve()
@@ -154,12 +154,45 @@ def check_output(out_dir, kind, overwrite=False, *, inputs=()):
         source = Path(source).expanduser().resolve()
         if where == source or where in source.parents:
             raise FileExistsError(f"refusing to write into {out_dir}: it is or contains the input {source}")
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return out_dir
     if out_dir.is_symlink():
         raise FileExistsError(f"{out_dir} is a symbolic link; name the folder itself")
-    if not out_dir.is_dir():
+    if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
+    return out_dir
+
+
+def check_writable(folder, what="the output folder"):
+    """Raise PermissionError unless files can be created in `folder`, or (when it does not exist yet)
+    in its nearest existing parent, which must then be a folder."""
+    shown = Path(folder).expanduser()
+    folder = shown.absolute()
+    there = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if there is None:
+        return
+    if not there.is_dir():
+        raise PermissionError(f"cannot create {what} {shown}: {there} is not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {what} {shown}: {there} is not writable")
+
+
+def _created_folders(files):
+    """The folders (relative paths) that hold the listed files."""
+    return {str(parent) for f in files for parent in Path(f).parents if str(parent) != "."}
+
+
+def check_output(out_dir, kind, overwrite=False, *, inputs=()):
+    """Raise unless `out_dir` may be written as a jpatch `kind` output; returns it as a Path.
+
+    Allowed: a new folder, an empty one, or with `overwrite` a folder marked as a jpatch
+    `kind` output that holds nothing beyond the files its marker lists (and their folders): no
+    other file, folder or link. Refused always: the working directory or a folder containing
+    it, a symbolic link, a file, `inputs` (paths the command reads, e.g. a conversion's source)
+    or a folder containing one of them, and a place jpatch cannot write.
+    """
+    out_dir = check_placement(out_dir, inputs=inputs)
+    check_writable(out_dir.parent)  # the new folder is built beside its target and renamed
+    if not out_dir.exists():
+        return out_dir
     if not any(out_dir.iterdir()):
         return out_dir
     marker = read_marker(out_dir)
@@ -171,13 +204,21 @@ def check_output(out_dir, kind, overwrite=False, *, inputs=()):
         raise FileExistsError(f"{out_dir} holds a jpatch {marker['kind']} output, not a {kind} output; "
                               "choose another folder")
     listed = set(marker.get("files") or ())
-    extra = [str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-             if p.name != MARKER and not p.is_dir() and str(p.relative_to(out_dir)) not in listed]
+    folders = _created_folders(listed)
+    extra = []
+    for p in out_dir.rglob("*"):  # does not descend into linked folders
+        rel = str(p.relative_to(out_dir))
+        if p.name == MARKER and p.is_file() and not p.is_symlink():  # this output's and its parts' markers
+            continue
+        ours = rel in folders if p.is_dir() and not p.is_symlink() else rel in listed and not p.is_symlink()
+        if not ours:
+            extra.append(rel)
     if extra:
         raise FileExistsError(f"{out_dir} holds files jpatch did not write there ({_listing(extra)}); "
                               "move them away or choose another folder")
     if not overwrite:
         raise FileExistsError(f"{out_dir} holds a previous jpatch {kind} output; {OVERWRITE_HINT} to replace it")
+    check_writable(out_dir)  # its files are deleted once the new folder is in place
     return out_dir
 
 
@@ -185,19 +226,26 @@ def check_output(out_dir, kind, overwrite=False, *, inputs=()):
 
 
 class Lock:
-    """An exclusive lock file holding its owner; `acquire()` -> True when this process holds it.
+    """An exclusive lock file holding its owner and lease; `acquire()` -> True when this process holds it.
 
-    A lock of a dead process on this host is taken over; another host's lock is never
-    (its owner cannot be checked): `holder` says whose it is.
+    While the lock is held a daemon thread refreshes the file's modification time every
+    lease / 10 seconds. A lock is taken over when its owner is a dead process of this host, or
+    when it went unrefreshed for longer than its lease, whatever its host (another host's owner
+    cannot be checked, and a pre-empted pod comes back under a new hostname). A live owner on
+    this host keeps its lock. `holder` says whose it is; `break_locks` removes locks by hand.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, lease=None):
         self.path = Path(path)
+        self.lease = LOCK_LEASE if lease is None else float(lease)
+        if not 0 < self.lease < float("inf"):
+            raise ValueError(f"a lock's lease must be a finite number of seconds > 0, got {lease!r}")
         self.held = False
         self.holder = None
+        self._stop = self._thread = None
 
     def _create(self):
-        text = json.dumps(owner()).encode()
+        text = json.dumps({**owner(), "lease": self.lease}).encode()
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -206,7 +254,21 @@ class Lock:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        self._hold()
         return True
+
+    def _hold(self):
+        """Mark the lock held and refresh its modification time until `release`."""
+        self.held = True
+        stop, path, interval = threading.Event(), self.path, self.lease / 10
+
+        def refresh():
+            while not stop.wait(interval):
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+
+        self._stop, self._thread = stop, threading.Thread(target=refresh, daemon=True, name=f"jpatch {path.name}")
+        self._thread.start()
 
     def _read(self):
         try:
@@ -217,24 +279,34 @@ class Lock:
         except (OSError, ValueError):
             return {}  # being written, or garbage: treat as held by an unknown process
 
+    def _age(self):
+        """Seconds since the lock file was last refreshed (None: it is gone)."""
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def acquire(self):
         if self._create():
-            self.held = True
             return True
         who = self._read()
         if who is None:  # released meanwhile
             return self.acquire()
         self.holder = who
+        age = self._age()
+        if age is None:
+            return self.acquire()
         if not who:  # unreadable: being written now, or its writer died mid-write long ago
-            try:
-                if time.time() - self.path.stat().st_mtime < UNREADABLE_LOCK_AGE:
-                    return False
-            except FileNotFoundError:
-                return self.acquire()
-        elif is_alive(who) is not False:
-            return False
-        # Dead owner: move its lock aside atomically (one process wins the rename) and check
-        # that what moved is still that stale lock before creating ours.
+            if age < UNREADABLE_LOCK_AGE:
+                return False
+        else:
+            alive = is_alive(who)
+            lease = who.get("lease")
+            lease = lease if isinstance(lease, (int, float)) and 0 < lease < float("inf") else LOCK_LEASE
+            if alive or (alive is None and age <= lease):
+                return False
+        # Dead or expired owner: move its lock aside atomically (one process wins the rename) and
+        # check that what moved is still that stale lock before creating ours.
         aside = self.path.with_name(tmp_name(self.path.name, "old"))
         try:
             os.rename(self.path, aside)
@@ -250,14 +322,57 @@ class Lock:
             aside.unlink(missing_ok=True)
             return False
         aside.unlink(missing_ok=True)
-        self.held = self._create()
-        return self.held
+        return self._create()
 
     def release(self):
         if self.held:
+            self._stop.set()
+            self._thread.join()
             self.path.unlink(missing_ok=True)
             self.held = False
 
     def describe(self):
         who = self.holder or {}
-        return f"host {who.get('host')}, pid {who.get('pid')}, since {who.get('start')}"
+        lease = who.get("lease", LOCK_LEASE)
+        return (f"host {who.get('host')}, pid {who.get('pid')}, since {who.get('start')}; taken over once "
+                f"unrefreshed for {lease:g} s")
+
+
+def is_lock_file(path):
+    """Whether `path` is a lock file jpatch wrote (`.NAME.lock` holding a `Lock` owner), not a link."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or not (path.name.startswith(".") and path.name.endswith(".lock")):
+        return False
+    try:
+        who = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(who, dict) and {"host", "pid", "start"} <= set(who)
+
+
+def break_locks(folder):
+    """Remove the lock files jpatch wrote directly in `folder` (only when no run is writing into it:
+    a live run's lock broken lets a second run compute the same shards); returns their paths."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink():
+        for path in sorted(folder.iterdir()):
+            if is_lock_file(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def is_own_file(path, names, kind):
+    """Whether `path`, found in a shared output folder, is a file jpatch keeps there besides `names`
+    (the files it writes): its `kind` marker, the lock or a temporary of one of `names`."""
+    path = Path(path)
+    if path.name == MARKER:
+        return not path.is_symlink() and (read_marker(path.parent) or {}).get("kind") == kind
+    lock = path.name.removeprefix(".").removesuffix(".lock")
+    if path.name.endswith(".lock") and lock in names:
+        try:  # a lock, or one being written this instant (created empty, then filled)
+            return is_lock_file(path) or (path.is_file() and not path.is_symlink() and path.stat().st_size == 0)
+        except OSError:
+            return True  # released meanwhile
+    return not path.is_symlink() and any(_tmp_owner(path, name) is not None for name in names)

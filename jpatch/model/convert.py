@@ -233,6 +233,8 @@ def _read_weights(path):
         for shard in sorted(set(map(str, weight_map.values()))):
             if folder not in (path.parent / shard).resolve().parents:  # no "../" or absolute paths
                 raise ValueError(f"{path}: weight_map entry {shard!r} points outside the checkpoint folder {folder}")
+            if shard.endswith(".index.json"):  # an index naming an index (itself, or a cycle) never ends
+                raise ValueError(f"{path}: weight_map entry {shard!r} is an index file, not a weight file")
             state.update(_read_weights(path.parent / shard))
         return state
     if not path.is_file():

@@ -81,11 +81,6 @@ def _manifest_lock(out_dir, timeout=60.0):
         lock.release()
 
 
-def _ours(name):
-    """Files a bulk run keeps in its folder besides manifest.json and the shards."""
-    return name == safety.MARKER or name.startswith((f".{results.MANIFEST_FILE}.", ".shard-"))
-
-
 def _read_or_rebuild(out_dir, path):
     """The folder's manifest; rebuilt from the shards when manifest.json is missing or unreadable."""
     if path.is_file():
@@ -106,8 +101,7 @@ def prepare_out_dir(out_dir, expected, process_index, timeout):
     A missing or damaged manifest is rebuilt from the shards; a folder holding anything
     else is refused. Returns the manifest on disk (with the checksums recorded so far)."""
     path = out_dir / results.MANIFEST_FILE
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    safety.check_placement(out_dir)  # not the working directory, a folder holding it, a link or a file
     has_shards = out_dir.is_dir() and any(out_dir.glob("shard-*.npz"))
     if path.is_file() or has_shards:
         with _manifest_lock(out_dir):
@@ -116,8 +110,9 @@ def prepare_out_dir(out_dir, expected, process_index, timeout):
         return manifest
     if process_index == 0:
         if out_dir.exists():
-            others = [p.name for p in out_dir.iterdir() if not _ours(p.name)]
-            if others:
+            names = [results.MANIFEST_FILE] + [results.shard_name(i) for i in range(expected["n_shards"])]
+            others = [p.name for p in out_dir.iterdir() if not safety.is_own_file(p, names, "bulk")]
+            if others and not path.is_file():  # (a manifest now: another run is starting in this folder)
                 raise FileExistsError(
                     f"{out_dir} is not empty ({', '.join(sorted(others)[:5])}) and holds no bulk manifest; "
                     "use an empty or new folder"

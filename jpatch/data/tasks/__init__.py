@@ -116,18 +116,31 @@ class Task:
         return _metrics.logit_diff(self.answers, self.contrasts, **kw)
 
     def select(self, indices):
-        """A Task of the prompts at `indices` (ints, a slice or a boolean mask)."""
+        """A Task of the prompts at `indices` (ints, a slice or a boolean mask), its padding cut to the
+        longest prompt selected (no attention mask when they share one length)."""
         idx = np.arange(len(self))[indices]
         idx = np.atleast_1d(idx)
+        mask, t = None, self.seq_len
+        if self.attention_mask is not None:
+            mask = np.asarray(self.attention_mask)[idx]
+            t = int(mask.sum(1).max()) if len(idx) else t
+            mask = None if mask[:, :t].all() else mask[:, :t]
         return dataclasses.replace(
             self,
-            clean_tokens=self.clean_tokens[idx], corrupted_tokens=self.corrupted_tokens[idx],
+            clean_tokens=self.clean_tokens[idx, :t], corrupted_tokens=self.corrupted_tokens[idx, :t],
             answers=self.answers[idx], contrasts=self.contrasts[idx],
             key_positions=self.key_positions[idx], last_key_position=self.last_key_position[idx],
             prompts=[self.prompts[i] for i in idx], corrupted_prompts=[self.corrupted_prompts[i] for i in idx],
             info={k: np.asarray(v)[idx] for k, v in self.info.items()},
-            attention_mask=None if self.attention_mask is None else np.asarray(self.attention_mask)[idx],
+            attention_mask=mask,
         )
+
+    def key_counts(self):
+        """[N] how many key positions each prompt declares (a prompt of a file line without
+        `key_positions` declares none; `combine` fills its row with its last key position)."""
+        if "key_count" in self.info:
+            return np.asarray(self.info["key_count"])
+        return np.full(len(self), self.key_positions.shape[1])
 
     def key_mask(self):
         """[N, T] bool, True at the key positions (the other form `jpatch.corrupt` takes)."""
@@ -165,7 +178,9 @@ class Task:
 def combine(tasks, name=None):
     """One Task of every prompt of `tasks` (e.g. buckets of different token lengths): tokens padded
     on the right with an `attention_mask`; a prompt with fewer key positions than the most repeats
-    its last one (the same positions, so corruptions are unchanged). Info keys kept are those all share."""
+    its last one (the same positions, so corruptions are unchanged); a prompt that declares none gets its
+    last key position, and info["key_count"] says how many each declares (`Task.key_counts`). Info keys
+    kept are those all share."""
     tasks = list(tasks)
     if len(tasks) == 1:
         return tasks[0]
@@ -177,16 +192,21 @@ def combine(tasks, name=None):
     clean, mask = padding.pad(rows("clean_tokens"))
     corrupted, _ = padding.pad(rows("corrupted_tokens"))
     k = max(t.key_positions.shape[1] for t in tasks)
-    keys = [np.pad(row, (0, k - len(row)), mode="edge") for t in tasks for row in t.key_positions]
-    shared = set.intersection(*(set(t.info) for t in tasks))
+    counts = np.concatenate([t.key_counts() for t in tasks])
+    last = np.concatenate([t.last_key_position for t in tasks])
+    keys = [np.pad(row, (0, k - len(row)), mode="edge") if len(row) else np.full(k, end)
+            for row, end in zip([row for t in tasks for row in t.key_positions], last)]
+    shared = set.intersection(*(set(t.info) for t in tasks)) - {"key_count"}
+    info = {key: np.concatenate([np.asarray(t.info[key]) for t in tasks]) for key in shared}
+    if k and (counts == 0).any():
+        info["key_count"] = counts
     cat = lambda field: np.concatenate([getattr(t, field) for t in tasks])
     return Task(
         name=name or "+".join(t.name for t in tasks), clean_tokens=clean, corrupted_tokens=corrupted,
         answers=cat("answers"), contrasts=cat("contrasts"), key_positions=np.array(keys).reshape(len(clean), k),
         last_key_position=cat("last_key_position"), prompts=[p for t in tasks for p in t.prompts],
         corrupted_prompts=[p for t in tasks for p in t.corrupted_prompts], metric_fn=tasks[0].metric_fn,
-        info={key: np.concatenate([np.asarray(t.info[key]) for t in tasks]) for key in shared},
-        attention_mask=mask if not mask.all() else None,
+        info=info, attention_mask=mask if not mask.all() else None,
     )
 
 
@@ -257,8 +277,8 @@ def _sniff(path):
         if line.strip():
             try:
                 first = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                break  # read_dataset names the line
             if isinstance(first, dict) and "pair" in first:
                 return "pairs"
             if isinstance(first, dict) and "clean" in first:
