@@ -254,7 +254,7 @@ def _hf_config_keys(family):
     return {"gpt2": HF_CONFIG_KEYS, "neox": neox_hf.HF_CONFIG_KEYS}.get(family.name, ())
 
 
-def _check_hf_config(config, path):
+def check_hf_config(config, path):
     """config.json's family (by `model_type`; none means gpt2) and the jpatch config it converts
     to; a ValueError naming `path` and the field for a setting jpatch cannot reproduce."""
     from jpatch.model import families
@@ -276,7 +276,7 @@ def _check_hf_config(config, path):
         raise ValueError(f"{path}: {e}") from None
 
 
-def _tied(family, hf_config):
+def tied_unembedding(family, hf_config):
     """Whether the checkpoint ties its unembedding to the embedding, as transformers reads config.json."""
     return bool(hf_config.get("tie_word_embeddings", family.name == "gpt2"))
 
@@ -292,7 +292,7 @@ def load_hf_state_dict(src):
     """
     folder = resolve_source(src)
     config = _read_json(folder / "config.json")
-    family, _ = _check_hf_config(config, folder / "config.json")
+    family, _ = check_hf_config(config, folder / "config.json")
     return _read_weights(_weight_file(folder, family.config.sites.family)), config
 
 
@@ -302,8 +302,8 @@ def load_hf(src, *, dtype=jnp.float32):
     model's `tokenizer_file`."""
     folder = resolve_source(src)
     state, hf_config = load_hf_state_dict(folder)
-    family, config = _check_hf_config(hf_config, folder / "config.json")
-    model = family.from_hf_state_dict(state, config, dtype, _tied(family, hf_config))
+    family, config = check_hf_config(hf_config, folder / "config.json")
+    model = family.from_hf_state_dict(state, config, dtype, tied_unembedding(family, hf_config))
     tokenizer = _source_tokenizer(folder, model)
     if tokenizer is not None:
         model = dataclasses.replace(model, tokenizer_file=str(tokenizer))
@@ -347,7 +347,7 @@ def convert_hf(src, out_dir, *, dtype="float32", overwrite=False):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     local_dir = Path(src).expanduser()
     if local_dir.is_dir() and (local_dir / "config.json").is_file():  # settings first; a Hub id's after download
-        _check_hf_config(_read_json(local_dir / "config.json"), local_dir / "config.json")
+        check_hf_config(_read_json(local_dir / "config.json"), local_dir / "config.json")
     local = [local_dir] if local_dir.exists() else []
     atomic.check_target(out_dir, overwrite, kind="model", inputs=local)  # before the slow part
     folder = resolve_source(src)

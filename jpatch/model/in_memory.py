@@ -36,9 +36,9 @@ def from_hf(model_or_state_dict, config=None, *, dtype="float32", tokenizer_file
     else:
         raise TypeError(f"expected a transformers model or a state dict, got {type(model_or_state_dict).__name__}")
     hf_config = config.to_dict() if hasattr(config, "to_dict") else config
-    family, jp_config = convert._check_hf_config(hf_config, "the config")
+    family, jp_config = convert.check_hf_config(hf_config, "the config")
     model = family.from_hf_state_dict({k: _numpy(v) for k, v in state.items()}, jp_config, jnp.dtype(dtype),
-                                      convert._tied(family, hf_config))
+                                      convert.tied_unembedding(family, hf_config))
     refuse_non_finite(named_arrays(model), f"the state dict as {dtype}")
     if tokenizer_file is not None:
         if not hasattr(model, "tokenizer_file"):
