@@ -89,8 +89,10 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
         tokenizer = get_tokenizer()
     examples, errors = [], []
     digest = hashlib.sha256()
+    offset = 0  # of the line in the file, when the records are a file's lines (`jsonl_records`)
     for number, raw in records:
         line_errors = []
+        start, offset = offset, offset + (len(raw) if isinstance(raw, bytes) else 0)
 
         def bad(reason):
             line_errors.append(f"line {number}: {reason}")
@@ -98,7 +100,12 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
         if isinstance(raw, dict):
             obj = raw
         else:
-            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+            try:  # strictly: a replaced byte would silently change a prompt
+                text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError as e:
+                errors.append(f"line {number}: invalid UTF-8 at byte offset {start + e.start} of the file "
+                              f"(byte {raw[e.start]:#04x})")
+                continue
             if not text.strip():
                 continue  # blank lines are allowed
             try:

@@ -90,7 +90,7 @@ def paired_runs(clean, corrupted):
     return clean, corrupted
 
 
-def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID):
+def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID, names=("clean", "corrupted")):
     """The [batch, pos] right-padding mask of a sweep's prompts, or None when the batch is not padded.
 
     It is `attention_mask`, or the one the runs carry (they must agree). Without any, a batch whose
@@ -98,11 +98,11 @@ def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID):
     """
     B, T = runs[0].batch, runs[0].tokens.shape[1]
     given = [("attention_mask", attention_mask)] + [(f"the {w} run's attention_mask", r.attention_mask)
-                                                    for w, r in zip(("clean", "corrupted"), runs)]
+                                                    for w, r in zip(names, runs)]
     given = [(w, np.asarray(m)[:B].astype(bool)) for w, m in given if m is not None]
     if not given:
-        for what, run in zip(("clean tokens", "corrupted tokens"), runs):
-            padding.refuse_hidden_padding(run.tokens, what, pad_id)
+        for what, run in zip(names, runs):
+            padding.refuse_hidden_padding(run.tokens, f"{what} tokens", pad_id)
         return None
     for what, m in given[1:]:
         if m.shape != given[0][1].shape or (m != given[0][1]).any():
@@ -110,6 +110,62 @@ def batch_mask(attention_mask, *runs, pad_id=padding.PAD_ID):
                              "real lengths")
     padding.lengths_of(given[0][1], (B, T), given[0][0])
     return given[0][1]
+
+
+def checked_inputs(model, clean, corrupted, attention_mask=None):
+    """The one input check of every method (sweep, get_act_patch_*, attribute, edge_attribution,
+    path_patch, faithfulness, acdc, agreement): (clean, corrupted, mask), the inputs as paired `Run`s
+    (`paired_runs`), token ids the model can run, and the batch's right-padding mask (`batch_mask`:
+    a batch that looks padded without one is refused). clean None: only the corrupted run is given
+    (TransformerLens's functions take the clean run as a cache)."""
+    if clean is None:
+        corrupted = as_run(corrupted, "corrupted_tokens")
+        runs, names = (corrupted,), ("corrupted",)
+    else:
+        clean, corrupted = paired_runs(clean, corrupted)
+        runs, names = (clean, corrupted), ("clean", "corrupted")
+    for run in runs:
+        # Here, not only in the forward: a method whose forward is compiled sees traced tokens, and
+        # the embedding lookup clamps an id past the vocabulary (50300 -> 50256) or wraps a negative one.
+        model.check_tokens(run.tokens)
+    return clean, corrupted, batch_mask(attention_mask, *runs, pad_id=model.pad_id, names=names)
+
+
+ROUNDING = 1e-5  # one number computed by two float32 programs agrees to this, relative to max(1, |x|)
+
+
+def rounding_equal(a, b):
+    """Whether float32 results a and b are the same number up to rounding (elementwise)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b) <= ROUNDING * np.maximum(1.0, np.abs(a))
+
+
+def check_baselines(metric, clean_score, corrupted_score, rows, *, per_prompt=False, samples=1):
+    """Refuse what a metric's clean and corrupted baselines say it cannot measure: a metric returns a
+    scalar or one finite value per prompt row (`rows`, samples x batch), and a "range" metric divides
+    by clean - corrupted, which must not be zero up to rounding (e.g. clean == corrupted: the quotient
+    would be rounding noise over rounding noise). per_prompt: each prompt (its noise samples averaged)
+    is normalized by its own gap. corrupted_score None: only the clean run's score is checked."""
+    for what, score in (("clean", clean_score), ("corrupted", corrupted_score)):
+        if score is None:
+            continue
+        score = np.asarray(score)
+        if score.shape not in ((), (rows,)):
+            raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({rows}), got "
+                             f"shape {score.shape}")
+        if not np.isfinite(score).all():
+            raise FloatingPointError(f"metric {metric.name!r} is not finite on the {what} run: check the metric")
+    if metric.normalize != "range" or corrupted_score is None:
+        return
+    by_prompt = (lambda a: np.asarray(a, np.float64).reshape(samples, -1).mean(0)) if per_prompt else np.mean
+    clean_score, corrupted_score = by_prompt(clean_score), by_prompt(corrupted_score)
+    same = np.flatnonzero(rounding_equal(clean_score, corrupted_score))
+    if len(same):
+        which = f" for prompt {same[0]}" if clean_score.ndim else ""
+        raise ValueError(
+            f"metric {metric.name!r} scores the clean and corrupted runs the same{which} up to float32 rounding "
+            f"({float(clean_score.flat[same[0]]):g} and {float(corrupted_score.flat[same[0]]):g}): a 'range' metric "
+            "cannot be normalized by their difference (are clean and corrupted the same inputs?)")
 
 
 def prompt_lengths(mask, batch, pos):

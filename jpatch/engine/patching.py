@@ -18,7 +18,7 @@ from jaxtyping import Float
 
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
-from jpatch.engine.inputs import as_run, batch_mask, check_base, prompt_lengths
+from jpatch.engine.inputs import check_base, checked_inputs, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, with_exact_no_ops, patch_scores
 from jpatch.engine.inputs import Run  # jpatch 0.1 had jpatch.patching.Run and .sweep
@@ -51,9 +51,8 @@ def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mas
     """The common start of TransformerLens-shaped functions: the corrupted Run, its padding mask,
     the metric bound to the batch, the positions it reads and the clean logits there, taken from
     the clean cache's last residual stream (no clean forward)."""
-    corrupted = as_run(corrupted_tokens, "corrupted_tokens")
+    _, corrupted, mask = checked_inputs(model, None, corrupted_tokens, attention_mask)
     N, T = corrupted.tokens.shape
-    mask = batch_mask(attention_mask, corrupted, pad_id=model.pad_id)
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
     read = metric.read_positions(N, T)
     final = clean_cache.stacked("hook_resid_post")[-1]

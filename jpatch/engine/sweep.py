@@ -14,7 +14,7 @@ from jpatch.engine import aggregate
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
 from jpatch.engine.plan import ALL, Patches
-from jpatch.engine.inputs import Run, batch_mask, check_base, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.inputs import Run, check_base, check_baselines, check_direction, checked_inputs, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, patch_scores, with_exact_no_ops
 from jpatch.model import families, sites
@@ -127,7 +127,13 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, s
     aggregate normalizes the mean over prompts, or per_prompt normalizes each prompt.
     check: raise FloatingPointError where a defined value is not finite.
     """
-    _check = _check_finite if check else (lambda *args: None)
+    baselines = (clean_score, corrupted_score, raw.shape[-1] if raw.ndim > 1 else 1)
+
+    def _check(*args):
+        if check:  # a non-finite patch first (it names the patch), then what the baselines refuse
+            _check_finite(*args)
+            check_baselines(metric, *baselines, per_prompt=per_prompt, samples=samples)
+
     info = dict(axes=tuple(axes), normalization=metric.normalize)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
         values = metric.normalized(raw, clean_score, corrupted_score).reshape(shape)
@@ -187,10 +193,9 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     if memory_budget is not None:
         check_memory_budget(memory_budget)
     check_direction(direction)
-    clean, corrupted = paired_runs(clean, corrupted)
+    clean, corrupted, mask = checked_inputs(model, clean, corrupted, attention_mask)
     axes = tuple(axes or default_axes(site, model.sites))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     lengths = prompt_lengths(mask, B, T)
     metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     if prompt_positions is not None:

@@ -11,7 +11,7 @@ command-line form (`jpatch.face.attribute_cli`).
 
 import numpy as np
 
-from jpatch.engine.inputs import as_run, batch_mask
+from jpatch.engine.inputs import check_baselines, checked_inputs
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.sweep import default_axes, sweep
 from jpatch.engine.inputs import check_base
@@ -81,13 +81,12 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     from jpatch.model.gpt2 import Override
 
     site = sites.canonical(site)
-    clean, corrupted = as_run(clean, "clean"), as_run(corrupted, "corrupted")
+    clean, corrupted, mask = checked_inputs(model, clean, corrupted, attention_mask)
     if corrupted.samples != 1:
         raise ValueError("the subset diagnostic takes runs of a single sample")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     check_base(base)
     N, T = clean.tokens.shape
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
     data, read = metric.batch_data(N), metric.read_positions(N, T)
     run = lambda r, overrides=None: model(r.tokens, overrides={**r.overrides, **(overrides or {})},
@@ -95,6 +94,7 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     clean_logits = run(clean)
     score = lambda r, overrides=None: np.asarray(metric.score(run(r, overrides), clean_logits, data))
     clean_score, corrupted_score = score(clean), score(corrupted)
+    check_baselines(metric, clean_score, corrupted_score, N)
     _, cache = model.run_with_cache(source.tokens, overrides=source.overrides, attention_mask=mask)
     value = cache.stacked(site)
     names = attribution.estimate_dims(site)  # the activation's layout, with "row" for prompts

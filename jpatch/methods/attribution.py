@@ -34,7 +34,7 @@ from jaxtyping import Float
 
 from jpatch.model import sites
 from jpatch.model.layers import causal_attention
-from jpatch.engine.inputs import Run, as_run, batch_mask, check_direction, paired_runs, prompt_lengths
+from jpatch.engine.inputs import Run, as_run, check_direction, checked_inputs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
@@ -200,11 +200,10 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     check_direction(direction)
-    clean, corrupted = paired_runs(clean, corrupted)
+    clean, corrupted, mask = checked_inputs(model, clean, corrupted, attention_mask)
     axes = tuple(axes or default_axes(site, model.sites))
     S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     cfg = model.config
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
     lengths = np.tile(prompt_lengths(mask, B, T), S)
     metric = prepare_metric(metric, cfg.d_vocab, B, T, mask, S)
     patches, shape = make_patches(cfg, site, axes, T, S * B)  # validates the axes

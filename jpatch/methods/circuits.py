@@ -24,7 +24,7 @@ import numpy as np
 from jpatch.methods.edges import graph_names, reader_bias
 from jpatch.model.layers import causal_attention
 from jpatch.model.sites import SPLIT_INPUT_SITES
-from jpatch.engine.inputs import as_run
+from jpatch.engine.inputs import as_run, check_baselines, checked_inputs, rounding_equal
 from jpatch.engine.readout import checked_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 
@@ -133,11 +133,11 @@ def float32_model(model):
 
 
 def pair_tokens(model, clean, corrupted):
+    """The circuit methods' inputs through every method's one check (`checked_inputs`), as plain tokens."""
     clean, corrupted = _plain_tokens(clean, "clean"), _plain_tokens(corrupted, "corrupted")
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean tokens {clean.shape} and corrupted tokens {corrupted.shape} must have the same shape")
-    model.check_tokens(clean)
-    model.check_tokens(corrupted)
+    checked_inputs(model, np.asarray(clean), np.asarray(corrupted))  # no mask: a batch that looks padded is refused
     return clean, corrupted
 
 
@@ -195,6 +195,7 @@ def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory
 
     # The clean run's own score ([batch] or scalar): what the all-kept mask gives in exact arithmetic.
     scores.clean = np.asarray(metric.score(clean_logits, clean_logits, data), np.float64)
+    check_baselines(metric, scores.clean, None, clean.shape[0])  # raw scores: no gap to normalize by
     return scores
 
 
@@ -256,7 +257,7 @@ def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupte
     masks = np.stack([keep, valid, np.zeros_like(valid)]).astype(np.float32)
     raw = edge_scores(model, clean, corrupted, masks, metric, ablation=ablation)
     circ, full, empty = (float(r.mean()) for r in raw)
-    if abs(full - empty) <= 1e-5 * max(1.0, abs(full)):  # float32 rounding of the same number
+    if rounding_equal(full, empty):
         raise ValueError(f"the full graph and the fully ablated one score the same ({full:g}): faithfulness is "
                          "undefined (e.g. mean ablation over a single prompt)")
     return Faithfulness((circ - empty) / (full - empty), circ, full, empty, int(keep.sum()), ablation)

@@ -40,7 +40,7 @@ from jpatch.model import sites
 from jpatch.model.sites import SPLIT_INPUT_SITES
 from jpatch.engine.inputs import check_base
 from jpatch.methods.perturb import perturbed_forward, row_chunks, take_rows
-from jpatch.engine.inputs import batch_mask, check_direction, paired_runs
+from jpatch.engine.inputs import check_baselines, check_direction, checked_inputs
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 from jpatch.engine.sweep import check_memory_budget
@@ -231,11 +231,10 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
     check_memory_budget(memory_budget)
-    clean, corrupted = paired_runs(clean, corrupted)
-    S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     # Right padding needs no mask in the forward: real positions never attend to later pads, and
     # the metric reads each prompt's last real token, so pad positions get no gradient.
-    mask = batch_mask(attention_mask, clean, corrupted, pad_id=model.pad_id)
+    clean, corrupted, mask = checked_inputs(model, clean, corrupted, attention_mask)
+    S, B, T = corrupted.samples, clean.batch, clean.tokens.shape[1]
     metric = prepare_metric(metric, model.config.d_vocab, B, T, mask, S)
     clean_rows = clean.tiled(S)
     base, source = (corrupted, clean_rows) if direction == "denoise" else (clean_rows, corrupted)
@@ -256,6 +255,9 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     scores = sum(np.asarray(p[0], np.float64) for p in parts)
     clean_score, corrupted_score = (np.concatenate([np.asarray(p[i], np.float64) for p in parts])
                                     if len(parts) > 1 else np.asarray(parts[0][i], np.float64) for i in (1, 2))
+    check_baselines(metric, clean_score, corrupted_score, rows)  # a NaN or [batch, 5] metric would rank edges
+    if not np.isfinite(scores).all():
+        raise FloatingPointError(f"metric {metric.name!r} has a non-finite gradient: edge scores are undefined")
     if clean_score.ndim:  # one value per row: the mean over prompts (and samples)
         scores = scores / (S * B)
     if metric.normalize == "range":

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.engine import aggregate
-from jpatch.engine.inputs import check_direction
+from jpatch.engine.inputs import check_baselines, check_direction
 from jpatch.engine.readout import checked_metric
 from jpatch.methods.circuits import (float32_model, layer_writes, pair_tokens, reader_indices, run_writes,
                                      writer_index)
@@ -187,6 +187,7 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
         metric.batch_data(B), score=metric.score, receive=tuple(bool(r) for r in receive),
         clean_is_base=direction == "noise", freeze_mlps=bool(freeze_mlps)))
     raw, clean_score, corrupted_score = (np.asarray(a, np.float64) for a in (raw, clean_score, corrupted_score))
+    check_baselines(metric, clean_score, corrupted_score, B)
     if raw.ndim == 1:
         values = metric.normalized(raw, clean_score, corrupted_score)
     else:

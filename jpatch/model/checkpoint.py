@@ -1,7 +1,9 @@
 """Save and load jpatch models: a folder with config.json and an orbax checkpoint.
 
     weights/<name>/config.json   "family" (jpatch.model.families; absent: gpt2), the family's config
-                                 fields, "dtype", and whatever the writer added ("source")
+                                 fields, "dtype", "sha256" (of each checkpoint file, verified by `load`;
+                                 a folder saved before jpatch wrote it loads unverified), and whatever
+                                 the writer added ("source")
     weights/<name>/checkpoint/   orbax: one array per model leaf, named like "blocks.attn.c_attn_w"
     weights/<name>/tokenizer.json   the model's tokenizer, for a family that carries its own (GPT-NeoX),
                                  with tokenizer_config.json / special_tokens_map.json when it had them
@@ -14,6 +16,7 @@ beside the target, renamed at the end).
 import contextlib
 import importlib.resources
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +30,7 @@ from jpatch.files.atomic import atomic_dir
 CONFIG_FILE = "config.json"
 ARRAYS_DIR = "checkpoint"
 TOKENIZER_FILE = "tokenizer.json"
+CHECKSUMS = "sha256"  # config.json's {path under the folder: hex digest} of the checkpoint's files
 
 
 # --- names <-> arrays ---------------------------------------------------------------
@@ -43,6 +47,49 @@ def named_arrays(model):
     """The model's arrays as {"wte": ..., "blocks.attn.c_attn_w": ..., ...} (stable, readable names)."""
     leaves = jax.tree_util.tree_flatten_with_path(model)[0]
     return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def refuse_non_finite(arrays, where):
+    """Refuse a tensor holding NaN or inf: a damaged checkpoint, or a value past the range of the
+    dtype it was cast to (bfloat16 turns a finite 3.4e38 into inf), so check after any cast."""
+    for name, array in arrays.items():
+        array = jnp.asarray(array)
+        if jnp.issubdtype(array.dtype, jnp.floating) and not bool(jnp.isfinite(array).all()):
+            bad = int(array.size - jnp.isfinite(array).sum())
+            raise ValueError(f"{where}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf) as "
+                             f"{jnp.dtype(array.dtype).name}: a damaged checkpoint, or values past that dtype's range")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksums(folder):
+    """{path relative to `folder`: sha256} of every file of its checkpoint."""
+    files = sorted(p for p in (Path(folder) / ARRAYS_DIR).rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+
+
+def _verify_checksums(folder, expected):
+    """Compare the checkpoint's files with the sha256s `save` wrote in config.json (orbax stores none, so
+    one flipped byte would load as a wrong weight); None (saved before jpatch wrote them): nothing to compare."""
+    if expected is None:
+        return
+    path = Path(folder) / CONFIG_FILE
+    if not isinstance(expected, dict):
+        raise ValueError(f"cannot read {path}: {CHECKSUMS!r} must map file names to sha256 digests")
+    directory = (Path(folder) / ARRAYS_DIR).absolute()
+    for name, digest in expected.items():
+        file = Path(folder) / name
+        if not file.is_file():
+            raise ValueError(f"corrupt or unreadable checkpoint {directory}: {name} is missing")
+        if _sha256(file) != digest:
+            raise ValueError(f"corrupt or unreadable checkpoint {directory}: {name} does not match the sha256 "
+                             f"saved in {path} (the file changed since it was saved)")
 
 
 def _abstract_model(config, dtype):
@@ -109,7 +156,7 @@ def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
     `overwrite=True` (`check_target`); `inputs`: paths `out_dir` may not be or contain.
     """
     extra_config = dict(extra_config or {})
-    clash = set(extra_config) & ({f.name for f in dataclasses.fields(model.config)} | {"dtype", "family"})
+    clash = set(extra_config) & ({f.name for f in dataclasses.fields(model.config)} | {"dtype", "family", CHECKSUMS})
     if clash:
         raise ValueError(f"extra_config may not set {sorted(clash)}: they are written from the model")
     tokenizer = _tokenizer_files(model)
@@ -119,7 +166,6 @@ def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
               "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, **extra_config}
     out_dir = Path(out_dir).expanduser()
     with atomic_dir(out_dir, overwrite, kind="model", inputs=inputs) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for source, name in tokenizer:
             shutil.copyfile(source, tmp / name)
         ocp = _ocp()
@@ -130,6 +176,8 @@ def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
                 checkpointer.wait_until_finished()
             finally:
                 checkpointer.close()
+        config[CHECKSUMS] = _checksums(tmp)  # after the checkpoint is complete
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -201,14 +249,23 @@ def load(path_or_name, *, dtype="float32"):
     `path_or_name` is a folder, or a bare name resolved to weights/<name>/ (working
     directory first, then the repository root). `dtype` casts the weights while
     reading: float32 by default, so analysis runs in full precision whatever the
-    checkpoint stores; "bfloat16" halves the memory; None keeps the stored dtype.
+    checkpoint stores; "bfloat16" halves the memory; None keeps the stored dtype (an integer
+    dtype is refused). The checkpoint's files are checked against the sha256s `save` wrote, and
+    the weights refused if any is NaN or inf.
     A model that carries its tokenizer (GPT-NeoX) reads it from the folder's tokenizer.json.
     """
+    try:
+        is_float = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        is_float = False
+    if not is_float:  # an integer dtype would round every weight
+        raise ValueError(f"dtype must be a floating-point dtype (float32, bfloat16, ...) or None, got {dtype!r}")
     folder = resolve(path_or_name)
-    config, _ = read_config(folder)
+    config, raw = read_config(folder)
     directory = (folder / ARRAYS_DIR).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"missing checkpoint {directory}")
+    _verify_checksums(folder, raw.get(CHECKSUMS))
     ocp = _ocp()
     with _quiet():
         checkpointer = ocp.StandardCheckpointer()
@@ -242,6 +299,7 @@ def load(path_or_name, *, dtype="float32"):
                 raise ValueError(f"corrupt or unreadable checkpoint {directory}: {type(e).__name__}: {e}") from e
         finally:
             checkpointer.close()
+    refuse_non_finite(restored, f"model {folder}")
     treedef = jax.tree_util.tree_structure(abstract)
     model = jax.tree_util.tree_unflatten(treedef, [restored[name] for name in expected])
     tokenizer = folder / TOKENIZER_FILE

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import jax.numpy as jnp
 
+from jpatch.model.checkpoint import named_arrays, refuse_non_finite
 from jpatch.model.gpt2 import GPT2, GPT2Config, Attention, Block, LayerNorm, MLP
 
 
@@ -52,10 +53,9 @@ def from_hf_state_dict(state, config, dtype=jnp.float32):
         array = np.asarray(state[name])
         if array.shape != shape:
             raise ValueError(f"tensor {name!r} has shape {array.shape}, but the config needs {shape}")
-        if not np.isfinite(array).all():
-            bad = int(array.size - np.isfinite(array).sum())
-            raise ValueError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf): a damaged checkpoint")
-        return jnp.asarray(array, dtype=dtype)
+        array = jnp.asarray(array, dtype=dtype)
+        refuse_non_finite({name: array}, "the checkpoint")  # after the cast: past bfloat16's range is inf
+        return array
 
     def stack(suffix, shape):
         return jnp.stack([get(f"h.{i}.{suffix}", shape) for i in range(L)])
@@ -304,6 +304,7 @@ def load_hf(src, *, dtype=jnp.float32):
     state, hf_config = load_hf_state_dict(folder)
     family, config = check_hf_config(hf_config, folder / "config.json")
     model = family.from_hf_state_dict(state, config, dtype, tied_unembedding(family, hf_config))
+    refuse_non_finite(named_arrays(model), f"{folder} as {jnp.dtype(dtype).name}")  # every family, after the cast
     tokenizer = _source_tokenizer(folder, model)
     if tokenizer is not None:
         model = dataclasses.replace(model, tokenizer_file=str(tokenizer))
