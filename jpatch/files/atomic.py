@@ -7,6 +7,7 @@ settings and numbers to JSON for every file jpatch writes.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -124,3 +125,12 @@ def atomic_write_json(path, obj):
 
 def atomic_write_npz(path, arrays):
     return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,7 +16,6 @@ beside the target, renamed at the end).
 import contextlib
 import importlib.resources
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jpatch.files.atomic import atomic_dir
+from jpatch.files.atomic import atomic_dir, file_sha256
 
 CONFIG_FILE = "config.json"
 ARRAYS_DIR = "checkpoint"
@@ -60,18 +59,10 @@ def refuse_non_finite(arrays, where):
                              f"{jnp.dtype(array.dtype).name}: a damaged checkpoint, or values past that dtype's range")
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checksums(folder):
     """{path relative to `folder`: sha256} of every file of its checkpoint."""
     files = sorted(p for p in (Path(folder) / ARRAYS_DIR).rglob("*") if p.is_file())
-    return {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
 
 
 def _verify_checksums(folder, expected):
@@ -87,7 +78,7 @@ def _verify_checksums(folder, expected):
         file = Path(folder) / name
         if not file.is_file():
             raise ValueError(f"corrupt or unreadable checkpoint {directory}: {name} is missing")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise ValueError(f"corrupt or unreadable checkpoint {directory}: {name} does not match the sha256 "
                              f"saved in {path} (the file changed since it was saved)")
 

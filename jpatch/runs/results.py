@@ -32,7 +32,6 @@ metric is undefined (e.g. equal clean and corrupted baselines) is NaN throughout
 `load_result(path)` reads either kind and returns a `Result`.
 """
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from jpatch.engine import aggregate
-from jpatch.files.atomic import atomic_dir, atomic_write_json, to_json
+from jpatch.files.atomic import atomic_dir, atomic_write_json, file_sha256, to_json  # noqa: F401 (results.file_sha256)
 from jpatch.version import __version__
 RESULT_FILE = "result.npz"
 SETTINGS_FILE = "settings.json"
@@ -236,14 +235,6 @@ def read_manifest(out_dir):
 
 class CorruptShard(ValueError):
     """A shard file that fails its checksum or cannot be read (a rerun of the bulk command recomputes it)."""
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_shard(out_dir, manifest, i):
