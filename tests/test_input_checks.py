@@ -176,3 +176,14 @@ def test_invalid_utf8_in_a_dataset_names_the_file_and_byte_offset(tmp_path):
     offset = len(good) + bad.index(b"\xff")
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*\n.*line 2: invalid UTF-8 at byte offset {offset} of the file"):
         read_dataset(path)
+
+
+def test_rounding_is_relative_to_the_scores_size():
+    """A tiny but real gap (the paper rerun's probabilities on the toy: 1.76374e-05 vs 1.75523e-05,
+    0.5% apart) is not rounding; float32 rounding of one number is, at any size, and so is 0 vs 0."""
+    from jpatch.engine.inputs import rounding_equal
+
+    assert not rounding_equal(1.76374e-05, 1.75523e-05)
+    assert rounding_equal(np.float32(1.76374e-05), np.float32(1.76374e-05) * (1 + 2 ** -23))
+    assert rounding_equal(3.25, 3.25 + 1e-6) and rounding_equal(0.0, 0.0)
+    assert not rounding_equal(1e-3, 1.1e-3)
