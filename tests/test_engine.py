@@ -16,6 +16,7 @@ import transformer_lens.patching as tl_patching
 import reference
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
+from jpatch.engine.inputs import Run
 from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
 from jpatch import patching
@@ -169,7 +170,10 @@ def test_caches_in_prompt_chunks_equal_the_whole_batch(jp_tiny, data):
     keep = engine.BASE_SITES + ("attn.hook_pattern",)
     _, whole = jp_tiny.run_with_cache(tokens, overrides=overrides)
     for budget in (1, 150_000):  # one prompt per chunk; two per chunk (the last overlapping)
-        got = engine.cached_sites(jp_tiny, tokens, overrides, keep, budget)
+        read = np.array([[T - 1], [2], [T - 1], [0], [5]])
+        got, logits = engine.cached_run(jp_tiny, Run(tokens, overrides), keep, budget, read=read)
+        np.testing.assert_allclose(logits, jp_tiny(tokens, overrides=overrides, logits_at=read), atol=1e-5,
+                                   err_msg=f"logits, budget {budget}")
         for site in keep:
             want = whole.stacked("hook_resid_post")[-1] if site == "final" else whole.stacked(site)
             assert got[site].shape == want.shape, site

@@ -1,6 +1,6 @@
 """The engine's compiled call (`run_layout`): every patch of a layout applied to the base run's
 cached activations in one program, attention over the packed rows (`rows_attention`); and the
-base and source runs' caches, computed in prompt chunks under the memory budget (`cached_sites`).
+base and source runs' caches, computed in prompt chunks under the memory budget (`cached_run`).
 The layout comes from `jpatch.engine.plan`.
 """
 
@@ -35,7 +35,7 @@ class BaseCache(NamedTuple):
 
     @classmethod
     def from_sites(cls, stacks, model):
-        """From `cached_sites(..., base_sites(model), ...)`."""
+        """From `cached_run(model, run, base_sites(model), ...)`'s stacks."""
         return cls(*(stacks[s] for s in base_sites(model)))
 
 
@@ -221,7 +221,7 @@ def cached_run(model, run, keep, memory_budget, *, read="none"):
     `read` ([B, K] positions, None: every position). Computed in prompt chunks that fit
     `memory_budget`, all of one shape (the last overlaps the one before), so it compiles once."""
     cfg = model.config
-    tokens, keep, logits = jnp.asarray(run.tokens), tuple(keep), not isinstance(read, str)
+    tokens, keep, logits = jnp.asarray(run.tokens), tuple(dict.fromkeys(keep)), not isinstance(read, str)
     read = None if not logits or read is None else jnp.asarray(read)
     N, T = tokens.shape
     itemsize = 4  # activations are float32 whatever the weights' dtype
@@ -243,15 +243,3 @@ def cached_run(model, run, keep, memory_budget, *, read="none"):
         outs.append(None if out is None else out[c * chunk - start:])
     stacks = {s: jnp.concatenate(p, axis=0 if s == "final" else 1) for s, p in parts.items()}
     return stacks, jnp.concatenate(outs) if logits else None
-
-
-def cached_sites(model, tokens, overrides, keep, memory_budget):
-    """The stacks `keep` of the run (tokens, overrides): `cached_run` without logits."""
-    return cached_run(model, _Run(tokens, overrides), keep, memory_budget)[0]
-
-
-class _Run(NamedTuple):
-    tokens: jax.Array
-    overrides: dict
-
-

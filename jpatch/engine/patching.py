@@ -77,8 +77,8 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
         check_memory_budget(kwargs["memory_budget"])
     budget = kwargs.get("memory_budget") or plan.default_memory_budget()
     # The corrupted run's one forward: the engine's base stacks, the patched site, the logits.
-    keep = tuple(dict.fromkeys(engine.base_sites(model) + (site,)))
-    base_stacks, corrupted_logits = engine.cached_run(model, corrupted, keep, budget, read=read)
+    base_stacks, corrupted_logits = engine.cached_run(model, corrupted, engine.base_sites(model) + (site,), budget,
+                                                      read=read)
     raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, base_stacks=base_stacks, **kwargs)
     data = metric.batch_data(N)
     clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))

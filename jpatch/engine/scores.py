@@ -52,7 +52,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     if source.shape[1] != N:
         raise ValueError(f"the source activations cover {source.shape[1]} prompts, the base run has {N}")
     if base_stacks is None:
-        base_stacks = engine.cached_sites(model, base.tokens, base.overrides, engine.base_sites(model), memory_budget)
+        base_stacks = engine.cached_run(model, base, engine.base_sites(model), memory_budget)[0]
     base_arrays = {k: base_stacks[k] for k in engine.base_sites(model)}
 
     n_read = T if read_all else read_pos.shape[1]

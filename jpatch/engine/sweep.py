@@ -214,7 +214,7 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     # exact no-ops), the source's patched site only (not every site, e.g. the [L, B, H, T, T] pattern),
     # and both runs' logits at the positions the metric reads.
     read = metric.read_positions(S * B, T)
-    base_stacks, base_logits = engine.cached_run(model, base, tuple(dict.fromkeys(engine.base_sites(model) + (site,))), memory_budget,
+    base_stacks, base_logits = engine.cached_run(model, base, engine.base_sites(model) + (site,), memory_budget,
                                                  read=read)
     source_stacks, source_logits = engine.cached_run(model, source, (site,), memory_budget, read=read)
     source_cache = Cache(source_stacks, model.config.n_layer, table=model.sites)
