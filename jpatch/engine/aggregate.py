@@ -67,23 +67,84 @@ def per_prompt(normalization, raw, clean, corrupted, *, warn=True):
         return normalize(normalization, np.asarray(raw), clean, corrupted).astype(np.float32)
 
 
-class SweepResult(np.ndarray):
-    """A sweep's values (a NumPy array of the grid's shape) with its baselines attached.
+# --- the result contract ---------------------------------------------------------------
+#
+# Every method's result (sweep, attribute and its atp*, edge_attribution, path_patch,
+# faithfulness) carries the same metadata and the same raw views, named as below, so that a
+# result can be read without knowing which method made it.
+RESULT_FIELDS = (
+    "method",                # "patching", "atp", "atp-qk", "atp*", "eap", ..., "path_patching", "faithfulness"
+    "direction",             # "denoise": the corrupted run is the base, clean values go in; "noise": the reverse
+    "normalization",         # the metric's: "none", "baseline" (minus corrupted), "range" (0 = corrupted, 1 = clean)
+    "axes",                  # the grid's axis names (a per-prompt result has a leading prompt axis)
+    "per_prompt",            # True when the normalized values are per prompt [batch, *grid]
+    "clean", "corrupted",    # the baselines: the metric on the clean and the corrupted run (means over prompts)
+    "clean_per_prompt", "corrupted_per_prompt",  # [batch] (None for a metric that is one number per batch)
+    "raw",                   # [batch, *grid] patched scores per prompt (estimated by attribution; NaN where a patch
+                             # does not apply; None for a batch-level metric and for atp*'s sizes)
+    "patched",               # [*grid] patched scores, the mean over prompts (None for atp*'s sizes)
+    "delta",                 # [*grid] patched minus the base run, raw units, mean over prompts (atp*: sizes)
+    "delta_per_prompt",      # [batch, *grid] the same per prompt (None for a batch-level metric)
+)
 
-    clean, corrupted: the overall baseline scores (means over prompts);
-    clean_per_prompt, corrupted_per_prompt: [batch] baseline scores (None for a scalar metric);
-    raw: [batch, *grid] patched scores before normalization (noise samples averaged; NaN past a
-    prompt's end), so any other aggregate can be computed (None for a scalar metric);
-    per_prompt: True when the array holds per-prompt normalized values [batch, *grid],
-    False for the default aggregate (normalize the mean over prompts);
-    axes: the grid's axis names; normalization: the metric's ("none", "baseline", "range").
+
+def base_of(direction, clean, corrupted):
+    """The base run's score(s): what a patch starts from (corrupted when denoising, clean when noising)."""
+    return corrupted if direction == "denoise" else clean
+
+
+def _mean_over_prompts(per_prompt):
+    """[batch, *grid] -> [*grid]: the mean over the prompts where a value is defined (not NaN)."""
+    defined = ~np.isnan(per_prompt)
+    count = defined.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(defined, per_prompt, 0.0).sum(0) / count
+    return np.where(count > 0, mean, np.nan)
+
+
+def raw_views(direction, clean, corrupted, *, raw=None, change=None):
+    """The raw views of the contract (`raw`, `patched`, `delta`, `delta_per_prompt`) from either the
+    patched scores or their changes from the base run, and the baselines.
+
+    raw / change: [batch, *grid] with clean, corrupted [batch] (a per-prompt metric), or [*grid] with
+    scalar baselines (a metric that is one number for the whole batch). Means run over the prompts
+    where a value is defined (not NaN), as the normalized grid's do.
+    """
+    base = np.asarray(base_of(direction, clean, corrupted), np.float64)
+    f32 = lambda a: None if a is None else np.asarray(a, np.float32)
+    if base.ndim == 0:
+        raw = base + np.asarray(change, np.float64) if raw is None else np.asarray(raw, np.float64)
+        return dict(raw=None, patched=f32(raw), delta=f32(raw - base), delta_per_prompt=None)
+    other = (np.asarray(raw if raw is not None else change, np.float64))
+    base = base.reshape((-1,) + (1,) * (other.ndim - 1))
+    raw, change = (other, other - base) if raw is not None else (base + other, other)
+    return dict(raw=f32(raw), patched=f32(_mean_over_prompts(raw)), delta=f32(_mean_over_prompts(change)),
+                delta_per_prompt=f32(change))
+
+
+def sizes_views(sizes_result):
+    """atp*'s views from the `SweepResult` of base + sizes: its changes are the sizes (non-negative,
+    not signed changes), so there are no patched scores."""
+    return dict(raw=None, patched=None, delta=sizes_result.delta, delta_per_prompt=sizes_result.delta_per_prompt)
+
+
+class SweepResult(np.ndarray):
+    """A result's normalized values (a NumPy array of the grid's shape) with the result contract's
+    metadata and raw views attached (`RESULT_FIELDS`): method, direction, normalization, axes,
+    per_prompt, the clean and corrupted baselines (means and per prompt), raw (patched scores per
+    prompt), patched (their mean), delta and delta_per_prompt (patched minus the base run).
+
+    The values are the metric normalized over the mean of the prompts (the paper's and
+    TransformerLens's aggregate) or, when per_prompt, [batch, *grid] each prompt normalized alone.
     Arithmetic on it gives plain arrays: the attributes describe this array only.
     """
 
-    ATTRS = ("clean", "corrupted", "clean_per_prompt", "corrupted_per_prompt", "raw", "per_prompt", "axes",
-             "normalization")
+    ATTRS = RESULT_FIELDS
 
     def __new__(cls, values, **attrs):
+        unknown = set(attrs) - set(cls.ATTRS)
+        if unknown:
+            raise TypeError(f"unknown result fields {sorted(unknown)}")
         obj = np.asarray(values).view(cls)
         for name in cls.ATTRS:
             setattr(obj, name, attrs.get(name))
@@ -99,3 +160,7 @@ class SweepResult(np.ndarray):
 
     def __reduce__(self):  # pickle as a plain array: the class is a view with metadata
         return np.asarray(self).__reduce__()
+
+    def metadata(self):
+        """The contract's fields as a dict (arrays included)."""
+        return {name: getattr(self, name) for name in self.ATTRS}

@@ -86,7 +86,7 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     raw = with_exact_no_ops(raw, patches, base_stacks[site], clean_cache.stacked(site), corrupted_score)
     defined = applies(patches, prompt_lengths(mask, N, T))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,
-                  axes, shape)
+                  axes, shape, direction="denoise")
 
 
 def get_act_patch_resid_pre(model, corrupted_tokens: Union[Tokens, Run], clean_cache: Cache, metric,

@@ -117,14 +117,15 @@ def _describe(axes, shape, flat_index):
     return ", ".join(f"{a} {int(c)}" for a, c in zip(axes, coords))
 
 
-def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, samples=1, per_prompt=False,
-           check=True):
+def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, direction, method="patching",
+           samples=1, per_prompt=False, check=True):
     """Raw patched scores -> the sweep's `SweepResult`.
 
     raw [n_patches, samples * batch] (or [n_patches] for a scalar metric), NaN where a patch does not
     apply to a prompt; defined: the same shape, where it applies; clean_score / corrupted_score: the
     baselines per row (or scalars). Noise samples are averaged per prompt first; then the default
     aggregate normalizes the mean over prompts, or per_prompt normalizes each prompt.
+    direction, method: recorded in the result (the direction picks the base run of `delta`).
     check: raise FloatingPointError where a defined value is not finite.
     """
     baselines = (clean_score, corrupted_score, raw.shape[-1] if raw.ndim > 1 else 1)
@@ -134,12 +135,14 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, s
             _check_finite(*args)
             check_baselines(metric, *baselines, per_prompt=per_prompt, samples=samples)
 
-    info = dict(axes=tuple(axes), normalization=metric.normalize)
+    info = dict(axes=tuple(axes), normalization=metric.normalize, direction=direction, method=method)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
         values = metric.normalized(raw, clean_score, corrupted_score).reshape(shape)
         _check(values.reshape(-1), defined, axes, shape)
         return aggregate.SweepResult(values, clean=float(clean_score), corrupted=float(corrupted_score),
-                                     per_prompt=False, **info)
+                                     per_prompt=False, **info, **aggregate.raw_views(
+                                         direction, float(clean_score), float(corrupted_score),
+                                         raw=raw.reshape(shape)))
     by_prompt = lambda a: np.asarray(a, np.float64).reshape(a.shape[:-1] + (samples, -1)).mean(-2)
     raw, clean_score, corrupted_score = by_prompt(raw), by_prompt(clean_score), by_prompt(corrupted_score)
     defined = defined.reshape(defined.shape[0], samples, -1)[:, 0]
@@ -155,8 +158,8 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, s
     return aggregate.SweepResult(
         values, clean=float(clean_score.mean()), corrupted=float(corrupted_score.mean()),
         clean_per_prompt=clean_score.astype(np.float32), corrupted_per_prompt=corrupted_score.astype(np.float32),
-        raw=np.moveaxis(raw, -1, 0).reshape((-1,) + tuple(shape)).astype(np.float32), per_prompt=bool(per_prompt),
-        **info)
+        per_prompt=bool(per_prompt), **info, **aggregate.raw_views(
+            direction, clean_score, corrupted_score, raw=np.moveaxis(raw, -1, 0).reshape((-1,) + tuple(shape))))
 
 
 def check_memory_budget(memory_budget):
@@ -181,8 +184,8 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     direction: "denoise" runs the corrupted input with clean values patched in,
     "noise" the clean input with corrupted values.
     window: patch w consecutive layers centred on each layer (ROME's sliding window).
-    Returns a `SweepResult` (a NumPy array with the clean and corrupted baselines attached) of
-    shape [*grid]: the metric normalized over the mean of the prompts (the paper's and
+    Returns a `SweepResult` (a NumPy array with the result contract's metadata and raw views:
+    baselines, `.patched`, `.delta`, see `aggregate.RESULT_FIELDS`) of shape [*grid]: the metric normalized over the mean of the prompts (the paper's and
     TransformerLens's aggregate), or [batch, *grid] each prompt normalized alone when per_prompt.
     The grid axes default to (layer, pos), (layer, pos, head) for q/k/v/z, (layer, head, pos)
     for the pattern; choose `axes` e.g. ("layer", "head").
@@ -231,6 +234,6 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
                             corrupted_score if direction == "denoise" else clean_score)
     defined = applies(patches, np.tile(lengths, S))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,
-                  shape, samples=S, per_prompt=per_prompt, check=check_finite)
+                  shape, direction=direction, samples=S, per_prompt=per_prompt, check=check_finite)
 
 

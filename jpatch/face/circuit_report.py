@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jpatch.files import atomic
+
 KIND = "circuit"
 
 
@@ -174,5 +176,5 @@ def main(args):
                    for k in ("to_logits", "to_queries", "to_values")}
         summary.update({k: figures[k] for k in ("movers", "inhibitors", "duplicates", "times", "overlap")})
         summary["faithfulness"] = {k: dataclasses.asdict(v) for k, v in figures["faithfulness"].items()}
-        (tmp / "figures.json").write_text(json.dumps(summary, indent=1, default=float))
+        (tmp / "figures.json").write_text(json.dumps(atomic.to_json(summary), indent=1))
     print(f"wrote {Path(args.out) / 'report.md'}")

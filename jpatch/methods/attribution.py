@@ -34,6 +34,7 @@ from jaxtyping import Float
 
 from jpatch.model import sites
 from jpatch.model.layers import causal_attention
+from jpatch.engine import aggregate
 from jpatch.engine.inputs import Run, as_run, check_direction, checked_inputs, prompt_lengths
 from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
@@ -188,7 +189,8 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     right-padded prompts with `attention_mask` included (NaN past a prompt's end).
     method: "atp" (first order), "atp-qk" (AtP*'s QK fix for q / k, exact through the
     softmax), "atp*" (QK fix and GradDrop: non-negative sizes (1/(L-1)) sum_l |delta_l| in
-    the metric's units, for a "range" metric divided by |clean - corrupted|; a plain array).
+    the metric's units, for a "range" metric divided by |clean - corrupted|; `.delta` holds the sizes
+    in raw units and there are no `.patched` scores).
     Every layer, prompt and noise sample comes from one compiled call (two forwards, one
     backward; "atp*": n_layer backward passes, vmapped), or one per chunk of prompts when
     they do not fit `memory_budget` (bytes; a metric that is one number for the whole
@@ -229,30 +231,33 @@ def attribute(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], s
     if per_prompt and clean_score.ndim == 0:
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
     return _result(delta, base_score, clean_score, corrupted_score, metric, site, patches, axes, shape, lengths,
-                   samples=S, per_prompt=per_prompt, magnitude=method == "atp*")
+                   method=method, direction=direction, samples=S, per_prompt=per_prompt)
 
 
 def _result(delta, base_score, clean_score, corrupted_score, metric, site, patches, axes, shape, lengths, *,
-            samples=1, per_prompt=False, magnitude=False):
+            method, direction, samples=1, per_prompt=False):
     """Estimated changes -> estimated patched scores -> `patching.finish`, the sweep's own
     aggregate (prompts where a patch does not apply, past a prompt's end, are left out).
 
-    magnitude: GradDrop sizes (1/(L-1)) sum_l |delta_l|, reported as |finish(base + size) -
-    finish(base)|: the size in the sweep's normalized units."""
+    atp*: GradDrop sizes (1/(L-1)) sum_l |delta_l|, reported as |finish(base + size) -
+    finish(base)|: the size in the sweep's normalized units; its `delta` views hold the sizes."""
     grid = to_grid(delta, site, axes)  # [(drop,) *shape, rows]
     grid = grid.reshape(grid.shape[: grid.ndim - len(shape) - 1] + (len(patches), -1))
     scalar = np.ndim(clean_score) == 0
     if scalar:  # one number for the whole batch: the rows' changes add up
         grid = grid.sum(-1)
+    magnitude = method == "atp*"
     if magnitude:
         grid = np.abs(grid).sum(0) / max(grid.shape[0] - 1, 1)
     defined = applies(patches, lengths)
     defined = defined.all(1) if scalar else defined
     score = lambda change: finish(base_score + change, defined, metric, clean_score, corrupted_score, axes, shape,
-                                  samples=samples, per_prompt=per_prompt)
+                                  direction=direction, method=method, samples=samples, per_prompt=per_prompt)
     if not magnitude:
         return score(grid)
-    return np.abs(score(grid) - score(np.zeros_like(grid)))
+    sizes = score(grid)
+    values = np.abs(sizes - score(np.zeros_like(grid)))
+    return aggregate.SweepResult(values, **{**sizes.metadata(), **aggregate.sizes_views(sizes)})
 
 
 # --- TransformerLens-shaped functions -------------------------------------------------
@@ -279,7 +284,7 @@ def tl_attribution(name, model, corrupted_tokens, clean_cache, metric, *, method
     patches, shape = make_patches(model.config, site, axes, T, N)
     # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
     return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
-                   site, patches, axes, shape, prompt_lengths(mask, N, T), magnitude=method == "atp*")
+                   site, patches, axes, shape, prompt_lengths(mask, N, T), method=method, direction="denoise")
 
 
 

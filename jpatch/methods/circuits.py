@@ -24,6 +24,7 @@ import numpy as np
 from jpatch.methods.edges import graph_names, reader_bias
 from jpatch.model.layers import causal_attention
 from jpatch.model.sites import SPLIT_INPUT_SITES
+from jpatch.engine import aggregate
 from jpatch.engine.inputs import as_run, check_baselines, checked_inputs, rounding_equal
 from jpatch.engine.readout import checked_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
@@ -237,7 +238,12 @@ def circuit_mask(config, circuit):
 class Faithfulness:
     """faithfulness = (circuit - empty) / (full - empty): the fraction of the metric the circuit
     recovers. circuit, full, empty: the metric's raw score (mean over prompts) with every edge
-    outside the circuit ablated, no edge ablated (the clean run) and every edge ablated."""
+    outside the circuit ablated, no edge ablated (the clean run) and every edge ablated.
+
+    The result contract's fields (`jpatch.engine.aggregate.RESULT_FIELDS`): ablating edges of the
+    clean run is noising, so the base run is the full graph (`clean`), `corrupted` is the fully
+    ablated graph (the corrupted run's score with ablation "corrupted"), `patched` / `raw` the
+    circuit's score (mean / per prompt) and `delta` the circuit's minus the full graph's."""
 
     faithfulness: float
     circuit: float
@@ -245,6 +251,19 @@ class Faithfulness:
     empty: float
     n_edges: int
     ablation: str
+    method: str = "faithfulness"
+    direction: str = "noise"
+    normalization: str = "range"
+    axes: tuple = ()
+    per_prompt: bool = False
+    clean: float = None
+    corrupted: float = None
+    clean_per_prompt: np.ndarray = None
+    corrupted_per_prompt: np.ndarray = None
+    raw: np.ndarray = None
+    patched: float = None
+    delta: float = None
+    delta_per_prompt: np.ndarray = None
 
 
 def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupted"):
@@ -260,7 +279,13 @@ def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupte
     if rounding_equal(full, empty):
         raise ValueError(f"the full graph and the fully ablated one score the same ({full:g}): faithfulness is "
                          "undefined (e.g. mean ablation over a single prompt)")
-    return Faithfulness((circ - empty) / (full - empty), circ, full, empty, int(keep.sum()), ablation)
+    per_prompt = raw.ndim == 2  # a metric with one value per prompt
+    views = aggregate.raw_views("noise", raw[1], raw[2], raw=raw[0])
+    return Faithfulness((circ - empty) / (full - empty), circ, full, empty, int(keep.sum()), ablation,
+                        clean=full, corrupted=empty,
+                        clean_per_prompt=raw[1].astype(np.float32) if per_prompt else None,
+                        corrupted_per_prompt=raw[2].astype(np.float32) if per_prompt else None,
+                        **{**views, "patched": float(views["patched"]), "delta": float(views["delta"])})
 
 
 # jpatch.circuits.path_patch and .acdc: paths.py and acdc.py build on this module.

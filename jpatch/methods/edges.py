@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import sites
+from jpatch.engine import aggregate
 from jpatch.model.sites import SPLIT_INPUT_SITES
 from jpatch.engine.inputs import check_base
 from jpatch.methods.perturb import perturbed_forward, row_chunks, take_rows
@@ -86,9 +87,16 @@ def reader_bias(model):
 
 @dataclasses.dataclass(frozen=True)
 class Edges:
-    """Edge scores [n_writers, n_readers] (or [n_writers, n_readers, pos] per position), in the
-    metric's normalized units (for a "range" metric, the estimated change over clean - corrupted);
-    edges that do not exist (a reader before its writer) are 0 and False in `valid`."""
+    """Edge scores [n_writers, n_readers] (or [n_writers, n_readers, pos] per position; a leading
+    [batch] axis when per_prompt): the estimated change of the metric when the edge takes its source
+    run's value, in the metric's normalized units (for a "range" metric, the change over
+    clean - corrupted, each prompt's own gap when per_prompt). Edges that do not exist (a reader
+    before its writer) are 0 and False in `valid`.
+
+    The result contract's fields (`jpatch.engine.aggregate.RESULT_FIELDS`): `delta` is the same change
+    in raw units (mean over prompts), `delta_per_prompt` per prompt (kept for per-edge totals; for
+    per-position scores only with per_prompt=True, their size being batch x edges x pos), `patched` /
+    `raw` the estimated patched scores (the base run's score plus the change)."""
 
     scores: np.ndarray
     writers: tuple
@@ -96,13 +104,30 @@ class Edges:
     valid: np.ndarray
     method: str
     direction: str
+    normalization: str = None
+    axes: tuple = None
+    per_prompt: bool = False
+    clean: float = None
+    corrupted: float = None
+    clean_per_prompt: np.ndarray = None
+    corrupted_per_prompt: np.ndarray = None
+    raw: np.ndarray = None
+    patched: np.ndarray = None
+    delta: np.ndarray = None
+    delta_per_prompt: np.ndarray = None
 
     def totals(self):
-        """Per-edge scores summed over positions [n_writers, n_readers]."""
-        return self.scores if self.scores.ndim == 2 else self.scores.sum(-1)
+        """Per-edge scores summed over positions [(batch,) n_writers, n_readers]."""
+        return self.scores.sum(-1) if self.scores.ndim == 3 + bool(self.per_prompt) else self.scores
+
+    def _aggregate_only(self, what):
+        if self.per_prompt:
+            raise ValueError(f"{what} ranks the edges of one aggregate; these scores are per prompt: rank "
+                             "edge_attribution(..., per_prompt=False)")
 
     def top(self, k=10):
         """The k edges with the largest |score|: [(writer, reader, score), ...]."""
+        self._aggregate_only("top")
         flat = np.where(self.valid, np.abs(self.totals()), -np.inf).ravel()
         k = min(int(k), int(self.valid.sum()))
         order = np.argsort(-flat, kind="stable")[:k]
@@ -110,15 +135,21 @@ class Edges:
         return [(self.writers[i], self.readers[j], float(self.totals()[i, j])) for i, j in zip(w, r)]
 
     def to_json(self, path=None):
-        """{"method", "direction", "edges": [{"writer", "reader", "score"(, "by_pos")}]}; written to `path` if given."""
+        """{"method", "direction", "normalization", "clean", "corrupted", "edges": [{"writer", "reader",
+        "score", "delta"(, "by_pos")}]}; written to `path` if given."""
+        self._aggregate_only("to_json")
         scores = self.totals()
+        deltas = None if self.delta is None else (self.delta.sum(-1) if self.delta.ndim == 3 else self.delta)
         edges = []
         for i, j in zip(*np.nonzero(self.valid)):
             edge = {"writer": self.writers[i], "reader": self.readers[j], "score": float(scores[i, j])}
+            if deltas is not None:
+                edge["delta"] = float(deltas[i, j])
             if self.scores.ndim == 3:
                 edge["by_pos"] = [float(x) for x in self.scores[i, j]]
             edges.append(edge)
-        text = json.dumps({"method": self.method, "direction": self.direction, "edges": edges})
+        text = json.dumps({"method": self.method, "direction": self.direction, "normalization": self.normalization,
+                           "clean": self.clean, "corrupted": self.corrupted, "edges": edges})
         if path is not None:
             with open(path, "w") as f:
                 f.write(text)
@@ -173,7 +204,7 @@ def _source_acts(model, tokens, overrides, read_pos):
 
 
 def _edge_scores(model, base_tokens, base_overrides, source_tokens, source_overrides, read_pos, data, alphas, *,
-                 score, noise, per_position):
+                 score, noise, per_position, per_row):
     cfg = model.config
     N, T = base_tokens.shape
     source_logits, source = _source_acts(model, source_tokens, source_overrides, read_pos)
@@ -204,16 +235,17 @@ def _edge_scores(model, base_tokens, base_overrides, source_tokens, source_overr
         readers = jax.lax.scan(lambda acc, a: (acc + run(a, shift)[0], None), readers, alphas[1:])[0]
     readers = readers / alphas.shape[0]
     writes = _writes(base, source)
-    scores = jnp.einsum("wntd,rntd->wrt" if per_position else "wntd,rntd->wr", writes, readers)
+    out = ("n" if per_row else "") + ("wrt" if per_position else "wr")
+    scores = jnp.einsum(f"wntd,rntd->{out}", writes, readers)
     clean_logits, corrupted_logits = (base_logits, source_logits) if noise else (source_logits, base_logits)
     return scores, score(clean_logits, clean_logits, data), score(corrupted_logits, clean_logits, data)
 
 
-_edge_scores_jit = jax.jit(_edge_scores, static_argnames=("score", "noise", "per_position"))
+_edge_scores_jit = jax.jit(_edge_scores, static_argnames=("score", "noise", "per_position", "per_row"))
 
 
 def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, direction="denoise",
-                     per_position=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+                     per_position=False, per_prompt=False, attention_mask=None, memory_budget=DEFAULT_MEMORY_BUDGET):
     """EAP / EAP-IG scores of every edge writer -> reader, as an `Edges`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (a Gaussian-noise run's samples are
@@ -221,7 +253,8 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     estimated change of the metric when one edge takes its source-run value, averaged
     over prompts and divided by (clean - corrupted) for a "range" metric.
     method: "eap" (one backward pass), "eap-ig-inputs" (steps passes),
-    "eap-ig-activations" (steps x (2 n_layer + 1) passes); per_position: [.., pos] scores.
+    "eap-ig-activations" (steps x (2 n_layer + 1) passes); per_position: [.., pos] scores;
+    per_prompt: [batch, ...] scores, each prompt normalized by its own baselines (as in `sweep`).
     attention_mask: [batch, pos] for right-padded prompts of different lengths (as in `sweep`).
     memory_budget (bytes): prompts are split into chunks that fit it (a per-prompt metric only).
     """
@@ -247,21 +280,50 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     alphas = jnp.asarray(_alphas(method, int(steps), model.config.n_layer), jnp.float32)
     chunks = row_chunks(model, metric, data, rows, T if read_pos is None else read_pos.shape[1], row_bytes,
                         memory_budget)
-    parts = [jax.device_get(_edge_scores_jit(  # a per-prompt metric's scores add over prompts
+    # Each row's own scores: for per-prompt views (per position only when asked: rows x edges x pos).
+    per_row = bool(per_prompt) or not per_position
+    parts = [jax.device_get(_edge_scores_jit(
         model, jnp.asarray(base.tokens[sl]), take_rows(base.overrides, sl, rows), jnp.asarray(source.tokens[sl]),
         take_rows(source.overrides, sl, rows), None if read_pos is None else jnp.asarray(read_pos[sl]),
         take_rows(data, sl, rows), alphas, score=metric.score, noise=direction == "noise",
-        per_position=per_position)) for sl in chunks]
-    scores = sum(np.asarray(p[0], np.float64) for p in parts)
-    clean_score, corrupted_score = (np.concatenate([np.asarray(p[i], np.float64) for p in parts])
-                                    if len(parts) > 1 else np.asarray(parts[0][i], np.float64) for i in (1, 2))
-    check_baselines(metric, clean_score, corrupted_score, rows)  # a NaN or [batch, 5] metric would rank edges
-    if not np.isfinite(scores).all():
+        per_position=per_position, per_row=per_row)) for sl in chunks]
+    joined = lambda i: (np.concatenate([np.asarray(p[i], np.float64) for p in parts]) if len(parts) > 1
+                        else np.asarray(parts[0][i], np.float64))
+    clean_score, corrupted_score = joined(1), joined(2)
+    scalar = clean_score.ndim == 0
+    check_baselines(metric, clean_score, corrupted_score, rows, per_prompt=per_prompt and not scalar, samples=S)
+    if per_prompt and scalar:
+        raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
+    by_prompt = lambda a: a.reshape((S, B) + a.shape[1:]).mean(0)  # noise samples averaged per prompt
+    if per_row:
+        change = joined(0)  # [rows, W, R(, pos)], or for a batch-level metric the rows' shares of its change
+        change_per_prompt = None if scalar else by_prompt(change)
+        change = change.sum(0) if scalar else change_per_prompt.mean(0)
+    else:
+        change = sum(np.asarray(p[0], np.float64) for p in parts)
+        change, change_per_prompt = (change if scalar else change / rows), None
+    if not np.isfinite(change).all():
         raise FloatingPointError(f"metric {metric.name!r} has a non-finite gradient: edge scores are undefined")
-    if clean_score.ndim:  # one value per row: the mean over prompts (and samples)
-        scores = scores / (S * B)
-    if metric.normalize == "range":
-        scores = scores / (clean_score.mean() - corrupted_score.mean())
     writers, readers, valid = graph_names(model.config)
-    scores = np.where(valid[..., None] if per_position else valid, scores, 0.0)
-    return Edges(scores, writers, readers, valid, method, direction)
+    keep = lambda a: None if a is None else np.where(valid[..., None] if per_position else valid, a, 0.0)
+    change, change_per_prompt = keep(change), keep(change_per_prompt)
+    if not scalar:
+        clean_score, corrupted_score = by_prompt(clean_score), by_prompt(corrupted_score)
+    scores = change_per_prompt if per_prompt else change
+    if metric.normalize == "range":  # a change over the gap: each prompt's own, or the gap of the means
+        gap = clean_score - corrupted_score if per_prompt else clean_score.mean() - corrupted_score.mean()
+        scores = scores / np.reshape(gap, np.shape(gap) + (1,) * (scores.ndim - np.ndim(gap)))
+    if scalar:
+        views = aggregate.raw_views(direction, float(clean_score), float(corrupted_score), change=change)
+    elif change_per_prompt is not None:
+        views = aggregate.raw_views(direction, clean_score, corrupted_score, change=change_per_prompt)
+    else:  # per-position scores without per-prompt ones: the mean change only
+        base = aggregate.base_of(direction, clean_score, corrupted_score).mean()
+        views = dict(raw=None, delta_per_prompt=None, delta=change.astype(np.float32),
+                     patched=(base + change).astype(np.float32))
+    axes = ("writer", "reader") + (("pos",) if per_position else ())
+    return Edges(scores, writers, readers, valid, method,
+                 direction, normalization=metric.normalize, axes=axes, per_prompt=bool(per_prompt),
+                 clean=float(np.mean(clean_score)), corrupted=float(np.mean(corrupted_score)),
+                 clean_per_prompt=None if scalar else clean_score.astype(np.float32),
+                 corrupted_per_prompt=None if scalar else corrupted_score.astype(np.float32), **views)

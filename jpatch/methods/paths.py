@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.engine import aggregate
 from jpatch.engine.inputs import check_baselines, check_direction
 from jpatch.engine.readout import checked_metric
+from jpatch.engine.sweep import finish
 from jpatch.methods.circuits import (float32_model, layer_writes, pair_tokens, reader_indices, run_writes,
                                      writer_index)
 from jpatch.methods.edges import graph_names
@@ -158,7 +158,8 @@ def _path_scores(model, base_tokens, source_tokens, senders, read_pos, data, *, 
 _path_scores_jit = jax.jit(_path_scores, static_argnames=("score", "receive", "clean_is_base", "freeze_mlps"))
 
 
-def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction="noise", freeze_mlps=False):
+def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction="noise", freeze_mlps=False,
+               per_prompt=False):
     """Exact path patching (Wang et al. 2022): the effect of each sender through `receivers` only.
 
     direction "noise": the clean run, with the senders' corrupted outputs reaching only the
@@ -168,7 +169,9 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
     writer name ("a9.h6", "m3", "embed") or a list of names or groups of names patched together
     (-> [n]). receivers: "logits", "m<l>" (an MLP's input), "a<l>.h<h>" (a head's q, k and v
     inputs), "a<l>.h<h><q>" (one of them), or a list of these. Returns a `SweepResult`: the metric
-    normalized like `sweep` (mean over prompts; for "range" 1 = clean, 0 = corrupted).
+    normalized like `sweep` (mean over prompts, or [batch, ...] each prompt alone when per_prompt;
+    for "range" 1 = clean, 0 = corrupted), with the same metadata and views (`.delta`: patched minus
+    the base run, the clean run when noising).
     A bfloat16 model runs in float32. TransformerLens 4.3's `get_act_patch_direct_path*` is a
     different, linearized quantity (one head's write added to one later head's input).
     """
@@ -188,11 +191,8 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
         clean_is_base=direction == "noise", freeze_mlps=bool(freeze_mlps)))
     raw, clean_score, corrupted_score = (np.asarray(a, np.float64) for a in (raw, clean_score, corrupted_score))
     check_baselines(metric, clean_score, corrupted_score, B)
-    if raw.ndim == 1:
-        values = metric.normalized(raw, clean_score, corrupted_score)
-    else:
-        values = aggregate.normalized_mean(metric.normalize, raw, clean_score, corrupted_score)
-    return aggregate.SweepResult(np.asarray(values).reshape(shape), clean=float(clean_score.mean()),
-                                 corrupted=float(corrupted_score.mean()), raw=raw, per_prompt=False,
-                                 axes=("layer", "head") if shape == (cfg.n_layer, cfg.n_head) else ("sender",),
-                                 normalization=metric.normalize)
+    if per_prompt and clean_score.ndim == 0:
+        raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
+    axes = ("layer", "head") if shape == (cfg.n_layer, cfg.n_head) else ("sender",)
+    return finish(raw, np.ones(raw.shape, bool), metric, clean_score, corrupted_score, axes, shape,
+                  direction=direction, method="path_patching", per_prompt=per_prompt)
