@@ -62,6 +62,7 @@ from jpatch.model.interventions import Add, Apply, Override, Scale  # noqa: E402
 from jpatch.model.checkpoint import load, save  # noqa: E402
 from jpatch.model.convert import convert_hf  # noqa: E402
 from jpatch.model.in_memory import from_hf  # noqa: E402
+from jpatch.model.processing import process_weights  # noqa: E402
 from jpatch.model.padding import pad  # noqa: E402
 from jpatch.model.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.model import names as utils, sites  # noqa: E402

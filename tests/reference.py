@@ -43,8 +43,12 @@ def hf_logits(model, tokens, attention_mask=None):
         return model(torch.tensor(np.asarray(tokens)), **kwargs).logits.numpy()
 
 
-def tl_model(hf):
-    """The same weights in TransformerLens 3.9's HookedTransformer, unprocessed."""
+UNPROCESSED = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+
+
+def tl_model(hf, **processing):
+    """The same weights in TransformerLens 3.9's HookedTransformer, unprocessed (or with the
+    `processing` steps of its load_and_process_state_dict turned on)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
@@ -69,10 +73,7 @@ def tl_model(hf):
         model = HookedTransformer(cfg)
     model.load_and_process_state_dict(
         convert_gpt2_weights(hf, cfg),
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
+        **{**UNPROCESSED, **processing},
     )
     return model.eval()
 
@@ -167,9 +168,10 @@ def neox_hf_model(seed=0, rotary_pct=0.5, initializer_range=0.1, **shape):
     return model
 
 
-def neox_tl_model(hf):
-    """The same weights in TransformerLens 3.9's HookedTransformer, unprocessed, with the NeoX
-    config of /work/shared/FAMILIES.md (which agrees with transformers)."""
+def neox_tl_model(hf, **processing):
+    """The same weights in TransformerLens 3.9's HookedTransformer, unprocessed (or with the
+    `processing` steps turned on), with the NeoX config of /work/shared/FAMILIES.md (which agrees
+    with transformers)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_neox_weights
 
@@ -201,9 +203,6 @@ def neox_tl_model(hf):
         model = HookedTransformer(cfg)
     model.load_and_process_state_dict(
         dict(convert_neox_weights(hf, cfg)),
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
+        **{**UNPROCESSED, **processing},
     )
     return model.eval()

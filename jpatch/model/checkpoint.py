@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jpatch.files.atomic import atomic_dir, file_sha256
+from jpatch.model import processing
 
 CONFIG_FILE = "config.json"
 ARRAYS_DIR = "checkpoint"
@@ -146,6 +147,10 @@ def save(model, out_dir, *, extra_config=None, overwrite=False, inputs=()):
     Refuses to replace a non-empty `out_dir` unless it is a jpatch model folder and
     `overwrite=True` (`check_target`); `inputs`: paths `out_dir` may not be or contain.
     """
+    if processing.is_processed(model):
+        raise ValueError("jpatch saves unprocessed weights only (a processed model's folder would load as a "
+                         "different model): save the unprocessed one and process at load, e.g. "
+                         "jpatch.load(folder, fold_ln=True, center_writing_weights=True, center_unembed=True)")
     extra_config = dict(extra_config or {})
     clash = set(extra_config) & ({f.name for f in dataclasses.fields(model.config)} | {"dtype", "family", CHECKSUMS})
     if clash:
@@ -234,7 +239,8 @@ def _stored_arrays(checkpointer, directory):
     return {name: (tuple(m.shape), jnp.dtype(m.dtype)) for name, m in dict(tree).items()}
 
 
-def load(path_or_name, *, dtype="float32"):
+def load(path_or_name, *, dtype="float32", fold_ln=False, center_writing_weights=False, center_unembed=False,
+         fold_value_biases=False):
     """Load a model (`GPT2`, `NeoX`: the folder's family) saved by `save` / `convert_hf`.
 
     `path_or_name` is a folder, or a bare name resolved to weights/<name>/ (working
@@ -244,7 +250,12 @@ def load(path_or_name, *, dtype="float32"):
     dtype is refused). The checkpoint's files are checked against the sha256s `save` wrote, and
     the weights refused if any is NaN or inf.
     A model that carries its tokenizer (GPT-NeoX) reads it from the folder's tokenizer.json.
+    fold_ln, center_writing_weights, center_unembed, fold_value_biases: TransformerLens's weight
+    processing (`jpatch.process_weights`; its from_pretrained turns all four on), off by default.
     """
+    steps = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                 fold_value_biases=fold_value_biases)
+    processing.check_steps(steps)  # before any file is read
     try:
         is_float = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except TypeError:
@@ -296,4 +307,4 @@ def load(path_or_name, *, dtype="float32"):
     tokenizer = folder / TOKENIZER_FILE
     if hasattr(model, "tokenizer_file") and tokenizer.is_file():
         model = dataclasses.replace(model, tokenizer_file=str(tokenizer.absolute()))
-    return model
+    return processing.process_weights(model, **steps)

@@ -119,6 +119,9 @@ class GPT2(Transformer):
     wpe: jax.Array  # [n_ctx, d_model]
     blocks: Block  # every leaf has a leading [n_layer] axis
     ln_f: LayerNorm
+    # Set only by `jpatch.process_weights` (TransformerLens's processing unties and shifts the unembedding).
+    w_u: jax.Array = None  # [d_model, d_vocab]; None: tied to wte
+    b_u: jax.Array = None  # [d_vocab]; None: GPT-2 has none
 
     @classmethod
     def init(cls, config, *, key, std=0.02, dtype=jnp.float32):
@@ -143,7 +146,8 @@ class GPT2(Transformer):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", normalized * self.ln_f.weight + self.ln_f.bias)
-        return edit("unembed.hook_out", jnp.matmul(x, self.wte.T, preferred_element_type=jnp.float32))
+        logits = jnp.matmul(x, self.W_U, preferred_element_type=jnp.float32)
+        return edit("unembed.hook_out", logits if self.b_u is None else logits + self.b_u.astype(jnp.float32))
 
     # --- weights in TransformerLens's shapes -------------------------------------------
 
@@ -161,8 +165,10 @@ class GPT2(Transformer):
 
     W_E = property(lambda self: self.wte, doc="[d_vocab, d_model]")
     W_pos = property(lambda self: self.wpe, doc="[n_ctx, d_model]")
-    W_U = property(lambda self: self.wte.T, doc="[d_model, d_vocab] (tied to W_E)")
-    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: GPT-2 has none")
+    W_U = property(lambda self: self.wte.T if self.w_u is None else self.w_u,
+                   doc="[d_model, d_vocab] (tied to W_E unless processed)")
+    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype) if self.b_u is None else self.b_u,
+                   doc="[d_vocab]: zero (GPT-2 has none) unless processed")
     W_Q = property(lambda self: self._qkv(0), doc="[n_layers, n_heads, d_model, d_head]")
     W_K = property(lambda self: self._qkv(1), doc="[n_layers, n_heads, d_model, d_head]")
     W_V = property(lambda self: self._qkv(2), doc="[n_layers, n_heads, d_model, d_head]")
@@ -177,6 +183,21 @@ class GPT2(Transformer):
     b_in = property(lambda self: self.blocks.mlp.c_fc_b, doc="[n_layers, d_mlp]")
     W_out = property(lambda self: self.blocks.mlp.c_proj_w, doc="[n_layers, d_mlp, d_model]")
     b_out = property(lambda self: self.blocks.mlp.c_proj_b, doc="[n_layers, d_model]")
+
+    def layer_norms(self):
+        """The layer norms by TransformerLens's names (each block's as [n_layer, d_model] stacks)."""
+        return {"ln1": self.blocks.ln_1, "ln2": self.blocks.ln_2, "ln_final": self.ln_f}
+
+    def with_tl_weights(self, w):
+        """This model with weights given in TransformerLens's shapes (`processing.tl_weights`' keys)."""
+        L, d = self.config.n_layer, self.config.d_model
+        flat = lambda t: jnp.swapaxes(t, 1, 2).reshape(L, d, -1)  # [L, H, d, d_head] -> [L, d, H * d_head]
+        attn = Attention(jnp.concatenate([flat(w["W_Q"]), flat(w["W_K"]), flat(w["W_V"])], -1),
+                         jnp.concatenate([w[b].reshape(L, -1) for b in ("b_Q", "b_K", "b_V")], -1),
+                         w["W_O"].reshape(L, -1, d), w["b_O"])
+        blocks = Block(LayerNorm(*w["ln1"]), attn, LayerNorm(*w["ln2"]),
+                       MLP(w["W_in"], w["b_in"], w["W_out"], w["b_out"]))
+        return GPT2(self.config, w["W_E"], w["W_pos"], blocks, LayerNorm(*w["ln_final"]), w["W_U"], w["b_U"])
 
     def ln_final(self, x):
         """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""

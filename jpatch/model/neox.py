@@ -132,6 +132,7 @@ class NeoX(Transformer):
     final_norm: LayerNorm
     unembed_w: jax.Array  # [d_model, d_vocab] (untied)
     tokenizer_file: str = eqx.field(static=True, default=None)  # tokenizer.json of the model's folder
+    b_u: jax.Array = None  # [d_vocab]: set only by `jpatch.process_weights` (NeoX has none)
     KEY_SITE: ClassVar[str] = "attn.hook_rot_k"
 
     @classmethod
@@ -170,10 +171,25 @@ class NeoX(Transformer):
         """Final layer norm and the unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", normalized * self.final_norm.weight + self.final_norm.bias)
-        return edit("unembed.hook_out", jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32))
+        logits = jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32)
+        return edit("unembed.hook_out", logits if self.b_u is None else logits + self.b_u.astype(jnp.float32))
 
     def position_qk(self, q, k, positions):
         return position_qk(self.config, q, k, positions)
+
+    def layer_norms(self):
+        """The layer norms by TransformerLens's names (each block's as [n_layer, d_model] stacks)."""
+        return {"ln1": self.blocks.ln1, "ln2": self.blocks.ln2, "ln_final": self.final_norm}
+
+    def with_tl_weights(self, w):
+        """This model with weights given in TransformerLens's shapes (`processing.tl_weights`' keys)."""
+        heads = lambda t: jnp.moveaxis(t, 1, 2)  # [L, H, d, d_head] -> [L, d, H, d_head]
+        attn = Attention(heads(w["W_Q"]), heads(w["W_K"]), heads(w["W_V"]), w["b_Q"], w["b_K"], w["b_V"], w["W_O"],
+                         w["b_O"])
+        blocks = Block(LayerNorm(*w["ln1"]), attn, LayerNorm(*w["ln2"]),
+                       MLP(w["W_in"], w["b_in"], w["W_out"], w["b_out"]))
+        return NeoX(self.config, w["W_E"], blocks, LayerNorm(*w["ln_final"]), w["W_U"], self.tokenizer_file,
+                    w["b_U"])
 
     def ln_final(self, x):
         """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""
@@ -182,7 +198,8 @@ class NeoX(Transformer):
     # --- weights in TransformerLens's shapes -------------------------------------------
     W_E = property(lambda self: self.embed_in, doc="[d_vocab, d_model]")
     W_U = property(lambda self: self.unembed_w, doc="[d_model, d_vocab]")
-    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: NeoX has none")
+    b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype) if self.b_u is None else self.b_u,
+                   doc="[d_vocab]: zero (NeoX has none) unless processed")
     W_Q = property(lambda self: jnp.moveaxis(self.blocks.attn.w_q, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
     W_K = property(lambda self: jnp.moveaxis(self.blocks.attn.w_k, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
     W_V = property(lambda self: jnp.moveaxis(self.blocks.attn.w_v, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
