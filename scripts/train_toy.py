@@ -3,10 +3,14 @@ greater-than), with the real GPT-2 tokenizer, and save it in bfloat16.
 
     .venv/bin/python scripts/train_toy.py            # train, save weights/toy/, evaluate
     .venv/bin/python scripts/train_toy.py --eval-only
+    .venv/bin/python scripts/train_toy.py --init OLD --steps N --lr 1e-3   # go on training a saved toy
 
 The bundled model was made with the defaults (4 layers x 8 heads, 8000 steps of 96 prompts,
 70% IOI, --s2-weight 0.5, --max-shift 6, --crop 0.3, --prefix-words 0.3, --word-noise 0.05); the
-command, settings, timings and figures are in weights/toy/training.json.
+command, settings, timings and figures are in weights/toy/training.json. (Its extra pool names were
+drawn before held-out "novel" words were kept out of the pool: 15 of those words, capitalised with a
+leading space, e.g. " Both", " Since", were among its 3000 frozen pool names; no token of the novel
+templates was.)
 
 How it stays fast and still evaluates honestly over the full 50257-token vocabulary:
 
@@ -20,6 +24,27 @@ How it stays fast and still evaluates honestly over the full 50257-token vocabul
   <|endoftext|>; so no positional rule solves it, the model has to find the name that
   is not repeated. Training uses the train templates only; the evaluation uses the
   held-out ones (`ioi.TEST_TEMPLATES`, made of words the train templates use).
+* IOI that does not rest on the words around the names: held-out templates of a second kind
+  (`ioi.FILLER_HELD_OUT_TEMPLATES`, the split "novel") use no word, place, object or
+  punctuation mark that any IOI training prompt holds (`ioi.filler_held_out_words`, checked
+  in `build_data` and tests/test_toy.py); to the model their words are untrained random rows,
+  like names. The bundled toy puts IO above S on only 21% / 18% of them (without / with BOS;
+  tests/test_toy.py keeps this as a strict xfail): it finds the IO by the train templates'
+  words and positions, not by which name is repeated.
+  --wide-fillers and --grammar widen the training text (not yet with a model that passes):
+  with --grammar G, that share of the IOI prompts are sentences from a grammar
+  (`Sampler.generated`: [<|endoftext|>] W* N1 W+ N2 W+ [P] W* S W+ -> IO, random lengths and both
+  name orders), and with --wide-fillers every filler word W (word noise, prefix words, generated
+  sentences) is, with a per-prompt chance (1 a quarter of the time), one of N_UNKNOWN lowercase
+  GPT-2 words whose embedding rows stay FROZEN at init (never-seen words), else a template word
+  or one of N_BROAD other lowercase GPT-2 words (trained). Only the repetition of S then tells IO
+  from S. Tried on the 2-core CPU (2026-12-06), going on from the bundled toy (--init):
+  2500 steps at --lr 1e-3, --word-noise 0.15, --grammar 0.5 (31 min): held-out templates 98.7% /
+  99.0%, novel templates 34% / 35%, and generated sentences 43% (even with trained fillers only:
+  the model picks one of the two names, S 60% of the time, i.e. it has not learnt to detect the
+  repeated name); then 500 more at --lr 3e-3, --grammar 0.7: held-out templates fell to 81% / 85%,
+  novel 40% / 43%. A run long enough to learn duplicate detection (from scratch, or many more
+  steps) did not fit the session.
 * Strict IOI name hold-out: the held-out names (`ioi.split_names()[1]`) never occur in
   the training data's IOI prompts. To make the model learn a *generic* copying mechanism,
   every "name" in a training IOI prompt is drawn from a large pool (the train-split
@@ -77,14 +102,34 @@ from jpatch.model.tokenizer import get_tokenizer  # noqa: E402
 CONFIG = GPT2Config(n_layer=4, n_head=8, d_model=128, d_mlp=512, n_ctx=64, d_vocab=50257)
 GT_LEN = greater_than.PROMPT_LEN
 N_EXTRA_NAMES = 3000  # extra capitalised words used as IOI names (frozen embeddings)
-THRESHOLDS = {"ioi_logit_diff_positive_frac": 0.95, "ioi_bos_logit_diff_positive_frac": 0.95, "factual_pair_top1": 0.90, "greater_than_prob_diff": 0.5}
+N_BROAD = 4000  # lowercase GPT-2 words used as IOI filler words, embeddings trained
+N_UNKNOWN = 4000  # lowercase GPT-2 words used as IOI filler words, embeddings frozen at init ("unseen" words)
+PUNCTUATION = (",", ".", ":", "!")  # between the clauses of a generated IOI sentence
+THRESHOLDS = {"ioi_logit_diff_positive_frac": 0.95, "ioi_bos_logit_diff_positive_frac": 0.95,
+              "ioi_novel_logit_diff_positive_frac": 0.95, "ioi_novel_bos_logit_diff_positive_frac": 0.95,
+              "factual_pair_top1": 0.90, "greater_than_prob_diff": 0.5}
+
+
+def word(token):
+    """A GPT-2 token's word: lowercased, without its leading space."""
+    return token.lstrip("\u0120").lower()
+
+
+def ioi_filler_candidates(exclude):
+    """Lowercase single-token GPT-2 words (" word", 3+ letters) whose word is none of the
+    "novel" IOI split's (`ioi.filler_held_out_words`), nor a name, nor in `exclude` (token ids)."""
+    held_out, names = ioi.filler_held_out_words(), {n.lower() for n in ioi.NAMES}
+    vocab = get_tokenizer().backend.get_vocab()
+    return sorted(i for t, i in vocab.items() if re.fullmatch("\u0120[a-z]{3,}", t) and i not in exclude
+                  and word(t) not in held_out and word(t) not in names)
 
 
 # --- data ------------------------------------------------------------------------------
 
 
-def build_data(seed, n_ioi=20000, n_gt=20000):
-    """Token arrays (prompt without answer, answer id) per task, and the frozen / trainable vocab."""
+def build_data(seed, n_ioi=20000, n_gt=20000, wide=False):
+    """Token arrays (prompt without answer, answer id) per task, and the frozen / trainable vocab;
+    wide: also the broad-list filler words (N_BROAD trained, N_UNKNOWN frozen) and punctuation marks."""
     tok = get_tokenizer()
     # IOI: train templates x train names, half of them with a leading <|endoftext|>, right-padded;
     # the name positions come with each prompt (the sampler swaps in pool words there).
@@ -119,28 +164,45 @@ def build_data(seed, n_ioi=20000, n_gt=20000):
     used |= set(gt_ids[:, [i for i in range(GT_LEN + 1) if i != 1]].ravel().tolist())
     used |= {t for p in fact_prompts for t in p} | set(fact_answers.tolist())
     vocab = tok.backend.get_vocab()
-    capitalised = sorted(i for t, i in vocab.items() if re.fullmatch("\u0120[A-Z][a-z]{2,}", t))
+    held_out = ioi.filler_held_out_words()
+    capitalised = sorted(i for t, i in vocab.items() if re.fullmatch("\u0120[A-Z][a-z]{2,}", t) and word(t) not in held_out)
     candidates = [i for i in capitalised if i not in used and i not in names and i not in nouns]
     rng = np.random.default_rng(seed)
     extra = rng.choice(candidates, size=N_EXTRA_NAMES, replace=False).tolist()
+    # Filler words from a broad list: N_BROAD trained, N_UNKNOWN frozen at their init (to the model
+    # exactly like a word it never saw, or a name); none is a word of the "novel" held-out split.
+    broad = unknown = punctuation = np.zeros(0, np.int32)
+    if wide:
+        fill = rng.permutation(ioi_filler_candidates(used | names | nouns | set(extra)))
+        broad, unknown = np.sort(fill[:N_BROAD]).astype(np.int32), np.sort(fill[N_BROAD:N_BROAD + N_UNKNOWN]).astype(np.int32)
+        punctuation = np.array([tok.token_id(p) for p in PUNCTUATION], np.int32)
     name_pool = np.array(sorted(set(train_names) | set(extra)), np.int32)
     noun_pool = np.array(sorted(set(train_nouns) | set(extra)), np.int32)
 
-    frozen = np.array(sorted(names | nouns | set(extra)), np.int32)  # rows kept at their init
-    trainable = np.array(sorted(used - set(frozen.tolist())), np.int32)
+    frozen = np.array(sorted(names | nouns | set(extra) | set(unknown.tolist())), np.int32)  # rows kept at their init
+    trainable = np.array(sorted((used | set(broad.tolist()) | set(punctuation.tolist())) - set(frozen.tolist())), np.int32)
     words = np.unique(ioi_x[~is_name])
-    return dict(ioi_words=words[words != ioi.BOS_ID], ioi_x=ioi_x, ioi_pos=ioi_pos, ioi_answer=ioi_answer, gt=gt_ids, fact_prompts=fact_prompts,
+    words = words[words != ioi.BOS_ID]
+    # Every token an IOI training prompt can hold, names aside: none is a word of the "novel" split.
+    ioi_tokens = set(words.tolist()) | set(broad.tolist()) | set(unknown.tolist()) | set(punctuation.tolist()) | set(name_pool.tolist())
+    leaked = {word(tok.backend.id_to_token(int(i))) for i in ioi_tokens} & held_out
+    assert not leaked, f"words of the held-out 'novel' IOI templates in the IOI training text: {leaked}"
+    return dict(ioi_words=words, ioi_x=ioi_x, ioi_pos=ioi_pos, ioi_answer=ioi_answer, gt=gt_ids, fact_prompts=fact_prompts,
                 fact_answers=fact_answers, name_pool=name_pool, noun_pool=noun_pool, frozen=frozen,
-                trainable=trainable, n_fact_prompts=len(fact_prompts))
+                trainable=trainable, n_fact_prompts=len(fact_prompts), broad=broad, unknown=unknown,
+                punctuation=punctuation)
 
 
 class Sampler:
     """Mixed batches (IOI / greater-than / factual), right-padded to one width, in compact ids."""
 
-    def __init__(self, data, seed, batch, ioi_share, max_shift, word_noise, crop=0.0, prefix_words=0.0):
+    def __init__(self, data, seed, batch, ioi_share, max_shift, word_noise, crop=0.0, prefix_words=0.0, grammar=0.0):
         self.d, self.rng, self.max_shift = data, np.random.default_rng(seed + 1), max_shift
         self.word_noise, self.crop, self.prefix_words = word_noise, crop, prefix_words
         self.n_ioi = int(round(batch * ioi_share))
+        self.n_grammar = int(round(self.n_ioi * grammar))  # of the IOI prompts: generated sentences
+        self.wide = len(data["broad"]) > 0
+        assert self.wide or not self.n_grammar, "generated sentences need the broad-list filler words (wide data)"
         self.n_gt = (batch - self.n_ioi) // 2
         self.n_fact = batch - self.n_ioi - self.n_gt
         self.compact = np.full(CONFIG.d_vocab, -1, np.int64)
@@ -152,6 +214,48 @@ class Sampler:
         for i, p in enumerate(data["fact_prompts"]):
             self.fact[i, :len(p)] = p
         assert self.fact_len.max() <= self.width and GT_LEN <= self.width
+
+    def fillers(self, shape, unknown):
+        """Filler words: with chance `unknown` (per row) a frozen never-trained word, else a trained
+        one (half template words, half words of the broad list)."""
+        d, rng = self.d, self.rng
+        if not self.wide:  # template words only (the bundled toy's recipe)
+            return rng.choice(d["ioi_words"], size=shape)
+        known = np.where(rng.random(shape) < 0.5, rng.choice(d["ioi_words"], size=shape), rng.choice(d["broad"], size=shape))
+        return np.where(rng.random(shape) < np.reshape(unknown, (-1,) + (1,) * (len(shape) - 1)),
+                        rng.choice(d["unknown"], size=shape), known).astype(np.int32)
+
+    def unknown_share(self, n):
+        """Per prompt, the chance that a filler word is an untrained one: 0..1, and 1 a quarter of the time."""
+        if not self.wide:
+            return np.zeros(n)
+        return np.where(self.rng.random(n) < 0.25, 1.0, self.rng.random(n))
+
+    def generated(self, n):
+        """IOI sentences from a grammar over the filler words, names from the pool:
+        [<|endoftext|>] W{0-4} N1 W{1-3} N2 W{1-6} [P] W{0-3} S W{1-4} -> IO, where (N1, N2) is (IO, S) or
+        (S, IO), W a filler word and P a punctuation mark; so no template, word or position tells IO from S
+        but the repetition of S. Returns rows, (io, s1, s2, end) positions and the (IO, S) names."""
+        rng, d = self.rng, self.d
+        rows, pos = np.full((n, self.width), ioi.BOS_ID, np.int32), np.zeros((n, 4), np.int64)
+        names = np.array([rng.choice(d["name_pool"], size=2, replace=False) for _ in range(n)], np.int32).reshape(n, 2)
+        for i, u in enumerate(self.unknown_share(n)):
+            io, s = names[i]
+            w = lambda lo, hi: list(self.fillers((int(rng.integers(lo, hi + 1)),), np.array([u])))
+            abba = rng.random() < 0.5
+            seq = [ioi.BOS_ID] if rng.random() < 0.5 else []
+            seq += w(0, 4)
+            at_first = len(seq)
+            seq += [io if abba else s] + w(1, 3)
+            at_second = len(seq)
+            seq += [s if abba else io] + w(1, 6)
+            seq += [int(rng.choice(d["punctuation"]))] if rng.random() < 0.5 else []
+            seq += w(0, 3)
+            at_s2 = len(seq)
+            seq += [s] + w(1, 4)
+            rows[i, :len(seq)] = seq
+            pos[i] = (at_first, at_second, at_s2, len(seq) - 1) if abba else (at_second, at_first, at_s2, len(seq) - 1)
+        return rows, pos, names
 
     def move(self, rows, pos):
         """Each IOI prompt at new positions: half of them start after 1..max_shift extra tokens
@@ -166,7 +270,7 @@ class Sampler:
             first = int(min(p[0], p[1]))
             crop = int(rng.integers(1, first - start + 1)) if first > start and rng.random() < self.crop else 0
             k = int(rng.integers(1, self.max_shift + 1)) if self.max_shift and rng.random() < 0.5 else 0
-            filler = rng.choice(self.d["ioi_words"], size=k) if rng.random() < self.prefix_words else [ioi.BOS_ID] * k
+            filler = self.fillers((k,), self.unknown_share(1)) if rng.random() < self.prefix_words else [ioi.BOS_ID] * k
             new = np.concatenate([row[:start], filler, row[start + crop:p[3] + 1]])
             out[i, :len(new)] = new
             moved[i] = p - crop + k
@@ -174,19 +278,23 @@ class Sampler:
 
     def __call__(self):
         d, rng = self.d, self.rng
-        # IOI: two distinct pool words replace (IO, S) at their positions and as the answer.
-        idx = rng.integers(len(d["ioi_x"]), size=self.n_ioi)
+        # IOI from the train templates: two distinct pool words replace (IO, S) at their positions and as the answer.
+        n_templates = self.n_ioi - self.n_grammar
+        idx = rng.integers(len(d["ioi_x"]), size=n_templates)
         rows, pos = d["ioi_x"][idx].copy(), d["ioi_pos"][idx]
-        new = np.stack([rng.choice(d["name_pool"], size=2, replace=False) for _ in range(self.n_ioi)])
-        r = np.arange(self.n_ioi)
-        # Word noise: some template words (never a name, nor the last token) become random template words,
-        # so the model cannot key on particular words (e.g. " and" between the names) to find the names.
+        new = np.stack([rng.choice(d["name_pool"], size=2, replace=False) for _ in range(n_templates)])
+        r = np.arange(n_templates)
+        # Word noise: some template words (never a name, nor the last token) become filler words (template
+        # words, broad-list words, untrained words), so the model cannot key on particular words (e.g. " and"
+        # between the names) to find the names.
         cols = np.arange(rows.shape[1])[None, :]
         noisy = (rng.random(rows.shape) < self.word_noise) & (cols < pos[:, 3:4]) & (rows != ioi.BOS_ID)
-        rows = np.where(noisy, rng.choice(d["ioi_words"], size=rows.shape), rows)
+        rows = np.where(noisy, self.fillers(rows.shape, self.unknown_share(n_templates)), rows)
         rows[r, pos[:, 0]], rows[r, pos[:, 1]], rows[r, pos[:, 2]] = new[:, 0], new[:, 1], new[:, 1]
         rows, pos = self.move(rows, pos)
-        ioi_x, ioi_y = rows, new[:, 0]
+        g_rows, g_pos, g_new = self.generated(self.n_grammar)
+        ioi_x, pos, new = np.concatenate([rows, g_rows]), np.concatenate([pos, g_pos]), np.concatenate([new, g_new])
+        ioi_y = new[:, 0]
         # Greater-than: half the nouns replaced by pool words.
         rows = d["gt"][rng.integers(len(d["gt"]), size=self.n_gt)].copy()
         swap = rng.random(self.n_gt) < 0.5
@@ -229,14 +337,20 @@ def loss_fn(params, frozen_rows, x, y, last, task, s2_weight):
 
 
 def train(seed, steps, batch, lr, ioi_share=0.5, s2_weight=0.0, max_shift=0, word_noise=0.0, crop=0.0,
-          prefix_words=0.0, log_every=100):
+          prefix_words=0.0, grammar=0.0, init=None, log_every=100, save_every=0, save_to=None, wide=False):
+    """Train from a random init (`init` None) or go on training a saved model (`init`: its folder; every
+    embedding row it never trained, frozen ones included, is still at its random init there)."""
     t0 = time.time()
-    data = build_data(seed)
-    full = GPT2.init(CONFIG, key=jax.random.PRNGKey(seed))
+    data = build_data(seed, wide=wide)
+    if init is None:
+        full = GPT2.init(CONFIG, key=jax.random.PRNGKey(seed))
+    else:
+        full = jpatch.load(str(init))
+        assert full.config.to_dict() == CONFIG.to_dict(), (full.config, CONFIG)
     trainable, frozen = jnp.asarray(data["trainable"]), jnp.asarray(data["frozen"])
     params = GPT2(CONFIG, full.wte[trainable], full.wpe, full.blocks, full.ln_f)
     frozen_rows = full.wte[frozen]
-    sampler = Sampler(data, seed, batch, ioi_share, max_shift, word_noise, crop, prefix_words)
+    sampler = Sampler(data, seed, batch, ioi_share, max_shift, word_noise, crop, prefix_words, grammar)
     decay_mask = jax.tree_util.tree_map(lambda a: a.ndim == 3, params)  # block matrices only
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0),
@@ -260,13 +374,23 @@ def train(seed, steps, batch, lr, ioi_share=0.5, s2_weight=0.0, max_shift=0, wor
             log.append({"step": i, "loss": round(float(loss), 4), "ioi": per_task[0], "greater_than": per_task[1],
                         "factual": per_task[2], "ioi_before_s2": per_task[3], "seconds": round(time.time() - t_train, 1)})
             print(log[-1], flush=True)
+        if save_every and i % save_every == 0 and i < steps:  # snapshots, to evaluate a long run part-way
+            wte = full.wte.at[trainable].set(params.wte)
+            jpatch.save(GPT2(CONFIG, wte, params.wpe, params.blocks, params.ln_f).astype(jnp.bfloat16),
+                        f"{save_to}-step{i}", overwrite=True)
     wte = full.wte.at[trainable].set(params.wte)  # untrained rows keep their init
     model = GPT2(CONFIG, wte, params.wpe, params.blocks, params.ln_f)
     info = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "ioi_share": ioi_share, "train_seconds": round(time.time() - t_train, 1),
             "total_seconds": round(time.time() - t0, 1), "losses": log,
             "trainable_embedding_rows": int(len(data["trainable"])), "frozen_embedding_rows": int(len(data["frozen"])),
             "extra_pool_names": N_EXTRA_NAMES, "s2_weight": s2_weight, "max_shift": max_shift,
-            "word_noise": word_noise, "crop": crop, "prefix_words": prefix_words}
+            "word_noise": word_noise, "crop": crop, "prefix_words": prefix_words, "grammar": grammar,
+            "wide_fillers": wide, "broad_filler_words": N_BROAD if wide else 0, "unknown_filler_words": N_UNKNOWN if wide else 0}
+    if init is not None:  # what the starting model was: its own training record, losses left out
+        record = Path(init) / "training.json"
+        previous = json.loads(record.read_text()) if record.exists() else {}
+        info["init"] = {"path": str(init), **{k: previous[k] for k in ("command", "seed", "steps", "train_seconds", "eval")
+                                               if k in previous}}
     return model, info
 
 
@@ -299,11 +423,14 @@ def ioi_figures(model, task):
 
 def evaluate(model, n_ioi=1000, n_gt=1000):
     """The figures on held-out prompts, over the full vocabulary: IOI on held-out templates x
-    held-out names without and with <|endoftext|> first (and on train templates x held-out names)."""
+    held-out names without and with <|endoftext|> first, for the held-out templates made of train
+    words ("test") and those made of words no IOI training prompt holds ("novel"); and on train
+    templates x held-out names."""
     out = {}
-    for bos in (False, True):
-        figures = ioi_figures(model, ioi.ioi_task(n_ioi, seed=123, split="test", bos=bos))
-        out.update({f"ioi{'_bos' if bos else ''}_{k}": v for k, v in figures.items()})
+    for split, key in (("test", "ioi"), ("novel", "ioi_novel")):
+        for bos in (False, True):
+            figures = ioi_figures(model, ioi.ioi_task(n_ioi, seed=123, split=split, bos=bos))
+            out.update({f"{key}{'_bos' if bos else ''}_{k}": v for k, v in figures.items()})
     train_templates = ioi_figures(model, _train_templates_test_names(n_ioi))
     out["ioi_train_templates_logit_diff_positive_frac"] = train_templates["logit_diff_positive_frac"]
 
@@ -339,24 +466,36 @@ def main():
     ap.add_argument("--max-shift", type=int, default=6,
                     help="half the IOI prompts start after 1..MAX_SHIFT extra <|endoftext|> tokens (0: never)")
     ap.add_argument("--word-noise", type=float, default=0.05,
-                    help="chance that an IOI template word is replaced by a random template word")
+                    help="chance that an IOI template word is replaced by a filler word")
+    ap.add_argument("--wide-fillers", action="store_true",
+                    help="filler words (word noise, prefix words, generated sentences) also from a broad list of "
+                         "lowercase GPT-2 words, some with frozen never-trained embeddings (default: template words)")
+    ap.add_argument("--grammar", type=float, default=0.0,
+                    help="fraction of the IOI prompts generated from the filler-word grammar, not the train "
+                         "templates (needs --wide-fillers)")
     ap.add_argument("--crop", type=float, default=0.3,
                     help="chance that an IOI prompt loses 1..all of the words before its first name")
     ap.add_argument("--prefix-words", type=float, default=0.3,
                     help="chance that a shifted IOI prompt is shifted by random template words, not <|endoftext|>")
+    ap.add_argument("--init", default=None,
+                    help="a saved model's folder to go on training (default: a random init from --seed)")
+    ap.add_argument("--save-every", type=int, default=0, help="also save the model every N steps to OUT-stepN")
     ap.add_argument("--layers", type=int, default=CONFIG.n_layer)
     ap.add_argument("--heads", type=int, default=CONFIG.n_head)
     ap.add_argument("--out", default=str(ROOT / "weights" / "toy"))
     ap.add_argument("--eval-only", action="store_true")
     args = ap.parse_args()
-    for name in ("ioi_share", "crop", "prefix_words", "word_noise"):  # chances: refused before any work
+    for name in ("ioi_share", "crop", "prefix_words", "word_noise", "grammar"):  # chances: refused before any work
         if not 0.0 <= getattr(args, name) <= 1.0:
             ap.error(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
+    if args.grammar and not args.wide_fillers:
+        ap.error("--grammar needs --wide-fillers (its sentences are made of the broad-list filler words)")
     out = Path(args.out)
     if not args.eval_only:
         CONFIG = GPT2Config(**{**CONFIG.to_dict(), "n_layer": args.layers, "n_head": args.heads})
         model, info = train(args.seed, args.steps, args.batch, args.lr, args.ioi_share, args.s2_weight,
-                            args.max_shift, args.word_noise, args.crop, args.prefix_words)
+                            args.max_shift, args.word_noise, args.crop, args.prefix_words, args.grammar, args.init,
+                            save_every=args.save_every, save_to=str(out), wide=args.wide_fillers)
         info["command"] = " ".join(["scripts/train_toy.py", *sys.argv[1:]])
         jpatch.save(model.astype(jnp.bfloat16), out, overwrite=True, extra_config={
             "source": "scripts/train_toy.py (toy model trained on IOI / factual / greater-than)",
@@ -369,13 +508,18 @@ def main():
     info.update({"config": saved.config.to_dict(), "saved_dtype": stored_dtype, "bos": "optional",
                  "ioi_holdout": "strict: held-out names never occur in IOI training prompts (nor anywhere else, "
                                 "except ' Angela' in the factual prompt 'The mother tongue of Angela Merkel is'), nor do the "
-                                "held-out templates (ioi.TEST_TEMPLATES); "
+                                "held-out templates (ioi.TEST_TEMPLATES), nor any token of the 'novel' held-out templates, "
+                                "places and objects (ioi.FILLER_HELD_OUT_TEMPLATES; build_data now also keeps their words "
+                                "in any case, ioi.filler_held_out_words, out of the name pool and filler lists); "
                                 "every IOI name and greater-than noun embedding row, held-out or not, stays frozen "
                                 "at its random init; training IOI names are drawn from the train-split names plus "
                                 f"{N_EXTRA_NAMES} other capitalised single-token words (also frozen)",
                  "eval": figures, "thresholds": THRESHOLDS,
                  "eval_sets": {"ioi": "ioi_task(1000, seed=123, split='test', bos=False / True): held-out templates x "
-                                      "held-out names", "factual": "all pairs",
+                                      "held-out names",
+                               "ioi_novel": "ioi_task(1000, seed=123, split='novel', bos=False / True): held-out templates "
+                                            "none of whose words but the names an IOI training prompt holds x held-out names",
+                               "factual": "all pairs",
                                "greater_than": "greater_than_task(1000, seed=123, split='test')"}})
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     safety.write_marker(out, "model")  # training.json is jpatch's too: a retrain may replace the folder

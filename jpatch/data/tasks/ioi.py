@@ -17,7 +17,10 @@ orders. Prompts of different lengths share one batch right-padded with an
 `info` ("io_position", "s1_position", "s2_position", "end_position").
 Templates are split into train and held-out (`TEST_TEMPLATES`) like the names
 (`split_names`), so a model trained on the train split can be tested on
-sentences and names it never saw.
+sentences and names it never saw. The held-out templates reuse the train
+templates' words; the split "novel" (`FILLER_HELD_OUT_TEMPLATES`, with their own
+places and objects) holds 8 more whose words, names aside, no train prompt uses
+(`filler_held_out_words()` is disjoint from `train_words()`).
 """
 
 import numpy as np
@@ -59,11 +62,32 @@ BABA_TEMPLATES = (
     "The [OBJECT] was at the [PLACE] when [B] met [A]. [B] gave it to",
 )
 # ABBA form: the same sentences with the first two names swapped.
-ABBA_TEMPLATES = tuple(t.replace("[B]", "[X]", 1).replace("[A]", "[B]", 1).replace("[X]", "[A]", 1)
-                       for t in BABA_TEMPLATES)
+def _swap(t):
+    return t.replace("[B]", "[X]", 1).replace("[A]", "[B]", 1).replace("[X]", "[A]", 1)
+
+
+ABBA_TEMPLATES = tuple(_swap(t) for t in BABA_TEMPLATES)
 # Held-out templates: every word of them also occurs in a train template (checked in
 # tests/test_tasks.py), so a model trained on the others knows the words, not the sentences.
 TEST_TEMPLATES = (2, 5, 7, 13, 22, 23)
+# Held-out templates of another kind (the split "novel"): no word of them but the names, nor
+# their places and objects, nor their punctuation (";", "&"), occurs in the train templates,
+# `PLACES` or `OBJECTS` (checked by `train_words` / `filler_held_out_words` in tests), and the
+# final word is never " to"; so a model can solve them only by which name is repeated, not by
+# the words around the names. Same form as `BABA_TEMPLATES` ([B] the subject, [A] the IO).
+FILLER_HELD_OUT_TEMPLATES = (
+    "Early this evening [B] joined [A] inside our [PLACE]; eventually [B] poured [OBJECT] for",
+    "During breakfast [B] chatted beside [A] near their [PLACE] so [B] baked [OBJECT] for",
+    "Whenever [B] visited [A] during summer holidays [B] cooked [OBJECT] for",
+    "Last winter [B] hired [A] because our [PLACE] needed help; soon [B] paid",
+    "Every morning [B] phoned [A] before breakfast because [B] really missed",
+    "Both [B] plus [A] enjoy painting portraits but only [B] ever praises",
+    "Outside our [PLACE] [B] bumped into [A] so [B] bought [OBJECT] for",
+    "Since [B] & [A] moved into this [PLACE] last spring [B] regularly thanks",
+)
+FILLER_HELD_OUT_PLACES = ("bakery", "stadium", "harbor", "pharmacy", "warehouse", "cinema", "kitchen", "garage",
+                          "studio", "castle", "cottage", "village")
+FILLER_HELD_OUT_OBJECTS = ("soup", "pasta", "noodles", "sandwich", "cookies", "tea", "coffee", "pancakes")
 BOS_ID = padding.PAD_ID  # <|endoftext|>, GPT-2's BOS
 
 # Single GPT-2 tokens with a leading space (checked in tests/test_tasks.py).
@@ -89,7 +113,13 @@ OBJECTS = (
     "snack", "computer",
 )
 
-SPLITS = ("all", "train", "test")
+# Every template by index: `BABA_TEMPLATES` (0..27), then `FILLER_HELD_OUT_TEMPLATES` (28..35,
+# the split "novel"; info["template"] carries these indices).
+_ALL_BABA = BABA_TEMPLATES + FILLER_HELD_OUT_TEMPLATES
+_ALL_ABBA = tuple(_swap(t) for t in _ALL_BABA)
+NOVEL_TEMPLATES = tuple(range(len(BABA_TEMPLATES), len(_ALL_BABA)))
+
+SPLITS = ("all", "train", "test", "novel")
 
 
 def split_names(names=NAMES):
@@ -98,8 +128,33 @@ def split_names(names=NAMES):
     return tuple(n for i, n in enumerate(names) if i % 4 != 3), tuple(names[3::4])
 
 
+def _words(text):
+    """The lowercased words and punctuation marks of a text."""
+    import re
+
+    return set(re.findall(r"[a-z]+|[^a-z\s]", text.lower()))
+
+
+def train_words():
+    """Every word (lowercased) and punctuation mark of the train templates, `PLACES` and
+    `OBJECTS`: the vocabulary of IOI prompts of the "train" split, names aside."""
+    train = split_templates()[0]
+    text = " ".join(BABA_TEMPLATES[i].replace("[A]", "").replace("[B]", "").replace("[PLACE]", "")
+                    .replace("[OBJECT]", "") for i in train)
+    return _words(" ".join([text, *PLACES, *OBJECTS]))
+
+
+def filler_held_out_words():
+    """Every word (lowercased) and punctuation mark of the "novel" split's templates, places
+    and objects, names aside: none of them is in `train_words()`."""
+    text = " ".join(t.replace("[A]", "").replace("[B]", "").replace("[PLACE]", "").replace("[OBJECT]", "")
+                    for t in FILLER_HELD_OUT_TEMPLATES)
+    return _words(" ".join([text, *FILLER_HELD_OUT_PLACES, *FILLER_HELD_OUT_OBJECTS]))
+
+
 def split_templates():
-    """(train, test) template indices: `TEST_TEMPLATES` are held out."""
+    """(train, test) template indices: `TEST_TEMPLATES` are held out. (The split "novel",
+    `NOVEL_TEMPLATES`, is a third set, outside both.)"""
     return tuple(i for i in range(len(BABA_TEMPLATES)) if i not in TEST_TEMPLATES), TEST_TEMPLATES
 
 
@@ -117,7 +172,7 @@ def _pool(names, split):
         raise ValueError(f"IOI names must be single GPT-2 tokens with a leading space; not single tokens: {bad}")
     names = tuple(dict.fromkeys(n.strip() for n in names))
     if split != "all":
-        names = split_names(names)[split == "test"]
+        names = split_names(names)[split in ("test", "novel")]
     if len(names) < 5:
         raise ValueError(f"the IOI ABC corruption needs at least 5 distinct names, the {split!r} split has {len(names)}")
     return names
@@ -125,7 +180,10 @@ def _pool(names, split):
 
 def _templates(split, length=None, bos=False):
     _check_split(split)
-    templates = tuple(range(len(BABA_TEMPLATES))) if split == "all" else split_templates()[split == "test"]
+    if split == "novel":
+        templates = NOVEL_TEMPLATES
+    else:
+        templates = tuple(range(len(BABA_TEMPLATES))) if split == "all" else split_templates()[split == "test"]
     if length is None:
         return templates
     by_length = template_lengths(split, bos)
@@ -141,9 +199,15 @@ def template_lengths(split="all", bos=False):
     tok = get_tokenizer()
     out = {}
     for i in _templates(split):
-        n = len(tok.encode(_prompt(i, False, "Mary", "John", PLACES[0], OBJECTS[0]))) + bool(bos)
+        places, objects = _fillers(split)
+        n = len(tok.encode(_prompt(i, False, "Mary", "John", places[0], objects[0]))) + bool(bos)
         out[n] = out.get(n, ()) + (i,)
     return out
+
+
+def _fillers(split):
+    """(places, objects) of a split's prompts."""
+    return (FILLER_HELD_OUT_PLACES, FILLER_HELD_OUT_OBJECTS) if split == "novel" else (PLACES, OBJECTS)
 
 
 def _render(template, a, b, place, obj):
@@ -156,24 +220,25 @@ def _sample(n_prompts, seed, names, split, length=None, bos=False):
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
         raise ValueError(f"n_prompts must be a positive int, got {n_prompts!r}")
     pool, templates = _pool(names, split), _templates(split, length, bos)
+    places, objects = _fillers(split)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(int(n_prompts)):
         io, s, c, d, e = rng.choice(len(pool), size=5, replace=False)
         rows.append((int(templates[rng.integers(len(templates))]), i % 2 == 0, pool[io], pool[s],
-                     PLACES[rng.integers(len(PLACES))], OBJECTS[rng.integers(len(OBJECTS))],
+                     places[rng.integers(len(places))], objects[rng.integers(len(objects))],
                      (pool[c], pool[d], pool[e])))
     return rows
 
 
 def _prompt(template_idx, abba, io, s, place, obj):
-    templates = ABBA_TEMPLATES if abba else BABA_TEMPLATES
+    templates = _ALL_ABBA if abba else _ALL_BABA
     return _render(templates[template_idx], io, s, place, obj)
 
 
 def _abc_prompt(template_idx, abba, c, d, e, place, obj):
     """The template with first name c, second name d and repeated subject e."""
-    t = (ABBA_TEMPLATES if abba else BABA_TEMPLATES)[template_idx]
+    t = (_ALL_ABBA if abba else _ALL_BABA)[template_idx]
     first, second = ("[A]", "[B]") if abba else ("[B]", "[A]")
     t = t.replace(first, "[C]", 1).replace(second, "[D]", 1).replace("[B]", "[E]")
     return t.replace("[C]", c).replace("[D]", d).replace("[E]", e).replace("[PLACE]", place).replace("[OBJECT]", obj)
@@ -196,7 +261,10 @@ def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, lengt
     names: the name pool (default `NAMES`); split: "all", or "train" / "test":
     the deterministic held-out split of both the name pool (`split_names`: every
     4th name is test) and the templates (`split_templates`), so a model trained
-    on the train split can be patched on sentences and names it never saw.
+    on the train split can be patched on sentences and names it never saw; or
+    "novel": test names in `FILLER_HELD_OUT_TEMPLATES` with `FILLER_HELD_OUT_PLACES`
+    / `_OBJECTS`, sentences none of whose other words a train prompt uses ("all"
+    is the 28 `BABA_TEMPLATES` only).
     bos: start every prompt with <|endoftext|> (as TransformerLens does).
     Prompts have different lengths: the batch is right-padded with an
     `attention_mask` (None when all prompts have one length). length: only the
