@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model import padding, sites
+from jpatch.model import hooks, padding, sites
 
 DIRECTIONS = ("denoise", "noise")  # denoise: corrupted run, clean values patched in; noise: the reverse
 
@@ -117,7 +117,9 @@ def checked_inputs(model, clean, corrupted, attention_mask=None):
     path_patch, faithfulness, acdc, agreement): (clean, corrupted, mask), the inputs as paired `Run`s
     (`paired_runs`), token ids the model can run, and the batch's right-padding mask (`batch_mask`:
     a batch that looks padded without one is refused). clean None: only the corrupted run is given
-    (TransformerLens's functions take the clean run as a cache)."""
+    (TransformerLens's functions take the clean run as a cache). A model with hooks added by add_hook is
+    refused: the methods run their own compiled forwards, without them."""
+    hooks.refuse_hooked(model)
     if clean is None:
         corrupted = as_run(corrupted, "corrupted_tokens")
         runs, names = (corrupted,), ("corrupted",)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import analysis, interventions, sites
+from jpatch.model import hooks as hook_functions
 from jpatch.model.front import FrontDoor
 from jpatch.model.interventions import Override
 from jpatch.model.layers import ACTIVATIONS, causal_attention, no_edit
@@ -248,13 +249,31 @@ class Transformer(FrontDoor, eqx.Module):
             return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
 
-    def __call__(self, tokens: Tokens, *, overrides=None, attention_mask: Mask = None, logits_at=None) -> Logits:
+    def __call__(self, tokens: Tokens, *, overrides=None, attention_mask: Mask = None, logits_at=None,
+                 return_type="logits") -> Logits:
         """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]
         (or [batch, K, d_vocab] at `logits_at` [batch, K]).
 
         overrides: {site name in any spelling: Override / Add / Scale / Apply or a list of them}
-        (see `jpatch.interventions`)."""
-        return self._run(tokens, overrides, attention_mask, logits_at, record=frozenset())[0]
+        (see `jpatch.interventions`). return_type: "logits", "loss" (`loss_fn`), "both" or None,
+        as TransformerLens's."""
+        if return_type not in hook_functions.RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {hook_functions.RETURN_TYPES}, got {return_type!r}")
+        if return_type in ("loss", "both") and logits_at is not None:
+            raise ValueError("the loss reads every position: do not pass logits_at with return_type 'loss' / 'both'")
+        if return_type in ("loss", "both"):
+            tokens, attention_mask = self.as_tokens(tokens, attention_mask)
+        logits = self._run(tokens, overrides, attention_mask, logits_at, record=frozenset())[0]
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = self.loss_fn(logits, tokens, attention_mask)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(self, logits, tokens, attention_mask=None, per_token=False):
+        """Next-token cross-entropy of `tokens`: the mean over real positions, or [batch, pos - 1] per token."""
+        return hook_functions.lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
 
     def run_with_cache(self, tokens: Tokens, *, names_filter=None, overrides=None, attention_mask: Mask = None,
                        logits_at=None) -> tuple[Logits, "Cache"]:
@@ -265,8 +284,46 @@ class Transformer(FrontDoor, eqx.Module):
         record = record_sites(names_filter, self.sites, self.config.n_layer)
         return self._run(tokens, overrides, attention_mask, logits_at, record=record)
 
-    def _run(self, tokens, overrides, attention_mask, logits_at, record):
+    # --- TransformerLens's hook functions (jpatch.model.hooks): run eagerly, put back as overrides ---
+
+    def run_with_hooks(self, tokens, fwd_hooks=(), bwd_hooks=(), *, return_type="logits", attention_mask=None,
+                       backward_of=None, reset_hooks_end=True):
+        """TransformerLens's run_with_hooks: fwd_hooks [(name or filter of full names, fn(activation, hook))],
+        fn returning the new activation or None (unchanged); written with jax.numpy. Backward hooks
+        receive the gradient of `backward_of(logits)` (a scalar) at their site. return_type: "logits",
+        "loss" (next-token cross-entropy), "both" or None."""
+        return hook_functions.run_with_hooks(self, tokens, fwd_hooks, bwd_hooks, return_type=return_type,
+                                             attention_mask=attention_mask, backward_of=backward_of,
+                                             reset_hooks_end=reset_hooks_end)
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True):
+        """A context manager: every forward of this model inside it runs the hooks."""
+        return hook_functions.hooks(self, fwd_hooks, bwd_hooks, reset_hooks_end)
+
+    def add_hook(self, name, fn, dir="fwd"):
+        """Keep fn at `name` (or every name a filter function accepts) for this model object's later
+        forwards; jpatch's sweeps and methods refuse a model with hooks (they take overrides)."""
+        hook_functions.add_hook(self, name, fn, dir)
+
+    def reset_hooks(self, including_permanent=False):
+        """Remove every hook added to this model object (jpatch has no permanent hooks)."""
+        hook_functions.reset_hooks(self)
+
+    @property
+    def hook_dict(self):
+        """{full hook name: hook point} with add_hook / remove_hooks, as TransformerLens's hook_dict."""
+        return {name: hook_functions.RegisteredHook(self, name) for name in hook_functions.hook_names(self)}
+
+    def _run(self, tokens, overrides, attention_mask, logits_at, record, hooks=True):
         tokens, attention_mask = self.as_tokens(tokens, attention_mask)
+        if hooks and hook_functions.has_hooks(self):
+            if overrides:
+                raise ValueError("this model has hooks added with add_hook: pass the overrides as hooks too, or "
+                                 "reset_hooks() first")
+            logits, cache = hook_functions.run(self, tokens, attention_mask, record=record)
+            if logits_at is not None:
+                logits = jnp.take_along_axis(logits, jnp.asarray(logits_at)[..., None], axis=1)
+            return logits, cache
         self.check_tokens(tokens)
         overrides = interventions.normalize(overrides, self.config.n_layer, self.sites)
         if logits_at is not None:
