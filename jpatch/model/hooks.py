@@ -2,9 +2,9 @@
 
 A notebook's `fn(activation, hook)` runs eagerly on the concrete activation, and what it returns
 goes back into the model as an `Override` of that site (TransformerLens's rule: None leaves the
-activation unchanged). Hook points run in forward order: for each one, a forward with the earlier
-hooks' values in place records the activation the hook sees; a last forward puts every value in
-place. Those forwards are two compiled programs per set of hooked sites, keyed by the sites and
+activation unchanged). Hook points run in forward order on activations recorded by a forward with
+the earlier hooks' values in place (one forward records them all, and again after each hook that
+changes its activation); a last forward puts every value in place. Those forwards are two compiled programs per set of hooked sites, keyed by the sites and
 not by the layer (an all-layer override with a layer mask) nor by the hook function, so a loop that
 builds a new closure for every layer x position compiles twice, not once per closure.
 
@@ -184,12 +184,15 @@ def _overrides(model, values, intervention):
     return out
 
 
-def _record(model, tokens, attention_mask, overrides, name):
-    site, layer = sites.resolve(name, model.config.n_layer)
-    # Logits are not needed, unless the hook reads them: unembed one position only.
-    at = None if site.startswith(("ln_final", "unembed")) else jnp.zeros((tokens.shape[0], 1), jnp.int32)
-    _, cache = model._run(tokens, overrides, attention_mask, at, record=frozenset([site]), hooks=False)
-    return cache[name]
+def _record(model, tokens, attention_mask, overrides, names):
+    """{full name: activation} of `names` in one forward with `overrides` in place."""
+    L = model.config.n_layer
+    record = frozenset(sites.resolve(n, L)[0] for n in names)
+    # Logits are not needed, unless a hook reads them: unembed one position only.
+    at = None if any(s.startswith(("ln_final", "unembed")) for s in record) else \
+        jnp.zeros((tokens.shape[0], 1), jnp.int32)
+    _, cache = model._run(tokens, overrides, attention_mask, at, record=record, hooks=False)
+    return {n: cache[n] for n in names}
 
 
 def run(model, tokens, attention_mask, fwd_hooks=(), bwd_hooks=(), *, backward_of=None, record=frozenset()):
@@ -202,14 +205,21 @@ def run(model, tokens, attention_mask, fwd_hooks=(), bwd_hooks=(), *, backward_o
     if backward and backward_of is None:
         raise ValueError("backward hooks need backward_of=fn(logits) -> scalar: JAX has no .backward() to call "
                          "after the forward, so the gradient they receive is that of backward_of")
-    values = {}
-    for name, fns in forward.items():
-        act = _record(model, tokens, attention_mask, _overrides(model, values, Override), name)
-        new = act
-        for fn in fns:
-            new = _call(fn, new, HookPoint(name, sites.resolve(name, model.config.n_layer)[1]))
-        if new is not act:
-            values[name] = new
+    # One forward records every pending hook point; a hook that changes its activation makes the later
+    # points' records stale, so the rest are recorded again with its value in place.
+    values, pending = {}, list(forward.items())
+    while pending:
+        recorded = _record(model, tokens, attention_mask, _overrides(model, values, Override), [n for n, _ in pending])
+        for i, (name, fns) in enumerate(pending):
+            act = new = recorded[name]
+            for fn in fns:
+                new = _call(fn, new, HookPoint(name, sites.resolve(name, model.config.n_layer)[1]))
+            if new is not act:
+                values[name] = new
+                pending = pending[i + 1:]
+                break
+        else:
+            pending = []
     if backward and values:
         raise ValueError(f"forward hooks changed {sorted(values)[:3]} and backward hooks are given: gradients "
                          "through a changed activation are not taken here; run the backward hooks with forward "
