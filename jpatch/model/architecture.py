@@ -18,6 +18,7 @@ A family (`jpatch.model.gpt2`, `jpatch.model.neox`) is a final subclass of `Tran
 import abc
 import dataclasses
 import math
+import operator
 from typing import ClassVar
 
 import equinox as eqx
@@ -142,24 +143,63 @@ def request_flags(edit, requested):
 
 
 class Cache(eqx.Module):
-    """Activations keyed by TransformerLens hook names.
+    """Activations keyed by TransformerLens hook names; a read-only mapping as TransformerLens's
+    ActivationCache (`len`, iteration over the full names, `keys` / `values` / `items`, `cache_dict`).
 
     `stacks[site]` holds a per-layer site as one [n_layer, ...] array;
-    `cache["blocks.3.hook_resid_pre"]` gives one layer's slice.
+    `cache["blocks.3.hook_resid_pre"]` gives one layer's slice. `Cache(cache_dict, model)` builds
+    one from {full hook name: array} (TransformerLens's `ActivationCache(cache_dict, model)`; torch
+    tensors are read as arrays).
     """
 
     stacks: dict
     n_layer: int = eqx.field(static=True)
     model: object = None  # the model that made it, for the analysis helpers (attached outside jit)
     table: sites.SiteTable = eqx.field(static=True, default=None)  # the family's sites (their axes)
+    has_batch_dim: bool = eqx.field(static=True, default=True)
+    # The full names this cache holds when only some layers of a site are (a names_filter function,
+    # stop_at_layer, a partial cache_dict); None: every layer of every stacked site.
+    keep: frozenset = eqx.field(static=True, default=None)
 
-    # TransformerLens's ActivationCache helpers (see jpatch.analysis)
-    accumulated_resid = analysis.accumulated_resid
-    decompose_resid = analysis.decompose_resid
-    stack_head_results = analysis.stack_head_results
-    apply_ln_to_stack = analysis.apply_ln_to_stack
-    logit_attrs = analysis.logit_attrs
-    logit_lens = analysis.logit_lens
+    def __init__(self, stacks, n_layer=None, model=None, table=None, has_batch_dim=True, keep=None):
+        if n_layer is not None and not isinstance(n_layer, (int, np.integer)):
+            # TransformerLens's ActivationCache(cache_dict, model, has_batch_dim=True)
+            if isinstance(model, bool):
+                has_batch_dim, model = model, None
+            if model is not None or table is not None or keep is not None:
+                raise TypeError("Cache(cache_dict, model, has_batch_dim=True) takes a dict and a model, "
+                                "or (stacks, n_layer, model=, table=)")
+            n_layer, model = None, n_layer
+        if n_layer is None:
+            if not hasattr(model, "config") or not hasattr(model, "sites"):
+                raise TypeError(f"Cache(cache_dict, model): model must be a jpatch model, got {type(model).__name__}")
+            stacks, keep = _stacks_from_names(stacks, model)
+            n_layer, table = model.config.n_layer, model.sites
+        self.stacks = stacks
+        self.n_layer = int(n_layer)
+        self.model = model
+        self.table = table
+        self.has_batch_dim = bool(has_batch_dim)
+        self.keep = None if keep is None else frozenset(keep)
+
+    # TransformerLens's ActivationCache helpers (see jpatch.analysis); they need the batch axis
+    def _batched(helper):
+        def method(self, *args, **kwargs):
+            if not self.has_batch_dim:
+                raise ValueError(f"cache.{helper.__name__} needs the cache's batch axis: this cache has none "
+                                 "(remove_batch_dim=True); run run_with_cache without it and index [0] afterwards")
+            return helper(self, *args, **kwargs)
+
+        method.__name__, method.__doc__ = helper.__name__, helper.__doc__
+        return method
+
+    accumulated_resid = _batched(analysis.accumulated_resid)
+    decompose_resid = _batched(analysis.decompose_resid)
+    stack_head_results = _batched(analysis.stack_head_results)
+    apply_ln_to_stack = _batched(analysis.apply_ln_to_stack)
+    logit_attrs = _batched(analysis.logit_attrs)
+    logit_lens = _batched(analysis.logit_lens)
+    del _batched
 
     def __contains__(self, name):
         try:
@@ -169,8 +209,8 @@ class Cache(eqx.Module):
         return True
 
     def __getitem__(self, name):
-        site, layer = sites.parse(name, self.n_layer)
-        if site not in self.stacks:
+        site, layer = sites.parse(_int_layer_key(name), self.n_layer)
+        if site not in self.stacks or (self.keep is not None and sites.full_name(site, layer) not in self.keep):
             raise KeyError(f"{name!r} was not cached" + (
                 " (attn.hook_result is cached only when asked: run_with_cache(names_filter=...))"
                 if site == "attn.hook_result" else ""))
@@ -180,14 +220,104 @@ class Cache(eqx.Module):
         """Full hook names in TransformerLens's (forward) order."""
         have = lambda names: [s for s in names if s in self.stacks]
         blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_AXES)]
-        return have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
+        names = have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
+        return names if self.keep is None else [n for n in names if n in self.keep]
+
+    def values(self):
+        return [self[name] for name in self.keys()]
 
     def items(self):
         return [(name, self[name]) for name in self.keys()]
 
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __repr__(self):
+        return f"Cache with keys {self.keys()}"
+
+    @property
+    def cache_dict(self):
+        """{full hook name: activation}, as TransformerLens's `cache.cache_dict`."""
+        return dict(self.items())
+
     def stacked(self, site):
         """All layers of a site as one [n_layer, ...] array."""
         return self.stacks[sites.canonical(site)]
+
+    def stack_activation(self, activation_name, layer=-1, sublayer_type=None):
+        """The activation of layers 0 .. layer - 1 stacked: [layers, ...], as TransformerLens's
+        (layer -1 or None: every layer)."""
+        if layer is None or layer == -1:
+            layer = self.n_layer
+        layer = int(layer)
+        if not 0 <= layer <= self.n_layer:
+            raise ValueError(f"layer must be in [0, {self.n_layer}], -1 or None, got {layer}")
+        parts = [self[(activation_name, l, sublayer_type)] for l in range(layer)]
+        if not parts:
+            raise ValueError("layer=0 stacks no layers")
+        return jnp.stack(parts)
+
+    def remove_batch_dim(self):
+        """This cache with its batch axis (of size 1) removed, as TransformerLens's (a new cache:
+        jpatch's caches are immutable)."""
+        if not self.has_batch_dim:
+            return self
+        stacks = {s: v[:, 0] if s in sites.LAYER_AXES else v[0] for s, v in self.stacks.items()}
+        sizes = {v.shape[1] if s in sites.LAYER_AXES else v.shape[0] for s, v in self.stacks.items()}
+        if sizes != {1}:
+            raise ValueError(f"cannot remove the batch axis of a cache with batch size {sorted(sizes)}")
+        return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=False, keep=self.keep)
+
+
+def _int_layer_key(name):
+    """A tuple key's layer of any integer type (numpy, 0-d arrays) as an int."""
+    if isinstance(name, tuple) and len(name) > 1 and name[1] is not None and not isinstance(name[1], int):
+        try:
+            layer = operator.index(name[1])
+        except TypeError:
+            raise KeyError(f"layer in {name!r} must be an integer") from None
+        name = (name[0], layer, *name[2:])
+    return name
+
+
+def _as_array(value):
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        value = value.detach().cpu()
+        value = value.float() if str(value.dtype) == "torch.bfloat16" else value
+        value = value.numpy()
+    return jnp.asarray(value)
+
+
+def _stacks_from_names(cache_dict, model):
+    """{full hook name: array} -> (stacks, keep): per-layer sites stacked (layers not given are NaN
+    and not keys of the cache)."""
+    if not isinstance(cache_dict, dict):
+        raise TypeError(f"Cache(cache_dict, model): cache_dict must be a dict of full hook names, "
+                        f"got {type(cache_dict).__name__}")
+    n_layer, per_layer, stacks, keep = model.config.n_layer, {}, {}, set()
+    for name, value in cache_dict.items():
+        if not isinstance(name, str):
+            raise KeyError(f"Cache(cache_dict, model): keys are full hook names, got {name!r}")
+        site, layer = sites.parse(name, n_layer)
+        model.sites.check(site)
+        value = _as_array(value)
+        if layer is None:
+            stacks[site] = value
+        else:
+            per_layer.setdefault(site, {})[layer] = value
+        keep.add(sites.full_name(site, layer))
+    for site, layers in per_layer.items():
+        shapes = {v.shape for v in layers.values()}
+        if len(shapes) > 1:
+            raise ValueError(f"Cache(cache_dict, model): {site!r} has different shapes at different layers: {shapes}")
+        first = next(iter(layers.values()))
+        fill = jnp.full(first.shape, jnp.nan, first.dtype)
+        stacks[site] = jnp.stack([layers.get(l, fill) for l in range(n_layer)])
+    full = all(len(layers) == n_layer for layers in per_layer.values())
+    return stacks, None if full else keep
 
 
 class Transformer(FrontDoor, eqx.Module):
@@ -276,13 +406,44 @@ class Transformer(FrontDoor, eqx.Module):
         return hook_functions.lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
 
     def run_with_cache(self, tokens: Tokens, *, names_filter=None, overrides=None, attention_mask: Mask = None,
-                       logits_at=None) -> tuple[Logits, "Cache"]:
+                       logits_at=None, stop_at_layer=None, remove_batch_dim=False) -> tuple[Logits, "Cache"]:
         """Logits and a `Cache` of every hook point, keyed by TransformerLens hook names.
 
         names_filter: None (every hook point but the per-head attn.hook_result), a name or
-        list of names in any spelling, or a function of a full hook name; only those are kept."""
-        record = record_sites(names_filter, self.sites, self.config.n_layer)
-        return self._run(tokens, overrides, attention_mask, logits_at, record=record)
+        list of names in any spelling, or a function of a full hook name; only those are kept.
+        stop_at_layer: as TransformerLens's, return the residual stream before block
+        `stop_at_layer` ([batch, pos, d_model]; negative counts from the end) instead of the
+        logits, with only the hook points before it cached. remove_batch_dim: the cache without
+        its batch axis (batch size 1 only); the logits keep theirs."""
+        n = self.config.n_layer
+        record = record_sites(names_filter, self.sites, n)
+        stop = None
+        if stop_at_layer is not None:
+            if logits_at is not None:
+                raise ValueError("stop_at_layer returns the residual stream, not logits: do not pass logits_at")
+            stop = operator.index(stop_at_layer)
+            stop = stop + n if stop < 0 else stop
+            if not 0 <= stop <= n:
+                raise ValueError(f"stop_at_layer must be in [-{n}, {n}], got {stop_at_layer}")
+        asked = record
+        out_site = None if stop is None else "hook_resid_pre" if stop < n else "hook_resid_post"
+        if out_site is not None:
+            record = record | {out_site}
+        logits, cache = self._run(tokens, overrides, attention_mask, logits_at, record=record)
+        keep = None
+        if callable(names_filter) or stop is not None:
+            layers = range(n if stop is None else stop)
+            ran = lambda s: s in ("hook_embed", "hook_pos_embed") or stop is None
+            keep = {sites.full_name(s, l) for s in asked if s in sites.LAYER_AXES for l in layers}
+            keep |= {s for s in asked if s not in sites.LAYER_AXES and ran(s)}
+            if callable(names_filter):
+                keep = {name for name in keep if names_filter(name)}
+        if out_site is not None:
+            logits = cache.stacks[out_site][stop if stop < n else n - 1]
+        cache = Cache(cache.stacks if out_site is None or out_site in asked
+                      else {s: v for s, v in cache.stacks.items() if s != out_site},
+                      n, self, self.sites, keep=keep)
+        return logits, cache.remove_batch_dim() if remove_batch_dim else cache
 
     # --- TransformerLens's hook functions (jpatch.model.hooks): run eagerly, put back as overrides ---
 
