@@ -17,6 +17,7 @@ import numpy as np
 
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import prompt_lengths
+from jpatch.model.captured import captured_state
 
 NORMALIZATIONS = ("none", "baseline", "range")
 
@@ -86,19 +87,21 @@ def from_callable(fn, *, normalize="none", name=None):
 
 
 class _CallOnLogits:
-    """A user callable as a `score`; hashable by the callable, so jit reuses its compile."""
+    """A user callable as a `score`; equal (so jit reuses its compile) for the same callable reading
+    the same values (`captured_state`, taken when the metric is wrapped)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, state=None):
         self.fn = fn
+        self.state = captured_state(fn) if state is None else state
 
     def __call__(self, logits, clean_logits, data):
         return self.fn(logits)
 
     def __hash__(self):
-        return hash(self.fn)
+        return hash((id(self.fn), self.state))
 
     def __eq__(self, other):
-        return isinstance(other, _CallOnLogits) and other.fn is self.fn
+        return isinstance(other, _CallOnLogits) and other.fn is self.fn and other.state == self.state
 
 
 # Primitives that only move or select entries: applied to a map of where each entry came
@@ -203,17 +206,17 @@ class _OnReadLogits:
     position; unread positions repeat a read one). The callable indexes that full-shaped
     array, so XLA computes only the gathered entries and never the unread positions."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, state):
+        self.fn, self.state = fn, state
 
     def __call__(self, logits, clean_logits, data):
         return self.fn(jnp.take_along_axis(logits, data["slot"][..., None], axis=1))
 
     def __hash__(self):
-        return hash((_OnReadLogits, self.fn))
+        return hash((_OnReadLogits, id(self.fn), self.state))
 
     def __eq__(self, other):
-        return isinstance(other, _OnReadLogits) and other.fn is self.fn
+        return isinstance(other, _OnReadLogits) and other.fn is self.fn and other.state == self.state
 
 
 def is_user_callable(metric):
@@ -239,7 +242,7 @@ def narrowed(metric, shape, read=False):
         if len(ids):
             positions[b, : len(ids)], positions[b, len(ids) :] = ids, ids[0]
             slot[b, ids] = np.arange(len(ids))
-    return dataclasses.replace(metric, score=_OnReadLogits(metric.score.fn), positions=positions,
+    return dataclasses.replace(metric, score=_OnReadLogits(metric.score.fn, metric.score.state), positions=positions,
                                data={**metric.data, "slot": slot})
 
 

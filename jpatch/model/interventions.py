@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import sites
+from jpatch.model.captured import captured_state
 def _array(x):
     return None if x is None else jnp.asarray(x)
 
@@ -75,6 +76,11 @@ class Apply(eqx.Module):
     """Replace the activation by `fn(activation)`; fn is jittable and keeps the shape."""
 
     fn: object = eqx.field(static=True)
+    state: object = eqx.field(static=True)  # what fn reads (`captured_state`): part of the compile key
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.state = captured_state(fn)
 
     def __call__(self, act, site):
         out = self.fn(act)
