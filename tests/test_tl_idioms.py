@@ -119,3 +119,72 @@ def test_run_with_cache_remove_batch_dim(tl_tiny, jp_tiny):
         jp_cache.accumulated_resid()
     with pytest.raises(ValueError, match="batch size"):
         jp_tiny.run_with_cache(TOKENS, remove_batch_dim=True)
+
+
+# --- FactoredMatrix, model.OV / model.QK ------------------------------------------------------
+
+
+def sorted_eig(values):
+    values = np.asarray(values.detach().numpy() if isinstance(values, torch.Tensor) else values)
+    return np.sort(np.abs(values), axis=-1), np.sort(values.real, axis=-1)
+
+
+@pytest.mark.parametrize("circuit", ["OV", "QK"])
+def test_ov_qk_factored_matrices(tl_tiny, jp_tiny, circuit):
+    ours, theirs = getattr(jp_tiny, circuit), getattr(tl_tiny, circuit)
+    assert ours.shape == tuple(theirs.shape) and ours.ndim == theirs.ndim and ours.mdim == theirs.mdim
+    assert repr(ours) == "FactoredMatrix: Shape((2, 4, 64, 64)), Hidden Dim(16)"
+    close(ours.AB, theirs.AB)
+    close(ours.BA, theirs.BA)
+    close(ours.T.AB, theirs.T.AB)
+    close(ours.transpose(-2, -1).AB, theirs.AB.transpose(-2, -1))
+    close(ours.S, theirs.S)
+    close(ours.norm(), theirs.norm())
+    U, S, V = ours.svd()
+    close(U @ (S[..., None] * jnp.swapaxes(V, -1, -2)), theirs.AB)
+    close(jnp.abs(U.swapaxes(-1, -2) @ np.asarray(theirs.U.detach())), np.eye(16) + 0 * S[..., None], atol=2e-3)
+    for a, b in zip(sorted_eig(ours.eigenvalues), sorted_eig(theirs.eigenvalues)):
+        close(a, b, atol=1e-3)
+    close(ours.make_even().AB, theirs.make_even().AB)
+    assert ours.collapse_l().shape == tuple(theirs.collapse_l().shape)  # singular vectors: up to sign
+    close(jnp.abs(ours.collapse_l()), theirs.collapse_l().abs(), atol=1e-3)
+    close(jnp.abs(ours.collapse_r()), theirs.collapse_r().abs(), atol=1e-3)
+    close(ours.get_corner(2), theirs.get_corner(2))
+    close(ours.unsqueeze(0).AB, theirs.unsqueeze(0).AB)
+    for idx in [1, (1, 2), (0, 3, 5), (0, 3, 5, 7), (1, 2, slice(3, 9)), (-1, -1, -1, -1), (0, slice(1, 3))]:
+        got, want = ours[idx], theirs[idx]
+        assert got.shape == tuple(want.shape), idx
+        close(got.AB, want.AB)
+    head = ours[np.int64(1), np.int64(2)]
+    close(head.AB, theirs[1, 2].AB)
+
+
+def test_factored_matrix_products(tl_tiny, jp_tiny):
+    from transformer_lens import FactoredMatrix as TLFactored
+
+    from jpatch.model.factored import FactoredMatrix
+
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(3, 10, 4)).astype(np.float32), rng.normal(size=(4, 7)).astype(np.float32)
+    ours, theirs = FactoredMatrix(A, B), TLFactored(torch.tensor(A), torch.tensor(B))
+    assert ours.shape == tuple(theirs.shape)
+    M, v, L = (rng.normal(size=s).astype(np.float32) for s in [(7, 12), (7,), (5, 10)])
+    for a, b in [(ours @ M, theirs @ torch.tensor(M)), (L @ ours, torch.tensor(L) @ theirs),
+                 (ours @ ours.T, theirs @ theirs.T), (ours * 2.5, theirs * 2.5), (3 * ours, 3 * theirs),
+                 (ours @ FactoredMatrix(M[:, :3], L[:3, :5].T.copy()[:3]), theirs @ TLFactored(torch.tensor(M[:, :3]), torch.tensor(L[:3, :5].T.copy()[:3])))]:
+        assert a.shape == tuple(b.shape)
+        close(a.AB, b.AB)
+    close(ours @ v, theirs @ torch.tensor(v))
+    w = rng.normal(size=10).astype(np.float32)
+    close(w @ ours, torch.tensor(w) @ theirs)
+    with pytest.raises(ValueError, match="inner dimension"):
+        FactoredMatrix(A, B.T)
+    with pytest.raises(ValueError, match="inner dimension"):
+        ours @ L
+    with pytest.raises(ValueError, match="ldim == rdim"):
+        ours.BA
+
+
+def test_jax_array_times_factored_matrix(jp_tiny):
+    x = jnp.ones((3, 64))
+    close((x @ jp_tiny.OV[0, 1]).AB, x @ jp_tiny.OV.AB[0, 1])

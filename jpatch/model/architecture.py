@@ -353,6 +353,23 @@ class Transformer(FrontDoor, eqx.Module):
     def dtype(self):
         return self.W_E.dtype
 
+    # --- TransformerLens's FactoredMatrix views of the weights (jpatch.model.factored) ---
+
+    @property
+    def OV(self):
+        """Each head's OV circuit W_V @ W_O as a FactoredMatrix [n_layers, n_heads, d_model, d_model]."""
+        from jpatch.model.factored import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self):
+        """Each head's QK circuit W_Q @ W_K^T as a FactoredMatrix [n_layers, n_heads, d_model, d_model]
+        (unrotated: a rotary family's position dependence is not in it, as in TransformerLens)."""
+        from jpatch.model.factored import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, jnp.swapaxes(self.W_K, -1, -2))
+
     def astype(self, dtype):
         return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
 
