@@ -188,3 +188,38 @@ def test_factored_matrix_products(tl_tiny, jp_tiny):
 def test_jax_array_times_factored_matrix(jp_tiny):
     x = jnp.ones((3, 64))
     close((x @ jp_tiny.OV[0, 1]).AB, x @ jp_tiny.OV.AB[0, 1])
+
+
+# --- generate: fresh samples unless seeded, verbose / use_past_kv_cache / return_type ------------
+
+
+def test_sampling_differs_between_calls_unless_seeded(tl_tiny, jp_tiny):
+    prompt = TOKENS[:1, :3]
+    kw = dict(max_new_tokens=12, stop_at_eos=False, temperature=3.0)
+    with torch.no_grad():  # TransformerLens: torch's global generator moves on between calls
+        tl_a, tl_b = (tl_tiny.generate(torch.tensor(prompt), verbose=False, **kw) for _ in range(2))
+    assert not torch.equal(tl_a, tl_b)
+    jp_a, jp_b = (np.asarray(jp_tiny.generate(prompt, verbose=False, **kw)) for _ in range(2))
+    assert not np.array_equal(jp_a, jp_b)
+    seeded = [np.asarray(jp_tiny.generate(prompt, seed=np.int64(7), **kw)) for _ in range(2)]
+    assert np.array_equal(*seeded)
+    with pytest.raises(TypeError, match="seed"):
+        jp_tiny.generate(prompt, seed=1.5, **kw)
+
+
+@pytest.mark.parametrize("use_past_kv_cache", [True, False])
+def test_generate_accepts_verbose_and_use_past_kv_cache(tl_tiny, jp_tiny, use_past_kv_cache):
+    """Both settings give TransformerLens's uncached greedy tokens (equal to transformers'). On this
+    tiny model TransformerLens 3.9's own use_past_kv_cache=True loop departs from them (prompt
+    [5, 17, 3, 99]: 174, 174, ... where its uncached loop and transformers give 174, 14, ...)."""
+    prompt = TOKENS[:, :4]
+    kw = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_past_kv_cache)
+    with torch.no_grad():
+        want = tl_tiny.generate(torch.tensor(prompt), verbose=False, return_type="tokens",
+                                **{**kw, "use_past_kv_cache": False})
+    for verbose in (True, False):
+        close(jp_tiny.generate(prompt, verbose=verbose, return_type="tokens", **kw), want, atol=0)
+    with pytest.raises(ValueError, match="top_p"):
+        jp_tiny.generate(prompt, top_p=0.9)
+    with pytest.raises(ValueError, match="return_type"):
+        jp_tiny.generate(prompt, return_type="embeds")

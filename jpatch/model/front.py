@@ -119,14 +119,26 @@ class FrontDoor:
 
     # --- generation ------------------------------------------------------------------
 
-    def generate(self, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=0,
-                 stop_at_eos=True, eos_token_id=None, prepend_bos=True):
+    def generate(self, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=None,
+                 stop_at_eos=True, eos_token_id=None, prepend_bos=True, return_type="input", verbose=True,
+                 use_past_kv_cache=True, top_p=None, freq_penalty=0.0):
         """Continue text or tokens, as TransformerLens's `generate`: see `jpatch.model.generate.generate`.
 
-        eos_token_id: default the tokenizer's end-of-text token (GPT-2: 50256 whatever its
-        vocabulary); a model with neither a tokenizer nor an `eos_token_id` does not stop at EOS."""
+        seed: None (default) draws a fresh sample every call, as TransformerLens does from torch's
+        global generator; an int reproduces its sample. eos_token_id: default the tokenizer's
+        end-of-text token (GPT-2: 50256 whatever its vocabulary); a model with neither a tokenizer
+        nor an `eos_token_id` does not stop at EOS. return_type: "input" (text for text, tokens for
+        tokens), "str" or "tokens". verbose: accepted (the loop is one compiled call, with no
+        progress bar). use_past_kv_cache: accepted; jpatch always uses its key-value cache, which
+        gives the tokens of the uncached loop. top_p and freq_penalty are refused (not implemented)."""
         from jpatch.model.generate import generate
 
+        if top_p is not None:
+            raise ValueError("generate(top_p=...) (nucleus sampling) is not implemented in jpatch: use top_k or temperature")
+        if freq_penalty:
+            raise ValueError("generate(freq_penalty=...) is not implemented in jpatch")
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
         if eos_token_id is None:
             try:
                 eos_token_id = self.tokenizer.eos_id
@@ -134,5 +146,11 @@ class FrontDoor:
                 eos_token_id = EOS_ID if self.config.family == "gpt2" else None
             if eos_token_id is None:
                 stop_at_eos, eos_token_id = False, -1
-        return generate(self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, prepend_bos=prepend_bos)
+        tokens_out = return_type == "tokens" and isinstance(input, str)
+        out = generate(self, self.to_tokens(input, prepend_bos=prepend_bos) if tokens_out else input, max_new_tokens,
+                       do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed, stop_at_eos=stop_at_eos,
+                       eos_token_id=eos_token_id, prepend_bos=prepend_bos)
+        if return_type == "str" and not isinstance(input, str):
+            texts = [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in np.asarray(out)]
+            return texts[0] if len(texts) == 1 else texts
+        return out

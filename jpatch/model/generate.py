@@ -6,6 +6,7 @@ to the cached keys and values. The whole loop is one jitted `lax.scan`.
 """
 
 import math
+import secrets
 
 import equinox as eqx
 import jax
@@ -72,14 +73,15 @@ def _generate(model, tokens, key, temperature, *, n_new, do_sample, top_k):
     return jnp.concatenate([tokens, out.T], axis=1)
 
 
-def generate(model, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=0,
+def generate(model, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=None,
              stop_at_eos=True, eos_token_id=50256, prepend_bos=True):
     """Continue `input` by `max_new_tokens` tokens.
 
     input: a text (tokenized with `prepend_bos`; returns the text with its continuation)
     or tokens [pos] / [batch, pos] of one length (returns tokens [batch, pos + new]).
     do_sample=False or temperature=0: greedy (equal to `transformers`' greedy generate);
-    else sampling at `temperature` from the `top_k` most likely tokens, from PRNG `seed`.
+    else sampling at `temperature` from the `top_k` most likely tokens, from PRNG `seed`
+    (None: a fresh seed every call, so repeated calls sample differently).
     stop_at_eos: after a sequence emits `eos_token_id` the rest of it is `eos_token_id`,
     and generation stops (earlier) once every sequence has, as in TransformerLens.
     """
@@ -99,7 +101,11 @@ def generate(model, input, max_new_tokens=10, *, do_sample=True, temperature=1.0
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model.config.d_vocab:
         raise ValueError(f"top_k must be in [1, {model.config.d_vocab}], got {top_k}")
-    out = np.array(_generate(model, jnp.asarray(tokens), jax.random.PRNGKey(seed), float(temperature),
+    if seed is None:
+        seed = secrets.randbits(31)
+    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    out = np.array(_generate(model, jnp.asarray(tokens), jax.random.PRNGKey(int(seed)), float(temperature),
                              n_new=max_new_tokens, do_sample=bool(do_sample and temperature != 0), top_k=top_k))
     if stop_at_eos:
         new = out[:, tokens.shape[1]:]
