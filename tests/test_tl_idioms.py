@@ -223,3 +223,69 @@ def test_generate_accepts_verbose_and_use_past_kv_cache(tl_tiny, jp_tiny, use_pa
         jp_tiny.generate(prompt, top_p=0.9)
     with pytest.raises(ValueError, match="return_type"):
         jp_tiny.generate(prompt, return_type="embeds")
+
+
+# --- utils and text helpers on a model with GPT-2's vocabulary ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_vocab(one_torch_thread):
+    """A small random GPT-2 over GPT-2's vocabulary, as TransformerLens (GPT-2's tokenizer) and jpatch."""
+    import reference
+    from jpatch.model.convert import config_from_hf, from_hf_state_dict
+    from test_front import hf_gpt2_tokenizer
+
+    hf = reference.hf_model(seed=3, vocab_size=50257, n_embd=32, n_head=2, n_positions=48)
+    hf.config.bos_token_id = hf.config.eos_token_id = 50256
+    tl = reference.tl_model(hf)
+    tl.set_tokenizer(hf_gpt2_tokenizer(), default_padding_side="right")
+    tl.cfg.default_prepend_bos = True
+    return tl, from_hf_state_dict(reference.hf_state_dict(hf), config_from_hf(hf.config))
+
+
+def test_utils_to_numpy_and_get_device(jp_tiny):
+    import jax
+    from transformer_lens import utils as tl_utils
+
+    from jpatch import utils
+
+    for x in [torch.arange(6.0).reshape(2, 3), torch.ones(3, dtype=torch.bfloat16), [1, 2], (1.5, 2.5), 3, 2.0, True,
+              "a", np.arange(4)]:
+        ours, theirs = utils.to_numpy(x), tl_utils.to_numpy(x)
+        assert type(ours) is np.ndarray and ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+    assert np.array_equal(utils.to_numpy(jp_tiny.W_E), tl_utils.to_numpy(torch.tensor(np.asarray(jp_tiny.W_E))))
+    with pytest.raises(ValueError, match="invalid type"):
+        utils.to_numpy(object())
+    assert utils.get_device() == jax.devices()[0]
+
+
+@pytest.mark.parametrize("answer", ["store", " the store", ["store", " house", "bank"]])
+def test_test_prompt_prints_what_transformer_lens_prints(gpt2_vocab, capsys, answer):
+    from transformer_lens import utils as tl_utils
+
+    from jpatch import utils
+
+    tl, jp = gpt2_vocab
+    with torch.no_grad():
+        tl_utils.test_prompt("When John and Mary went to the", answer, tl, top_k=4)
+    theirs = capsys.readouterr().out
+    utils.test_prompt("When John and Mary went to the", answer, jp, top_k=4)
+    ours = capsys.readouterr().out
+    assert ours.split() == theirs.split()
+
+
+@pytest.mark.parametrize("mode", ["first", "last"])
+@pytest.mark.parametrize("prepend_bos", [True, False])
+def test_get_token_position(gpt2_vocab, mode, prepend_bos):
+    tl, jp = gpt2_vocab
+    text = "When John and Mary went to the store, John gave a drink to"
+    for token in [" John", " Mary", jp.to_single_token(" to")]:
+        want = tl.get_token_position(token, text, mode=mode, prepend_bos=prepend_bos)
+        assert jp.get_token_position(token, text, mode=mode, prepend_bos=prepend_bos) == want
+        tokens = tl.to_tokens(text, prepend_bos=prepend_bos)
+        assert jp.get_token_position(token, np.asarray(tokens), mode=mode) == want
+        assert jp.get_token_position(token, np.asarray(tokens)[0], mode=mode) == want
+    with pytest.raises(ValueError, match="does not occur"):
+        jp.get_token_position(" Paris", text)
+    with pytest.raises(ValueError, match="mode"):
+        jp.get_token_position(" John", text, mode="middle")

@@ -154,3 +154,28 @@ class FrontDoor:
             texts = [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in np.asarray(out)]
             return texts[0] if len(texts) == 1 else texts
         return out
+
+    # --- positions --------------------------------------------------------------------
+
+    def get_token_position(self, single_token, input, mode="first", prepend_bos=True, padding_side="right"):
+        """The position of `single_token` (a one-token str or an id) in a text (tokenized as
+        `to_tokens`) or tokens [pos] / [1, pos]: its first (mode="first") or last ("last")
+        occurrence, as TransformerLens's; a clear error when it does not occur."""
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) \
+            if isinstance(input, str) else input
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(f"If tokens are rank two, they must have shape [1, seq_len], not {tokens.shape}")
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ValueError(f"get_token_position takes a text or [pos] / [1, pos] tokens, got shape {tokens.shape}")
+        if isinstance(single_token, str):
+            single_token = self.to_single_token(single_token)
+        single_token = int(np.asarray(single_token).item() if hasattr(single_token, "item") else single_token)
+        found = np.flatnonzero(tokens == single_token)
+        if not found.size:
+            raise ValueError(f"The token {single_token} does not occur in the prompt")
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', not {mode}")
+        return int(found[0] if mode == "first" else found[-1])
