@@ -289,3 +289,33 @@ def test_get_token_position(gpt2_vocab, mode, prepend_bos):
         jp.get_token_position(" Paris", text)
     with pytest.raises(ValueError, match="mode"):
         jp.get_token_position(" John", text, mode="middle")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_to_tokens_of_texts_of_different_lengths(gpt2_vocab, side):
+    """The same tokens, pad token, side and attention mask as TransformerLens, and the same numbers at
+    every real position; jpatch returns the mask beside the tokens, and refuses the pair where a
+    notebook passes it on as tokens."""
+    from transformer_lens.utilities import get_attention_mask
+
+    tl, jp = gpt2_vocab
+    texts = ["When John and Mary went to the store,", "Hi", "The Eiffel Tower is in"]
+    # TransformerLens masks left padding when its tokenizer pads on the left (default_padding_side)
+    tl.tokenizer.padding_side = side
+    try:
+        tl_tokens = tl.to_tokens(texts, padding_side=side)
+        tl_mask = get_attention_mask(tl.tokenizer, tl_tokens, True)
+        with torch.no_grad():
+            want = tl(texts, padding_side=side).numpy()
+    finally:
+        tl.tokenizer.padding_side = "right"
+    tokens, mask = jp.to_tokens(texts, padding_side=side)
+    close(tokens, tl_tokens, atol=0)
+    close(mask, tl_mask, atol=0)
+    got = np.asarray(jp(tokens, attention_mask=mask))
+    real = np.asarray(mask).astype(bool)
+    close(got[real], want[real])
+    if side == "right":
+        close(np.asarray(jp(texts))[real], want[real])
+    with pytest.raises(TypeError, match="unpack it"):
+        jp(jp.to_tokens(texts, padding_side=side))

@@ -104,6 +104,10 @@ class FrontDoor:
                     raise ValueError("texts of different lengths make their own attention_mask; do not pass one")
                 return out
             return out, attention_mask
+        if isinstance(tokens, tuple) and len(tokens) == 2 and all(hasattr(t, "shape") for t in tokens):
+            raise TypeError("got a (tokens, attention_mask) pair: to_tokens of texts of different lengths returns "
+                            "both (TransformerLens returns the tokens only); unpack it: tokens, mask = "
+                            "model.to_tokens(texts), then model(tokens, attention_mask=mask)")
         tokens = jnp.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
