@@ -319,3 +319,32 @@ def test_to_tokens_of_texts_of_different_lengths(gpt2_vocab, side):
         close(np.asarray(jp(texts))[real], want[real])
     with pytest.raises(TypeError, match="unpack it"):
         jp(jp.to_tokens(texts, padding_side=side))
+
+
+def test_named_parameters(tl_tiny, jp_tiny):
+    theirs = list(tl_tiny.named_parameters())
+    ours = jp_tiny.named_parameters()
+    assert [name for name, _ in ours] == [name for name, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert a.shape == tuple(b.shape)
+        close(a, b, atol=1e-6)
+
+
+def test_einops_on_jpatch_arrays(caches):
+    """einops takes JAX arrays (fancy_einsum does not: write einops.einsum or jnp.einsum)."""
+    import einops
+
+    tl_cache, jp_cache = caches
+    close(einops.rearrange(jp_cache["z", 0], "b p h d -> b p (h d)"),
+          einops.rearrange(tl_cache["z", 0], "b p h d -> b p (h d)"))
+    close(einops.einsum(jp_cache["z", 1], jp_cache["z", 1], "b p h d, b q h d -> b h p q"),
+          einops.einsum(tl_cache["z", 1], tl_cache["z", 1], "b p h d, b q h d -> b h p q"))
+    close(einops.reduce(jp_cache["pattern", 0], "b h q k -> h q", "sum"),
+          einops.reduce(tl_cache["pattern", 0], "b h q k -> h q", "sum"))
+
+
+def test_fancy_einsum_rejects_jax_arrays_as_the_readme_says():
+    """README's porting table says to replace fancy_einsum.einsum by einops.einsum: it refuses JAX arrays."""
+    fancy_einsum = pytest.importorskip("fancy_einsum")
+    with pytest.raises(RuntimeError, match="Tensor type unknown"):
+        fancy_einsum.einsum("a b, a b -> a", jnp.ones((2, 3)), jnp.ones((2, 3)))

@@ -370,6 +370,29 @@ class Transformer(FrontDoor, eqx.Module):
 
         return FactoredMatrix(self.W_Q, jnp.swapaxes(self.W_K, -1, -2))
 
+    _TL_ATTN = ("W_Q", "W_O", "b_Q", "b_O", "W_K", "W_V", "b_K", "b_V")  # TransformerLens's order
+    _TL_MLP = ("W_in", "b_in", "W_out", "b_out")
+
+    def named_parameters(self):
+        """[(TransformerLens parameter name, array in its shape)] in TransformerLens's order:
+        embed.W_E, pos_embed.W_pos (learned positions only), blocks.{l}.ln1.w ... attn.W_Q ...
+        mlp.W_in ..., ln_final.w / .b, unembed.W_U / .b_U. Views of jpatch's weights (a list, not
+        a generator; nothing to set requires_grad on: take gradients with jax.grad)."""
+        out = [("embed.W_E", self.W_E)]
+        if getattr(self, "W_pos", None) is not None:
+            out.append(("pos_embed.W_pos", self.W_pos))
+        norms = self.layer_norms()
+        attn = {name: getattr(self, name) for name in self._TL_ATTN}
+        mlp = {name: getattr(self, name) for name in self._TL_MLP}
+        for l in range(self.config.n_layer):
+            for ln in ("ln1", "ln2"):
+                out += [(f"blocks.{l}.{ln}.w", norms[ln].weight[l]), (f"blocks.{l}.{ln}.b", norms[ln].bias[l])]
+            out += [(f"blocks.{l}.attn.{name}", w[l]) for name, w in attn.items()]
+            out += [(f"blocks.{l}.mlp.{name}", w[l]) for name, w in mlp.items()]
+        out += [("ln_final.w", norms["ln_final"].weight), ("ln_final.b", norms["ln_final"].bias),
+                ("unembed.W_U", self.W_U), ("unembed.b_U", self.b_U)]
+        return out
+
     def astype(self, dtype):
         return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
 
