@@ -348,3 +348,16 @@ def test_fancy_einsum_rejects_jax_arrays_as_the_readme_says():
     fancy_einsum = pytest.importorskip("fancy_einsum")
     with pytest.raises(RuntimeError, match="Tensor type unknown"):
         fancy_einsum.einsum("a b, a b -> a", jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize("batch_slice", [1, -1, slice(0, 1), (0, 2), [1, 0], np.array([1]), None])
+def test_apply_slice_to_batch_dim_and_to(caches, batch_slice):
+    tl_cache, jp_cache = caches
+    theirs = tl_cache.apply_slice_to_batch_dim(batch_slice)
+    ours = jp_cache.apply_slice_to_batch_dim(batch_slice)
+    assert ours.has_batch_dim == theirs.has_batch_dim
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        close(ours[name], theirs[name])
+    moved = ours.to("cpu")
+    close(moved["resid_post", 1], theirs["resid_post", 1])

@@ -271,6 +271,33 @@ class Cache(eqx.Module):
             raise ValueError(f"cannot remove the batch axis of a cache with batch size {sorted(sizes)}")
         return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=False, keep=self.keep)
 
+    def apply_slice_to_batch_dim(self, batch_slice):
+        """This cache at some batch rows, as TransformerLens's: an int (the batch axis goes), a slice,
+        a (start, stop[, step]) tuple, a list or array of rows, or None (all)."""
+        if batch_slice is None:
+            return self
+        if not self.has_batch_dim:
+            raise ValueError("Cannot index into a cache without a batch dim")
+        if isinstance(batch_slice, tuple):
+            batch_slice = slice(*batch_slice)
+        elif not isinstance(batch_slice, slice):
+            try:
+                batch_slice = operator.index(batch_slice)
+            except TypeError:
+                batch_slice = jnp.asarray(batch_slice)
+        stacks = {s: v[:, batch_slice] if s in sites.LAYER_AXES else v[batch_slice] for s, v in self.stacks.items()}
+        return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=not isinstance(batch_slice, int),
+                     keep=self.keep)
+
+    def to(self, device):
+        """This cache on `device` (a jax.Device, or "cpu" / "cuda" / "gpu" / "tpu"): a new cache."""
+        if isinstance(device, str):
+            platform = {"cuda": "gpu"}.get(device.split(":")[0], device.split(":")[0])
+            index = int(device.split(":")[1]) if ":" in device else 0
+            device = jax.devices(platform)[index]
+        stacks = jax.device_put(self.stacks, device)
+        return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=self.has_batch_dim, keep=self.keep)
+
 
 def _int_layer_key(name):
     """A tuple key's layer of any integer type (numpy, 0-d arrays) as an int."""
