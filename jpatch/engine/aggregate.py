@@ -12,6 +12,7 @@ Prompts are the last axis of `raw` ([..., prompts]); NaN marks a prompt a patch 
 apply to (a position past that prompt's end), and such prompts leave that patch's mean.
 """
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -86,6 +87,28 @@ RESULT_FIELDS = (
     "delta",                 # [*grid] patched minus the base run, raw units, mean over prompts (atp*: sizes)
     "delta_per_prompt",      # [batch, *grid] the same per prompt (None for a batch-level metric)
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResultFields:
+    """The contract's fields, for the results that are not arrays (`Edges`, `Faithfulness`)."""
+
+    method: str = None
+    direction: str = None
+    normalization: str = None
+    axes: tuple = None
+    per_prompt: bool = False
+    clean: float = None
+    corrupted: float = None
+    clean_per_prompt: np.ndarray = None
+    corrupted_per_prompt: np.ndarray = None
+    raw: np.ndarray = None
+    patched: np.ndarray = None
+    delta: np.ndarray = None
+    delta_per_prompt: np.ndarray = None
+
+
+assert tuple(f.name for f in dataclasses.fields(ResultFields)) == RESULT_FIELDS
 
 
 def base_of(direction, clean, corrupted):

@@ -235,7 +235,7 @@ def circuit_mask(config, circuit):
 
 
 @dataclasses.dataclass(frozen=True)
-class Faithfulness:
+class Faithfulness(aggregate.ResultFields):
     """faithfulness = (circuit - empty) / (full - empty): the fraction of the metric the circuit
     recovers. circuit, full, empty: the metric's raw score (mean over prompts) with every edge
     outside the circuit ablated, no edge ablated (the clean run) and every edge ablated.
@@ -251,19 +251,6 @@ class Faithfulness:
     empty: float
     n_edges: int
     ablation: str
-    method: str = "faithfulness"
-    direction: str = "noise"
-    normalization: str = "range"
-    axes: tuple = ()
-    per_prompt: bool = False
-    clean: float = None
-    corrupted: float = None
-    clean_per_prompt: np.ndarray = None
-    corrupted_per_prompt: np.ndarray = None
-    raw: np.ndarray = None
-    patched: float = None
-    delta: float = None
-    delta_per_prompt: np.ndarray = None
 
 
 def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupted"):
@@ -282,7 +269,8 @@ def faithfulness(model, clean, corrupted, circuit, metric, *, ablation="corrupte
     per_prompt = raw.ndim == 2  # a metric with one value per prompt
     views = aggregate.raw_views("noise", raw[1], raw[2], raw=raw[0])
     return Faithfulness((circ - empty) / (full - empty), circ, full, empty, int(keep.sum()), ablation,
-                        clean=full, corrupted=empty,
+                        method="faithfulness", direction="noise", normalization="range", axes=(), clean=full,
+                        corrupted=empty,
                         clean_per_prompt=raw[1].astype(np.float32) if per_prompt else None,
                         corrupted_per_prompt=raw[2].astype(np.float32) if per_prompt else None,
                         **{**views, "patched": float(views["patched"]), "delta": float(views["delta"])})

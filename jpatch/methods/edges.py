@@ -86,7 +86,7 @@ def reader_bias(model):
 
 
 @dataclasses.dataclass(frozen=True)
-class Edges:
+class Edges(aggregate.ResultFields):
     """Edge scores [n_writers, n_readers] (or [n_writers, n_readers, pos] per position; a leading
     [batch] axis when per_prompt): the estimated change of the metric when the edge takes its source
     run's value, in the metric's normalized units (for a "range" metric, the change over
@@ -102,19 +102,6 @@ class Edges:
     writers: tuple
     readers: tuple
     valid: np.ndarray
-    method: str
-    direction: str
-    normalization: str = None
-    axes: tuple = None
-    per_prompt: bool = False
-    clean: float = None
-    corrupted: float = None
-    clean_per_prompt: np.ndarray = None
-    corrupted_per_prompt: np.ndarray = None
-    raw: np.ndarray = None
-    patched: np.ndarray = None
-    delta: np.ndarray = None
-    delta_per_prompt: np.ndarray = None
 
     def totals(self):
         """Per-edge scores summed over positions [(batch,) n_writers, n_readers]."""
@@ -322,8 +309,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
         views = dict(raw=None, delta_per_prompt=None, delta=change.astype(np.float32),
                      patched=(base + change).astype(np.float32))
     axes = ("writer", "reader") + (("pos",) if per_position else ())
-    return Edges(scores, writers, readers, valid, method,
-                 direction, normalization=metric.normalize, axes=axes, per_prompt=bool(per_prompt),
-                 clean=float(np.mean(clean_score)), corrupted=float(np.mean(corrupted_score)),
+    return Edges(scores, writers, readers, valid, method=method, direction=direction, normalization=metric.normalize,
+                 axes=axes, per_prompt=bool(per_prompt), clean=float(np.mean(clean_score)), corrupted=float(np.mean(corrupted_score)),
                  clean_per_prompt=None if scalar else clean_score.astype(np.float32),
                  corrupted_per_prompt=None if scalar else corrupted_score.astype(np.float32), **views)
