@@ -361,3 +361,27 @@ def test_apply_slice_to_batch_dim_and_to(caches, batch_slice):
         close(ours[name], theirs[name])
     moved = ours.to("cpu")
     close(moved["resid_post", 1], theirs["resid_post", 1])
+
+
+def test_neox_named_parameters_ov_qk_and_cache_keys(one_torch_thread):
+    """The same idioms on a GPT-NeoX model (rotary, parallel attention and MLP)."""
+    import reference
+    from jpatch.model.neox_hf import config_from_hf, from_hf_state_dict
+
+    hf = reference.neox_hf_model(seed=3)
+    tl = reference.neox_tl_model(hf)
+    jp = from_hf_state_dict(reference.hf_state_dict(hf), config_from_hf(hf.config.to_dict()))
+    theirs = list(tl.named_parameters())
+    assert [n for n, _ in jp.named_parameters()] == [n for n, _ in theirs]
+    for (_, a), (_, b) in zip(jp.named_parameters(), theirs):
+        close(a, b, atol=1e-6)
+    for circuit in ("OV", "QK"):
+        close(getattr(jp, circuit)[1, 0].AB, getattr(tl, circuit)[1, 0].AB)
+        close(getattr(jp, circuit).S, getattr(tl, circuit).S)
+    tokens = TOKENS % jp.config.d_vocab
+    with torch.no_grad():
+        _, tl_cache = tl.run_with_cache(torch.tensor(tokens), stop_at_layer=1)
+    _, jp_cache = jp.run_with_cache(tokens, stop_at_layer=1)
+    assert list(jp_cache) == list(tl_cache)
+    for name in tl_cache:
+        close(jp_cache[name], tl_cache[name])
