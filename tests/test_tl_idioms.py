@@ -300,7 +300,7 @@ def test_to_tokens_of_texts_of_different_lengths(gpt2_vocab, side):
 
     tl, jp = gpt2_vocab
     texts = ["When John and Mary went to the store,", "Hi", "The Eiffel Tower is in"]
-    # TransformerLens masks left padding when its tokenizer pads on the left (default_padding_side)
+    # utils.get_attention_mask reads the side from the tokenizer
     tl.tokenizer.padding_side = side
     try:
         tl_tokens = tl.to_tokens(texts, padding_side=side)
