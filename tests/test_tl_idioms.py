@@ -169,9 +169,10 @@ def test_factored_matrix_products(tl_tiny, jp_tiny):
     ours, theirs = FactoredMatrix(A, B), TLFactored(torch.tensor(A), torch.tensor(B))
     assert ours.shape == tuple(theirs.shape)
     M, v, L = (rng.normal(size=s).astype(np.float32) for s in [(7, 12), (7,), (5, 10)])
+    C, D = M[:, :3], L[:3, :3]
     for a, b in [(ours @ M, theirs @ torch.tensor(M)), (L @ ours, torch.tensor(L) @ theirs),
                  (ours @ ours.T, theirs @ theirs.T), (ours * 2.5, theirs * 2.5), (3 * ours, 3 * theirs),
-                 (ours @ FactoredMatrix(M[:, :3], L[:3, :5].T.copy()[:3]), theirs @ TLFactored(torch.tensor(M[:, :3]), torch.tensor(L[:3, :5].T.copy()[:3])))]:
+                 (ours @ FactoredMatrix(C, D), theirs @ TLFactored(torch.tensor(C), torch.tensor(D)))]:
         assert a.shape == tuple(b.shape)
         close(a.AB, b.AB)
     close(ours @ v, theirs @ torch.tensor(v))

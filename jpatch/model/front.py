@@ -138,7 +138,8 @@ class FrontDoor:
         from jpatch.model.generate import generate
 
         if top_p is not None:
-            raise ValueError("generate(top_p=...) (nucleus sampling) is not implemented in jpatch: use top_k or temperature")
+            raise ValueError("generate(top_p=...) (nucleus sampling) is not implemented in jpatch: "
+                             "use top_k or temperature")
         if freq_penalty:
             raise ValueError("generate(freq_penalty=...) is not implemented in jpatch")
         if return_type not in ("input", "str", "tokens"):
