@@ -58,6 +58,8 @@ _quick_gpu_compiles()
 import sys  # noqa: E402
 
 from jpatch.model.gpt2 import GPT2, GPT2Config, Cache, override_from_cache  # noqa: E402
+from jpatch.model.factored import FactoredMatrix  # noqa: E402
+ActivationCache = Cache  # TransformerLens's name for it
 from jpatch.model.interventions import Add, Apply, Override, Scale  # noqa: E402
 from jpatch.model.checkpoint import load, save  # noqa: E402
 from jpatch.model.convert import convert_hf  # noqa: E402

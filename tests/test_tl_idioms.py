@@ -4,6 +4,8 @@ stop_at_layer / remove_batch_dim, utils. Each against TransformerLens on the sam
 
 import jax.numpy as jnp
 import numpy as np
+
+import jpatch
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_cache_from_dict_and_model(caches, jp_tiny, tl_tiny):
     from transformer_lens import ActivationCache
 
     tl_cache, _ = caches
-    whole = Cache(dict(tl_cache.cache_dict), jp_tiny)  # torch tensors, every layer
+    whole = jpatch.ActivationCache(dict(tl_cache.cache_dict), jp_tiny)  # torch tensors, every layer
     assert list(whole) == list(tl_cache)
     close(whole["z", 1], tl_cache["z", 1])
     close(whole.accumulated_resid(layer=-1), tl_cache.accumulated_resid(layer=-1))
@@ -162,7 +164,7 @@ def test_ov_qk_factored_matrices(tl_tiny, jp_tiny, circuit):
 def test_factored_matrix_products(tl_tiny, jp_tiny):
     from transformer_lens import FactoredMatrix as TLFactored
 
-    from jpatch.model.factored import FactoredMatrix
+    from jpatch import FactoredMatrix  # the top-level name, as TransformerLens exports it
 
     rng = np.random.default_rng(0)
     A, B = rng.normal(size=(3, 10, 4)).astype(np.float32), rng.normal(size=(4, 7)).astype(np.float32)
