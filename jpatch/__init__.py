@@ -68,6 +68,9 @@ from jpatch.model.processing import process_weights  # noqa: E402
 from jpatch.model.padding import pad  # noqa: E402
 from jpatch.model.tokenizer import get_tokenizer  # noqa: E402
 from jpatch.model import names as utils, sites  # noqa: E402
+from jpatch.face import prompt_check  # noqa: E402
+
+utils.test_prompt = prompt_check.test_prompt  # TransformerLens's utils.test_prompt prints: it lives in the face
 from jpatch.engine.inputs import Run  # noqa: E402
 from jpatch.engine.sweep import sweep  # noqa: E402
 from jpatch.engine.aggregate import SweepResult  # noqa: E402

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from jpatch.engine.sweep import default_axes
-from jpatch.face import cli, plot
+from jpatch.face import cli, plot, summary
 from jpatch.face.cli import add_task_arguments
 from jpatch.methods import attribution, corrupt
 from jpatch.methods.agreement import compare_exact, format_report, scatter
@@ -59,7 +59,7 @@ def main(args):
     except (ValueError, FloatingPointError) as e:
         raise cli.Fail(cli.cli_message(e)) from None
     print(f"{site} over {' x '.join(axes)}, {args.method} estimate: top components")
-    print("\n".join(cli.top_components(estimate, axes, cli.longest_prompt_tokens(task))))
+    print("\n".join(summary.top_components(estimate, axes, summary.longest_prompt_tokens(task))))
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": 1, "seed": args.seed,
                 "noise_samples": args.noise_samples, "noise_seed": args.noise_seed, "method": args.method}

@@ -1,12 +1,8 @@
 """The `jpatch` command: demo, sweep, convert, paper, bulk."""
 
 import argparse
-import contextlib
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +12,8 @@ from jpatch.engine.inputs import DIRECTIONS
 from jpatch.methods import corrupt, metrics
 from jpatch.engine.sweep import default_axes, sweep
 from jpatch.methods.metrics import METRICS
+from jpatch.face.interrupt import CtrlC
+from jpatch.face.summary import clean_value, longest_prompt_tokens, shown, top_components
 
 
 
@@ -144,48 +142,10 @@ def load_model(name):
     return model
 
 
-def top_components(result, axes, tokens=None, k=8):
-    """The k entries of largest |value|, as printable lines."""
-    flat = np.argsort(-np.abs(np.nan_to_num(result)).ravel())[:k]
-    lines = []
-    for index in flat:
-        coords = np.unravel_index(index, result.shape)
-        parts = dict(zip(axes, (int(c) for c in coords)))
-        if set(parts) == {"layer", "head"}:
-            label = f"head {parts['layer']}.{parts['head']}"
-        else:
-            label = ", ".join(f"{a} {c}" for a, c in parts.items())
-            if tokens is not None and "pos" in parts:
-                label += f" {tokens[parts['pos']]!r}"
-        lines.append(f"  {label:<32} {result[coords]:+.3f}")
-    return lines
-
-
 def run_sweep(model, task, site, axes, *, corruption, metric, direction, window, noise_samples, noise_seed):
     corrupted = make_corruption(model, task, corruption, site, noise_samples=noise_samples, noise_seed=noise_seed)
     return sweep(model, task.clean_tokens, corrupted, site, make_metric(task, metric),
                  direction=direction, window=window, axes=axes, attention_mask=task.attention_mask)
-
-
-def clean_value(result):
-    """The metric of the unpatched clean run, compared as the sweep's values are (1 when normalized)."""
-    from jpatch.engine.aggregate import normalize
-
-    return float(normalize(result.normalization, result.clean, result.clean, result.corrupted))
-
-
-def shown(result, direction):
-    """What the summary shows: the metric, or for noising its change (patched - clean), since
-    every patch that does nothing reads as the clean value."""
-    return np.asarray(result) - clean_value(result) if direction == "noise" else np.asarray(result)
-
-
-def longest_prompt_tokens(task):
-    """The token strings of the task's longest prompt: labels for a position axis."""
-    from jpatch.model.tokenizer import get_tokenizer
-
-    b = int(np.argmax(task.lengths))
-    return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
 
 
 def write_sweeps(out, model_name, task, sweeps, settings, overwrite, kind, extra=None):
@@ -399,60 +359,8 @@ def build_parser():
     return parser
 
 
-class _CtrlC:
-    """The SIGINT handler while a command runs (in the main thread).
-
-    A Ctrl-C raises KeyboardInterrupt where the program is, so context managers still remove
-    their temporary files and release their locks on the way out; `main` then reports it and
-    leaves with `os._exit(130)`, skipping interpreter finalization, which ran while XLA's
-    compile and runtime threads were still working and crashed (exit 139) in 6 of 20 Ctrl-Cs
-    sent to `jpatch demo` while it compiled. Where the raise would be swallowed (Python prints
-    "Exception ignored" for a garbage-collection callback or a `__del__` and carries on) the
-    signal is sent again a moment later instead. A second Ctrl-C leaves at once."""
-
-    SWALLOWED = ("__del__", "_xla_gc_callback")  # frames whose exceptions Python ignores
-
-    def __init__(self):
-        self.signalled = False  # a Ctrl-C arrived
-        self.resent = False  # the next SIGINT is our own re-sent one
-        self.reported = False
-        self.previous = None
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():  # else: Python's own handling
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-    def handle(self, signum, frame):
-        resent, self.resent = self.resent, False
-        if self.signalled and not resent:
-            self.leave()
-        self.signalled = True
-        if frame is not None and frame.f_code.co_name in self.SWALLOWED:
-            self.resent = True
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-            return
-        raise KeyboardInterrupt
-
-    def leave(self):
-        """Report the interrupt (once), flush, and end the process without finalizing it."""
-        if not self.reported:
-            self.reported = True
-            with contextlib.suppress(Exception):
-                print(Interrupted(), file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(Interrupted.status)
-
-
 def main(argv=None):
-    ctrl_c = _CtrlC().install()  # before the parser, which imports the subcommands' modules
+    ctrl_c = CtrlC(str(Interrupted()), Interrupted.status).install()  # before the parser, which imports the subcommands' modules
     command = None
     try:
         try:
