@@ -305,9 +305,7 @@ def edge_attribution(model, clean, corrupted, metric, *, method="eap", steps=5, 
     elif change_per_prompt is not None:
         views = aggregate.raw_views(direction, clean_score, corrupted_score, change=change_per_prompt)
     else:  # per-position scores without per-prompt ones: the mean change only
-        base = aggregate.base_of(direction, clean_score, corrupted_score).mean()
-        views = dict(raw=None, delta_per_prompt=None, delta=change.astype(np.float32),
-                     patched=(base + change).astype(np.float32))
+        views = aggregate.raw_views(direction, clean_score.mean(), corrupted_score.mean(), change=change)
     axes = ("writer", "reader") + (("pos",) if per_position else ())
     return Edges(scores, writers, readers, valid, method=method, direction=direction, normalization=metric.normalize,
                  axes=axes, per_prompt=bool(per_prompt), clean=float(np.mean(clean_score)), corrupted=float(np.mean(corrupted_score)),

@@ -4,9 +4,10 @@ A notebook's `fn(activation, hook)` runs eagerly on the concrete activation, and
 goes back into the model as an `Override` of that site (TransformerLens's rule: None leaves the
 activation unchanged). Hook points run in forward order on activations recorded by a forward with
 the earlier hooks' values in place (one forward records them all, and again after each hook that
-changes its activation); a last forward puts every value in place. Those forwards are two compiled programs per set of hooked sites, keyed by the sites and
-not by the layer (an all-layer override with a layer mask) nor by the hook function, so a loop that
-builds a new closure for every layer x position compiles twice, not once per closure.
+changes its activation); a last forward puts every value in place. Those forwards are two
+compiled programs per set of hooked sites, keyed by the sites and not by the layer (an all-layer
+override with a layer mask) nor by the hook function, so a loop that builds a new closure for
+every layer x position compiles twice, not once per closure.
 
 Backward hooks receive the gradient, at their site, of `backward_of(logits)` (JAX has no
 `.backward()` to call later). Gradients are not taken through an activation a forward hook
@@ -233,12 +234,9 @@ def run(model, tokens, attention_mask, fwd_hooks=(), bwd_hooks=(), *, backward_o
 
 def _run_backward(model, tokens, attention_mask, backward, backward_of):
     L = model.config.n_layer
-    shapes = {}
-    _, cache = model._run(tokens, None, attention_mask, None,
-                          record=frozenset(sites.resolve(n, L)[0] for n in backward), hooks=False)
-    for name in backward:
-        shapes[name] = cache[name]
-    zeros = {name: jnp.zeros_like(a) for name, a in shapes.items()}
+    # The sites' shapes only: `_record` traced, not run.
+    shapes = jax.eval_shape(lambda: _record(model, tokens, attention_mask, None, list(backward)))
+    zeros = {name: jnp.zeros(a.shape, a.dtype) for name, a in shapes.items()}
 
     def value(eps):
         logits, _ = model._run(tokens, _overrides(model, eps, lambda v, m: Add(v, m)), attention_mask, None,
