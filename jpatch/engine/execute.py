@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jpatch.engine import plan
 from jpatch.engine.plan import ALL
 from jpatch.model import sites
+from jpatch.model.layers import expand_kv, in_window
 
 class SlotPatches(NamedTuple):
     """The patches in a layout's slots (padding slots: an empty layer window)."""
@@ -45,8 +46,9 @@ class MetricInputs(NamedTuple):
     data: dict  # the metric's per-prompt arrays
 
 
-def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_pattern):
-    """Causal attention of the packed rows q, k, v [B, R, H, d_head] of several patches.
+def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_pattern, window=None):
+    """Causal attention of the packed rows q [B, R, H, d_head], k, v [B, R, H or n_kv, d_head]
+    (grouped-query attention: each key-value head repeated for its query heads) of several patches.
 
     A row at position p of a patch whose first recomputed position is s attends to the
     base run's cached keys/values [B, T, H, d_head] at positions < s (unchanged by the
@@ -57,8 +59,11 @@ def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_p
     so the scores in memory stay bounded at any length. One softmax spans both parts.
     edit_pattern(pattern, rows, key_pos, valid) edits each part of the pattern [B, H, r, K]
     of the rows `rows` [r]: key_pos [r, K] the keys' positions, valid where a key is seen.
+    window: a sliding window (`layers.in_window`): a row sees only the keys, cached or its own,
+    less than `window` positions before it.
     """
     B, R, H, d_head = q.shape
+    k, v, k_cached, v_cached = (expand_kv(q, a) for a in (k, v, k_cached, v_cached))
     T = k_cached.shape[1]
     W, per_step = plan.attention_steps(R, T, span, H)
     E, S = span - 1, W * per_step  # own keys reach E rows back; S rows per step
@@ -85,6 +90,8 @@ def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_p
                         for a in (k, v))  # [B, H, per_step, W + E, d]
         cached_pos, own_pos = jnp.broadcast_to(jnp.arange(T), (S, T)), pos[:, None] - back
         cached_valid, own_valid = cached_pos < start[:, None], (back >= 0) & (own_pos >= start[:, None])
+        cached_valid &= in_window(pos[:, None], cached_pos, window)
+        own_valid &= in_window(pos[:, None], own_pos, window)
         cached = jnp.where(cached_valid, matmul(q_s, t(k_cached)) * scale, fill)  # [B, H, S, T]
         own = matmul(q_s.reshape(B, H, per_step, W, d_head), t(own_k)).reshape(B, H, S, W + E)
         own = jnp.where(own_valid, own * scale, fill)
@@ -143,8 +150,8 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                     return act
                 row_on = patched[None, :] & at_row  # [B, R]
                 value = source_j[prompt, row_pos[None, :]]  # [B, R, ...]
-                if has_heads:
-                    heads = _matches(patch.head[row_patch][None, :, None], jnp.arange(cfg.n_head))
+                if has_heads:  # query heads, or key-value heads (k, v under grouped-query attention)
+                    heads = _matches(patch.head[row_patch][None, :, None], jnp.arange(act.shape[-2]))
                     row_on = (row_on[..., None] & heads)[..., None]  # [B, R, H, 1]
                 else:
                     row_on = row_on[..., None]
@@ -159,8 +166,8 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                 value = source_j[:, :, row_pos[rows][:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, r, K]
                 return jnp.where(on, value, pattern)
 
-            attend = lambda q, k, v: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span,
-                                                    edit_pattern)
+            attend = lambda q, k, v, window=None: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start,
+                                                                 span, edit_pattern, window)
             return block(x, row_pos, cfg, attend, edit), None
 
         blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)

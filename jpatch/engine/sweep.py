@@ -78,7 +78,8 @@ def make_patches(config, site, axes, n_pos, n_prompts, *, window=1, layers=None,
     values = {
         "layer": _choose(layers, config.n_layer, "layers"),
         "pos": np.zeros(1, int) if prompt_positions is not None else _choose(positions, n_pos, "positions"),
-        "head": _choose(heads, config.n_head, "heads"),
+        "head": _choose(heads, sites.axis_size(config, "kv_head" if "kv_head" in config.sites[site].axes
+                                                   else "head", 1, 1), "heads"),
         "src": np.arange(n_pos),
     }
     for name, chosen in (("pos", positions), ("head", heads)):

@@ -249,9 +249,9 @@ def _read_weights(path):
 
 
 def _hf_config_keys(family):
-    from jpatch.model import neox_hf
+    from jpatch.model import llama_hf, neox_hf
 
-    return {"gpt2": HF_CONFIG_KEYS, "neox": neox_hf.HF_CONFIG_KEYS}.get(family.name, ())
+    return {"gpt2": HF_CONFIG_KEYS, "neox": neox_hf.HF_CONFIG_KEYS, "llama": llama_hf.HF_CONFIG_KEYS}.get(family.name, ())
 
 
 def check_hf_config(config, path):

@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # SwiGLU's gate (Llama)
 }
 
 
@@ -47,25 +48,59 @@ class LayerNorm(eqx.Module):
         return (normalize_hooked(x, eps, edit, name) * self.weight + self.bias).astype(x.dtype)
 
 
+def rms_hooked(x, eps, edit, name):
+    """RMS norm without its weight, in float32, through <name>.hook_scale [..., 1] and
+    <name>.hook_normalized (TransformerLens's RMSNorm)."""
+    x = x.astype(jnp.float32)
+    scale = edit(f"{name}.hook_scale", jnp.sqrt((x * x).mean(-1, keepdims=True) + eps))
+    return edit(f"{name}.hook_normalized", x / scale)
+
+
+class RMSNorm(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, x, eps, edit=no_edit, name="ln"):
+        return (rms_hooked(x, eps, edit, name) * self.weight).astype(x.dtype)
+
+
 def split_inputs(x, n_head, edit):
     """The residual each head's q, k and v read, when `edit.split_inputs` asks for them (edge and
     path patching): a copy of x [..., d] per head, for each of q, k and v, through
-    hook_q_input / hook_k_input / hook_v_input [..., n_head, d], which such an edit replaces.
+    hook_q_input / hook_k_input / hook_v_input [..., n_head, d], which such an edit replaces
+    (n_head: one count, or (query, key, value) heads under grouped-query attention, where the
+    k and v inputs are per key-value head, as TransformerLens's).
     None otherwise: q, k and v all read x (one norm, one projection)."""
     if not getattr(edit, "split_inputs", False):
         return None
-    per_head = jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (n_head, x.shape[-1]))
-    return tuple(edit(name, per_head) for name in sites.SPLIT_INPUT_SITES)
+    counts = (n_head,) * 3 if isinstance(n_head, int) else n_head
+    copies = lambda n: jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (n, x.shape[-1]))
+    return tuple(edit(name, copies(n)) for name, n in zip(sites.SPLIT_INPUT_SITES, counts))
 
 
-def causal_attention(q, k, v, key_mask=None, edit=no_edit):
-    """q, k, v [..., T, H, d_head] -> z [..., T, H, d_head]; key_mask [..., T] marks real tokens.
+def expand_kv(q, k):
+    """Keys or values [..., K, n_kv, d] repeated to q's [..., n_head] heads: grouped-query
+    attention's query head h reads key-value head h // (n_head / n_kv) (torch.repeat_interleave)."""
+    n_head, n_kv = q.shape[-2], k.shape[-2]
+    return k if n_kv == n_head else jnp.repeat(k, n_head // n_kv, axis=-2)
+
+
+def in_window(query_pos, key_pos, window):
+    """Which keys a query sees: causal, and within a sliding `window` of positions (None: all)."""
+    seen = key_pos <= query_pos
+    return seen if window is None else seen & (query_pos - key_pos < window)
+
+
+def causal_attention(q, k, v, key_mask=None, edit=no_edit, window=None):
+    """q [..., T, H, d_head], k, v [..., T, H or n_kv, d_head] -> z [..., T, H, d_head]; key_mask
+    [..., T] marks real tokens; window: a sliding window (a query sees the `window` positions up
+    to its own), None for full causal attention.
 
     q and k are the ones attention scores (for a rotary family: after rotation)."""
     T = q.shape[-3]
+    k, v = expand_kv(q, k), expand_kv(q, v)
     # Scores, softmax and the pattern-weighted sum accumulate in float32 even for bfloat16 weights.
     scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    allowed = jnp.tril(jnp.ones((T, T), bool))
+    allowed = in_window(jnp.arange(T)[:, None], jnp.arange(T), window)
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :].astype(bool)
     scores = edit("attn.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf))  # -inf as TransformerLens
@@ -76,12 +111,30 @@ def causal_attention(q, k, v, key_mask=None, edit=no_edit):
     return z.astype(q.dtype)
 
 
-def rotate(x, positions, rotary_dim, base):
+def rotary_frequencies(rotary_dim, base, llama3=None):
+    """Rotary angles per position [rotary_dim // 2] in float32, as Hugging Face computes them.
+    llama3: Llama 3.1's rope_scaling (factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings): long wavelengths slowed by `factor`, short ones kept, the
+    band between interpolated (transformers' _compute_llama3_parameters)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    if llama3 is None:
+        return inv_freq
+    factor, low, high, old_context = llama3
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotate(x, positions, rotary_dim, base, llama3=None):
     """Rotary position embedding of the first `rotary_dim` dims of each head, the two halves of
     those dims paired (GPT-NeoX's and Llama's layout, not interleaved): x [..., T, H, d_head],
-    positions broadcastable to x's [..., T]. Angles in float32, as Hugging Face computes them."""
+    positions broadcastable to x's [..., T]. Angles in float32, as Hugging Face computes them
+    (llama3: see `rotary_frequencies`)."""
     half = rotary_dim // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))  # [half]
+    inv_freq = rotary_frequencies(rotary_dim, base, llama3)  # [half]
     angles = jnp.asarray(positions, jnp.float32)[..., None, None] * inv_freq  # [..., T, 1, half]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
