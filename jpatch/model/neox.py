@@ -11,14 +11,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jpatch.model import sites, views
+from jpatch.model import sites
 from jpatch.model.architecture import Config, Transformer
 from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate, split_inputs
 
 # TransformerLens's NeoX hook points: GPT-2's without hook_pos_embed and hook_resid_mid (the block
 # is parallel), with the rotated attn.hook_rot_q / attn.hook_rot_k.
 SITES = sites.SiteTable(
-    "GPT-NeoX", tuple(s for s in sites.VOCABULARY if s not in ("hook_pos_embed", "hook_resid_mid") + sites.GATED_SITES),
+    "GPT-NeoX", tuple(s for s in sites.VOCABULARY
+                      if s not in ("hook_pos_embed", "hook_resid_mid") + sites.GATED_SITES),
     sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
            "hook_attn_out", "hook_mlp_out", "hook_resid_post"),
     on_request=("attn.hook_result",) + sites.READER_INPUT_SITES)
@@ -124,8 +125,6 @@ class Block(eqx.Module):
         mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(mlp_in, eps, edit, "ln2"), config.activation, edit))
         return edit("hook_resid_post", mlp_out + attn_out + x)  # Hugging Face's order of the sum
 
-    __getitem__ = views.layer_view  # model.blocks[l]: TransformerLens's block l (weights, hook points)
-
 
 class NeoX(Transformer):
     config: NeoXConfig = eqx.field(static=True)
@@ -166,11 +165,9 @@ class NeoX(Transformer):
 
         return load_tokenizer(self.tokenizer_file)
 
-    @views.carries(W_E=lambda m: m.W_E)
     def embed(self, tokens, positions, edit=no_edit):
         return edit("hook_embed", self.embed_in[tokens])
 
-    @views.carries(W_U=lambda m: m.W_U, b_U=lambda m: m.b_U)
     def unembed(self, x, edit=no_edit):
         """Final layer norm and the unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
@@ -195,7 +192,6 @@ class NeoX(Transformer):
         return NeoX(self.config, w["W_E"], blocks, LayerNorm(*w["ln_final"]), w["W_U"], self.tokenizer_file,
                     w["b_U"])
 
-    @views.carries(w=lambda m: m.final_norm.weight, b=lambda m: m.final_norm.bias)
     def ln_final(self, x):
         """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""
         return self.final_norm(x.astype(jnp.float32), self.config.layer_norm_eps)
