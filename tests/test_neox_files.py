@@ -177,7 +177,7 @@ def edited(files, folder, **changes):
 
 
 @pytest.mark.parametrize("changes, field", [
-    ({"model_type": "llama"}, "model_type='llama'"),
+    ({"model_type": "mamba"}, "model_type='mamba'"),
     ({"use_parallel_residual": False}, "use_parallel_residual"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,

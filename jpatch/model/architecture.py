@@ -7,8 +7,7 @@ A family (`jpatch.model.gpt2`, `jpatch.model.neox`) is a final subclass of `Tran
 - `embed(tokens, positions, edit)`, its stacked `Block`s called as
   `block(x, positions, config, attend, edit)`, and `unembed(x, edit)`: the only code that
   computes a layer. The plain forward, the patching engine, gradients and generation all run
-  through them, supplying `attend(q, k, v, window=None) -> z` (how positions mix; k, v may have
-  fewer heads than q, grouped-query attention; a sliding window) and `edit(site, act) -> act`
+  through them, supplying `attend(q, k, v, window=None) -> z` (how positions mix) and `edit(site, act) -> act`
   (where overrides, caching and patches act);
 - `KEY_SITE`: the site whose values attention scores against (GPT-2's `attn.hook_k`; a rotary
   family's rotated `attn.hook_rot_k`), which the engine and generation cache;

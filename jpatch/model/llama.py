@@ -36,8 +36,8 @@ SITES = sites.SiteTable(
 class LlamaConfig(Config):
     n_layer: int = 16
     n_head: int = 32
-    n_kv_head: int = 8  # key-value heads (grouped-query attention)
-    d_head: int = 64  # Hugging Face's head_dim (Qwen 3: not d_model / n_head)
+    n_kv_head: Optional[int] = None  # key-value heads (grouped-query attention); None: n_head
+    d_head: Optional[int] = None  # Hugging Face's head_dim (Qwen 3: not d_model / n_head); None: that
     d_model: int = 2048
     d_mlp: int = 8192
     n_ctx: int = 2048
@@ -59,6 +59,10 @@ class LlamaConfig(Config):
     SIZES: ClassVar[tuple] = Config.SIZES + ("n_kv_head", "d_head")
 
     def __post_init__(self):
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.d_head is None and isinstance(self.n_head, int) and self.n_head > 0:
+            object.__setattr__(self, "d_head", self.d_model // self.n_head)
         super().__post_init__()
         if self.rope_llama3 is not None:  # a JSON list from config.json -> a hashable tuple
             object.__setattr__(self, "rope_llama3", tuple(float(v) for v in self.rope_llama3))
