@@ -187,3 +187,20 @@ class SweepResult(np.ndarray):
     def metadata(self):
         """The contract's fields as a dict (arrays included)."""
         return {name: getattr(self, name) for name in self.ATTRS}
+
+    def _repr_html_(self):
+        """A notebook's view: an interactive heatmap (white: the base run's value), hover giving the
+        value and its spread over prompts, and a prompt picker (`jpatch.files.html_view`)."""
+        from jpatch.files import html_view
+
+        grid, each = np.asarray(self), None
+        if self.raw is not None and self.clean_per_prompt is not None and self.normalization is not None:
+            shape = (-1,) + (1,) * (self.raw.ndim - 1)  # the baselines along the prompt axis
+            each = per_prompt(self.normalization, self.raw, np.reshape(self.clean_per_prompt, shape),
+                              np.reshape(self.corrupted_per_prompt, shape), warn=False)
+            grid = normalized_mean(self.normalization, np.moveaxis(self.raw, 0, -1), self.clean_per_prompt,
+                                   self.corrupted_per_prompt) if self.per_prompt else grid
+        centre = None if self.normalization is None or self.clean is None else normalize(
+            self.normalization, base_of(self.direction, self.clean, self.corrupted), self.clean, self.corrupted)
+        title = f"{self.method or 'result'} ({self.direction or '?'}, normalization {self.normalization or '?'})"
+        return html_view.fragment(html_view.result_panels(grid, self.axes, title=title, each=each, centre=centre))

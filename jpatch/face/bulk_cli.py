@@ -9,7 +9,7 @@ from jpatch.data.dataset import FILE_CORRUPTIONS, read_dataset
 from jpatch.engine.inputs import DIRECTIONS
 from jpatch.engine.patching import SWEEPS
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
-from jpatch.files import safety
+from jpatch.files import html_view, safety
 from jpatch.methods import corrupt, metrics
 from jpatch.runs import results
 from jpatch.runs.bulk import DEFAULT_SHARD_SIZE, bulk_sweep, check_positive, resolve_sites
@@ -71,6 +71,9 @@ def add_arguments(parser):
                         help="first remove the lock files of --out (left by runs that are gone; a lock unrefreshed "
                              f"for {safety.LOCK_LEASE:g} s is taken over anyway); never while another run writes there")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from jpatch.face.view_cli import add_html_flag
+
+    add_html_flag(parser)
     return parser
 
 
@@ -129,6 +132,17 @@ def main(args):
             print(f"  {name}: {result.n_prompts} prompts, grid {mean.shape}, mean over prompts in "
                   f"[{np.nanmin(mean):.3g}, {np.nanmax(mean):.3g}]")
         print(f"load with: jpatch.runs.results.load_result({str(run.out_dir)!r})")
+        if getattr(args, "html", False):  # beside the shards; replaces only an earlier view
+            from jpatch.face import view_cli
+
+            path = run.out_dir / view_cli.REPORT_HTML
+            try:
+                if path.exists() and not html_view.is_view_file(path):
+                    raise FileExistsError(f"{path} exists and is not a view jpatch wrote; move it away")
+                view_cli.write_view(run.out_dir, path, title=f"jpatch bulk: {args.model}, {args.data}")
+            except (ValueError, OSError) as e:
+                raise Fail(f"jpatch bulk: --html: {view_cli.one_line(e)}") from None
+            print(f"wrote {path}")
     elif run.process_count > 1:
         print("other processes are still writing their shards")
     return 0

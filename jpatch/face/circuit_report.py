@@ -29,6 +29,9 @@ def add_arguments(parser):
     parser.add_argument("--ig-steps", type=int, default=5)
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
+    from jpatch.face.view_cli import add_html_flag
+
+    add_html_flag(parser)
 
 
 MIN_EFFECT = 1e-3  # a head whose path-patched value moves less than this from 1 is not carried on
@@ -177,4 +180,8 @@ def main(args):
         summary.update({k: figures[k] for k in ("movers", "inhibitors", "duplicates", "times", "overlap")})
         summary["faithfulness"] = {k: dataclasses.asdict(v) for k, v in figures["faithfulness"].items()}
         (tmp / "figures.json").write_text(json.dumps(atomic.to_json(summary), indent=1))
+        if args.html:  # the view of this folder, inside it (listed by its marker)
+            from jpatch.face.view_cli import REPORT_HTML, write_view
+
+            write_view(tmp, tmp / REPORT_HTML, title=f"jpatch circuit: {args.model}, {args.task}")
     print(f"wrote {Path(args.out) / 'report.md'}")

@@ -1,4 +1,4 @@
-"""The `jpatch` command: demo, sweep, convert, paper, bulk."""
+"""The `jpatch` command: demo, sweep, convert, paper, bulk, attribute, circuit, view."""
 
 import argparse
 import math
@@ -14,6 +14,7 @@ from jpatch.engine.sweep import default_axes, sweep
 from jpatch.methods.metrics import METRICS
 from jpatch.face.interrupt import CtrlC
 from jpatch.face.summary import clean_value, longest_prompt_tokens, shown, top_components
+from jpatch.face.view_cli import add_html_flag, html_extra
 
 
 
@@ -233,7 +234,8 @@ def cmd_demo(args):
         print(f"\ntop {site} components ({' x '.join(axes)}):")
         print("\n".join(top_components(result, axes, tokens)))
     settings = {"model": args.model, "task": "ioi", "n_prompts": len(task), **common}
-    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True, kind="demo")
+    out = write_sweeps(args.out, args.model, task, sweeps, settings, overwrite=True, kind="demo",
+                       extra=html_extra(args, f"jpatch demo: {args.model}, IOI"))
     print(f"\n{sum(np.prod(r.shape) for _, _, r in sweeps.values())} patches in {elapsed:.1f} s; "
           f"heatmaps and results in {out}/")
 
@@ -269,7 +271,8 @@ def cmd_sweep(args):
     settings = {"model": args.model, "task": args.task, "n_prompts": len(task), "corruption": args.corruption,
                 "metric": args.metric, "direction": args.direction, "window": args.window, "seed": args.seed,
                 "noise_samples": args.noise_samples, "noise_seed": args.noise_seed}
-    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite, "sweep")
+    out = write_sweeps(args.out, args.model, task, {"": (site, axes, result)}, settings, args.overwrite, "sweep",
+                       extra=html_extra(args, f"jpatch sweep: {args.model}, {args.task}, {site}"))
     print(f"results in {out}/")
 
 
@@ -330,6 +333,7 @@ def build_parser():
                       help="output folder (default: results/demo); replaces only an earlier demo output")
     demo.add_argument("--n-prompts", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
+    add_html_flag(demo)
     demo.set_defaults(func=cmd_demo)
 
     sweep = sub.add_parser("sweep", help="one sweep of a site on a task", description="One patching sweep.",
@@ -338,6 +342,7 @@ def build_parser():
     sweep.add_argument("--window", type=int, default=1)
     sweep.add_argument("--out", required=True)
     sweep.add_argument("--overwrite", action="store_true")
+    add_html_flag(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 or GPT-NeoX (Pythia) weights",
@@ -356,6 +361,8 @@ def build_parser():
                                                         "agreement with the exact sweep)")
     _delegate("jpatch.face.circuit_report", "circuit")(sub, "path patching, ACDC, EAP / EAP-IG circuits and their "
                                                        "faithfulness, as a Markdown report with the circuit picture")
+    _delegate("jpatch.face.view_cli", "view")(sub, "every result in a folder as one self-contained, interactive HTML "
+                                              "file (heatmaps, prompt picker, attention, circuit, scatter)")
     return parser
 
 

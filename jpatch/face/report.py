@@ -128,7 +128,7 @@ def _check_settings(*, noise_scale, ioi_split, **counts):
 
 def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=None, noise_samples=10,
               noise_scale=3.0, window=5, top_k=None, negative_threshold=0.02, ioi_split="test", seed=0,
-              noise_seed=corrupt.NOISE_SEED, min_bucket=8, overwrite=False, progress=True):
+              noise_seed=corrupt.NOISE_SEED, min_bucket=8, overwrite=False, progress=True, html=False):
     """Rerun the paper's five comparisons on `model` and write `out_dir/report.md`.
 
     n_prompts: IOI prompts; n_factual: factual-recall prompts (default 2 x n_prompts),
@@ -141,6 +141,7 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
     negative_threshold: a normalized effect below -threshold counts as clearly negative.
     ioi_split: IOI names ("all", "train", "test": the held-out names a toy model never saw).
     overwrite: replace a non-empty out_dir (refused otherwise, before any work).
+    html: also write report.html, the interactive view of the results (`jpatch.face.view_cli`).
     Returns the path of report.md. Nothing is left at out_dir if a section raises.
     """
     model.check_gpt2_ids("the paper's tasks")
@@ -172,6 +173,10 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
         (run.out / REPORT).write_text("\n".join(_header(run, total) + body), encoding="utf-8")
         (run.out / "results.json").write_text(json.dumps(to_json(run.numbers, str_keys=True), indent=1), encoding="utf-8")
         np.savez(run.out / "results.npz", **run.arrays)
+        if html:
+            from jpatch.face.view_cli import REPORT_HTML, write_view
+
+            write_view(run.out, run.out / REPORT_HTML, title=f"jpatch paper: {model_name}")
     return str(Path(out_dir).absolute() / REPORT)
 
 
@@ -193,6 +198,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="IOI prompt seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    from jpatch.face.view_cli import add_html_flag
+
+    add_html_flag(parser)
     return parser
 
 
@@ -207,7 +215,7 @@ def main(args):
         path = run_paper(model, args.out, model_name=name, n_prompts=args.n_prompts, n_factual=args.n_factual,
                          noise_samples=args.noise_samples, noise_scale=args.noise_scale, window=args.window,
                          ioi_split=args.ioi_split, seed=args.seed, overwrite=args.overwrite,
-                         progress=not args.quiet)
+                         progress=not args.quiet, html=getattr(args, "html", False))
     except (OSError, ValueError) as e:
         from jpatch.face.cli import cli_message
 

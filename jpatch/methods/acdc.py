@@ -61,6 +61,14 @@ class Circuit:
                 f.write(text)
         return text
 
+    def _repr_html_(self):
+        """A notebook's view: the circuit as a layered graph, edge width by score (hover: the edge)."""
+        from jpatch.files import html_view
+
+        return html_view.fragment([html_view.circuit(
+            *html_view.graph_shape(self.writers), self.edges(), score_name=f"{self.metric} increase when removed",
+            title=f"ACDC circuit: {int(self.keep.sum())} of {int(self.valid.sum())} edges, threshold {self.threshold:g}")])
+
     def plot(self, path=None, title=None):
         """The circuit as a layered graph (matplotlib): layers as rows (embeddings at the bottom,
         logits at the top), heads and the MLP as nodes, edge width by |score|, colour by the

@@ -115,6 +115,18 @@ def subset_effects(model, clean, corrupted, site, metric, axes, chosen, *, direc
     return np.array(effects)
 
 
+class AgreementReport(dict):
+    """`compare_exact`'s report: a dict (printed and saved as JSON as before) carrying the two grids
+    it compares, which a notebook shows as a table and an estimate-vs-exact scatter plot."""
+
+    estimate = exact = None
+
+    def _repr_html_(self):
+        from jpatch.files import html_view
+
+        return html_view.fragment(html_view.agreement_panels(self, self.estimate, self.exact))
+
+
 def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direction="denoise", axes=None,
                   diagnostic=0, top=None, seed=0, attention_mask=None):
     """Run `attribute` and the exact `sweep`; their agreement, and with diagnostic=K the exact
@@ -126,8 +138,9 @@ def compare_exact(model, clean, corrupted, site, metric, *, method="atp", direct
                                      axes=axes, attention_mask=attention_mask)
     exact = sweep(model, clean, corrupted, site, metric, direction=direction, axes=axes, progress=False,
                   attention_mask=attention_mask)
-    report = {"site": site, "method": method, "direction": direction, "axes": list(axes),
-              **agreement(estimate, exact, axes)}
+    report = AgreementReport(site=site, method=method, direction=direction, axes=list(axes),
+                             **agreement(estimate, exact, axes))
+    report.estimate, report.exact = np.asarray(estimate), np.asarray(exact)
     if diagnostic:
         n = estimate.size
         top = top or max(1, round(0.05 * n))

@@ -121,6 +121,21 @@ class Edges(aggregate.ResultFields):
         w, r = np.unravel_index(order, self.valid.shape)
         return [(self.writers[i], self.readers[j], float(self.totals()[i, j])) for i, j in zip(w, r)]
 
+    def _repr_html_(self):
+        """A notebook's view: the per-edge scores as a writer x reader heatmap (invalid edges blank;
+        per prompt: the mean, a prompt picker and the spread) and the top 20 edges as a layered graph."""
+        from jpatch.files import html_view
+
+        scores = np.where(self.valid, self.totals(), np.nan)
+        each = scores if self.per_prompt else None
+        grid = np.nanmean(scores, 0) if self.per_prompt else scores  # per prompt: their plain mean
+        panels = html_view.result_panels(grid, ("writer", "reader"), each=each, title=f"{self.method} edge scores "
+                                         f"({self.direction}, normalization {self.normalization})")
+        panels[0]["labels"] = {"writer": list(self.writers), "reader": list(self.readers)}
+        if not self.per_prompt:
+            panels.append(html_view.circuit(*html_view.graph_shape(self.writers), self.top(20), title="top 20 edges"))
+        return html_view.fragment(panels)
+
     def to_json(self, path=None):
         """{"method", "direction", "normalization", "clean", "corrupted", "edges": [{"writer", "reader",
         "score", "delta"(, "by_pos")}]}; written to `path` if given."""
