@@ -223,9 +223,114 @@ def test_generate_accepts_verbose_and_use_past_kv_cache(tl_tiny, jp_tiny, use_pa
     for verbose in (True, False):
         close(jp_tiny.generate(prompt, verbose=verbose, return_type="tokens", **kw), want, atol=0)
     with pytest.raises(ValueError, match="top_p"):
-        jp_tiny.generate(prompt, top_p=0.9)
+        jp_tiny.generate(prompt, top_p=1.5)
+    with pytest.raises(ValueError, match="freq_penalty"):
+        jp_tiny.generate(prompt, freq_penalty=-1.0)
     with pytest.raises(ValueError, match="return_type"):
         jp_tiny.generate(prompt, return_type="embeds")
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_p=0.3, temperature=0.7), dict(freq_penalty=1.5, top_k=5),
+                                dict(freq_penalty=0.5, top_p=0.8), dict(top_k=3, top_p=0.5)])
+def test_sampling_logits_are_transformer_lens_sample_logits(kw):
+    """What jpatch samples from (top_k, else top_p; freq_penalty on the counts of the tokens so far)
+    equals the logits TransformerLens's sample_logits hands to torch's Categorical."""
+    from unittest import mock
+
+    from transformer_lens.utilities import logits_utils
+
+    from jpatch.model.generate import sampling_logits
+
+    rng = np.random.default_rng(0)
+    logits, tokens = 3 * rng.normal(size=(3, 211)).astype(np.float32), rng.integers(0, 211, (3, 9))
+    seen = {}
+
+    class Categorical:
+        def __init__(self, logits):
+            seen["logits"] = logits.numpy()
+
+        def sample(self):
+            return torch.zeros(3, dtype=torch.long)
+
+    with mock.patch("torch.distributions.categorical.Categorical", Categorical):
+        logits_utils.sample_logits(torch.tensor(logits), tokens=torch.tensor(tokens), **kw)
+    counts = np.stack([np.bincount(t, minlength=211) for t in tokens]).astype(np.float32)
+    ours = np.asarray(sampling_logits(jnp.asarray(logits), kw.get("temperature", 1.0), kw.get("top_k"),
+                                      kw.get("top_p"), kw.get("freq_penalty", 0.0), jnp.asarray(counts)))
+    theirs = seen["logits"]
+    assert np.array_equal(np.isinf(ours), np.isinf(theirs)) and np.isinf(theirs).any()
+    close(np.where(np.isinf(ours), 0, ours), np.where(np.isinf(theirs), 0, theirs), atol=1e-5)
+
+
+def test_generate_with_freq_penalty(tl_tiny, jp_tiny):
+    """A deterministic case end to end: top_k=1 after the frequency penalty picks the penalized argmax, as
+    TransformerLens's (uncached) loop; top_p is checked above, where it acts (sampling_logits)."""
+    prompt = torch.tensor(TOKENS[:1, :4])
+    tl_generate = lambda **kw: tl_tiny.generate(prompt, verbose=False, use_past_kv_cache=False, max_new_tokens=8,
+                                                stop_at_eos=False, **kw)
+    with torch.no_grad():
+        greedy = tl_generate(do_sample=False)
+        want = tl_generate(top_k=1, freq_penalty=2.0)
+    assert not torch.equal(want, greedy)  # the penalty changes the tokens
+    close(jp_tiny.generate(prompt.numpy(), max_new_tokens=8, stop_at_eos=False, top_k=1, freq_penalty=2.0), want,
+          atol=0)
+
+
+# --- module paths to weights and hook points, model(..., stop_at_layer) ------------------------
+
+
+def test_block_module_paths(tl_tiny, jp_tiny):
+    for l in (0, 1, -1):
+        for part, names in [("attn", ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"]),
+                            ("mlp", ["W_in", "b_in", "W_out", "b_out"]), ("ln1", ["w", "b"]), ("ln2", ["w", "b"])]:
+            for name in names:
+                ours, theirs = getattr(getattr(jp_tiny.blocks[l], part), name), getattr(getattr(tl_tiny.blocks[l], part), name)
+                assert ours.shape == tuple(theirs.shape), (l, part, name)
+                close(ours, theirs, atol=1e-6)
+        close(jp_tiny.blocks[l].attn.OV.AB, tl_tiny.blocks[l].attn.OV.AB)
+    for ours, theirs in [(jp_tiny.embed.W_E, tl_tiny.embed.W_E), (jp_tiny.pos_embed.W_pos, tl_tiny.pos_embed.W_pos),
+                         (jp_tiny.unembed.W_U, tl_tiny.unembed.W_U), (jp_tiny.unembed.b_U, tl_tiny.unembed.b_U),
+                         (jp_tiny.ln_final.w, tl_tiny.ln_final.w), (jp_tiny.ln_final.b, tl_tiny.ln_final.b)]:
+        assert ours.shape == tuple(theirs.shape)
+        close(ours, theirs, atol=1e-6)
+    assert hasattr(jp_tiny.blocks[0].attn, "hook_result") and not hasattr(jp_tiny.blocks[0].attn, "hook_nothing")
+    with pytest.raises(IndexError, match="out of range"):
+        jp_tiny.blocks[2]
+    with pytest.raises(AttributeError, match="W_Q"):
+        jp_tiny.blocks[0].mlp.W_Q
+    stacked = jp_tiny.blocks
+    jp_tiny.wte  # another attribute read does not unlink them
+    close(stacked[1].attn.W_Q, tl_tiny.blocks[1].attn.W_Q)
+
+
+def test_block_hook_points_add_hook(tl_tiny, jp_tiny):
+    halve = lambda z, hook: z * 0.5
+    tokens = torch.tensor(TOKENS)
+    try:
+        jp_tiny.blocks[1].attn.hook_z.add_hook(halve)
+        tl_tiny.blocks[1].attn.hook_z.add_hook(halve)
+        jp_tiny.blocks[0].hook_resid_post.add_hook(halve)
+        tl_tiny.blocks[0].hook_resid_post.add_hook(halve)
+        with torch.no_grad():
+            want = tl_tiny(tokens)
+        close(jp_tiny(TOKENS), want)
+        jp_tiny.blocks[0].hook_resid_post.remove_hooks()
+        tl_tiny.blocks[0].hook_resid_post.remove_hooks()
+        with torch.no_grad():
+            want = tl_tiny(tokens)
+        close(jp_tiny(TOKENS), want)
+    finally:
+        jp_tiny.reset_hooks()
+        tl_tiny.reset_hooks()
+
+
+@pytest.mark.parametrize("stop", [0, 1, -1])
+def test_model_call_stop_at_layer(tl_tiny, jp_tiny, stop):
+    with torch.no_grad():
+        want = tl_tiny(torch.tensor(TOKENS), stop_at_layer=stop)
+    close(jp_tiny(TOKENS, stop_at_layer=stop), want)
+    with pytest.raises(ValueError, match="return_type"):
+        jp_tiny(TOKENS, stop_at_layer=stop, return_type="loss")
 
 
 # --- utils and text helpers on a model with GPT-2's vocabulary ---------------------------------
@@ -378,6 +483,11 @@ def test_neox_named_parameters_ov_qk_and_cache_keys(one_torch_thread):
     assert [n for n, _ in jp.named_parameters()] == [n for n, _ in theirs]
     for (_, a), (_, b) in zip(jp.named_parameters(), theirs):
         close(a, b, atol=1e-6)
+    for name in ("W_Q", "W_O", "b_V"):
+        close(getattr(jp.blocks[2].attn, name), getattr(tl.blocks[2].attn, name), atol=1e-6)
+    close(jp.blocks[1].mlp.W_in, tl.blocks[1].mlp.W_in, atol=1e-6)
+    close(jp.embed.W_E, tl.embed.W_E, atol=1e-6)
+    close(jp.unembed.W_U, tl.unembed.W_U, atol=1e-6)
     for circuit in ("OV", "QK"):
         close(getattr(jp, circuit)[1, 0].AB, getattr(tl, circuit)[1, 0].AB)
         close(getattr(jp, circuit).S, getattr(tl, circuit).S)

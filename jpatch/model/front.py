@@ -134,14 +134,10 @@ class FrontDoor:
         nor an `eos_token_id` does not stop at EOS. return_type: "input" (text for text, tokens for
         tokens), "str" or "tokens". verbose: accepted (the loop is one compiled call, with no
         progress bar). use_past_kv_cache: accepted; jpatch always uses its key-value cache, which
-        gives the tokens of the uncached loop. top_p and freq_penalty are refused (not implemented)."""
+        gives the tokens of the uncached loop. top_p, freq_penalty: TransformerLens's (nucleus sampling
+        when top_k is None; each token's logit lowered by freq_penalty x its count so far)."""
         from jpatch.model.generate import generate
 
-        if top_p is not None:
-            raise ValueError("generate(top_p=...) (nucleus sampling) is not implemented in jpatch: "
-                             "use top_k or temperature")
-        if freq_penalty:
-            raise ValueError("generate(freq_penalty=...) is not implemented in jpatch")
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
         if eos_token_id is None:
@@ -154,7 +150,7 @@ class FrontDoor:
         tokens_out = return_type == "tokens" and isinstance(input, str)
         out = generate(self, self.to_tokens(input, prepend_bos=prepend_bos) if tokens_out else input, max_new_tokens,
                        do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed, stop_at_eos=stop_at_eos,
-                       eos_token_id=eos_token_id, prepend_bos=prepend_bos)
+                       eos_token_id=eos_token_id, prepend_bos=prepend_bos, top_p=top_p, freq_penalty=freq_penalty)
         if return_type == "str" and not isinstance(input, str):
             texts = [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in np.asarray(out)]
             return texts[0] if len(texts) == 1 else texts

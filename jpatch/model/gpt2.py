@@ -14,7 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jpatch.model import sites
+from jpatch.model import sites, views
 from jpatch.model.architecture import Cache, Config, Transformer, editor, override_from_cache, record_sites  # noqa: F401
 from jpatch.model.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
 from jpatch.model.layers import (ACTIVATIONS, LayerNorm, causal_attention, no_edit, normalize,  # noqa: F401
@@ -112,6 +112,8 @@ class Block(eqx.Module):
         mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(mlp_in, eps, edit, "ln2"), config.activation, edit))
         return edit("hook_resid_post", x + mlp_out)
 
+    __getitem__ = views.layer_view  # model.blocks[l]: TransformerLens's block l (weights, hook points)
+
 
 class GPT2(Transformer):
     config: GPT2Config = eqx.field(static=True)
@@ -139,9 +141,11 @@ class GPT2(Transformer):
         )
         return cls(config, normal(config.d_vocab, d), normal(config.n_ctx, d), blocks, LayerNorm(ones(d), zeros(d)))
 
+    @views.carries(W_E=lambda m: m.W_E)
     def embed(self, tokens, positions, edit=no_edit):
         return edit("hook_embed", self.wte[tokens]) + edit("hook_pos_embed", self.wpe[positions])
 
+    @views.carries(W_U=lambda m: m.W_U, b_U=lambda m: m.b_U)
     def unembed(self, x, edit=no_edit):
         """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
@@ -165,6 +169,7 @@ class GPT2(Transformer):
 
     W_E = property(lambda self: self.wte, doc="[d_vocab, d_model]")
     W_pos = property(lambda self: self.wpe, doc="[n_ctx, d_model]")
+    pos_embed = property(lambda self: views.Weights(W_pos=self.wpe), doc="TransformerLens's model.pos_embed.W_pos")
     W_U = property(lambda self: self.wte.T if self.w_u is None else self.w_u,
                    doc="[d_model, d_vocab] (tied to W_E unless processed)")
     b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype) if self.b_u is None else self.b_u,
@@ -199,6 +204,7 @@ class GPT2(Transformer):
                        MLP(w["W_in"], w["b_in"], w["W_out"], w["b_out"]))
         return GPT2(self.config, w["W_E"], w["W_pos"], blocks, LayerNorm(*w["ln_final"]), w["W_U"], w["b_U"])
 
+    @views.carries(w=lambda m: m.ln_f.weight, b=lambda m: m.ln_f.bias)
     def ln_final(self, x):
         """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""
         return self.ln_f(x.astype(jnp.float32), self.config.layer_norm_eps)

@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jpatch.model import sites
+from jpatch.model import sites, views
 from jpatch.model.architecture import Config, Transformer
 from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate, split_inputs
 
@@ -125,6 +125,8 @@ class Block(eqx.Module):
         mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(mlp_in, eps, edit, "ln2"), config.activation, edit))
         return edit("hook_resid_post", mlp_out + attn_out + x)  # Hugging Face's order of the sum
 
+    __getitem__ = views.layer_view  # model.blocks[l]: TransformerLens's block l (weights, hook points)
+
 
 class NeoX(Transformer):
     config: NeoXConfig = eqx.field(static=True)
@@ -165,9 +167,11 @@ class NeoX(Transformer):
 
         return load_tokenizer(self.tokenizer_file)
 
+    @views.carries(W_E=lambda m: m.W_E)
     def embed(self, tokens, positions, edit=no_edit):
         return edit("hook_embed", self.embed_in[tokens])
 
+    @views.carries(W_U=lambda m: m.W_U, b_U=lambda m: m.b_U)
     def unembed(self, x, edit=no_edit):
         """Final layer norm and the unembedding: [..., d] -> float32 logits [..., d_vocab]."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
@@ -192,6 +196,7 @@ class NeoX(Transformer):
         return NeoX(self.config, w["W_E"], blocks, LayerNorm(*w["ln_final"]), w["W_U"], self.tokenizer_file,
                     w["b_U"])
 
+    @views.carries(w=lambda m: m.final_norm.weight, b=lambda m: m.final_norm.bias)
     def ln_final(self, x):
         """The final layer norm with its weights: [..., d_model] -> [..., d_model] float32."""
         return self.final_norm(x.astype(jnp.float32), self.config.layer_norm_eps)
