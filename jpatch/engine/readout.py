@@ -17,7 +17,7 @@ import numpy as np
 
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import prompt_lengths
-from jpatch.model.captured import captured_state
+from jpatch.model.captured import MAX_LIFTED, captured_state, lift
 
 NORMALIZATIONS = ("none", "baseline", "range")
 
@@ -87,21 +87,65 @@ def from_callable(fn, *, normalize="none", name=None):
 
 
 class _CallOnLogits:
-    """A user callable as a `score`; equal (so jit reuses its compile) for the same callable reading
-    the same values (`captured_state`, taken when the metric is wrapped)."""
+    """A user callable as a `score`, equal (so jit reuses its compile) for the same callable reading
+    the same values (`captured_state`, taken when the metric is wrapped); or, once `lifted`, for
+    every callable of the same structure (`captured.lift`): its captured arrays then come in
+    `data` (`CAPTURED`), one copy per prompt row, as arguments of the compiled program."""
 
-    def __init__(self, fn, state=None):
-        self.fn = fn
-        self.state = captured_state(fn) if state is None else state
+    def __init__(self, fn, lifted=None):
+        self.fn, self.lifted = fn, lifted
+        self.state = captured_state(fn) if lifted is None else lifted.key
+
+    def function(self, data):
+        """The callable, its captured arrays taken from `data` when lifted."""
+        if self.lifted is None:
+            return self.fn
+        names = [CAPTURED.format(i) for i in range(len(self.lifted.leaves))]
+        if any(n not in data for n in names):  # never trace the callable's own values under a shared key
+            raise RuntimeError("a lifted metric callable was scored without its captured arrays in `data`; "
+                               "bind it with readout.prepare_metric and pass metric.batch_data(...)")
+        return self.lifted.build([data[n][0] for n in names])
 
     def __call__(self, logits, clean_logits, data):
-        return self.fn(logits)
+        return self.function(data)(logits)
 
     def __hash__(self):
-        return hash((id(self.fn), self.state))
+        return hash((self.lifted is None, self.state) + ((id(self.fn),) if self.lifted is None else ()))
 
     def __eq__(self, other):
-        return isinstance(other, _CallOnLogits) and other.fn is self.fn and other.state == self.state
+        return (isinstance(other, _CallOnLogits) and (other.lifted is None) == (self.lifted is None)
+                and other.state == self.state and (self.lifted is not None or other.fn is self.fn))
+
+
+CAPTURED = "captured.{}"  # the data key of a lifted callable's i-th captured array
+LIFT_BYTES = 4 << 20  # at most this many bytes of captured arrays copied over the prompt rows
+
+
+def lifted(metric, shape, rows):
+    """A plain callable metric on logits `shape` keyed by its structure, with its captured arrays
+    (`captured.lift`) as data [rows, ...] (one copy per prompt, so any consumer's row chunks see them
+    whole): a closure defined anew for each call reuses the compiled program. Unchanged (keyed by
+    its values) when it has none to pass, or traces differently with them passed (Python control
+    flow or NumPy on a captured array, ...): the lifted function must give the same output types."""
+    score = metric.score
+    if not isinstance(score, _CallOnLogits) or score.lifted is not None:
+        return metric
+    split = lift(score.fn, min(MAX_LIFTED, LIFT_BYTES // (4 * max(shape[0], 1))))
+    if split is None:
+        return metric
+    logits = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    try:
+        want = jax.eval_shape(score.fn, logits)
+        got = jax.eval_shape(lambda lg, leaves: split.build(leaves)(lg), logits,
+                             [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in split.leaves])
+    except Exception:  # it needs its captured values concrete: keep them baked in
+        return metric
+    kinds = lambda tree: (jax.tree_util.tree_structure(tree),
+                          [(a.shape, a.dtype, a.weak_type) for a in jax.tree_util.tree_leaves(tree)])
+    if kinds(want) != kinds(got):
+        return metric
+    data = {CAPTURED.format(i): np.broadcast_to(a, (rows,) + a.shape) for i, a in enumerate(split.leaves)}
+    return dataclasses.replace(metric, score=_CallOnLogits(score.fn, split), data={**metric.data, **data})
 
 
 # Primitives that only move or select entries: applied to a map of where each entry came
@@ -201,22 +245,26 @@ def callable_reads(fn, shape):
 
 
 class _OnReadLogits:
-    """A user callable fed only the logits it reads: [B, K, V] logits at its read
+    """A user callable (`_CallOnLogits`) fed only the logits it reads: [B, K, V] logits at its read
     positions are spread back to [B, T, V] by `data["slot"]` (the K index of each
     position; unread positions repeat a read one). The callable indexes that full-shaped
     array, so XLA computes only the gathered entries and never the unread positions."""
 
-    def __init__(self, fn, state):
-        self.fn, self.state = fn, state
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def fn(self):
+        return self.inner.fn
 
     def __call__(self, logits, clean_logits, data):
-        return self.fn(jnp.take_along_axis(logits, data["slot"][..., None], axis=1))
+        return self.inner(jnp.take_along_axis(logits, data["slot"][..., None], axis=1), clean_logits, data)
 
     def __hash__(self):
-        return hash((_OnReadLogits, id(self.fn), self.state))
+        return hash((_OnReadLogits, self.inner))
 
     def __eq__(self, other):
-        return isinstance(other, _OnReadLogits) and other.fn is self.fn and other.state == self.state
+        return isinstance(other, _OnReadLogits) and other.inner == self.inner
 
 
 def is_user_callable(metric):
@@ -242,7 +290,7 @@ def narrowed(metric, shape, read=False):
         if len(ids):
             positions[b, : len(ids)], positions[b, len(ids) :] = ids, ids[0]
             slot[b, ids] = np.arange(len(ids))
-    return dataclasses.replace(metric, score=_OnReadLogits(metric.score.fn, metric.score.state), positions=positions,
+    return dataclasses.replace(metric, score=_OnReadLogits(metric.score), positions=positions,
                                data={**metric.data, "slot": slot})
 
 
@@ -260,8 +308,11 @@ def checked_metric(metric, d_vocab):
 def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     """The metric checked and bound to this batch: its data and read positions (each prompt's
     last real token unless told otherwise) tiled over `samples` noise samples. A plain callable
-    is traced once, here, for the positions it reads, and narrowed to them (`narrowed`)."""
+    is traced once, here, for the positions it reads, and narrowed to them (`narrowed`); its
+    captured arrays become data, so a new closure of the same form reuses its program (`lifted`)."""
     metric = checked_metric(metric, d_vocab)
+    if isinstance(metric.positions, str):  # a plain callable: its captured arrays as data, when it can
+        metric = lifted(metric, (samples * batch, pos, d_vocab), batch)
     lengths = prompt_lengths(mask, batch, pos)
     reads = False  # not traced
     if isinstance(metric.positions, str) and hasattr(metric.score, "fn"):
