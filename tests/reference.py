@@ -206,3 +206,75 @@ def neox_tl_model(hf, **processing):
         **{**UNPROCESSED, **processing},
     )
     return model.eval()
+
+
+# --- the Llama family: Llama 3 (llama3 rope scaling, tied), Qwen 2, Qwen 3, Mistral ----------------
+
+LLAMA_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6)
+# Each variant's own settings: Llama 3.1's rope scaling (original context 16, so that the short
+# prompts here reach the scaled band) and tied embeddings; Qwen 3's head_dim != d_model / n_heads.
+LLAMA_VARIANTS = {
+    "llama": ("LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "qwen2": ("Qwen2ForCausalLM", dict(rope_parameters=dict(rope_type="default", rope_theta=20000.0))),
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=24)),
+    "mistral": ("MistralForCausalLM", dict(sliding_window=6)),
+}
+
+
+def llama_hf_model(variant, seed=0, initializer_range=0.1, **shape):
+    """A random model of a Llama-family variant (eager attention) with RMSNorm weights (q/k norms
+    included) and the q/k/v biases perturbed so that they matter."""
+    import transformers
+
+    arch, own = LLAMA_VARIANTS[variant]
+    torch.manual_seed(seed)
+    shape = {**LLAMA_TINY, **shape}
+    last = shape["vocab_size"] - 1
+    config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = config_class(**shape, **own, initializer_range=initializer_range, bos_token_id=last,
+                          eos_token_id=last, pad_token_id=last, attn_implementation="eager")
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def llama_tl_model(hf):
+    """The same weights in TransformerLens 3.9 through its converter for the variant, with the
+    config of /work/shared/FAMILIES.md (+ its NTK-by-parts rope for Llama 3.1's scaling, q/k
+    norms for Qwen 3). TransformerLens ignores sliding windows: Mistral agrees on prompts no
+    longer than the window only."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained import weight_conversions as wc
+
+    c = hf.config
+    arch = type(hf).__name__
+    rope = c.rope_parameters
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    extra = {}
+    if rope.get("rope_type") == "llama3":
+        extra = dict(use_NTK_by_parts_rope=True, NTK_by_parts_factor=rope["factor"],
+                     NTK_by_parts_low_freq_factor=rope["low_freq_factor"],
+                     NTK_by_parts_high_freq_factor=rope["high_freq_factor"],
+                     NTK_original_ctx_len=rope["original_max_position_embeddings"])
+    if arch == "Qwen3ForCausalLM":
+        extra["use_qk_norm"] = True
+    cfg = HookedTransformerConfig(
+        n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_ctx=c.max_position_embeddings, d_head=d_head,
+        n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, d_vocab=c.vocab_size, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d_head, gated_mlp=True,
+        final_rms=True, n_key_value_heads=c.num_key_value_heads, rotary_adjacent_pairs=False, eps=c.rms_norm_eps,
+        rotary_base=rope["rope_theta"], original_architecture=arch, default_prepend_bos=False, device="cpu",
+        **extra)
+    convert = {"LlamaForCausalLM": wc.convert_llama_weights, "Qwen2ForCausalLM": wc.convert_qwen2_weights,
+               "Qwen3ForCausalLM": wc.convert_qwen3_weights, "MistralForCausalLM": wc.convert_mistral_weights}[arch]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(dict(convert(hf, cfg)), **UNPROCESSED)
+    return model.eval()

@@ -1,0 +1,364 @@
+"""The Llama family (Llama 3 with Llama 3.1's rope scaling and tied embeddings, Qwen 2's q/k/v
+biases, Qwen 3's q/k norms, Mistral's sliding window) against independent references, on random
+tiny models built with transformers (2 layers, d_model 64, 4 query / 2 key-value heads, vocab
+256, norms and biases perturbed; tests/reference.py) and the same weights in TransformerLens 3.9
+(its converter for each variant, the config of /work/shared/FAMILIES.md):
+
+- logits vs transformers, plain and right-padded, on prompts longer than Mistral's window;
+- run_with_cache vs TransformerLens (k and v with 2 key-value heads, as its hook_k / hook_v);
+- get_act_patch_* (resid_pre, heads' outputs, a key-value head sweep) vs TransformerLens's own,
+  both directions. TransformerLens 3.9 ignores sliding windows, so these prompts are no longer
+  than Mistral's window (6); past it, Mistral's sweeps (the engine's rows-only attention, cached
+  keys included) are compared with transformers patched by torch hooks;
+- patches that change nothing score exactly 0; `attribute` of k vs torch autograd;
+- greedy generation vs transformers (Mistral's generation runs past its window);
+- a saved Hugging Face folder (bfloat16, sharded safetensors with an index) converted and loaded,
+  and a config.json setting jpatch cannot reproduce refused by name before anything is written.
+"""
+
+import json
+import shutil
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+
+import jpatch
+import reference
+from jpatch import patching
+from jpatch.methods import attribution, metrics
+from jpatch.model.convert import convert_hf
+from jpatch.model.llama import Llama
+from jpatch.model.llama_hf import config_from_hf, from_hf_state_dict
+
+TOL = 1e-4
+VARIANTS = tuple(reference.LLAMA_VARIANTS)
+V, L = reference.LLAMA_TINY["vocab_size"], reference.LLAMA_TINY["num_hidden_layers"]
+H, KV = reference.LLAMA_TINY["num_attention_heads"], reference.LLAMA_TINY["num_key_value_heads"]
+WINDOW = reference.LLAMA_VARIANTS["mistral"][1]["sliding_window"]
+B, T = 3, WINDOW  # the prompts compared with TransformerLens: no longer than Mistral's window
+LONG = 2 * WINDOW  # past it
+CHANGED = 2  # the corrupted prompts differ from the clean ones from this position on
+# TransformerLens's Qwen 3 q/k norms have hook points on [batch * pos * head, d_head] reshapes;
+# jpatch's q/k norms have none (as Hugging Face's): attn.hook_q / hook_k are before them, as there.
+TL_ONLY = ("attn.q_norm.", "attn.k_norm.")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def assert_close(actual, expected, tol=TOL, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
+    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
+    err = float(np.abs(actual - expected).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+
+
+def assert_nontrivial(result, what="", size=1e-3):
+    result = np.asarray(result)
+    assert np.isfinite(result).all(), what
+    assert np.ptp(result) > size, f"{what}: all results are equal"
+
+
+@pytest.fixture(scope="module")
+def family():
+    """variant -> the same random model in transformers, TransformerLens and jpatch (built once)."""
+    memo = {}
+
+    def get(variant):
+        if variant not in memo:
+            hf = reference.llama_hf_model(variant, seed=3)
+            jp = from_hf_state_dict(reference.hf_state_dict(hf), config_from_hf(hf.config.to_dict()),
+                                    tied=hf.config.tie_word_embeddings)
+            memo[variant] = types.SimpleNamespace(hf=hf, jp=jp, tl=None)
+        m = memo[variant]
+        return m
+
+    return get
+
+
+def with_tl(m):
+    if m.tl is None:
+        m.tl = reference.llama_tl_model(m.hf)
+    return m
+
+
+def prompts(n_pos, seed=5):
+    clean = reference.random_tokens(B, n_pos, V - 1, seed=seed)  # V - 1 pads
+    corrupted = clean.copy()
+    corrupted[:, CHANGED:] = (clean[:, CHANGED:] + 17) % (V - 1)
+    return clean, corrupted
+
+
+def answers(last_clean, last_corrupted):
+    """Answer / contrast tokens that the corruption moves most apart, per prompt."""
+    gap = last_clean - last_corrupted
+    return gap.argmax(-1), gap.argmin(-1)
+
+
+# --- forward, cache, generation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(family, variant):
+    m = family(variant)
+    tokens = reference.random_tokens(3, LONG, V - 1, seed=2)
+    assert_close(m.jp(tokens), reference.hf_logits(m.hf, tokens), what="logits")
+    lengths = np.array([LONG, 9, 4])
+    mask = (np.arange(LONG) < lengths[:, None]).astype(int)
+    padded = np.where(mask, tokens, V - 1)
+    got = np.asarray(m.jp(padded, attention_mask=mask))
+    expected = reference.hf_logits(m.hf, padded, mask)
+    for b, n in enumerate(lengths):
+        assert_close(got[b, :n], expected[b, :n], what=f"right-padded prompt {b}")
+
+
+def test_the_variants_differ_where_they_should(family):
+    """Each variant's feature is on in jpatch's config (so the tests above exercise it)."""
+    c = {v: family(v).jp.config for v in VARIANTS}
+    assert c["llama"].rope_llama3 == (8.0, 1.0, 4.0, 16.0) and c["qwen2"].qkv_bias and c["qwen3"].qk_norm
+    assert c["mistral"].sliding_window == WINDOW and c["qwen3"].d_head == 24 and c["llama"].n_kv_head == KV
+    assert np.array_equal(family("llama").jp.W_U, family("llama").jp.W_E.T)  # tied
+    assert (c["llama"].default_prepend_bos, c["qwen2"].default_prepend_bos) == (True, False)  # TransformerLens's
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_matches_transformer_lens(family, variant):
+    m = with_tl(family(variant))
+    tokens = reference.random_tokens(2, T, V, seed=1)
+    logits, cache = m.jp.run_with_cache(tokens)
+    with torch.no_grad():
+        tl_logits, tl_cache = m.tl.run_with_cache(torch.tensor(tokens))
+    tl_names = {n for n in tl_cache.keys() if not any(t in n for t in TL_ONLY)}
+    assert set(cache.keys()) == tl_names
+    assert "blocks.1.mlp.hook_pre_linear" in tl_names and "blocks.1.hook_resid_mid" in tl_names
+    for name in cache.keys():
+        assert_close(cache[name], tl_cache[name].numpy(), what=name)
+    assert_close(logits, tl_logits.numpy(), what="logits")
+    d_head = m.jp.config.d_head
+    assert cache["blocks.0.attn.hook_k"].shape == cache["blocks.0.attn.hook_rot_k"].shape == (2, T, KV, d_head)
+    assert cache["blocks.0.attn.hook_q"].shape == (2, T, H, d_head)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_generate_equals_transformers(family, variant):
+    m = family(variant)
+    prompt = reference.random_tokens(2, 5, V - 1, seed=11)
+    with torch.no_grad():
+        expected = m.hf.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, eos_token_id=V - 1,
+                                 pad_token_id=V - 1, attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
+    out = np.asarray(m.jp.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=V - 1))
+    np.testing.assert_array_equal(out, expected)
+
+
+# --- TransformerLens's patching functions (prompts within the window) -----------------------------------
+
+SWEEPS = ("resid_pre", "attn_head_out_all_pos", "attn_head_k_all_pos", "attn_head_v_by_pos")
+
+
+@pytest.fixture(scope="module")
+def setups(family):
+    memo = {}
+
+    def get(variant):
+        if variant not in memo:
+            m = with_tl(family(variant))
+            clean, corrupted = prompts(T)
+            with torch.no_grad():
+                clean_logits, clean_cache = m.tl.run_with_cache(torch.tensor(clean))
+                corr_logits, corr_cache = m.tl.run_with_cache(torch.tensor(corrupted))
+            ans, con = answers(clean_logits[:, -1].numpy(), corr_logits[:, -1].numpy())
+            rows = np.arange(B)
+            tl_metric = lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean()
+            jp_metric = lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean()
+            memo[variant] = types.SimpleNamespace(
+                clean=clean, corrupted=corrupted, ans=ans, con=con, tl_metric=tl_metric, jp_metric=jp_metric,
+                tl_cache={"clean": clean_cache, "corrupted": corr_cache},
+                jp_cache={"clean": m.jp.run_with_cache(clean)[1], "corrupted": m.jp.run_with_cache(corrupted)[1]})
+        return memo[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("name", SWEEPS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_get_act_patch_matches_transformer_lens(family, setups, variant, name, direction):
+    m, s = family(variant), setups(variant)
+    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+    with torch.no_grad():
+        expected = getattr(tl_patching, f"get_act_patch_{name}")(
+            m.tl, torch.tensor(getattr(s, base)), s.tl_cache[source], s.tl_metric).double().numpy()
+    assert_nontrivial(expected, f"TransformerLens {name}")
+    if "_k_" in name or "_v_" in name:
+        assert expected.shape[-1] == KV  # one entry per key-value head, shared by its query group
+    got = getattr(patching, f"get_act_patch_{name}")(m.jp, getattr(s, base), s.jp_cache[source], s.jp_metric,
+                                                     progress=False)
+    assert_close(got, expected, what=f"{variant} {name} {direction}")
+
+
+# --- past Mistral's window: against transformers patched by torch hooks ---------------------------------
+
+
+def hf_patched_ld(hf, tokens, ans, con, patch):
+    """Per-prompt logit differences of transformers' model with `patch` = (layer, module part, fn(act))."""
+    layer, part, fn = patch
+    module = hf.model.layers[layer] if part == "resid_pre" else hf.model.layers[layer].self_attn.k_proj
+    if part == "resid_pre":
+        handle = module.register_forward_pre_hook(
+            lambda mod, args, kwargs: ((fn(args[0]),) + args[1:], kwargs) if args
+            else (args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}), with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(lambda mod, args, out: fn(out))
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor(tokens)).logits[:, -1].double().numpy()
+    finally:
+        handle.remove()
+    rows = np.arange(len(tokens))
+    return logits[rows, ans] - logits[rows, con]
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_mistral_sweeps_past_the_window_match_transformers(family, direction):
+    """resid_pre by (layer, pos) and k by (layer, pos, key-value head) on prompts twice the window:
+    each patch's normalized logit difference as transformers (sliding window mask) computes it;
+    patches before the first changed position score exactly the base run."""
+    m = family("mistral")
+    clean, corrupted = prompts(LONG, seed=8)
+    with torch.no_grad():
+        out = {name: m.hf(torch.tensor(t), output_hidden_states=True) for name, t in
+               (("clean", clean), ("corrupted", corrupted))}
+    ans, con = answers(out["clean"].logits[:, -1].numpy(), out["corrupted"].logits[:, -1].numpy())
+    rows = np.arange(B)
+    ld = {n: (o.logits[rows, -1, ans] - o.logits[rows, -1, con]).double().numpy() for n, o in out.items()}
+    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+    tokens = corrupted if base == "corrupted" else clean
+    e = m.jp.config.d_head
+    k_source = {}
+    for l in range(L):  # the source run's pre-rotary keys per layer (TransformerLens's hook_k)
+        h = m.hf.model.layers[l].self_attn.k_proj.register_forward_hook(
+            lambda mod, args, o, l=l: k_source.__setitem__(l, o.clone()))
+        with torch.no_grad():
+            m.hf(torch.tensor(clean if source == "clean" else corrupted))
+        h.remove()
+
+    def set_at(src, pos, cols=slice(None)):
+        def fn(act):
+            act = act.clone()
+            act[:, pos, cols] = src[:, pos, cols]
+            return act
+        return fn
+
+    metric = metrics.logit_diff(ans, con)  # per prompt, clean 1, corrupted 0
+    normalize = lambda raw: (raw - ld["corrupted"]) / (ld["clean"] - ld["corrupted"])
+    resid = np.zeros((B, L, LONG))
+    keys = np.zeros((B, L, LONG, KV))
+    for l, p in np.ndindex(L, LONG):
+        resid[:, l, p] = normalize(hf_patched_ld(m.hf, tokens, ans, con,
+                                                 (l, "resid_pre", set_at(out[source].hidden_states[l], p))))
+        for g in range(KV):
+            keys[:, l, p, g] = normalize(hf_patched_ld(m.hf, tokens, ans, con,
+                                                       (l, "k", set_at(k_source[l], p, slice(g * e, (g + 1) * e)))))
+    for site, expected in (("resid_pre", resid), ("k", keys)):
+        assert_nontrivial(expected, site)
+        got = np.asarray(patching.sweep(m.jp, clean, corrupted, site, metric, direction=direction, per_prompt=True,
+                                        progress=False))
+        assert_close(got, expected, what=f"{site} {direction}")
+        no_op = 0.0 if direction == "denoise" else 1.0
+        assert (got[:, :, :CHANGED] == no_op).all(), f"{site}: a patch that changes nothing moved the score"
+
+
+# --- attribution vs torch autograd -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_attribute_k_matches_torch_autograd(family, setups, variant):
+    """AtP of k per (layer, pos, key-value head): (clean k - corrupted k) . d(logit diff)/dk on the
+    corrupted run, by torch autograd through TransformerLens's hook_k, per prompt normalized."""
+    m, s = family(variant), setups(variant)
+    store = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        store[hook.name] = act
+        return act
+
+    names = [f"blocks.{l}.attn.hook_k" for l in range(L)]
+    with torch.enable_grad():
+        m.tl.zero_grad()
+        logits = m.tl.run_with_hooks(torch.tensor(s.corrupted), fwd_hooks=[(n, keep) for n in names])
+        rows = torch.arange(B)
+        ld = logits[rows, -1, torch.tensor(s.ans)] - logits[rows, -1, torch.tensor(s.con)]
+        ld.sum().backward()
+    with torch.no_grad():
+        clean_ld = (lambda lg: lg[rows, -1, torch.tensor(s.ans)] - lg[rows, -1, torch.tensor(s.con)])(
+            m.tl(torch.tensor(s.clean)))
+    gap = (clean_ld - ld.detach()).double().numpy()
+    delta = np.stack([((s.tl_cache["clean"][n] - store[n].detach()) * store[n].grad).sum(-1).double().numpy()
+                      for n in names], 1)  # [B, L, T, KV]
+    expected = delta / gap[:, None, None, None]
+    assert_nontrivial(expected, "k")
+    got = attribution.attribute(m.jp, s.clean, s.corrupted, "k", metrics.logit_diff(s.ans, s.con), per_prompt=True)
+    assert_close(got, expected, what=f"{variant} k attribution")
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder(family, tmp_path_factory):
+    """The Llama variant (tied, llama3 rope scaling) saved by transformers in bfloat16, sharded."""
+    import copy
+
+    hf = family("llama").hf
+    path = tmp_path_factory.mktemp("llama") / "hf"
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("model-*.safetensors"))) > 1
+    # The reference: float32 with the weights rounded to bfloat16 (bfloat16 -> float32 is exact). Not
+    # the bfloat16 model cast back, whose rotary frequencies were rounded to bfloat16 too.
+    upcast = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in upcast.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return path, upcast
+
+
+def test_convert_a_bfloat16_sharded_folder(folder, tmp_path):
+    path, upcast = folder
+    tokens = reference.random_tokens(2, LONG, V, seed=4)
+    model = jpatch.load(convert_hf(path, tmp_path / "jp"))
+    config = json.loads((tmp_path / "jp" / "config.json").read_text())
+    assert isinstance(model, Llama) and config["family"] == "llama" and config["rope_llama3"] == [8.0, 1.0, 4.0, 16.0]
+    assert model.dtype == jnp.float32
+    assert_close(model(tokens), reference.hf_logits(upcast, tokens), what="converted logits")
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope_type='yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+])
+def test_unsupported_config_is_refused_by_name_before_writing(folder, tmp_path, changes, field):
+    src = tmp_path / "src"
+    shutil.copytree(folder[0], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=f"{src / 'config.json'}.*{field}"):
+        convert_hf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_sliding_layers_are_refused():
+    qwen = dict(model_type="qwen2", num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                intermediate_size=96, vocab_size=256, sliding_window=4)
+    assert config_from_hf({**qwen, "layer_types": ["full_attention"] * 2}).sliding_window is None
+    with pytest.raises(ValueError, match="layer_types"):
+        config_from_hf({**qwen, "layer_types": ["full_attention", "sliding_attention"]})
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
