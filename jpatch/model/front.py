@@ -40,11 +40,18 @@ class FrontDoor:
         except ValueError:  # no tokenizer for this model
             return self.config.d_vocab - 1
 
-    def to_tokens(self, input, prepend_bos=True, padding_side="right"):
+    @property
+    def default_prepend_bos(self):
+        """Whether text gets BOS first by default: TransformerLens's `default_prepend_bos` for the
+        family (True; False for Qwen 2 / 3)."""
+        return getattr(self.config, "default_prepend_bos", True)
+
+    def to_tokens(self, input, prepend_bos=None, padding_side="right"):
         """Text -> int32 tokens [batch, pos], with the tokenizer's BOS first when prepend_bos
-        (GPT-2's and Pythia's <|endoftext|>: 50256, 0), as TransformerLens's `to_tokens`. A list
-        of texts of different token lengths is padded (with the tokenizer's `pad_id`, on
-        `padding_side`) and returns (tokens, attention_mask)."""
+        (GPT-2's and Pythia's <|endoftext|>: 50256, 0; None: `default_prepend_bos`), as
+        TransformerLens's `to_tokens`. A list of texts of different token lengths is padded (with
+        the tokenizer's `pad_id`, on `padding_side`) and returns (tokens, attention_mask)."""
+        prepend_bos = self.default_prepend_bos if prepend_bos is None else prepend_bos
         tok = self.tokenizer
         bos, pad = tok.bos_id, tok.pad_id
         if prepend_bos and bos is None:
@@ -68,7 +75,7 @@ class FrontDoor:
             return jnp.asarray(tokens)
         return jnp.asarray(tokens), jnp.asarray(mask)
 
-    def to_str_tokens(self, input, prepend_bos=True):
+    def to_str_tokens(self, input, prepend_bos=None):
         """Each token as its own string: of a text (tokenized as `to_tokens`), a list of texts
         (a list per text) or tokens ([pos] or [1, pos])."""
         tok = self.tokenizer
@@ -124,7 +131,7 @@ class FrontDoor:
     # --- generation ------------------------------------------------------------------
 
     def generate(self, input, max_new_tokens=10, *, do_sample=True, temperature=1.0, top_k=None, seed=None,
-                 stop_at_eos=True, eos_token_id=None, prepend_bos=True, return_type="input", verbose=True,
+                 stop_at_eos=True, eos_token_id=None, prepend_bos=None, return_type="input", verbose=True,
                  use_past_kv_cache=True, top_p=None, freq_penalty=0.0):
         """Continue text or tokens, as TransformerLens's `generate`: see `jpatch.model.generate.generate`.
 
@@ -138,6 +145,7 @@ class FrontDoor:
         when top_k is None; each token's logit lowered by freq_penalty x its count so far)."""
         from jpatch.model.generate import generate
 
+        prepend_bos = self.default_prepend_bos if prepend_bos is None else prepend_bos
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
         if eos_token_id is None:
@@ -158,7 +166,7 @@ class FrontDoor:
 
     # --- positions --------------------------------------------------------------------
 
-    def get_token_position(self, single_token, input, mode="first", prepend_bos=True, padding_side="right"):
+    def get_token_position(self, single_token, input, mode="first", prepend_bos=None, padding_side="right"):
         """The position of `single_token` (a one-token str or an id) in a text (tokenized as
         `to_tokens`) or tokens [pos] / [1, pos]: its first (mode="first") or last ("last")
         occurrence, as TransformerLens's; a clear error when it does not occur."""
