@@ -124,9 +124,10 @@ def sweep_panels(path, name, prompts):
     if axes is None:
         raise ValueError(f"{path / results.SETTINGS_FILE}: a result of an older format (no axes for {site}, jpatch "
                          f"{settings.get('jpatch_version', 'before 0.2')}); rerun the command that made it")
-    tokens, ids, why = prompts.for_settings(settings, bulk=False) if any(a in axes for a in ("pos", "src")) else (None,) * 3
-    labels = None if tokens is None else html_view.position_labels(tokens, result[site].shape[axes.index(
-        next(a for a in axes if a in html_view.POSITION_AXES))])
+    tokens, ids, why = prompts.for_settings(settings, bulk=False)
+    pos = [a for a in axes if a in html_view.POSITION_AXES]
+    labels = None if tokens is None or not pos else html_view.position_labels(tokens, result[site].shape[axes.index(pos[0])])
+    why = why if pos else None  # no position axis to label
     panel = html_view.heatmap(result[site], axes, name=name, title=f"{name or path.name}: {site}", tokens=labels,
                               note=_describe(settings) + (f"; {why}" if why else ""), unit=settings.get("metric", ""),
                               centre=_centre(settings, settings.get("clean")))
