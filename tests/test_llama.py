@@ -144,7 +144,7 @@ def test_cache_matches_transformer_lens(family, variant):
     assert cache["blocks.0.attn.hook_q"].shape == (2, T, H, d_head)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["llama", "mistral"])  # Mistral's runs past its window
 def test_greedy_generate_equals_transformers(family, variant):
     m = family(variant)
     prompt = reference.random_tokens(2, 5, V - 1, seed=11)
@@ -158,6 +158,9 @@ def test_greedy_generate_equals_transformers(family, variant):
 # --- TransformerLens's patching functions (prompts within the window) -----------------------------------
 
 SWEEPS = ("resid_pre", "attn_head_out_all_pos", "attn_head_k_all_pos", "attn_head_v_by_pos")
+# Every sweep on Llama 3; on the other variants (whose blocks differ in biases, q/k norms, the
+# window) the key-value head sweep, which recomputes everything from the keys on (for the suite's time).
+CASES = [("llama", name) for name in SWEEPS] + [(v, "attn_head_v_by_pos") for v in VARIANTS if v != "llama"]
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +188,7 @@ def setups(family):
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("name", SWEEPS)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant, name", CASES)
 def test_get_act_patch_matches_transformer_lens(family, setups, variant, name, direction):
     m, s = family(variant), setups(variant)
     base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
@@ -276,7 +278,7 @@ def test_mistral_sweeps_past_the_window_match_transformers(family, direction):
 # --- attribution vs torch autograd -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral"])
+@pytest.mark.parametrize("variant", ["llama"])
 def test_attribute_k_matches_torch_autograd(family, setups, variant):
     """AtP of k per (layer, pos, key-value head): (clean k - corrupted k) . d(logit diff)/dk on the
     corrupted run, by torch autograd through TransformerLens's hook_k, per prompt normalized."""
@@ -362,3 +364,17 @@ def test_mixed_sliding_layers_are_refused():
         config_from_hf({**qwen, "layer_types": ["full_attention", "sliding_attention"]})
     with pytest.raises(ValueError, match="use_sliding_window"):
         config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
+
+
+def test_edge_methods_refuse_grouped_query_attention(family, setups):
+    """Their graph has a k and a v reader per query head; under grouped-query attention those
+    inputs are per key-value head, which the graph does not have yet: refused, not approximated."""
+    from jpatch.methods import acdc, edges, paths
+
+    m, s = family("qwen2"), setups("qwen2")
+    metric = metrics.logit_diff(s.ans, s.con)
+    for call in (lambda: edges.edge_attribution(m.jp, s.clean, s.corrupted, metric),
+                 lambda: paths.path_patch(m.jp, s.clean, s.corrupted, ["a0.h0"], ["logits"], metric),
+                 lambda: acdc.acdc(m.jp, s.clean, s.corrupted, threshold=0.1)):
+        with pytest.raises(ValueError, match="not implemented for grouped-query attention"):
+            call()

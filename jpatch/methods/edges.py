@@ -66,6 +66,9 @@ def _stages(config):
 def graph_names(config):
     """Writer and reader names (hannamw/EAP-IG's) and which edges exist ([n_writers, n_readers] bool)."""
     L, H = config.n_layer, config.n_head
+    if config.n_kv_head != H:  # k / v inputs are per key-value head there: not this graph's readers
+        raise ValueError(f"edge methods (edge_attribution, path_patch, ACDC, circuits) are not implemented for "
+                         f"grouped-query attention ({H} query heads, {config.n_kv_head} key-value heads)")
     writers, readers = ["embed"], []
     for l in range(L):
         writers += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
