@@ -128,7 +128,8 @@ def sweep_panels(path, name, prompts):
     pos = [a for a in axes if a in html_view.POSITION_AXES]
     labels = None if tokens is None or not pos else html_view.position_labels(tokens, result[site].shape[axes.index(pos[0])])
     why = why if pos else None  # no position axis to label
-    panel = html_view.heatmap(result[site], axes, name=name, title=f"{name or path.name}: {site}", tokens=labels,
+    hover = None if labels is None else {pos[0]: html_view.position_variants(tokens, len(labels))}
+    panel = html_view.heatmap(result[site], axes, name=name, title=f"{name or path.name}: {site}", tokens=labels, hover=hover,
                               note=_describe(settings) + (f"; {why}" if why else ""), unit=settings.get("metric", ""),
                               centre=_centre(settings, settings.get("clean")))
     extra = []
@@ -153,6 +154,7 @@ def bulk_panels(path, name, prompts):
         clean = result.clean_value(site)
         panels.append(html_view.heatmap(
             mean, axes, name=f"{name}/{site}" if name else site, title=f"{name or path.name}: bulk {site}, {n} prompts",
+            hover=None if common is None else {pos[0]: html_view.position_variants(tokens, len(common))},
             note=_describe(settings) + (f"; {why}" if why else "") + "; left: the normalized mean over prompts "
             "(hover: spread), right: the chosen prompt normalized by its own baselines", tokens=common, spread=spread,
             count=count, unit=settings.get("metric", ""), prompts=result[site], prompt_labels=labels,

@@ -102,8 +102,10 @@ function drawGrid(box, g, values, offset, extra, tip) {
   svg.addEventListener("mousemove", function (ev) {
     var t = ev.target; if (!t.classList || !t.classList.contains("jp-cell")) { tip.hide(); return; }
     var r = +t.getAttribute("data-r"), c = +t.getAttribute("data-c");
+    var cl = axisLabel(g.labels, g.colAxis, c), more = g.hover || {};
     var lines = [g.title || "", g.rowAxis + " " + axisLabel(g.labels, g.rowAxis, r) + ", " + g.colAxis + " " + c +
-                 (g.labels && g.labels[g.colAxis] ? " " + JSON.stringify(axisLabel(g.labels, g.colAxis, c)) : ""),
+                 (cl !== String(c) && cl !== "pos " + c ? " " + JSON.stringify(cl) : ""),
+                 (more[g.rowAxis] || [])[r] || "", (more[g.colAxis] || [])[c] || "",
                  {text: "value", value: t.getAttribute("data-v")}].filter(function (l) { return l !== ""; });
     tip.show(ev, lines.concat(extra ? extra(r * g.cols + c) : []));
   });
@@ -118,7 +120,7 @@ function heatmap(box, p, tip) {
   var main = el("div", {"class": "jp-grid jp-mean"}, row), side = prompts && el("div", {"class": "jp-grid jp-prompt"}, row);
   var tokens = side && el("div", {"class": "jp-tokens"}, side.parentNode.parentNode);
   var g = {rows: rows, cols: cols, rowAxis: p.axes[nd - 2], colAxis: p.axes[nd - 1], labels: p.labels, centre: p.centre,
-           unit: p.unit, narrow: !!prompts};
+           unit: p.unit, narrow: !!prompts, hover: p.hover};
   function offset() { var o = 0; for (var i = 0; i < lead.length; i++) o = o * lead[i] + index[i]; return o * rows * cols; }
   function draw() {
     var o = offset();
@@ -131,7 +133,7 @@ function heatmap(box, p, tip) {
     if (!prompts) return;
     var labels = Object.assign({}, p.labels);
     if (prompts.tokens) p.axes.forEach(function (a) { if (a === "pos" || a === "src") labels[a] = prompts.tokens[chosen]; });
-    drawGrid(side, Object.assign({}, g, {labels: labels, title: prompts.labels[chosen]}), pvals,
+    drawGrid(side, Object.assign({}, g, {labels: labels, hover: {}, title: prompts.labels[chosen]}), pvals,
              chosen * size(shape) + o, null, tip);
     tokens.innerHTML = "";
     if (prompts.tokens) { el("b", {}, tokens, "tokens: "); prompts.tokens[chosen].forEach(function (t, i) { el("span", {title: "pos " + i}, tokens, t); }); }

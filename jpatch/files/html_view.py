@@ -36,11 +36,22 @@ def position_labels(tokens_per_prompt, n):
     return labels
 
 
-def heatmap(values, axes, *, name="", title="", note="", tokens=None, labels=None, spread=None, count=None, centre=0.0, unit="",
+def position_variants(tokens_per_prompt, n, k=4):
+    """For each position where the prompts' tokens differ: "varies: 'a', 'b', ... (m tokens)" (hover)."""
+    out = []
+    for i in range(n):
+        seen = sorted({t[i] for t in tokens_per_prompt if i < len(t)})
+        shown = ", ".join(repr(t) for t in seen[:k]) + (", ..." if len(seen) > k else "")
+        out.append(f"tokens vary: {shown} ({len(seen)} distinct)" if len(seen) > 1 else "")
+    return out
+
+
+def heatmap(values, axes, *, name="", title="", note="", tokens=None, labels=None, hover=None, spread=None, count=None, centre=0.0, unit="",
             prompts=None, prompt_labels=None, prompt_tokens=None, grid_title=""):
     """A heatmap panel of `values` [*lead, rows, cols] (leading axes get pickers; 1-D becomes one row).
 
-    tokens: labels of the position axes; labels: {axis: [label]} of others; spread / count: per cell (hover); centre: the colour scale's
+    tokens: labels of the position axes; labels: {axis: [label]} of others; hover: {axis: [text]} more
+    lines for the tooltip (e.g. `position_variants`); spread / count: per cell (hover); centre: the colour scale's
     white; prompts [n, *grid] with prompt_labels [n] and prompt_tokens [n][len]: a prompt picker and
     that prompt's grid beside the main one."""
     values = np.asarray(values, np.float32)
@@ -51,7 +62,7 @@ def heatmap(values, axes, *, name="", title="", note="", tokens=None, labels=Non
         prompts = None if prompts is None else np.asarray(prompts)[:, None]
     labels = {**{a: list(tokens) for a in axes if a in POSITION_AXES and tokens is not None}, **(labels or {})}
     panel = {"kind": "heatmap", "name": name, "title": title, "note": note, "axes": list(axes),
-             "values": pack(values), "labels": labels, "centre": float(centre), "unit": unit, "grid_title": grid_title,
+             "values": pack(values), "labels": labels, "hover": hover or {}, "centre": float(centre), "unit": unit, "grid_title": grid_title,
              "spread": None if spread is None else pack(spread), "count": None if count is None else pack(count)}
     if prompts is not None:
         panel["prompts"] = {"values": pack(prompts), "labels": [str(s) for s in prompt_labels],
