@@ -139,3 +139,12 @@ def test_bulk_report_size_scales_to_1000_prompts_under_20_mb(tmp_path):
     att = html_view.attention(rng.random((8, 12, 12, 20, 20)), tokens[:8], [str(i) for i in range(8)])
     size = len(html_view.page([panel, att], "size").encode())
     assert size < 20e6, size
+
+
+@pytest.mark.parametrize("command", ["view", "demo", "sweep", "paper", "circuit", "bulk"])
+def test_help_lists_view_and_html(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert ("--out" in out and "--attention-prompts" in out) if command == "view" else "--html" in out
