@@ -36,11 +36,16 @@ from jpatch.model import sites
 from jpatch.model.layers import causal_attention
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import Run, as_run, check_direction, checked_inputs, prompt_lengths
-from jpatch.engine.patching import SWEEPS, read_clean_cache, stack_every
+from jpatch.engine.patching import EVERY, SWEEPS, read_clean_cache, stack_every
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET, applies
 from jpatch.engine.sweep import check_memory_budget, default_axes, finish, make_patches
 from jpatch.engine.inputs import check_base
+from jpatch.methods import attr_recipe
+from jpatch.methods.attr_recipe import (  # noqa: F401  (TransformerLens's Attribution_Patching_Demo)
+    AttrCaches, attr_patch_head_out, attr_patch_head_path, attr_patch_head_pattern, attr_patch_head_vector,
+    attr_patch_layer_out, attr_patch_residual, attribution_cache, create_attention_attr, filter_not_qkv_input,
+    get_cache_fwd_and_bwd, get_caches_fwd_and_bwd)
 from jpatch.methods.perturb import perturbed_forward, row_chunks, take_rows
 from jpatch.model.architecture import Cache
 from jpatch.model.types import Grid, Mask, Tokens
@@ -106,7 +111,10 @@ def _delta(site, base, source, grads, key_mask, method, per_position, position_q
 
 
 def _needs(site, method):
-    """(sites perturbed for gradients, sites whose activations the estimate reads)."""
+    """(sites perturbed for gradients, sites whose activations the estimate reads); a tuple of
+    sites: their first-order estimates from one backward."""
+    if not isinstance(site, str):
+        return site, site
     if method != "atp" and site in ("attn.hook_q", "attn.hook_k"):
         return ("attn.hook_pattern",), ("attn.hook_q", "attn.hook_k")
     return (site,), (site,)
@@ -114,6 +122,8 @@ def _needs(site, method):
 
 def _static(site, method, axes):
     """The compiled call's static settings; settings that change nothing share one compile."""
+    if not isinstance(site, str):
+        return {"method": "atp", "per_position": True}
     qk = site in ("attn.hook_q", "attn.hook_k") and method != "atp"
     return {"method": method if qk or method == "atp*" else "atp", "per_position": "pos" in axes if qk else True}
 
@@ -140,6 +150,8 @@ def _estimate(model, base_tokens, base_overrides, source_acts, clean_logits, rea
 
         _, vjp, (s, acts, logits) = jax.vjp(f, eps, has_aux=True)
         grads = vjp(jnp.ones((), jnp.float32))[0]
+        if not isinstance(site, str):
+            return {n: _delta(n, acts, source_acts, grads, key_mask, "atp", True, position_qk) for n in site}, s, logits
         return _delta(site, acts, source_acts, grads, key_mask, method, per_position, position_qk), s, logits
 
     if method != "atp*":
@@ -263,9 +275,20 @@ def _result(delta, base_score, clean_score, corrupted_score, metric, site, patch
 # --- TransformerLens-shaped functions -------------------------------------------------
 
 
+# The `*_every` functions' sites: with "atp", one compiled forward and backward gives them all.
+EVERY_SITES = tuple(dict.fromkeys(SWEEPS[name][0] for names in EVERY.values() for name in names))
+
+
 def tl_attribution(name, model, corrupted_tokens, clean_cache, metric, *, method="atp", attention_mask=None):
-    """The attribution estimate of `jpatch.patching.get_act_patch_<name>` (method as in `attribute`)."""
-    site, axes = SWEEPS[name]
+    """The attribution estimate of `jpatch.patching.get_act_patch_<name>` (method as in `attribute`);
+    name: a tuple of names gives a list of estimates, from one forward and backward with "atp"."""
+    if not isinstance(name, str):
+        if method != "atp":
+            return [tl_attribution(n, model, corrupted_tokens, clean_cache, metric, method=method,
+                                   attention_mask=attention_mask) for n in name]
+        site, axes = EVERY_SITES, None
+    else:
+        site, axes = SWEEPS[name]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     corrupted = as_run(corrupted_tokens, "corrupted_tokens")
@@ -281,10 +304,15 @@ def tl_attribution(name, model, corrupted_tokens, clean_cache, metric, *, method
         score=metric.score, site=site, **_static(site, method, axes)))
     clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
     corrupted_score = np.asarray(metric.score(base_logits, clean_logits, data))
-    patches, shape = make_patches(model.config, site, axes, T, N)
-    # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
-    return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
-                   site, patches, axes, shape, prompt_lengths(mask, N, T), method=method, direction="denoise")
+
+    def result(name, delta):
+        site, axes = SWEEPS[name]
+        patches, shape = make_patches(model.config, site, axes, T, N)
+        # A callable metric (normalize "none") is TransformerLens's: its raw value, averaged over prompts.
+        return _result(np.asarray(delta, np.float64), np.asarray(base_score), clean_score, corrupted_score, metric,
+                       site, patches, axes, shape, prompt_lengths(mask, N, T), method=method, direction="denoise")
+
+    return result(name, delta) if isinstance(name, str) else [result(n, delta[SWEEPS[n][0]]) for n in name]
 
 
 
@@ -364,20 +392,29 @@ def get_attr_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens: Union
     return tl_attribution("attn_head_pattern_dest_src_pos", model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def _attr_patch(name):
-    return lambda *args, **kwargs: tl_attribution(name, *args, **kwargs)
+def _every(every, notebook, model, corrupted_tokens=None, clean_cache=None, metric=None, **kwargs):
+    """A `*_every` estimate, every part from one forward and backward ("atp"); of an attribution cache
+    alone (`attribution_cache`), the Attribution_Patching_Demo's function: raw sums of grad * diff."""
+    if isinstance(model, Cache) and corrupted_tokens is None:
+        return notebook(model)
+    parts = dict(zip(EVERY[every], tl_attribution(EVERY[every], model, corrupted_tokens, clean_cache, metric,
+                                                  **kwargs)))
+    return stack_every(lambda name: lambda *args, **kw: parts[name], every)
 
 
-def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """[3, layer, pos]: resid_pre, attn_out, mlp_out."""
-    return stack_every(_attr_patch, "block_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+def get_attr_patch_block_every(model, corrupted_tokens=None, clean_cache=None, metric=None, **kwargs):
+    """[3, layer, pos]: resid_pre, attn_out, mlp_out (or the demo's, of an attribution cache)."""
+    return _every("block_every", attr_recipe.block_every, model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
-def get_attr_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """[5, layer, head]: output (z), q, k, v, pattern."""
-    return stack_every(_attr_patch, "attn_head_all_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+def get_attr_patch_attn_head_all_pos_every(model, corrupted_tokens=None, clean_cache=None, metric=None, **kwargs):
+    """[5, layer, head]: output (z), q, k, v, pattern (or the demo's, of an attribution cache)."""
+    return _every("attn_head_all_pos_every", attr_recipe.attn_head_all_pos_every, model, corrupted_tokens,
+                  clean_cache, metric, **kwargs)
 
 
-def get_attr_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head])."""
-    return stack_every(_attr_patch, "attn_head_by_pos_every", model, corrupted_tokens, clean_cache, metric, **kwargs)
+def get_attr_patch_attn_head_by_pos_every(model, corrupted_tokens=None, clean_cache=None, metric=None, **kwargs):
+    """[5, layer, pos, head]: output (z), q, k, v, pattern (pattern moved to [layer, pos, head]); or the
+    demo's, of an attribution cache."""
+    return _every("attn_head_by_pos_every", attr_recipe.attn_head_by_pos_every, model, corrupted_tokens,
+                  clean_cache, metric, **kwargs)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model import interventions, sites
+from jpatch.model import backward, interventions, sites
 from jpatch.model import hooks as hook_functions
 from jpatch.model.cache import Cache  # noqa: F401  (jpatch.model.architecture.Cache, as before)
 from jpatch.model.front import FrontDoor
@@ -274,6 +274,7 @@ class Transformer(OwnsBlocks, FrontDoor, eqx.Module):
         """Next-token cross-entropy of `tokens`: the mean over real positions, or [batch, pos - 1] per token."""
         return hook_functions.lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
 
+    @backward.with_gradients
     def run_with_cache(self, tokens: Tokens, *, names_filter=None, overrides=None, attention_mask: Mask = None,
                        logits_at=None, stop_at_layer=None, remove_batch_dim=False) -> tuple[Logits, "Cache"]:
         """Logits and a `Cache` of every hook point, keyed by TransformerLens hook names.

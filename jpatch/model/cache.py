@@ -30,8 +30,10 @@ class Cache(eqx.Module):
     # The full names this cache holds when only some layers of a site are (a names_filter function,
     # stop_at_layer, a partial cache_dict); None: every layer of every stacked site.
     keep: frozenset = eqx.field(static=True, default=None)
+    # Gradients of the same sites, as stacks (run_with_cache(incl_bwd=True)): keys "<name>_grad".
+    grads: dict = None
 
-    def __init__(self, stacks, n_layer=None, model=None, table=None, has_batch_dim=True, keep=None):
+    def __init__(self, stacks, n_layer=None, model=None, table=None, has_batch_dim=True, keep=None, grads=None):
         if n_layer is not None and not isinstance(n_layer, (int, np.integer)):
             # TransformerLens's ActivationCache(cache_dict, model, has_batch_dim=True)
             if isinstance(model, bool):
@@ -51,6 +53,7 @@ class Cache(eqx.Module):
         self.table = table
         self.has_batch_dim = bool(has_batch_dim)
         self.keep = None if keep is None else frozenset(keep)
+        self.grads = grads
 
     # TransformerLens's ActivationCache helpers (see jpatch.analysis); they need the batch axis
     def _batched(helper):
@@ -79,6 +82,8 @@ class Cache(eqx.Module):
         return True
 
     def __getitem__(self, name):
+        if isinstance(name, str) and name.endswith("_grad") and self.grads is not None:
+            return self.grad_cache()[name[: -len("_grad")]]
         site, layer = sites.parse(_int_layer_key(name), self.n_layer)
         if site not in self.stacks or (self.keep is not None and sites.full_name(site, layer) not in self.keep):
             raise KeyError(f"{name!r} was not cached" + (
@@ -91,7 +96,21 @@ class Cache(eqx.Module):
         have = lambda names: [s for s in names if s in self.stacks]
         blocks = [f"blocks.{l}.{s}" for l in range(self.n_layer) for s in have(sites.LAYER_AXES)]
         names = have(sites.GLOBAL_SITES[:2]) + blocks + have(sites.GLOBAL_SITES[2:])
-        return names if self.keep is None else [n for n in names if n in self.keep]
+        names = names if self.keep is None else [n for n in names if n in self.keep]
+        # TransformerLens's incl_bwd cache: the forward names, then each "<name>_grad"
+        return names + [f"{n}_grad" for n in names] if self.grads is not None else names
+
+    def grad_cache(self):
+        """The gradients (run_with_cache(incl_bwd=True)) as a cache of their own, keyed by the plain
+        hook names: what the attribution demo's backward hooks collect into `grad_cache`."""
+        if self.grads is None:
+            raise ValueError("this cache holds no gradients: run_with_cache(..., incl_bwd=True) makes one that does")
+        return Cache(self.grads, self.n_layer, self.model, self.table, self.has_batch_dim, self.keep)
+
+    def _with(self, stacks, grads, **changes):
+        """This cache with new stacks (and gradient stacks); `changes`: has_batch_dim."""
+        return Cache(stacks, self.n_layer, self.model, self.table, keep=self.keep, grads=grads,
+                     **{"has_batch_dim": self.has_batch_dim, **changes})
 
     def values(self):
         return [self[name] for name in self.keys()]
@@ -135,11 +154,12 @@ class Cache(eqx.Module):
         jpatch's caches are immutable)."""
         if not self.has_batch_dim:
             return self
-        stacks = {s: v[:, 0] if s in sites.LAYER_AXES else v[0] for s, v in self.stacks.items()}
+        drop = lambda stacks: None if stacks is None else {
+            s: v[:, 0] if s in sites.LAYER_AXES else v[0] for s, v in stacks.items()}
         sizes = {v.shape[1] if s in sites.LAYER_AXES else v.shape[0] for s, v in self.stacks.items()}
         if sizes != {1}:
             raise ValueError(f"cannot remove the batch axis of a cache with batch size {sorted(sizes)}")
-        return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=False, keep=self.keep)
+        return self._with(drop(self.stacks), drop(self.grads), has_batch_dim=False)
 
     def apply_slice_to_batch_dim(self, batch_slice):
         """This cache at some batch rows, as TransformerLens's: an int (the batch axis goes), a slice,
@@ -155,9 +175,9 @@ class Cache(eqx.Module):
                 batch_slice = operator.index(batch_slice)
             except TypeError:
                 batch_slice = jnp.asarray(batch_slice)
-        stacks = {s: v[:, batch_slice] if s in sites.LAYER_AXES else v[batch_slice] for s, v in self.stacks.items()}
-        return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=not isinstance(batch_slice, int),
-                     keep=self.keep)
+        take = lambda stacks: None if stacks is None else {
+            s: v[:, batch_slice] if s in sites.LAYER_AXES else v[batch_slice] for s, v in stacks.items()}
+        return self._with(take(self.stacks), take(self.grads), has_batch_dim=not isinstance(batch_slice, int))
 
     def to(self, device):
         """This cache on `device` (a jax.Device, or "cpu" / "cuda" / "gpu" / "tpu"): a new cache."""
@@ -165,8 +185,7 @@ class Cache(eqx.Module):
             platform = {"cuda": "gpu"}.get(device.split(":")[0], device.split(":")[0])
             index = int(device.split(":")[1]) if ":" in device else 0
             device = jax.devices(platform)[index]
-        stacks = jax.device_put(self.stacks, device)
-        return Cache(stacks, self.n_layer, self.model, self.table, has_batch_dim=self.has_batch_dim, keep=self.keep)
+        return self._with(jax.device_put(self.stacks, device), jax.device_put(self.grads, device))
 
 
 def _int_layer_key(name):

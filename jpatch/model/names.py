@@ -75,3 +75,17 @@ def get_device():
     import jax
 
     return jax.devices()[0]
+
+
+def get_corner(tensor, n=3):
+    """The top left corner [:n, :n, ...] of an array, as TransformerLens's `utils.get_corner`."""
+    return tensor[tuple(slice(n) for _ in range(tensor.ndim))]
+
+
+def einsum(equation, *operands):
+    """fancy_einsum's `einsum(equation, *arrays)` (named axes, e.g. "batch pos d_model, d_model -> batch
+    pos") on any arrays einops reads (JAX, numpy, torch): fancy_einsum itself refuses JAX arrays, so
+    notebooks import this one instead (`from jpatch.utils import einsum`)."""
+    import einops
+
+    return einops.einsum(*operands, equation)

@@ -4,7 +4,7 @@
 
 jpatch's blocks are one module with a leading layer axis and its embed / unembed / ln_final are
 methods, so these are views: `model.blocks[l]` is a `LayerView` of layer l of the model the blocks
-were read from (`OwnsBlocks` remembers it when `model.blocks` is read: the stacked blocks carry no
+were read from (`TransformerLensViews` remembers it when `model.blocks` is read: the stacked blocks carry no
 config and no hooks), and the methods carry their weights as attributes (`carries`). Each view
 reads the model's TransformerLens-shaped weights (`model.W_Q[l]`, ...); nothing is copied or stored.
 """
@@ -12,10 +12,11 @@ reads the model's TransformerLens-shaped weights (`model.W_Q[l]`, ...); nothing 
 import weakref
 
 from jpatch.model import sites
-from jpatch.model.hooks import RegisteredHook
 
 # id(stacked blocks) -> the model they were last read from (weak: a view never keeps a model alive).
 _OWNERS = weakref.WeakValueDictionary()
+# ids of the model objects set_use_attn_result(True) was called on (removed when the model goes).
+_ATTN_RESULT = set()
 
 # TransformerLens's names under blocks[l].<part> -> (the model's stacked weight, or a layer norm's field)
 _PARTS = {
@@ -26,8 +27,9 @@ _PARTS = {
 }
 
 
-class OwnsBlocks:
-    """Mixin of `Transformer`: reading `model.blocks` remembers the model, for `blocks[l]`."""
+class TransformerLensViews:
+    """Mixin of `Transformer`: reading `model.blocks` remembers the model, for `blocks[l]`; and
+    TransformerLens's settings of what a forward records."""
 
     def __getattribute__(self, name):
         value = object.__getattribute__(self, name)
@@ -35,16 +37,47 @@ class OwnsBlocks:
             _OWNERS[id(value)] = self
         return value
 
+    def set_use_attn_result(self, use_attn_result):
+        """As TransformerLens's: with True, this model object's run_with_cache (every hook point) and
+        hook filter functions (forward and backward hooks) include each head's attn.hook_result too.
+        jpatch computes it on request anyway; a name list can always ask for it."""
+        key = id(self)
+        if use_attn_result and key not in _ATTN_RESULT:
+            _ATTN_RESULT.add(key)
+            weakref.finalize(self, _ATTN_RESULT.discard, key)
+        elif not use_attn_result:
+            _ATTN_RESULT.discard(key)
 
-class HookView(RegisteredHook):
-    """A hook point reached by its module path (`model.blocks[l].attn.hook_z`): add_hook / remove_hooks."""
+    def residual_before(self, stop_at_layer, tokens, overrides=None, attention_mask=None, logits_at=None,
+                        return_type="logits"):
+        """`model(tokens, stop_at_layer=k)`: the residual stream before block k, as run_with_cache's."""
+        if return_type != "logits":
+            raise ValueError("stop_at_layer returns the residual stream: return_type must be 'logits'")
+        return self.run_with_cache(tokens, names_filter=[], overrides=overrides, attention_mask=attention_mask,
+                                   logits_at=logits_at, stop_at_layer=stop_at_layer)[0]
 
-    def __repr__(self):
-        return f"HookPoint({self.name!r})"
+    def tl_named_parameters(self):
+        """TransformerBridge's name for `named_parameters` (TransformerLens's names and shapes)."""
+        return self.named_parameters()
+
+
+def attn_result_sites(model, names_filter=None):
+    """{"attn.hook_result"} where set_use_attn_result(True) adds it to what `names_filter` (None: every
+    hook point; a filter function) records of `model`, else the empty set."""
+    if id(model) in _ATTN_RESULT and (names_filter is None or callable(names_filter)):
+        return {"attn.hook_result"}
+    return set()
 
 
 def _hook(model, name):
-    """The hook point `name` (a full name) of `model`, checked against the family's hook points."""
+    """The hook point `name` (a full name) of `model` (add_hook / remove_hooks), checked against the
+    family's hook points."""
+    from jpatch.model.hooks import RegisteredHook  # hooks reads attn_result_sites from here
+
+    class HookView(RegisteredHook):
+        def __repr__(self):
+            return f"HookPoint({self.name!r})"
+
     try:
         model.sites.check(sites.resolve(name, model.config.n_layer)[0])
     except KeyError as e:  # an AttributeError, so that hasattr(block.attn, "hook_x") answers
