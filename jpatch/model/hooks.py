@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model import sites
+from jpatch.model import sites, views
 from jpatch.model.interventions import Add, Override
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -109,7 +109,7 @@ def hook_names(model):
     """The full hook names a filter function is asked about, in forward order: all but the sites
     computed on request (attn.hook_result; the reader inputs hook_q_input ..., which as in
     TransformerLens's use_split_qkv_input change how the block computes), hooked only when named."""
-    on_request = set(model.sites.on_request)
+    on_request = set(model.sites.on_request) - views.attn_result_sites(model)  # set_use_attn_result
     return [n for n in _forward_order(model) if sites.resolve(n)[0] not in on_request]
 
 
