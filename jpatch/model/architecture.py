@@ -33,7 +33,7 @@ from jpatch.model.front import FrontDoor
 from jpatch.model.interventions import Override
 from jpatch.model.layers import ACTIVATIONS, causal_attention, no_edit
 from jpatch.model.types import Logits, Mask, Tokens
-from jpatch.model.views import OwnsBlocks
+from jpatch.model.views import TransformerLensViews, attn_result_sites
 
 
 class Config:
@@ -144,7 +144,7 @@ def request_flags(edit, requested):
     return edit
 
 
-class Transformer(OwnsBlocks, FrontDoor, eqx.Module):
+class Transformer(TransformerLensViews, FrontDoor, eqx.Module):
     """The abstract model: a family fills in the abstract parts (see the module docstring)."""
 
     config: eqx.AbstractVar[object]
@@ -244,18 +244,16 @@ class Transformer(OwnsBlocks, FrontDoor, eqx.Module):
         return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
 
     def __call__(self, tokens: Tokens, *, overrides=None, attention_mask: Mask = None, logits_at=None,
-                 return_type="logits", stop_at_layer=None) -> Logits:
+                 return_type="logits", stop_at_layer=None, prepend_bos=None) -> Logits:
         """tokens [batch, pos] (or [pos], or text: see `to_tokens`) -> logits [batch, pos, d_vocab]
         (or [batch, K, d_vocab] at `logits_at` [batch, K]).
 
         overrides: {site name in any spelling: Override / Add / Scale / Apply or a list of them}
         (see `jpatch.interventions`). return_type: "logits", "loss" (`loss_fn`), "both" or None,
-        as TransformerLens's. stop_at_layer: the residual stream before that block (run_with_cache's)."""
+        as TransformerLens's; so are stop_at_layer (`residual_before`) and prepend_bos (of a text)."""
+        tokens = self.to_tokens(tokens, prepend_bos) if isinstance(tokens, str) and prepend_bos is not None else tokens
         if stop_at_layer is not None:
-            if return_type != "logits":
-                raise ValueError("stop_at_layer returns the residual stream: return_type must be 'logits'")
-            return self.run_with_cache(tokens, names_filter=[], overrides=overrides, attention_mask=attention_mask,
-                                       logits_at=logits_at, stop_at_layer=stop_at_layer)[0]
+            return self.residual_before(stop_at_layer, tokens, overrides, attention_mask, logits_at, return_type)
         if return_type not in hook_functions.RETURN_TYPES:
             raise ValueError(f"return_type must be one of {hook_functions.RETURN_TYPES}, got {return_type!r}")
         if return_type in ("loss", "both") and logits_at is not None:
@@ -286,7 +284,7 @@ class Transformer(OwnsBlocks, FrontDoor, eqx.Module):
         logits, with only the hook points before it cached. remove_batch_dim: the cache without
         its batch axis (batch size 1 only); the logits keep theirs."""
         n = self.config.n_layer
-        record = record_sites(names_filter, self.sites, n)
+        record = record_sites(names_filter, self.sites, n) | attn_result_sites(self, names_filter)
         stop = None
         if stop_at_layer is not None:
             if logits_at is not None:
