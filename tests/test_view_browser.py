@@ -225,6 +225,12 @@ def test_notebook_views_show_normalized_means_and_spreads(browser, tmp_path):
     _, value = page.tooltip_after_hover('.jp-prompt .jp-cell[data-r="0"][data-c="0"]')
     assert value == pytest.approx((1.0 - 1.0) / 3.0, abs=1e-7)
     page.finish(tmp_path / "sweep_result.png")
+    page = open_file(browser, result.show(tokens=["The", " cat", " sat"]).save(tmp_path / "shown.html"))
+    labels = page.page.locator(".jp-mean svg text").all_text_contents()
+    assert labels[1:4] == ["The", " cat", " sat"]  # after the row label, the position axis' labels
+    text, _ = page.tooltip_after_hover('.jp-mean .jp-cell[data-r="0"][data-c="2"]')
+    assert 'pos 2 " sat"' in text
+    page.finish(tmp_path / "shown.png")
 
     writers = ("embed", "a0.h0", "a0.h1", "m0")
     readers = ("a0.h0<q>", "a0.h1<q>", "m0", "logits")

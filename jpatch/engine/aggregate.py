@@ -189,8 +189,12 @@ class SweepResult(np.ndarray):
         return {name: getattr(self, name) for name in self.ATTRS}
 
     def _repr_html_(self):
-        """A notebook's view: an interactive heatmap (white: the base run's value), hover giving the
-        value and its spread over prompts, and a prompt picker (`jpatch.files.html_view`)."""
+        return self.show()._repr_html_()
+
+    def show(self, tokens=None):
+        """An interactive heatmap (white: the base run's value), hover giving the value and its spread
+        over prompts, and a prompt picker: a `jpatch.files.html_view.View`, which a notebook displays
+        and `.save("x.html")` writes. tokens: labels of the position axes (e.g. model.to_str_tokens(prompt))."""
         from jpatch.files import html_view
 
         grid, each = np.asarray(self), None
@@ -203,4 +207,5 @@ class SweepResult(np.ndarray):
         centre = None if self.normalization is None or self.clean is None else normalize(
             self.normalization, base_of(self.direction, self.clean, self.corrupted), self.clean, self.corrupted)
         title = f"{self.method or 'result'} ({self.direction or '?'}, normalization {self.normalization or '?'})"
-        return html_view.fragment(html_view.result_panels(grid, self.axes, title=title, each=each, centre=centre))
+        return html_view.View(html_view.result_panels(grid, self.axes, title=title, each=each, centre=centre,
+                                                      tokens=tokens))

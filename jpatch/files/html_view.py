@@ -11,9 +11,11 @@ import html
 import json
 import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 
+from jpatch.files import atomic
 from jpatch.files.html_script import SCRIPT, STYLE
 
 GENERATOR = "jpatch view"  # <meta name="generator">: marks a file `jpatch view` may replace
@@ -140,6 +142,23 @@ def page(panels, title, header_rows=()):
             f"<script>{SCRIPT}</script></body></html>\n")
 
 
+class View:
+    """Panels that a notebook displays (`_repr_html_`) and `save` writes as a self-contained page."""
+
+    def __init__(self, panels, title="jpatch"):
+        self.panels, self.title = panels, title
+
+    def _repr_html_(self):
+        return fragment(self.panels)
+
+    def save(self, path):
+        """Write the page to `path` atomically; replaces only a view jpatch wrote."""
+        if Path(path).exists() and not is_view_file(path):
+            raise FileExistsError(f"{path} exists and is not a view jpatch wrote; choose another name")
+        text = page(self.panels, self.title).encode()
+        return atomic.atomic_write(path, lambda f: f.write(text))
+
+
 def is_view_file(path):
     """Whether `path` is an HTML file `jpatch view` wrote (its generator tag in the first bytes)."""
     try:
@@ -153,7 +172,7 @@ def _json_safe(x):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def result_panels(values, axes, *, title="", each=None, centre=0.0, unit=""):
+def result_panels(values, axes, *, title="", each=None, centre=0.0, unit="", tokens=None):
     """A result grid's panel: `each` [batch, *grid] per-prompt values give the spread over prompts
     and a prompt picker (the notebook view of `SweepResult` and of edge scores)."""
     spread = count = None
@@ -163,7 +182,7 @@ def result_panels(values, axes, *, title="", each=None, centre=0.0, unit=""):
             warnings.simplefilter("ignore", RuntimeWarning)
             spread, count = np.nanstd(each, axis=0), np.isfinite(each).sum(0)
     labels = None if each is None else [f"prompt {i}" for i in range(len(each))]
-    return [heatmap(values, axes, title=title, spread=spread, count=count, centre=_json_safe(centre) or 0.0,
+    return [heatmap(values, axes, title=title, tokens=tokens, spread=spread, count=count, centre=_json_safe(centre) or 0.0,
                     unit=unit, prompts=each, prompt_labels=labels, grid_title="mean over prompts" if each is not None
                     else "")]
 
