@@ -309,6 +309,48 @@ def test_attribute_k_matches_torch_autograd(family, setups, variant):
     assert_close(got, expected, what=f"{variant} k attribution")
 
 
+def test_atp_qk_fix_of_a_key_value_head_is_its_groups_pattern_change(family, setups):
+    """AtP*'s QK fix of k: sum over the query heads of the key-value head's group of (A' - A) .
+    dM/dA, A' the corrupted run's pattern with that head's key at one position set to the clean
+    run's (TransformerLens hooks; dM/dA by torch autograd), per prompt normalized."""
+    m, s = family("llama"), setups("llama")
+    rows, ans, con = torch.arange(B), torch.tensor(s.ans), torch.tensor(s.con)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    store = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        store[hook.name] = act
+        return act
+
+    with torch.enable_grad():
+        logits = m.tl.run_with_hooks(torch.tensor(s.corrupted), fwd_hooks=[(n, keep) for n in names])
+        ld = logits[rows, -1, ans] - logits[rows, -1, con]
+        ld.sum().backward()
+    with torch.no_grad():
+        clean_logits = m.tl(torch.tensor(s.clean))
+    gap = (clean_logits[rows, -1, ans] - clean_logits[rows, -1, con] - ld.detach()).double().numpy()
+    expected = np.zeros((B, L, T, KV))
+    for l, p, g in np.ndindex(L, T, KV):
+        name, patterns = f"blocks.{l}.attn.hook_k", {}
+
+        def patch(act, hook, p=p, g=g, name=name):
+            act = act.clone()
+            act[:, p, g] = s.tl_cache["clean"][name][:, p, g]
+            return act
+
+        with torch.no_grad():
+            m.tl.run_with_hooks(torch.tensor(s.corrupted), fwd_hooks=[
+                (name, patch), (names[l], lambda act, hook: patterns.__setitem__("A", act))])
+        change = patterns["A"] - store[names[l]].detach()  # nonzero on the group's query heads only
+        expected[:, l, p, g] = (change * store[names[l]].grad).sum((1, 2, 3)).double().numpy()
+    expected /= gap[:, None, None, None]
+    assert_nontrivial(expected, "QK fix")
+    got = attribution.attribute(m.jp, s.clean, s.corrupted, "k", metrics.logit_diff(s.ans, s.con), method="atp-qk",
+                                per_prompt=True)
+    assert_close(got, expected, what="k QK fix per key-value head")
+
+
 # --- files ----------------------------------------------------------------------------------------------
 
 
@@ -378,3 +420,11 @@ def test_edge_methods_refuse_grouped_query_attention(family, setups):
                  lambda: acdc.acdc(m.jp, s.clean, s.corrupted, threshold=0.1)):
         with pytest.raises(ValueError, match="not implemented for grouped-query attention"):
             call()
+
+
+def test_qk_fix_past_the_window_is_refused(family):
+    """AtP*'s QK fix recomputes full causal patterns: past Mistral's window it is refused, not approximated."""
+    clean, corrupted = prompts(LONG)
+    metric = metrics.logit_diff(np.arange(B), np.arange(B) + 1)
+    with pytest.raises(ValueError, match="longer than the sliding window"):
+        attribution.attribute(family("mistral").jp, clean, corrupted, "k", metric, method="atp-qk")

@@ -83,21 +83,24 @@ def _qk_fix(site, base, source, grad_pattern, key_mask, per_position, position_q
     q, k = base["attn.hook_q"], base["attn.hook_k"]
     A = _pattern(q, k, key_mask)
     gain = lambda A_new: (A_new - A) * grad_pattern  # [rows, H, Tq, Tk]
+    # Under grouped-query attention a key-value head's patch moves its whole query group's patterns.
+    n_kv = k.shape[-2]
+    by_kv = lambda g: g.reshape(g.shape[:-1] + (n_kv, -1)).sum(-1) if site == "attn.hook_k" else g
     if site == "attn.hook_q" or not per_position:
         # A query changes only its own pattern row, so every row's patch is one full recompute.
         new = _pattern(source["attn.hook_q"], k, key_mask) if site == "attn.hook_q" else _pattern(
             q, source["attn.hook_k"], key_mask)
         if site == "attn.hook_q" and per_position:
             return jnp.swapaxes(gain(new).sum(-1), 1, 2)  # [rows, Tq, H]
-        return gain(new).sum((-1, -2))[:, None, :]  # [rows, 1, H]
+        return by_kv(gain(new).sum((-1, -2)))[:, None, :]  # [rows, 1, H or n_kv]
     # A key at position s changes column s of every row: one recompute per key position.
     T = k.shape[1]
 
     def one_key(s):
         k_new = jnp.where((jnp.arange(T) == s)[None, :, None, None], source["attn.hook_k"], k)
-        return gain(_pattern(q, k_new, key_mask)).sum((-1, -2))  # [rows, H]
+        return by_kv(gain(_pattern(q, k_new, key_mask)).sum((-1, -2)))  # [rows, n_kv]
 
-    return jnp.moveaxis(jax.lax.map(one_key, jnp.arange(T)), 0, 1)  # [rows, Tk, H]
+    return jnp.moveaxis(jax.lax.map(one_key, jnp.arange(T)), 0, 1)  # [rows, Tk, n_kv]
 
 
 def _delta(site, base, source, grads, key_mask, method, per_position, position_qk):

@@ -208,9 +208,14 @@ class Llama(Transformer):
         return edit("unembed.hook_out", jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32))
 
     def position_qk(self, q, k, positions):
+        """q, k as attention scores them, for AtP*'s QK fix (which recomputes a full causal pattern)."""
         if self.config.qk_norm:  # the norms' weights differ by layer, and this has no layer
             raise ValueError("q / k attention scores of a Qwen 3 model (q/k norms) are not available outside its "
                              "blocks: the QK fix (atp-qk, atp*) of q / k is not implemented for it")
+        window = self.config.sliding_window
+        if window is not None and q.shape[-3] > window:
+            raise ValueError(f"the QK fix (atp-qk, atp*) of q / k recomputes full causal patterns: not implemented "
+                             f"for prompts of {q.shape[-3]} tokens, longer than the sliding window ({window})")
         return position_qk(self.config, q, k, positions)
 
     def layer_norms(self):
