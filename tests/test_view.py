@@ -105,6 +105,12 @@ def test_bad_inputs_one_line_each_and_no_file(tmp_path, capsys):
     circuit.mkdir()
     (circuit / "circuit.json").write_text('{"method": "acdc", "edges": [{"writer": "emb')
     assert "circuit.json" in refused(capsys, "view", str(circuit), "--out", out)
+
+    attribute = tmp_path / "attribute"
+    for part in ("estimate", "exact"):
+        sweep_folder(attribute / part)
+    (attribute / "agreement.json").write_text(json.dumps({"site": "z", "pearson": 0.5}))
+    assert "agreement.json" in refused(capsys, "view", str(attribute), "--out", out)
     assert nothing_written(out_dir)
 
 

@@ -188,7 +188,11 @@ def circuit_panels(path, name):
 def agreement_panels(path, name):
     report = _read_json(path / "agreement.json")
     estimate, exact = (results.load_result(path / part) for part in ("estimate", "exact"))
-    return html_view.agreement_panels(report, estimate[estimate.only()], exact[exact.only()])
+    try:
+        return html_view.agreement_panels(report, estimate[estimate.only()], exact[exact.only()])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path / 'agreement.json'}: not an agreement report of this jpatch ({type(e).__name__}: "
+                         f"{e})") from None
 
 
 def paper_panels(path, name):

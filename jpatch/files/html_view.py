@@ -189,9 +189,10 @@ def result_panels(values, axes, *, title="", each=None, centre=0.0, unit="", tok
 
 def agreement_panels(report, estimate, exact):
     """The agreement report of `jpatch.methods.agreement.compare_exact` as a table and a scatter plot."""
-    rows = [["components", report["components"]], ["Pearson", f"{report['pearson']:.4f}"],
-            ["Spearman", f"{report['spearman']:.4f}"], ["sign agreement", f"{report['sign_agreement']:.4f}"]]
-    rows += [[f"top-{k} recall", f"{v:.3f}"] for k, v in report["top_k_recall"].items()]
+    number = lambda v: "n/a" if v is None or not np.isfinite(v) else f"{v:.4f}"  # JSON keeps NaN as null
+    rows = [["components", report["components"]], ["Pearson", number(report["pearson"])],
+            ["Spearman", number(report["spearman"])], ["sign agreement", number(report["sign_agreement"])]]
+    rows += [[f"top-{k} recall", number(v)] for k, v in report["top_k_recall"].items()]
     title = f"{report['site']}: {report['method']} vs exact ({report['direction']})"
     panels = [table(rows, title=title)]
     if estimate is not None and exact is not None:
