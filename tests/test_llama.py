@@ -428,3 +428,15 @@ def test_qk_fix_past_the_window_is_refused(family):
     metric = metrics.logit_diff(np.arange(B), np.arange(B) + 1)
     with pytest.raises(ValueError, match="longer than the sliding window"):
         attribution.attribute(family("mistral").jp, clean, corrupted, "k", metric, method="atp-qk")
+
+
+def test_weights_and_circuits_as_transformer_lens(family):
+    """W_K / W_V / b_K / b_V per query head (TransformerLens repeats each key-value head for its
+    group; _W_K / _W_V are the originals), and the OV / QK circuits built from them."""
+    m = with_tl(family("qwen2"))
+    for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "_W_K", "_W_V", "_b_K", "_b_V", "W_in", "W_gate",
+                 "W_out", "W_E", "W_U"):
+        tl = torch.stack([getattr(b.attn, name) for b in m.tl.blocks]) if name.startswith("_") else getattr(m.tl, name)
+        assert_close(getattr(m.jp, name), tl.detach().numpy(), tol=0, what=name)
+    assert_close(m.jp.OV.AB, m.tl.OV.AB.detach().numpy(), tol=1e-5, what="OV")
+    assert_close(m.jp.QK.AB, m.tl.QK.AB.detach().numpy(), tol=1e-5, what="QK")

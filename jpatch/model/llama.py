@@ -226,16 +226,27 @@ class Llama(Transformer):
         """The final RMSNorm with its weight: [..., d_model] -> [..., d_model] float32."""
         return self.final_norm(x.astype(jnp.float32), self.config.layer_norm_eps)
 
-    # --- weights in TransformerLens's shapes (k, v: n_kv_head heads, as its _W_K / _W_V) -------
+    def per_query_head(self, w):
+        """A key-value weight [n_layers, n_kv, ...] repeated for each query head (TransformerLens's
+        W_K / W_V of a grouped-query model; its _W_K / _W_V are the n_kv originals)."""
+        return jnp.repeat(w, self.config.n_head // self.config.n_kv_head, axis=1)
+
+    # --- weights in TransformerLens's shapes (W_K, W_V, b_K, b_V per query head, as its) -------
     W_E = property(lambda self: self.embed_in, doc="[d_vocab, d_model]")
     W_U = property(lambda self: self.unembed_w, doc="[d_model, d_vocab]")
     b_U = property(lambda self: jnp.zeros(self.config.d_vocab, self.dtype), doc="[d_vocab]: zero")
     W_Q = property(lambda self: jnp.moveaxis(self.blocks.attn.w_q, 2, 1), doc="[n_layers, n_heads, d_model, d_head]")
-    W_K = property(lambda self: jnp.moveaxis(self.blocks.attn.w_k, 2, 1), doc="[n_layers, n_kv, d_model, d_head]")
-    W_V = property(lambda self: jnp.moveaxis(self.blocks.attn.w_v, 2, 1), doc="[n_layers, n_kv, d_model, d_head]")
+    W_K = property(lambda self: self.per_query_head(jnp.moveaxis(self.blocks.attn.w_k, 2, 1)),
+                   doc="[n_layers, n_heads, d_model, d_head]")
+    W_V = property(lambda self: self.per_query_head(jnp.moveaxis(self.blocks.attn.w_v, 2, 1)),
+                   doc="[n_layers, n_heads, d_model, d_head]")
+    _W_K = property(lambda self: jnp.moveaxis(self.blocks.attn.w_k, 2, 1), doc="[n_layers, n_kv, d_model, d_head]")
+    _W_V = property(lambda self: jnp.moveaxis(self.blocks.attn.w_v, 2, 1), doc="[n_layers, n_kv, d_model, d_head]")
     b_Q = property(lambda self: self.blocks.attn.b_q, doc="[n_layers, n_heads, d_head]")
-    b_K = property(lambda self: self.blocks.attn.b_k, doc="[n_layers, n_kv, d_head]")
-    b_V = property(lambda self: self.blocks.attn.b_v, doc="[n_layers, n_kv, d_head]")
+    b_K = property(lambda self: self.per_query_head(self.blocks.attn.b_k), doc="[n_layers, n_heads, d_head]")
+    b_V = property(lambda self: self.per_query_head(self.blocks.attn.b_v), doc="[n_layers, n_heads, d_head]")
+    _b_K = property(lambda self: self.blocks.attn.b_k, doc="[n_layers, n_kv, d_head]")
+    _b_V = property(lambda self: self.blocks.attn.b_v, doc="[n_layers, n_kv, d_head]")
     W_O = property(lambda self: self.blocks.attn.w_o, doc="[n_layers, n_heads, d_head, d_model]")
     b_O = property(lambda self: jnp.zeros((self.config.n_layer, self.config.d_model), self.dtype),
                    doc="[n_layers, d_model]: zero")
