@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jpatch.engine import plan
 from jpatch.engine.plan import ALL
 from jpatch.model import sites
-from jpatch.model.layers import expand_kv, in_window
+from jpatch.model.layers import expand_kv, in_window, soft_cap
 
 class SlotPatches(NamedTuple):
     """The patches in a layout's slots (padding slots: an empty layer window)."""
@@ -46,7 +46,7 @@ class MetricInputs(NamedTuple):
     data: dict  # the metric's per-prompt arrays
 
 
-def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_pattern, window=None):
+def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_pattern, window=None, softcap=None):
     """Causal attention of the packed rows q [B, R, H, d_head], k, v [B, R, H or n_kv, d_head]
     (grouped-query attention: each key-value head repeated for its query heads) of several patches.
 
@@ -60,7 +60,7 @@ def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_p
     edit_pattern(pattern, rows, key_pos, valid) edits each part of the pattern [B, H, r, K]
     of the rows `rows` [r]: key_pos [r, K] the keys' positions, valid where a key is seen.
     window: a sliding window (`layers.in_window`): a row sees only the keys, cached or its own,
-    less than `window` positions before it.
+    less than `window` positions before it. softcap: scores soft-capped (`layers.soft_cap`).
     """
     B, R, H, d_head = q.shape
     k, v, k_cached, v_cached = (expand_kv(q, a) for a in (k, v, k_cached, v_cached))
@@ -92,9 +92,9 @@ def rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start, span, edit_p
         cached_valid, own_valid = cached_pos < start[:, None], (back >= 0) & (own_pos >= start[:, None])
         cached_valid &= in_window(pos[:, None], cached_pos, window)
         own_valid &= in_window(pos[:, None], own_pos, window)
-        cached = jnp.where(cached_valid, matmul(q_s, t(k_cached)) * scale, fill)  # [B, H, S, T]
+        cached = jnp.where(cached_valid, soft_cap(matmul(q_s, t(k_cached)) * scale, softcap), fill)  # [B, H, S, T]
         own = matmul(q_s.reshape(B, H, per_step, W, d_head), t(own_k)).reshape(B, H, S, W + E)
-        own = jnp.where(own_valid, own * scale, fill)
+        own = jnp.where(own_valid, soft_cap(own * scale, softcap), fill)
         top = jnp.maximum(cached.max(-1, keepdims=True), own.max(-1, keepdims=True))
         cached, own = jnp.exp(cached - top), jnp.exp(own - top)
         total = cached.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
@@ -166,8 +166,8 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
                 value = source_j[:, :, row_pos[rows][:, None], jnp.clip(key_pos, 0, T - 1)]  # [B, H, r, K]
                 return jnp.where(on, value, pattern)
 
-            attend = lambda q, k, v, window=None: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start,
-                                                                 span, edit_pattern, window)
+            attend = lambda q, k, v, **options: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start,
+                                                               span, edit_pattern, **options)
             return block(x, row_pos, cfg, attend, edit), None
 
         blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)

@@ -51,7 +51,7 @@ def perturbed_forward(model, tokens, overrides, attention_mask, read_pos, eps, r
             return act
 
         request_flags(edit, {*record, *layer_eps})
-        attend = lambda q, k, v, window=None: causal_attention(q, k, v, key_mask, edit, window)
+        attend = lambda q, k, v, **options: causal_attention(q, k, v, key_mask, edit, **options)
         return block(x, positions, cfg, attend, edit), acts
 
     x = model.embed(tokens, positions, override)

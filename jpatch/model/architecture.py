@@ -218,7 +218,9 @@ class Transformer(TransformerLensViews, FrontDoor, eqx.Module):
         return out
 
     def astype(self, dtype):
-        return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
+        # floating weights only: integer leaves (Gemma 2's per-layer windows) keep their values
+        cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return jax.tree_util.tree_map(cast, self)
 
     def check_tokens(self, tokens):
         """Raise a clear error for inputs the model cannot run."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.model.layers import expand_kv, in_window, no_edit
+from jpatch.model.layers import expand_kv, in_window, no_edit, soft_cap
 
 
 def _step_attention(K, V, t):
@@ -21,12 +21,13 @@ def _step_attention(K, V, t):
     (those inside the sliding window, when the block has one)."""
     out = {}
 
-    def attend(q, k, v, window=None):  # q [B, 1, H, d_head]; k, v [B, 1, n_kv, d_head]; K, V [B, S, n_kv, d_head]
+    def attend(q, k, v, window=None, softcap=None):  # q [B, 1, H, d_head]; k, v [B, 1, n_kv, d_head]; K, V [B, S, n_kv, d_head]
         out["K"] = jax.lax.dynamic_update_slice_in_dim(K, k.astype(K.dtype), t, axis=1)
         out["V"] = jax.lax.dynamic_update_slice_in_dim(V, v.astype(V.dtype), t, axis=1)
         keys, values = expand_kv(q, out["K"]), expand_kv(q, out["V"])
         # float32 accumulation, as `model.causal_attention`
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+        scores = soft_cap(scores, softcap)
         scores = jnp.where(in_window(t, jnp.arange(K.shape[1]), window), scores, jnp.finfo(jnp.float32).min)
         pattern = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", pattern, values, preferred_element_type=jnp.float32).astype(q.dtype)

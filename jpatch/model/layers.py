@@ -90,16 +90,22 @@ def in_window(query_pos, key_pos, window):
     return seen if window is None else seen & (query_pos - key_pos < window)
 
 
-def causal_attention(q, k, v, key_mask=None, edit=no_edit, window=None):
+def soft_cap(scores, cap):
+    """cap * tanh(scores / cap) (Gemma 2's attention and final logits); None: unchanged."""
+    return scores if cap is None else jnp.tanh(scores / cap) * cap
+
+
+def causal_attention(q, k, v, key_mask=None, edit=no_edit, window=None, softcap=None):
     """q [..., T, H, d_head], k, v [..., T, H or n_kv, d_head] -> z [..., T, H, d_head]; key_mask
     [..., T] marks real tokens; window: a sliding window (a query sees the `window` positions up
-    to its own), None for full causal attention.
+    to its own), None for full causal attention; softcap: scores soft-capped (`soft_cap`).
 
     q and k are the ones attention scores (for a rotary family: after rotation)."""
     T = q.shape[-3]
     k, v = expand_kv(q, k), expand_kv(q, v)
     # Scores, softmax and the pattern-weighted sum accumulate in float32 even for bfloat16 weights.
     scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = soft_cap(scores, softcap)
     allowed = in_window(jnp.arange(T)[:, None], jnp.arange(T), window)
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :].astype(bool)
