@@ -117,3 +117,9 @@ def test_main_demo(models, jp):
     theirs["25 hook names and shapes"] = list(dict.fromkeys(theirs["25 hook names and shapes"]))
     compare(ours, theirs)
 
+
+def test_exploratory_demo(models, jp):
+    """Loaded as the notebook loads GPT-2: TransformerLens also refactors the factored attention
+    matrices (which jpatch does not offer); no ported cell's number depends on it."""
+    ours, theirs = example("tl_exploratory_demo").run(jp, models[1](refactor_factored_attn_matrices=True))
+    compare(ours, theirs)
