@@ -24,7 +24,7 @@ KV = ("batch", "pos", "kv_head", "d_head")
 # TransformerLens's hook points of a Llama block (hook_pre: the gate's, hook_pre_linear: the up
 # projection's); k, v (and their per-head inputs) are per key-value head.
 SITES = sites.SiteTable(
-    "Llama", tuple(s for s in sites.VOCABULARY if s != "hook_pos_embed"),
+    "Llama", tuple(s for s in sites.VOCABULARY if s not in ("hook_pos_embed",) + sites.POST_NORM_SITES),
     sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
            "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"),
     on_request=("attn.hook_result",) + sites.READER_INPUT_SITES,

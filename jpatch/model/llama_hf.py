@@ -92,15 +92,11 @@ def config_from_hf(hf):
     )
 
 
-def from_hf_state_dict(state, config, dtype=jnp.float32, tied=False):
-    """Build a `Llama` from a Hugging Face *ForCausalLM state dict of NumPy arrays.
-
-    Raises KeyError naming a missing tensor and ValueError naming a tensor whose shape does not
-    match `config` or that holds non-finite values. tied: the unembedding is the embedding
-    (`tie_word_embeddings`, as transformers reads it: lm_head.weight is then not used)."""
+def tensor_reader(state, config, dtype):
+    """(get(name, shape) -> float32 NumPy, stack(suffix, shape, layout) -> [n_layer, ...] in `dtype`)
+    over a state dict without its "model." prefix; a missing tensor is a KeyError naming it, a
+    wrong shape or a non-finite value a ValueError naming it."""
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    L, d, m, V = config.n_layer, config.d_model, config.d_mlp, config.d_vocab
-    H, G, e = config.n_head, config.n_kv_head, config.d_head
 
     def get(name, shape):
         if name not in state:
@@ -114,23 +110,45 @@ def from_hf_state_dict(state, config, dtype=jnp.float32, tied=False):
         return array
 
     def stack(suffix, shape, layout=lambda a: a):
-        return jnp.asarray(np.stack([layout(get(f"layers.{i}.{suffix}", shape)) for i in range(L)]), dtype)
+        return jnp.asarray(np.stack([layout(get(f"layers.{i}.{suffix}", shape)) for i in range(config.n_layer)]),
+                           dtype)
 
+    return get, stack
+
+
+def attention_from_hf(stack, config, dtype):
+    """q/k/v/o projections (and Qwen 2's biases, Qwen 3's q/k norms) in TransformerLens's per-head shapes."""
+    L, d, H, G, e = config.n_layer, config.d_model, config.n_head, config.n_kv_head, config.d_head
     heads = lambda n: lambda w: w.reshape(n, e, d).transpose(2, 0, 1)  # [n * e, d] -> [d, n, e]
     proj = lambda name, n: stack(f"self_attn.{name}.weight", (n * e, d), heads(n))
     bias = lambda name, n: (stack(f"self_attn.{name}.bias", (n * e,), lambda b: b.reshape(n, e)) if config.qkv_bias
                             else jnp.zeros((L, n, e), dtype))
     norm = lambda name: stack(f"self_attn.{name}.weight", (e,)) if config.qk_norm else None
-    attn = Attention(proj("q_proj", H), proj("k_proj", G), proj("v_proj", G),
+    return Attention(proj("q_proj", H), proj("k_proj", G), proj("v_proj", G),
                      bias("q_proj", H), bias("k_proj", G), bias("v_proj", G),
                      stack("self_attn.o_proj.weight", (d, H * e), lambda w: w.T.reshape(H, e, d)),
                      norm("q_norm"), norm("k_norm"))
+
+
+def mlp_from_hf(stack, config):
     linear = lambda name, shape: stack(f"mlp.{name}.weight", shape, np.transpose)
+    d, m = config.d_model, config.d_mlp
+    return MLP(linear("gate_proj", (m, d)), linear("up_proj", (m, d)), linear("down_proj", (d, m)))
+
+
+def from_hf_state_dict(state, config, dtype=jnp.float32, tied=False):
+    """Build a `Llama` from a Hugging Face *ForCausalLM state dict of NumPy arrays.
+
+    Raises KeyError naming a missing tensor and ValueError naming a tensor whose shape does not
+    match `config` or that holds non-finite values. tied: the unembedding is the embedding
+    (`tie_word_embeddings`, as transformers reads it: lm_head.weight is then not used)."""
+    get, stack = tensor_reader(state, config, dtype)
+    d, V = config.d_model, config.d_vocab
     blocks = Block(
         ln1=RMSNorm(stack("input_layernorm.weight", (d,))),
-        attn=attn,
+        attn=attention_from_hf(stack, config, dtype),
         ln2=RMSNorm(stack("post_attention_layernorm.weight", (d,))),
-        mlp=MLP(linear("gate_proj", (m, d)), linear("up_proj", (m, d)), linear("down_proj", (d, m))),
+        mlp=mlp_from_hf(stack, config),
     )
     embed = get("embed_tokens.weight", (V, d))
     unembed = embed if tied else get("lm_head.weight", (V, d))

@@ -19,7 +19,7 @@ from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooke
 # is parallel), with the rotated attn.hook_rot_q / attn.hook_rot_k.
 SITES = sites.SiteTable(
     "GPT-NeoX", tuple(s for s in sites.VOCABULARY
-                      if s not in ("hook_pos_embed", "hook_resid_mid") + sites.GATED_SITES),
+                      if s not in ("hook_pos_embed", "hook_resid_mid") + sites.GATED_SITES + sites.POST_NORM_SITES),
     sweep=("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
            "hook_attn_out", "hook_mlp_out", "hook_resid_post"),
     on_request=("attn.hook_result",) + sites.READER_INPUT_SITES)

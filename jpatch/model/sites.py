@@ -34,6 +34,8 @@ LAYER_AXES = {
     "attn.hook_pattern": SCORES,
     "attn.hook_z": HEADS,
     "attn.hook_result": ("batch", "pos", "head", "d_model"),
+    "ln1_post.hook_scale": SCALE,  # norms of the attention and MLP outputs (Gemma 2)
+    "ln1_post.hook_normalized": D,
     "hook_attn_out": D,
     "hook_resid_mid": D,  # sequential blocks only
     "hook_mlp_in": D,  # the MLP's input before its norm (TransformerLens's use_hook_mlp_in)
@@ -42,6 +44,8 @@ LAYER_AXES = {
     "mlp.hook_pre": ("batch", "pos", "d_mlp"),
     "mlp.hook_pre_linear": ("batch", "pos", "d_mlp"),  # a gated MLP's linear half (hook_pre: the gate's)
     "mlp.hook_post": ("batch", "pos", "d_mlp"),
+    "ln2_post.hook_scale": SCALE,
+    "ln2_post.hook_normalized": D,
     "hook_mlp_out": D,
     "hook_resid_post": D,
 }
@@ -56,11 +60,12 @@ GLOBAL_AXES = {
 VOCABULARY = tuple(LAYER_AXES) + tuple(GLOBAL_AXES)  # every name any family may have
 ROTARY_SITES = ("attn.hook_rot_q", "attn.hook_rot_k")
 GATED_SITES = ("mlp.hook_pre_linear",)  # gated MLPs only (Llama's SwiGLU)
+POST_NORM_SITES = ("ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized")
 # The reader inputs a block reports only when asked (`edit.split_inputs` for q, k, v).
 SPLIT_INPUT_SITES = ("hook_q_input", "hook_k_input", "hook_v_input")
 READER_INPUT_SITES = SPLIT_INPUT_SITES + ("hook_mlp_in",)
 # TransformerLens's GPT-2 hook points by default (0.1's names; a family's own are in its SiteTable).
-LAYER_SITES = tuple(s for s in LAYER_AXES if s not in ROTARY_SITES + GATED_SITES + READER_INPUT_SITES)
+LAYER_SITES = tuple(s for s in LAYER_AXES if s not in ROTARY_SITES + GATED_SITES + POST_NORM_SITES + READER_INPUT_SITES)
 GLOBAL_SITES = tuple(GLOBAL_AXES)
 ALL_SITES = LAYER_SITES + GLOBAL_SITES
 # jpatch's own short name beside TransformerLens's shorthand (which spells it "normalized").
