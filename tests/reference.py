@@ -278,3 +278,52 @@ def llama_tl_model(hf):
         model = HookedTransformer(cfg)
     model.load_and_process_state_dict(dict(convert(hf, cfg)), **UNPROCESSED)
     return model.eval()
+
+
+# --- Gemma 2 -----------------------------------------------------------------------------------------
+
+GEMMA2_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=96, vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+
+
+def gemma2_hf_model(seed=0, initializer_range=0.1, **shape):
+    """A random Gemma2ForCausalLM (eager attention; soft caps small enough to bend the scores and
+    logits of these weights) with every norm perturbed."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    shape = {**GEMMA2_TINY, **shape}
+    last = shape["vocab_size"] - 1
+    config = Gemma2Config(**shape, initializer_range=initializer_range, bos_token_id=last, eos_token_id=last,
+                          pad_token_id=last, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def gemma2_tl_model(hf):
+    """The same weights in TransformerLens 3.9 (convert_gemma_weights, the config of
+    /work/shared/FAMILIES.md). It ignores sliding windows: it agrees on prompts within the window."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
+
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_ctx=c.max_position_embeddings, d_head=c.head_dim,
+        n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, d_vocab=c.vocab_size, act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=c.head_dim, gated_mlp=True,
+        final_rms=True, n_key_value_heads=c.num_key_value_heads, rotary_adjacent_pairs=False, eps=c.rms_norm_eps,
+        rotary_base=c.rope_parameters["rope_theta"], use_attn_scale=True, attn_scale=c.query_pre_attn_scalar ** 0.5,
+        use_normalization_before_and_after=True, attn_scores_soft_cap=c.attn_logit_softcapping,
+        output_logits_soft_cap=c.final_logit_softcapping, original_architecture="Gemma2ForCausalLM",
+        default_prepend_bos=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(dict(convert_gemma_weights(hf, cfg)), **UNPROCESSED)
+    return model.eval()

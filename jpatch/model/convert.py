@@ -251,7 +251,8 @@ def _read_weights(path):
 def _hf_config_keys(family):
     from jpatch.model import llama_hf, neox_hf
 
-    return {"gpt2": HF_CONFIG_KEYS, "neox": neox_hf.HF_CONFIG_KEYS, "llama": llama_hf.HF_CONFIG_KEYS}.get(family.name, ())
+    return {"gpt2": HF_CONFIG_KEYS, "neox": neox_hf.HF_CONFIG_KEYS, "llama": llama_hf.HF_CONFIG_KEYS,
+            "gemma2": llama_hf.HF_CONFIG_KEYS}.get(family.name, ())
 
 
 def check_hf_config(config, path):
@@ -278,7 +279,7 @@ def check_hf_config(config, path):
 
 def tied_unembedding(family, hf_config):
     """Whether the checkpoint ties its unembedding to the embedding, as transformers reads config.json."""
-    return bool(hf_config.get("tie_word_embeddings", family.name == "gpt2"))
+    return bool(hf_config.get("tie_word_embeddings", family.name in ("gpt2", "gemma2")))  # their configs' default
 
 
 def load_hf_state_dict(src):

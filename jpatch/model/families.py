@@ -6,8 +6,9 @@ and unembedding) plus its Hugging Face conversion. Adding one: see ARCHITECTURE.
 
 from typing import NamedTuple
 
-from jpatch.model import convert, llama_hf, neox_hf
+from jpatch.model import convert, gemma2_hf, llama_hf, neox_hf
 from jpatch.model.gpt2 import GPT2, GPT2Config
+from jpatch.model.gemma2 import Gemma2, Gemma2Config
 from jpatch.model.llama import Llama, LlamaConfig
 from jpatch.model.neox import NeoX, NeoXConfig
 
@@ -30,6 +31,8 @@ FAMILIES = {
     "neox": Family("neox", NeoXConfig, NeoX, ("gpt_neox",), neox_hf.config_from_hf, neox_hf.from_hf_state_dict),
     "llama": Family("llama", LlamaConfig, Llama, llama_hf.HF_MODEL_TYPES, llama_hf.config_from_hf,
                     llama_hf.from_hf_state_dict),
+    "gemma2": Family("gemma2", Gemma2Config, Gemma2, gemma2_hf.HF_MODEL_TYPES, gemma2_hf.config_from_hf,
+                     gemma2_hf.from_hf_state_dict),
 }
 # Every site some family's engine sweeps (checked before a model is loaded, e.g. on the command line).
 SWEEP_SITES = tuple(dict.fromkeys(s for f in FAMILIES.values() for s in f.config.sites.sweep_sites))
