@@ -183,5 +183,6 @@ def main(args):
         if args.html:  # the view of this folder, inside it (listed by its marker)
             from jpatch.face.view_cli import REPORT_HTML, write_view
 
-            write_view(tmp, tmp / REPORT_HTML, title=f"jpatch circuit: {args.model}, {args.task}")
+            write_view(tmp, tmp / REPORT_HTML, title=f"jpatch circuit: {args.model}, {args.task}",
+                       name=Path(args.out).name)
     print(f"wrote {Path(args.out) / 'report.md'}")

@@ -176,7 +176,7 @@ def run_paper(model, out_dir, *, model_name="model", n_prompts=64, n_factual=Non
         if html:
             from jpatch.face.view_cli import REPORT_HTML, write_view
 
-            write_view(run.out, run.out / REPORT_HTML, title=f"jpatch paper: {model_name}")
+            write_view(run.out, run.out / REPORT_HTML, title=f"jpatch paper: {model_name}", name=Path(out_dir).name)
     return str(Path(out_dir).absolute() / REPORT)
 
 

@@ -126,10 +126,11 @@ def sweep_panels(path, name, prompts):
                          f"{settings.get('jpatch_version', 'before 0.2')}); rerun the command that made it")
     tokens, ids, why = prompts.for_settings(settings, bulk=False)
     pos = [a for a in axes if a in html_view.POSITION_AXES]
-    labels = None if tokens is None or not pos else html_view.position_labels(tokens, result[site].shape[axes.index(pos[0])])
+    n_pos = result[site].shape[axes.index(pos[0])] if pos else 0
+    labels = None if tokens is None or not pos else html_view.position_labels(tokens, n_pos)
     why = why if pos else None  # no position axis to label
     hover = None if labels is None else {pos[0]: html_view.position_variants(tokens, len(labels))}
-    panel = html_view.heatmap(result[site], axes, name=name, title=f"{name or path.name}: {site}", tokens=labels, hover=hover,
+    panel = html_view.heatmap(result[site], axes, name=name, title=f"{name}: {site}", tokens=labels, hover=hover,
                               note=_describe(settings) + (f"; {why}" if why else ""), unit=settings.get("metric", ""),
                               centre=_centre(settings, settings.get("clean")))
     extra = []
@@ -150,10 +151,11 @@ def bulk_panels(path, name, prompts):
             warnings.simplefilter("ignore")
             mean, spread, count = result.mean(site), result.std(site), result.count(site)
         pos = [a for a in axes if a in html_view.POSITION_AXES]
-        common = None if tokens is None or not pos else html_view.position_labels(tokens, mean.shape[axes.index(pos[0])])
+        n_pos = mean.shape[axes.index(pos[0])] if pos else 0
+        common = None if tokens is None or not pos else html_view.position_labels(tokens, n_pos)
         clean = result.clean_value(site)
         panels.append(html_view.heatmap(
-            mean, axes, name=f"{name}/{site}" if name else site, title=f"{name or path.name}: bulk {site}, {n} prompts",
+            mean, axes, name=f"{name}/{site}" if name else site, title=f"{name}: bulk {site}, {n} prompts",
             hover=None if common is None else {pos[0]: html_view.position_variants(tokens, len(common))},
             note=_describe(settings) + (f"; {why}" if why else "") + "; left: the normalized mean over prompts "
             "(hover: spread), right: the chosen prompt normalized by its own baselines", tokens=common, spread=spread,
@@ -175,12 +177,13 @@ def circuit_panels(path, name):
             (int(w.split(".h")[1].split("<")[0]) for e in edges for w in e[:2] if ".h" in w), default=0) + 1)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{path / 'circuit.json'}: not a circuit of this jpatch ({type(e).__name__}: {e})") from None
-    panels = [html_view.circuit(n_layer, n_head, edges, name=name, score_name=f"{data.get('metric')} increase when removed",
-                                title=f"{name or path.name}: ACDC circuit, {len(edges)} edges, threshold "
+    panels = [html_view.circuit(n_layer, n_head, edges, name=name,
+                                score_name=f"{data.get('metric')} increase when removed",
+                                title=f"{name}: ACDC circuit, {len(edges)} edges, threshold "
                                       f"{data.get('threshold')}")]
     for key, grid in grids.items():
         panels.append(html_view.heatmap(grid, ("layer", "head"), name=f"{name}/{key}", centre=1.0,
-                                        title=f"path patching: heads {key.replace('_', ' -> ')}",
+                                        title=f"path patching: heads -> {key.removeprefix('to_')}",
                                         note="noising; 1 = unpatched, far from 1 = the head matters"))
     return panels
 
@@ -217,9 +220,11 @@ def paper_panels(path, name):
     return panels
 
 
-def folder_view(folder, *, attention_prompts=8):
+def folder_view(folder, *, attention_prompts=8, name=None):
     """The panels of every result under `folder`, attention patterns last (one panel per set of
-    prompts). Raises FileNotFoundError for a folder without results, ValueError for an unreadable one."""
+    prompts); `name`: the folder's own results' label (default: its name; --html builds the folder
+    under a temporary name). Raises FileNotFoundError for a folder without results, ValueError for
+    an unreadable one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder}")
@@ -227,9 +232,9 @@ def folder_view(folder, *, attention_prompts=8):
     if not found:
         raise FileNotFoundError(f"{folder} holds no jpatch result (no {', '.join(VIEW_FILES)} or bulk shard in it "
                                 "or its subfolders)")
-    prompts, panels, extras = Prompts(attention_prompts), [], {}
+    prompts, panels, extras, name_of_root = Prompts(attention_prompts), [], {}, name
     for path in found:
-        name = "" if path == folder else path.relative_to(folder).as_posix()
+        name = (name_of_root or folder.resolve().name) if path == folder else path.relative_to(folder).as_posix()
         more = []
         if (path / results.MANIFEST_FILE).is_file() or any(path.glob("shard-*.npz")):
             got, more = bulk_panels(path, name, prompts)

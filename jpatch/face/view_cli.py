@@ -38,7 +38,8 @@ def check_out(out, folder, overwrite):
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise FileExistsError(f"--out {out} is a link or not a file; name a new .html file")
     if folder.resolve() in out.resolve().parents:
-        raise FileExistsError(f"--out {out} is inside {folder}, whose files jpatch keeps as written; write it elsewhere")
+        raise FileExistsError(f"--out {out} is inside {folder}, whose files jpatch keeps as written; "
+                              "write it elsewhere")
     if out.exists():
         if not html_view.is_view_file(out):
             raise FileExistsError(f"{out} exists and is not a view jpatch wrote; choose another name")
@@ -48,9 +49,10 @@ def check_out(out, folder, overwrite):
     return out
 
 
-def write_view(folder, out, *, title=None, attention_prompts=ATTENTION_PROMPTS):
-    """Render every result under `folder` into the HTML file `out` (atomically); returns its size in bytes."""
-    panels = view.folder_view(folder, attention_prompts=attention_prompts)
+def write_view(folder, out, *, title=None, attention_prompts=ATTENTION_PROMPTS, name=None):
+    """Render every result under `folder` into the HTML file `out` (atomically); returns its size in
+    bytes. name: the folder's label (its final name, for an output folder still being built)."""
+    panels = view.folder_view(folder, attention_prompts=attention_prompts, name=name)
     text = html_view.page(panels, title or f"jpatch results: {Path(folder).resolve().name}").encode()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic.atomic_write(out, lambda f: f.write(text))
@@ -61,7 +63,7 @@ def html_extra(args, title):
     """write_sweeps' `extra` for --html: the view of the output folder being built, inside it."""
     if not getattr(args, "html", False):
         return None
-    return lambda folder: write_view(folder, Path(folder) / REPORT_HTML, title=title)
+    return lambda folder: write_view(folder, Path(folder) / REPORT_HTML, title=title, name=Path(args.out).name)
 
 
 def one_line(error):

@@ -72,7 +72,7 @@ function drawGrid(box, g, values, offset, extra, tip) {
   if (g.title) el("h4", {}, box, g.title);
   var n = g.rows * g.cols, scale = 0, longest = 0;
   for (var i = 0; i < n; i++) { var v = values[offset + i]; if (isFinite(v)) scale = Math.max(scale, Math.abs(v - g.centre)); }
-  if (g.seq) scale = 1;
+  scale = g.seq ? 1 : Math.max(scale, 1e-5 * Math.max(1, Math.abs(g.centre)));  // float noise stays white
   for (i = 0; i < g.rows; i++) longest = Math.max(longest, Math.min(16, axisLabel(g.labels, g.rowAxis, i).length));
   var cw = Math.max(14, Math.min(40, Math.floor((g.narrow ? 440 : 640) / g.cols))), ch = 20, left = 26 + 7 * longest, top = 6;
   var colText = g.colAxis === "pos" || g.colAxis === "src" || g.colAxis === "reader";

@@ -48,7 +48,8 @@ def position_variants(tokens_per_prompt, n, k=4):
     return out
 
 
-def heatmap(values, axes, *, name="", title="", note="", tokens=None, labels=None, hover=None, spread=None, count=None, centre=0.0, unit="",
+def heatmap(values, axes, *, name="", title="", note="", tokens=None, labels=None, hover=None, spread=None, count=None,
+            centre=0.0, unit="",
             prompts=None, prompt_labels=None, prompt_tokens=None, grid_title=""):
     """A heatmap panel of `values` [*lead, rows, cols] (leading axes get pickers; 1-D becomes one row).
 
@@ -57,14 +58,16 @@ def heatmap(values, axes, *, name="", title="", note="", tokens=None, labels=Non
     white; prompts [n, *grid] with prompt_labels [n] and prompt_tokens [n][len]: a prompt picker and
     that prompt's grid beside the main one."""
     values = np.asarray(values, np.float32)
-    axes = tuple(axes) if axes is not None and len(axes) == values.ndim else tuple(f"axis {i}" for i in range(values.ndim))
+    known = axes is not None and len(axes) == values.ndim
+    axes = tuple(axes) if known else tuple(f"axis {i}" for i in range(values.ndim))
     if values.ndim == 1:
         values, axes = values[None], ("",) + axes
         spread, count = (None if a is None else np.asarray(a)[None] for a in (spread, count))
         prompts = None if prompts is None else np.asarray(prompts)[:, None]
     labels = {**{a: list(tokens) for a in axes if a in POSITION_AXES and tokens is not None}, **(labels or {})}
     panel = {"kind": "heatmap", "name": name, "title": title, "note": note, "axes": list(axes),
-             "values": pack(values), "labels": labels, "hover": hover or {}, "centre": float(centre), "unit": unit, "grid_title": grid_title,
+             "values": pack(values), "labels": labels, "hover": hover or {}, "centre": float(centre), "unit": unit,
+             "grid_title": grid_title,
              "spread": None if spread is None else pack(spread), "count": None if count is None else pack(count)}
     if prompts is not None:
         panel["prompts"] = {"values": pack(prompts), "labels": [str(s) for s in prompt_labels],
@@ -182,7 +185,8 @@ def result_panels(values, axes, *, title="", each=None, centre=0.0, unit="", tok
             warnings.simplefilter("ignore", RuntimeWarning)
             spread, count = np.nanstd(each, axis=0), np.isfinite(each).sum(0)
     labels = None if each is None else [f"prompt {i}" for i in range(len(each))]
-    return [heatmap(values, axes, title=title, tokens=tokens, spread=spread, count=count, centre=_json_safe(centre) or 0.0,
+    return [heatmap(values, axes, title=title, tokens=tokens, spread=spread, count=count,
+                    centre=_json_safe(centre) or 0.0,
                     unit=unit, prompts=each, prompt_labels=labels, grid_title="mean over prompts" if each is not None
                     else "")]
 
