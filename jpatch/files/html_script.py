@@ -178,7 +178,7 @@ function scatter(box, p, tip) {
   s("rect", {x: M, y: 4, width: W, height: W, fill: "none", stroke: "#999"}, svg);
   s("line", {x1: M, y1: 4 + W, x2: M + W, y2: 4, stroke: "#aaa", "stroke-dasharray": "4 3"}, svg);
   s("text", {x: M + W / 2, y: W + 38, "text-anchor": "middle"}, svg, p.xlabel + "  [" + fmt(lo) + ", " + fmt(hi) + "]");
-  s("text", {x: 12, y: 4 + W / 2, transform: "rotate(-90 12 " + (4 + W / 2) + ")", "text-anchor": "middle"}, svg, p.ylabel);
+  s("text", {x: 12, y: 4 + W / 2, transform: "rotate(-90 12 " + (4 + W / 2) + ")", "text-anchor": "middle"}, svg, p.ylabel + "  [" + fmt(lo) + ", " + fmt(hi) + "]");
   for (i = 0; i < x.length; i++) if (isFinite(x[i]) && isFinite(y[i]))
     s("circle", {cx: M + sc(x[i]), cy: 4 + W - sc(y[i]), r: 3.5, fill: "rgba(31,119,180,.65)", "class": "jp-pt", "data-i": i}, svg);
   svg.addEventListener("mousemove", function (ev) {
