@@ -327,3 +327,22 @@ def gemma2_tl_model(hf):
         model = HookedTransformer(cfg)
     model.load_and_process_state_dict(dict(convert_gemma_weights(hf, cfg)), **UNPROCESSED)
     return model.eval()
+
+
+def hf_patched_ld(hf, tokens, ans, con, patch):
+    """Per-prompt logit differences of transformers' model with `patch` = (layer, module part, fn(act))."""
+    layer, part, fn = patch
+    module = hf.model.layers[layer] if part == "resid_pre" else hf.model.layers[layer].self_attn.k_proj
+    if part == "resid_pre":
+        handle = module.register_forward_pre_hook(
+            lambda mod, args, kwargs: ((fn(args[0]),) + args[1:], kwargs) if args
+            else (args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}), with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(lambda mod, args, out: fn(out))
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor(tokens)).logits[:, -1].double().numpy()
+    finally:
+        handle.remove()
+    rows = np.arange(len(tokens))
+    return logits[rows, ans] - logits[rows, con]

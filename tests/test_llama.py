@@ -206,25 +206,6 @@ def test_get_act_patch_matches_transformer_lens(family, setups, variant, name, d
 # --- past Mistral's window: against transformers patched by torch hooks ---------------------------------
 
 
-def hf_patched_ld(hf, tokens, ans, con, patch):
-    """Per-prompt logit differences of transformers' model with `patch` = (layer, module part, fn(act))."""
-    layer, part, fn = patch
-    module = hf.model.layers[layer] if part == "resid_pre" else hf.model.layers[layer].self_attn.k_proj
-    if part == "resid_pre":
-        handle = module.register_forward_pre_hook(
-            lambda mod, args, kwargs: ((fn(args[0]),) + args[1:], kwargs) if args
-            else (args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}), with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(lambda mod, args, out: fn(out))
-    try:
-        with torch.no_grad():
-            logits = hf(torch.tensor(tokens)).logits[:, -1].double().numpy()
-    finally:
-        handle.remove()
-    rows = np.arange(len(tokens))
-    return logits[rows, ans] - logits[rows, con]
-
-
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_mistral_sweeps_past_the_window_match_transformers(family, direction):
     """resid_pre by (layer, pos) and k by (layer, pos, key-value head) on prompts twice the window:
@@ -261,10 +242,10 @@ def test_mistral_sweeps_past_the_window_match_transformers(family, direction):
     resid = np.zeros((B, L, LONG))
     keys = np.zeros((B, L, LONG, KV))
     for l, p in np.ndindex(L, LONG):
-        resid[:, l, p] = normalize(hf_patched_ld(m.hf, tokens, ans, con,
+        resid[:, l, p] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
                                                  (l, "resid_pre", set_at(out[source].hidden_states[l], p))))
         for g in range(KV):
-            keys[:, l, p, g] = normalize(hf_patched_ld(m.hf, tokens, ans, con,
+            keys[:, l, p, g] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
                                                        (l, "k", set_at(k_source[l], p, slice(g * e, (g + 1) * e)))))
     for site, expected in (("resid_pre", resid), ("k", keys)):
         assert_nontrivial(expected, site)

@@ -1,0 +1,229 @@
+"""Gemma 2 against independent references, on a random tiny Gemma2ForCausalLM (tests/reference.py:
+2 layers, layer 0 local with a window of 6, layer 1 global; d_model 64, 4 query / 2 key-value
+heads of 16 dims, query_pre_attn_scalar 24, soft caps 5 on the scores and 3 on the logits, every
+norm perturbed) and the same weights in TransformerLens 3.9 (convert_gemma_weights, the config of
+/work/shared/FAMILIES.md):
+
+- logits vs transformers, plain and right-padded, on prompts longer than the window;
+- run_with_cache vs TransformerLens (every hook name: ln1_post / ln2_post included);
+- get_act_patch_* vs TransformerLens's own, both directions. TransformerLens 3.9 ignores sliding
+  windows, so those prompts are no longer than the window; past it, resid_pre and k sweeps are
+  compared with transformers patched by torch hooks (no-op patches scoring exactly the base run);
+- `attribute` of k vs torch autograd; greedy generation vs transformers past the window;
+- a saved folder converted, and settings jpatch cannot reproduce refused by name.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+
+import jpatch
+import reference
+from jpatch import patching
+from jpatch.methods import attribution, metrics
+from jpatch.model.convert import convert_hf
+from jpatch.model.gemma2 import Gemma2
+from jpatch.model.gemma2_hf import config_from_hf, from_hf_state_dict
+
+TOL = 1e-4
+TINY = reference.GEMMA2_TINY
+V, L, KV = TINY["vocab_size"], TINY["num_hidden_layers"], TINY["num_key_value_heads"]
+WINDOW = TINY["sliding_window"]
+B, T, LONG, CHANGED = 3, WINDOW, 2 * WINDOW, 2
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def assert_close(actual, expected, tol=TOL, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
+    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
+    err = float(np.abs(actual - expected).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+
+
+def assert_nontrivial(result, what="", size=1e-3):
+    result = np.asarray(result)
+    assert np.isfinite(result).all(), what
+    assert np.ptp(result) > size, f"{what}: all results are equal"
+
+
+@pytest.fixture(scope="module")
+def m():
+    import types
+
+    hf = reference.gemma2_hf_model(seed=3)
+    jp = from_hf_state_dict(reference.hf_state_dict(hf), config_from_hf(hf.config.to_dict()))
+    return types.SimpleNamespace(hf=hf, jp=jp, tl=reference.gemma2_tl_model(hf))
+
+
+def prompts(n_pos, seed=5):
+    clean = reference.random_tokens(B, n_pos, V - 1, seed=seed)
+    corrupted = clean.copy()
+    corrupted[:, CHANGED:] = (clean[:, CHANGED:] + 17) % (V - 1)
+    return clean, corrupted
+
+
+@pytest.fixture(scope="module")
+def s(m):
+    import types
+
+    clean, corrupted = prompts(T)
+    with torch.no_grad():
+        clean_logits, clean_cache = m.tl.run_with_cache(torch.tensor(clean))
+        corr_logits, corr_cache = m.tl.run_with_cache(torch.tensor(corrupted))
+    gap = (clean_logits[:, -1] - corr_logits[:, -1]).numpy()
+    ans, con, rows = gap.argmax(-1), gap.argmin(-1), np.arange(B)
+    return types.SimpleNamespace(
+        clean=clean, corrupted=corrupted, ans=ans, con=con, tl_cache={"clean": clean_cache, "corrupted": corr_cache},
+        metric=lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean(),
+        jp_cache={"clean": m.jp.run_with_cache(clean)[1], "corrupted": m.jp.run_with_cache(corrupted)[1]})
+
+
+def test_config(m):
+    c = m.jp.config
+    assert isinstance(m.jp, Gemma2) and c.windows() == [WINDOW, TINY["max_position_embeddings"]]
+    assert (c.attn_softcap, c.final_softcap, c.query_pre_attn_scalar, c.d_head) == (5.0, 3.0, 24.0, 16)
+    assert np.asarray(m.jp.blocks.window).tolist() == c.windows()
+
+
+def test_logits_match_transformers(m):
+    tokens = reference.random_tokens(3, LONG, V - 1, seed=2)
+    expected = reference.hf_logits(m.hf, tokens)
+    assert np.abs(expected).max() > 0.5 * TINY["final_logit_softcapping"]  # the cap bends these logits
+    assert_close(m.jp(tokens), expected, what="logits")
+    lengths = np.array([LONG, 9, 4])
+    mask = (np.arange(LONG) < lengths[:, None]).astype(int)
+    padded = np.where(mask, tokens, V - 1)
+    got, expected = np.asarray(m.jp(padded, attention_mask=mask)), reference.hf_logits(m.hf, padded, mask)
+    for b, n in enumerate(lengths):
+        assert_close(got[b, :n], expected[b, :n], what=f"right-padded prompt {b}")
+
+
+def test_cache_matches_transformer_lens(m):
+    tokens = reference.random_tokens(2, T, V, seed=1)
+    logits, cache = m.jp.run_with_cache(tokens)
+    with torch.no_grad():
+        tl_logits, tl_cache = m.tl.run_with_cache(torch.tensor(tokens))
+    assert set(cache.keys()) == set(tl_cache.keys())
+    assert "blocks.0.ln1_post.hook_normalized" in cache.keys() and "blocks.1.ln2_post.hook_scale" in cache.keys()
+    for name in cache.keys():
+        assert_close(cache[name], tl_cache[name].numpy(), what=name)
+    assert_close(logits, tl_logits.numpy(), what="logits")
+
+
+def test_greedy_generate_equals_transformers(m):
+    prompt = reference.random_tokens(2, 5, V - 1, seed=11)
+    with torch.no_grad():
+        expected = m.hf.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, eos_token_id=V - 1,
+                                 pad_token_id=V - 1, attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
+    out = np.asarray(m.jp.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=V - 1))
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("name", ["resid_pre", "attn_head_out_all_pos", "attn_head_k_all_pos"])
+def test_get_act_patch_matches_transformer_lens(m, s, name, direction):
+    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+    with torch.no_grad():
+        expected = getattr(tl_patching, f"get_act_patch_{name}")(
+            m.tl, torch.tensor(getattr(s, base)), s.tl_cache[source], s.metric).double().numpy()
+    assert_nontrivial(expected, f"TransformerLens {name}")
+    got = getattr(patching, f"get_act_patch_{name}")(m.jp, getattr(s, base), s.jp_cache[source], s.metric,
+                                                     progress=False)
+    assert_close(got, expected, what=f"{name} {direction}")
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_sweeps_past_the_window_match_transformers(m, direction):
+    """resid_pre by (layer, pos) and k by (layer, pos, key-value head), prompts twice the window,
+    per prompt: transformers (local layer masked to its window) patched by torch hooks."""
+    clean, corrupted = prompts(LONG, seed=8)
+    with torch.no_grad():
+        out = {n: m.hf(torch.tensor(t), output_hidden_states=True) for n, t in (("clean", clean), ("corrupted", corrupted))}
+    gap = (out["clean"].logits[:, -1] - out["corrupted"].logits[:, -1]).numpy()
+    ans, con, rows = gap.argmax(-1), gap.argmin(-1), np.arange(B)
+    ld = {n: (o.logits[rows, -1, ans] - o.logits[rows, -1, con]).double().numpy() for n, o in out.items()}
+    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+    tokens = corrupted if base == "corrupted" else clean
+    keys, e = {}, m.jp.config.d_head
+    hooks = [m.hf.model.layers[l].self_attn.k_proj.register_forward_hook(
+        lambda mod, args, o, l=l: keys.__setitem__(l, o.clone())) for l in range(L)]
+    with torch.no_grad():
+        m.hf(torch.tensor(clean if source == "clean" else corrupted))
+    for h in hooks:
+        h.remove()
+
+    def set_at(src, pos, cols=slice(None)):
+        def fn(act):
+            act = act.clone()
+            act[:, pos, cols] = src[:, pos, cols]
+            return act
+        return fn
+
+    normalize = lambda raw: (raw - ld["corrupted"]) / (ld["clean"] - ld["corrupted"])
+    resid, k = np.zeros((B, L, LONG)), np.zeros((B, L, LONG, KV))
+    for l, p in np.ndindex(L, LONG):
+        resid[:, l, p] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
+                                                           (l, "resid_pre", set_at(out[source].hidden_states[l], p))))
+        for g in range(KV):
+            k[:, l, p, g] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
+                                                              (l, "k", set_at(keys[l], p, slice(g * e, (g + 1) * e)))))
+    metric = metrics.logit_diff(ans, con)
+    for site, expected in (("resid_pre", resid), ("k", k)):
+        assert_nontrivial(expected, site)
+        got = np.asarray(patching.sweep(m.jp, clean, corrupted, site, metric, direction=direction, per_prompt=True,
+                                        progress=False))
+        assert_close(got, expected, what=f"{site} {direction}")
+        assert (got[:, :, :CHANGED] == (0.0 if direction == "denoise" else 1.0)).all(), f"{site}: a no-op moved"
+
+
+def test_attribute_k_matches_torch_autograd(m, s):
+    store, names = {}, [f"blocks.{l}.attn.hook_k" for l in range(L)]
+
+    def keep(act, hook):
+        act.retain_grad()
+        store[hook.name] = act
+        return act
+
+    rows, ans, con = torch.arange(B), torch.tensor(s.ans), torch.tensor(s.con)
+    with torch.enable_grad():
+        logits = m.tl.run_with_hooks(torch.tensor(s.corrupted), fwd_hooks=[(n, keep) for n in names])
+        ld = logits[rows, -1, ans] - logits[rows, -1, con]
+        ld.sum().backward()
+    with torch.no_grad():
+        clean = m.tl(torch.tensor(s.clean))
+    gap = (clean[rows, -1, ans] - clean[rows, -1, con] - ld.detach()).double().numpy()
+    delta = np.stack([((s.tl_cache["clean"][n] - store[n].detach()) * store[n].grad).sum(-1).double().numpy()
+                      for n in names], 1)
+    expected = delta / gap[:, None, None, None]
+    assert_nontrivial(expected, "k")
+    got = attribution.attribute(m.jp, s.clean, s.corrupted, "k", metrics.logit_diff(s.ans, s.con), per_prompt=True)
+    assert_close(got, expected, what="k attribution")
+    with pytest.raises(ValueError, match="not implemented for Gemma 2"):
+        attribution.attribute(m.jp, s.clean, s.corrupted, "k", metrics.logit_diff(s.ans, s.con), method="atp-qk")
+
+
+def test_convert_a_folder_and_refuse_what_is_not_reproduced(m, tmp_path):
+    m.hf.save_pretrained(tmp_path / "hf")
+    model = jpatch.load(convert_hf(tmp_path / "hf", tmp_path / "jp"))
+    assert isinstance(model, Gemma2) and json.loads((tmp_path / "jp" / "config.json").read_text())["family"] == "gemma2"
+    tokens = reference.random_tokens(2, LONG, V, seed=4)
+    assert_close(model(tokens), reference.hf_logits(m.hf, tokens), what="converted logits")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for changes, field in (({"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+                           ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+                            "rope_type='linear'"),
+                           ({"layer_types": ["sliding_attention", "chunked_attention"]}, "chunked_attention")):
+        src = tmp_path / "src"
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(tmp_path / "hf", src)
+        (src / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(ValueError, match=f"{src / 'config.json'}.*{field}"):
+            convert_hf(src, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
