@@ -64,9 +64,9 @@ def estimate_dims(site):
 def _qk_fix(site, base, source, grad_pattern, key_mask, per_position, position_qk):
     """AtP*'s QK fix for one layer: sum (A' - A) . dM/dA with A' recomputed for the patched q or k.
 
-    base/source: q, k [rows, T, H, d_head]; grad_pattern [rows, H, Tq, Tk]; position_qk(q, k):
-    the q and k attention scores (the family's position encoding, e.g. rotary).
-    Returns [rows, T, H] (by patched position) or [rows, 1, H] (all positions patched at once).
+    base/source: q, k [rows, T, H, d_head]; grad_pattern [rows, H, Tq, Tk]; position_qk(q, k): the q and k
+    attention scores (the family's position encoding, e.g. rotary). Returns [rows, T, H] (by patched position) or
+    [rows, 1, H] (all positions patched at once); for k, H is the key-value heads (each moves its query group).
     """
     def _pattern(q, k, key_mask):
         """The attention pattern [rows, H, Tq, Tk] of q, k [rows, T, H, d_head], as the model computes it."""
@@ -83,9 +83,7 @@ def _qk_fix(site, base, source, grad_pattern, key_mask, per_position, position_q
     q, k = base["attn.hook_q"], base["attn.hook_k"]
     A = _pattern(q, k, key_mask)
     gain = lambda A_new: (A_new - A) * grad_pattern  # [rows, H, Tq, Tk]
-    # Under grouped-query attention a key-value head's patch moves its whole query group's patterns.
-    n_kv = k.shape[-2]
-    by_kv = lambda g: g.reshape(g.shape[:-1] + (n_kv, -1)).sum(-1) if site == "attn.hook_k" else g
+    by_kv = lambda g: g.reshape(g.shape[:-1] + (k.shape[-2], -1)).sum(-1) if site == "attn.hook_k" else g
     if site == "attn.hook_q" or not per_position:
         # A query changes only its own pattern row, so every row's patch is one full recompute.
         new = _pattern(source["attn.hook_q"], k, key_mask) if site == "attn.hook_q" else _pattern(
@@ -93,8 +91,7 @@ def _qk_fix(site, base, source, grad_pattern, key_mask, per_position, position_q
         if site == "attn.hook_q" and per_position:
             return jnp.swapaxes(gain(new).sum(-1), 1, 2)  # [rows, Tq, H]
         return by_kv(gain(new).sum((-1, -2)))[:, None, :]  # [rows, 1, H or n_kv]
-    # A key at position s changes column s of every row: one recompute per key position.
-    T = k.shape[1]
+    T = k.shape[1]  # a key at position s changes column s of every row: one recompute per key position
 
     def one_key(s):
         k_new = jnp.where((jnp.arange(T) == s)[None, :, None, None], source["attn.hook_k"], k)
