@@ -12,6 +12,7 @@ TransformerLens's. The two results must agree within 1e-4.
     python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
     python scripts/bench.py --circuits [--json out.json]      (see bench_circuits.py)
     python scripts/bench.py --hook-loop [--json out.json]     (see bench_hook_loop.py)
+    python scripts/bench.py --attr-recipe [--json out.json]   (see bench_attr_recipe.py)
     python scripts/bench.py --scaling [--lengths 16,64,256,1024] [--batches 1,8] [--deep medium,xl]
 
 Each sweep is also timed with the TransformerLens-style jnp callable of the same
@@ -445,6 +446,8 @@ def main():
     parser.add_argument("--tl-limit", type=float, default=600, help="--scaling: longest TransformerLens run measured (s)")
     parser.add_argument("--hook-loop", action="store_true",
                         help="benchmark a TransformerLens notebook's loop of hooked runs instead (bench_hook_loop.py)")
+    parser.add_argument("--attr-recipe", action="store_true",
+                        help="benchmark the Attribution_Patching_Demo's recipe instead (bench_attr_recipe.py)")
     parser.add_argument("--circuits", action="store_true",
                         help="benchmark path patching and ACDC instead (scripts/bench_circuits.py)")
     args = parser.parse_args()
@@ -454,6 +457,10 @@ def main():
         import bench_circuits
 
         return bench_circuits.main(args.json)
+    if args.attr_recipe:
+        import bench_attr_recipe
+
+        return bench_attr_recipe.main(args.json)
     if args.hook_loop:
         import bench_hook_loop
 

@@ -19,6 +19,7 @@ from jpatch.model import hooks as hook_functions
 from jpatch.model import sites
 from jpatch.model.cache import Cache
 from jpatch.model.interventions import Add, Apply
+from jpatch.model.views import attn_result_sites
 
 
 @eqx.filter_jit
@@ -95,7 +96,7 @@ def run_with_gradients(model, tokens, *, names_filter=None, overrides=None, atte
     tokens, attention_mask = model.as_tokens(tokens, attention_mask)
     model.check_tokens(tokens)
     n = model.config.n_layer
-    record = record_sites(names_filter, model.sites, n)
+    record = frozenset(record_sites(names_filter, model.sites, n) | attn_result_sites(model, names_filter))
     if metric is not None:
         shape = jax.eval_shape(metric, jax.ShapeDtypeStruct(
             (tokens.shape[0], tokens.shape[1] if logits_at is None else jnp.shape(logits_at)[1],
