@@ -8,27 +8,11 @@ import os
 
 import jax
 
+from jpatch.files import compile_cache
 from jpatch.version import __version__  # noqa: F401
 
-
-def _enable_compilation_cache():
-    """With JPATCH_COMPILE_CACHE=1, keep compiled sweeps across processes (a cold start then
-    skips most of the compile), unless the user configured a JAX cache of their own.
-
-    Off by default: on this project's CPU test machine, JAX 0.10's persistent cache crashed
-    the process (segmentation faults while serializing and reading entries) twice in one day.
-    """
-    if jax.config.jax_compilation_cache_dir is None and os.environ.get("JPATCH_COMPILE_CACHE") == "1":
-        base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-        # "xla-locked": entries written with the lock below (older jpatch's "jax" folder has none).
-        jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jpatch", "xla-locked"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        # A size limit turns on JAX's file lock around every cache read and write: without it,
-        # concurrent jpatch processes (bulk runs) can read a half-written entry.
-        jax.config.update("jax_compilation_cache_max_size", 4 << 30)
-
-
-_enable_compilation_cache()
+# Compiled programs survive the process (JPATCH_COMPILE_CACHE=0: off); before anything compiles.
+compile_cache.enable()
 
 
 def _full_precision_matmuls():

@@ -13,6 +13,11 @@ os.environ["JPATCH_STAGE_COMPILE_FLOPS"] = "0"
 # same flags (subprocesses inherit them). scripts/bench.py runs at XLA's default.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+# The suite compiles from scratch: a persistent compilation cache kept between runs would make the
+# tests that count compiles depend on what an earlier run left (tests/test_compile_cache.py turns it
+# on in its own subprocesses, with their own folders).
+os.environ["JPATCH_COMPILE_CACHE"] = "0"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
