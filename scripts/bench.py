@@ -320,11 +320,11 @@ def scaling_child(spec):
 
 
 def run_child(spec):
-    """scaling_child(spec) in a fresh process without a persistent compilation cache, as jpatch
-    runs by default (a cache would add the cost of writing its entries to the cold sweep)."""
+    """scaling_child(spec) in a fresh process without a persistent compilation cache (a cache
+    would add the cost of writing its entries to the cold sweep, or skip the compile)."""
     code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import bench; "
             f"print(json.dumps(bench.scaling_child(json.loads(sys.argv[1]))))")
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JPATCH_COMPILE_CACHE")}
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}, "JPATCH_COMPILE_CACHE": "0"}
     run = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     if run.returncode:
         raise SystemExit(f"scaling case {spec} failed:\n{run.stderr[-3000:]}")
