@@ -53,7 +53,8 @@ def _prepared(model, metric, batch, pos):
     if prepared is None or not is_user_callable(prepared):
         raise TypeError("the attribution recipe takes metric(logits) -> scalar, a function of the logits as the "
                         f"demo's ioi_metric, got {type(metric).__name__}")
-    logits = jax.ShapeDtypeStruct((batch, np.shape(prepared.positions)[1], model.config.d_vocab), jnp.float32)
+    k = pos if isinstance(prepared.positions, str) else np.shape(prepared.positions)[1]
+    logits = jax.ShapeDtypeStruct((batch, k, model.config.d_vocab), jnp.float32)
     value = jax.eval_shape(lambda lg: prepared.score(lg, lg, prepared.data), logits).shape
     if value != ():
         raise ValueError(f"the metric must return a scalar (the demo's metric averages over prompts), got shape {value}")
@@ -62,7 +63,12 @@ def _prepared(model, metric, batch, pos):
 
 def _run_caches(model, tokens_list, metric, names_filter):
     refuse_hooked(model, "the attribution recipe")
-    tokens_list = [model.as_tokens(t, None)[0] for t in tokens_list]
+    pairs = [model.as_tokens(t, None) for t in tokens_list]
+    if any(mask is not None for _, mask in pairs):
+        raise ValueError("texts of different lengths (padded, with an attention_mask) are not supported by the "
+                         "attribution recipe: the demo's metric reads position -1 of every prompt; pass prompts of "
+                         "one length")
+    tokens_list = [tokens for tokens, _ in pairs]
     shapes = {tuple(t.shape) for t in tokens_list}
     if len(shapes) != 1:
         raise ValueError(f"the runs' tokens must have one shape, got {sorted(shapes)}")
@@ -72,7 +78,8 @@ def _run_caches(model, tokens_list, metric, names_filter):
     prepared = _prepared(model, metric, batch, pos)
     n = model.config.n_layer
     record = frozenset(s for s in record_sites(names_filter, model.sites, n) if not s.startswith(_FINAL))
-    read = jnp.asarray(np.tile(np.asarray(prepared.positions), (runs, 1)), jnp.int32)
+    read = None if isinstance(prepared.positions, str) else jnp.asarray(  # str: it reads every position
+        np.tile(np.asarray(prepared.positions), (runs, 1)), jnp.int32)
     value, stacks, grads = _split_runs(model, jnp.concatenate(tokens_list), read, record,
                                        _Runs(prepared.score, prepared.data, runs))
     keep = None
