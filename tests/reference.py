@@ -130,6 +130,9 @@ def tl_path_patch(tl, base, source, sender, receivers, freeze_mlps=False, caches
             return x
         return hook
 
+    # grouped-query attention: a query head's k / v input is its key-value head's (hook_k_input has those)
+    group = tl.cfg.n_heads // (tl.cfg.n_key_value_heads or tl.cfg.n_heads)
+
     hooks2 = []
     for r in receivers:
         if r == "logits":
@@ -139,7 +142,8 @@ def tl_path_patch(tl, base, source, sender, receivers, freeze_mlps=False, caches
         else:
             layer, head = r[1:].split("<")[0].split(".h")
             chans = r.split("<")[1][0] if "<" in r else "qkv"
-            hooks2 += [(f"blocks.{layer}.hook_{c}_input", replace([int(head)])) for c in chans]
+            hooks2 += [(f"blocks.{layer}.hook_{c}_input", replace([int(head) // (1 if c == "q" else group)]))
+                       for c in chans]
     with torch.no_grad():
         return tl.run_with_hooks(toks, fwd_hooks=hooks2).numpy()
 

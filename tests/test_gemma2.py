@@ -227,3 +227,16 @@ def test_convert_a_folder_and_refuse_what_is_not_reproduced(m, tmp_path):
         with pytest.raises(ValueError, match=f"{src / 'config.json'}.*{field}"):
             convert_hf(src, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_edge_methods_refuse_post_norms(m, s):
+    """Gemma 2 normalizes the attention and MLP outputs before adding them to the residual stream,
+    so the heads' writes do not add up to it: the edge graph's methods refuse, naming why."""
+    from jpatch.methods import acdc, circuits, edges
+
+    metric = metrics.logit_diff(s.ans, s.con)
+    for call in (lambda: edges.edge_attribution(m.jp, s.clean, s.corrupted, metric),
+                 lambda: circuits.path_patch(m.jp, s.clean, s.corrupted, "heads", ["logits"], metric),
+                 lambda: acdc.acdc(m.jp, s.clean, s.corrupted, threshold=0.1)):
+        with pytest.raises(ValueError, match="Gemma 2: its attention and MLP outputs are normalized"):
+            call()

@@ -389,18 +389,104 @@ def test_mixed_sliding_layers_are_refused():
         config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
 
 
-def test_edge_methods_refuse_grouped_query_attention(family, setups):
-    """Their graph has a k and a v reader per query head; under grouped-query attention those
-    inputs are per key-value head, which the graph does not have yet: refused, not approximated."""
-    from jpatch.methods import acdc, edges, paths
+def test_edge_graph_reads_key_value_heads(family):
+    """The edge graph's k / v readers are key-value heads ("a<l>.kv<g><k>"); a query head's k / v
+    input names its group's. Every edge kept: the graph's forward is the model's (transformers)."""
+    from jpatch.methods import circuits
+    from jpatch.methods.edges import graph_names
 
-    m, s = family("qwen2"), setups("qwen2")
+    m = family("mistral")
+    writers, readers, valid = graph_names(m.jp.config)
+    assert readers[:H + 2 * KV + 1] == tuple([f"a0.h{h}<q>" for h in range(H)] + [f"a0.kv{g}<k>" for g in range(KV)]
+                                             + [f"a0.kv{g}<v>" for g in range(KV)] + ["m0"])
+    assert [readers[i] for i in circuits.reader_indices(m.jp.config, "a1.h3")] == ["a1.h3<q>", "a1.kv1<k>", "a1.kv1<v>"]
+    tokens = reference.random_tokens(2, LONG, V - 1, seed=6)  # past the window
+    source = np.zeros((len(writers), 2, LONG, m.jp.config.d_model), np.float32)
+    got = circuits.edge_forward(m.jp, tokens, valid.astype(np.float32), source)
+    assert_close(got, reference.hf_logits(m.hf, tokens), what="every edge kept")
+
+
+@pytest.mark.parametrize("receivers, direction", [(["a1.h3<k>"], "noise"), (["a1.h0", "m1", "logits"], "denoise")])
+def test_path_patching_matches_transformer_lens_two_passes(family, setups, receivers, direction):
+    """Every head as sender, through the receivers only (a query head's k receiver is its key-value
+    head's input), vs Wang et al.'s two passes with TransformerLens hooks."""
+    from jpatch.methods import circuits
+
+    m, s = with_tl(family("llama")), setups("llama")
+    base, source = (s.clean, s.corrupted) if direction == "noise" else (s.corrupted, s.clean)
     metric = metrics.logit_diff(s.ans, s.con)
-    for call in (lambda: edges.edge_attribution(m.jp, s.clean, s.corrupted, metric),
-                 lambda: paths.path_patch(m.jp, s.clean, s.corrupted, ["a0.h0"], ["logits"], metric),
-                 lambda: acdc.acdc(m.jp, s.clean, s.corrupted, threshold=0.1)):
-        with pytest.raises(ValueError, match="not implemented for grouped-query attention"):
-            call()
+    got = circuits.path_patch(m.jp, s.clean, s.corrupted, "heads", receivers, metric, direction=direction)
+    rows = np.arange(B)
+    ld = lambda logits: (logits[rows, -1, s.ans] - logits[rows, -1, s.con]).astype(np.float64)
+    with torch.no_grad():
+        ld_clean, ld_corr = ld(m.tl(torch.tensor(s.clean)).numpy()), ld(m.tl(torch.tensor(s.corrupted)).numpy())
+    m.tl.set_use_split_qkv_input(True)
+    m.tl.set_use_hook_mlp_in(True)
+    try:
+        with torch.no_grad():
+            caches = m.tl.run_with_cache(torch.tensor(base))[1], m.tl.run_with_cache(torch.tensor(source))[1]
+        patched = np.array([[ld(reference.tl_path_patch(m.tl, base, source, (l, h), receivers, caches=caches))
+                             for h in range(H)] for l in range(L)])  # [L, H, B]
+    finally:
+        m.tl.set_use_split_qkv_input(False)
+        m.tl.set_use_hook_mlp_in(False)
+    expected = (patched.mean(-1) - ld_corr.mean()) / (ld_clean.mean() - ld_corr.mean())  # normalized means
+    assert_nontrivial(expected, f"{receivers}")
+    assert_close(got, expected, what=f"path_patch {receivers} {direction}")
+
+
+def test_eap_matches_torch_autograd(family, setups):
+    """EAP: (clean - corrupted writes) . (gradient at each reader's input on the corrupted run),
+    summed over positions, mean over prompts over the mean gap; a key-value reader's gradient is
+    TransformerLens's hook_k_input / hook_v_input of that key-value head (torch autograd)."""
+    from jpatch.methods.edges import edge_attribution
+
+    m, s = with_tl(family("llama")), setups("llama")
+    got = edge_attribution(m.jp, s.clean, s.corrupted, metrics.logit_diff(s.ans, s.con))
+    sites = ["hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "attn.hook_result", "hook_mlp_out"]
+    names = ["blocks.0.hook_resid_pre", f"blocks.{L - 1}.hook_resid_post"] + [
+        f"blocks.{l}.{x}" for l in range(L) for x in sites]
+    for flag in ("set_use_split_qkv_input", "set_use_hook_mlp_in", "set_use_attn_result"):
+        getattr(m.tl, flag)(True)
+    try:
+        runs = {}
+        for name, tokens in (("clean", s.clean), ("corrupted", s.corrupted)):
+            store = {}
+
+            def keep(act, hook, store=store):
+                act.retain_grad()
+                store[hook.name] = act
+                return act
+
+            with torch.enable_grad():
+                logits = m.tl.run_with_hooks(torch.tensor(tokens), fwd_hooks=[(n, keep) for n in names])
+                rows = torch.arange(B)
+                ld = logits[rows, -1, torch.tensor(s.ans)] - logits[rows, -1, torch.tensor(s.con)]
+                ld.sum().backward()
+            runs[name] = (ld.detach().double().numpy(), store)
+    finally:
+        for flag in ("set_use_split_qkv_input", "set_use_hook_mlp_in", "set_use_attn_result"):
+            getattr(m.tl, flag)(False)
+    act = lambda run, n: runs[run][1][n].detach().double().numpy()
+    grad = lambda n: runs["corrupted"][1][n].grad.double().numpy()
+    diff = lambda n: act("clean", n) - act("corrupted", n)
+    writes, readers = {"embed": (diff("blocks.0.hook_resid_pre"), -1)}, {}
+    for l in range(L):
+        writes.update({f"a{l}.h{h}": (diff(f"blocks.{l}.attn.hook_result")[:, :, h], l) for h in range(H)})
+        writes[f"m{l}"] = (diff(f"blocks.{l}.hook_mlp_out"), l + 0.5)
+        readers.update({f"a{l}.h{h}<q>": (grad(f"blocks.{l}.hook_q_input")[:, :, h], l) for h in range(H)})
+        for c in "kv":
+            readers.update({f"a{l}.kv{g}<{c}>": (grad(f"blocks.{l}.hook_{c}_input")[:, :, g], l) for g in range(KV)})
+        readers[f"m{l}"] = (grad(f"blocks.{l}.hook_mlp_in"), l + 0.5)
+    readers["logits"] = (grad(f"blocks.{L - 1}.hook_resid_post"), L)
+    assert tuple(readers) == got.readers and tuple(writes) == got.writers
+    gap = (runs["clean"][0] - runs["corrupted"][0]).mean()
+    valid = np.array([[ws < rs for rs in (r[1] for r in readers.values())] for ws in (w[1] for w in writes.values())])
+    np.testing.assert_array_equal(got.valid, valid)  # a reader sees the writers before it
+    expected = np.array([[(w * r).sum() / B / gap if ok else 0.0 for (r, _), ok in zip(readers.values(), row)]
+                         for (w, _), row in zip(writes.values(), valid)])
+    assert np.abs(expected).max() > 1e-2
+    assert_close(got.scores, expected, what="EAP")
 
 
 def test_qk_fix_past_the_window_is_refused(family):

@@ -16,12 +16,13 @@ of the run's tokens, m = 0 everywhere the source run's logits.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpatch.methods.edges import graph_names, reader_bias
+from jpatch.methods.edges import graph_names, reader_bias, reader_layout
 from jpatch.model.layers import causal_attention
 from jpatch.model.sites import SPLIT_INPUT_SITES
 from jpatch.engine import aggregate
@@ -43,11 +44,16 @@ def writer_index(config, name):
 
 def reader_indices(config, name):
     """Columns of reader `name`: "logits", "m3", "a3.h2<q>" (or "a3.h2": its q, k and v inputs)."""
-    readers = graph_names(config)[1]
-    if name in readers:
-        return [readers.index(name)]
+    readers, group = graph_names(config)[1], config.n_head // config.n_kv_head
+
+    def resolve(n):  # a query head's k / v input is its group's key-value head's (grouped-query attention)
+        m = re.fullmatch(r"a(\d+)\.h(\d+)<([kv])>", n)
+        return f"a{m[1]}.kv{int(m[2]) // group}<{m[3]}>" if m and group > 1 else n
+
+    if resolve(name) in readers:
+        return [readers.index(resolve(name))]
     if f"{name}<q>" in readers:
-        return [readers.index(f"{name}<{c}>") for c in "qkv"]
+        return [readers.index(resolve(f"{name}<{c}>")) for c in "qkv"]
     raise ValueError(f"unknown receiver {name!r}; receivers are 'logits', 'm<layer>', 'a<layer>.h<head>' "
                      f"(its q, k, v inputs) or 'a<layer>.h<head><q>' / '<k>' / '<v>'")
 
@@ -81,7 +87,7 @@ def edge_forward(model, tokens, mask, source, read_pos=None):
     valid = jnp.asarray(graph_names(cfg)[2])
     mask = jnp.asarray(mask, jnp.float32)
     own, src = jnp.where(valid, mask, 0.0), jnp.where(valid, 1.0 - mask, 0.0)
-    per = 3 * H + 1  # readers per layer: q, k, v of each head, then the MLP
+    cols_of, mlp_col, per = reader_layout(cfg)  # readers per layer: q, k, v of each head, then the MLP
     by_layer = lambda m: jnp.moveaxis(m[:, :L * per].reshape(-1, L, per), 1, 0)  # [L, W, per]
     bias = reader_bias(model)  # [n_readers, d]
     source = jnp.asarray(source, jnp.float32)
@@ -96,13 +102,13 @@ def edge_forward(model, tokens, mask, source, read_pos=None):
         start, got = 1 + l * (H + 1), {}
 
         def edit(name, act):
-            if name in SPLIT_INPUT_SITES:  # [B, T, H, d]: each head's mix for this input
-                cols = slice(SPLIT_INPUT_SITES.index(name) * H, (SPLIT_INPUT_SITES.index(name) + 1) * H)
+            if name in SPLIT_INPUT_SITES:  # [B, T, heads, d]: each head's mix for this input
+                cols = cols_of[name]
                 return jnp.moveaxis(mix(m_own[:, cols], m_src[:, cols], buf) + b[cols, None, None], 0, 2)
             if name == "attn.hook_result":
                 got["buf"] = jax.lax.dynamic_update_slice_in_dim(buf, jnp.moveaxis(act, 2, 0), start, 0)
             elif name == "hook_mlp_in":
-                return mix(m_own[:, 3 * H:], m_src[:, 3 * H:], got["buf"])[0] + b[3 * H]
+                return mix(m_own[:, mlp_col:], m_src[:, mlp_col:], got["buf"])[0] + b[mlp_col]
             elif name == "hook_mlp_out":
                 got["mlp"] = act
             return act

@@ -59,20 +59,35 @@ def _stages(config):
     w_stage, r_stage = [0], []
     for l in range(L):
         w_stage += [2 * l + 1] * H + [2 * l + 2]
-        r_stage += [2 * l + 1] * 3 * H + [2 * l + mlp_reads]
+        r_stage += [2 * l + 1] * reader_layout(config)[1] + [2 * l + mlp_reads]
     return np.asarray(w_stage), np.asarray(r_stage + [2 * L + 1])
 
 
+def reader_layout(config):
+    """A layer's readers in the graph, in order: q of each query head, k and v of each key-value head
+    (of each head without grouped-query attention), then the MLP. -> ({reader-input site: slice of
+    the layer's readers}, the MLP's index, readers per layer)."""
+    counts = (config.n_head, config.n_kv_head, config.n_kv_head)
+    starts = np.cumsum((0,) + counts)
+    cols = {site: slice(int(a), int(a) + n) for site, a, n in zip(SPLIT_INPUT_SITES, starts, counts)}
+    return cols, int(starts[-1]), int(starts[-1]) + 1
+
+
 def graph_names(config):
-    """Writer and reader names (hannamw/EAP-IG's) and which edges exist ([n_writers, n_readers] bool)."""
-    L, H = config.n_layer, config.n_head
-    if config.n_kv_head != H:  # k / v inputs are per key-value head there: not this graph's readers
+    """Writer and reader names (hannamw/EAP-IG's) and which edges exist ([n_writers, n_readers] bool).
+    Under grouped-query attention the k and v readers are key-value heads, "a<l>.kv<g><k>": a query
+    head's k / v input is its group's (`circuits.reader_indices` reads "a<l>.h<h><k>" so)."""
+    L, H, G = config.n_layer, config.n_head, config.n_kv_head
+    if getattr(config, "post_norms", False):  # a head's write is not its share of the residual stream
         raise ValueError(f"edge methods (edge_attribution, path_patch, ACDC, circuits) are not implemented for "
-                         f"grouped-query attention ({H} query heads, {config.n_kv_head} key-value heads)")
+                         f"{config.sites.family}: its attention and MLP outputs are normalized before they "
+                         "are added to the residual stream, so the heads' writes do not add up")
+    kv = "h" if G == H else "kv"
     writers, readers = ["embed"], []
     for l in range(L):
         writers += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
-        readers += [f"a{l}.h{h}<{c}>" for c in "qkv" for h in range(H)] + [f"m{l}"]
+        readers += ([f"a{l}.h{h}<q>" for h in range(H)] + [f"a{l}.{kv}{g}<{c}>" for c in "kv" for g in range(G)]
+                    + [f"m{l}"])
     readers.append("logits")
     w_stage, r_stage = _stages(config)
     valid = w_stage[:, None] < r_stage[None, :]  # a reader sees earlier writers only

@@ -10,7 +10,7 @@ from jpatch.engine.readout import checked_metric
 from jpatch.engine.sweep import finish
 from jpatch.methods.circuits import (float32_model, layer_writes, pair_tokens, reader_indices, run_writes,
                                      writer_index)
-from jpatch.methods.edges import graph_names
+from jpatch.methods.edges import graph_names, reader_layout
 from jpatch.model.layers import causal_attention
 from jpatch.model.sites import SPLIT_INPUT_SITES
 
@@ -59,9 +59,9 @@ def _path_forward(model, tokens, base, src_writes, sender, receive, read_pos, fr
     """
     cfg = model.config
     L, H = cfg.n_layer, cfg.n_head
-    per = 3 * H + 1
+    cols_of, mlp_col, per = reader_layout(cfg)
     diff = (src_writes - base["writes"]) * sender[:, None, None, None]  # the senders' changed writes
-    frozen = lambda q, k, v: jnp.zeros_like(q)  # heads are frozen: attention is never read
+    frozen = lambda q, k, v, **options: jnp.zeros_like(q)  # heads are frozen: attention is never read
 
     def pass1(delta, xs):
         l, block, mlp_in, mlp_out = xs
@@ -105,14 +105,13 @@ def _path_forward(model, tokens, base, src_writes, sender, receive, read_pos, fr
         block, r, pre, mlp = xs
 
         def edit(name, act):
-            if name in SPLIT_INPUT_SITES:  # [B, T, H, d]
-                heads = r[SPLIT_INPUT_SITES.index(name) * H:(SPLIT_INPUT_SITES.index(name) + 1) * H]
-                return jnp.where(heads[:, None], pre[:, :, None], act)
+            if name in SPLIT_INPUT_SITES:  # [B, T, heads, d]
+                return jnp.where(r[cols_of[name]][:, None], pre[:, :, None], act)
             if name == "hook_mlp_in":
-                return jnp.where(r[3 * H], mlp, act)
+                return jnp.where(r[mlp_col], mlp, act)
             return act
 
-        edit.split_inputs = bool(np.asarray(receive[:L * per]).reshape(L, per)[:, :3 * H].any())
+        edit.split_inputs = bool(np.asarray(receive[:L * per]).reshape(L, per)[:, :mlp_col].any())
         return block(x, model.positions(tokens), cfg, causal_attention, edit), None
 
     x, _ = jax.lax.scan(pass2, base["hook_resid_pre"][0], (model.blocks, recv, fixed_pre, fixed_mlp))

@@ -38,6 +38,7 @@ class Gemma2Config(LlamaConfig):
     layer_types: Optional[tuple] = None  # per layer "sliding_attention" / "full_attention"; None: all full
     sites: ClassVar[object] = SITES
     family: ClassVar[str] = "gemma2"
+    post_norms: ClassVar[bool] = True  # attention and MLP outputs normalized before the residual (edge graph)
 
     def __post_init__(self):
         if self.layer_types is not None:  # a JSON list -> a hashable tuple
