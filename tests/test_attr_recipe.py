@@ -255,6 +255,8 @@ def test_every_functions_share_one_program(setup):
     model, tl = setup["model"], setup["tl"]
     L = tl.cfg.n_layers
     _, clean_cache = model.run_with_cache(setup["clean"])
+    with pytest.raises(KeyError, match="incl_bwd=True"):
+        clean_cache["blocks.0.hook_resid_pre_grad"]
     compiles = []
     listener = lambda event, secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
     jax.monitoring.register_event_duration_secs_listener(listener)

@@ -82,7 +82,9 @@ class Cache(eqx.Module):
         return True
 
     def __getitem__(self, name):
-        if isinstance(name, str) and name.endswith("_grad") and self.grads is not None:
+        if isinstance(name, str) and name.endswith("_grad"):
+            if self.grads is None:
+                raise KeyError(f"{name!r} was not cached: gradients are, by run_with_cache(..., incl_bwd=True)")
             return self.grad_cache()[name[: -len("_grad")]]
         site, layer = sites.parse(_int_layer_key(name), self.n_layer)
         if site not in self.stacks or (self.keep is not None and sites.full_name(site, layer) not in self.keep):
