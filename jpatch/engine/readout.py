@@ -104,7 +104,10 @@ class _CallOnLogits:
         if any(n not in data for n in names):  # never trace the callable's own values under a shared key
             raise RuntimeError("a lifted metric callable was scored without its captured arrays in `data`; "
                                "bind it with readout.prepare_metric and pass metric.batch_data(...)")
-        return self.lifted.build([data[n][0] for n in names])
+        values = [data[n] for n in names]
+        if not any(isinstance(v, jax.core.Tracer) for v in values):  # called eagerly: its own values
+            return self.fn
+        return self.lifted.build([v[0] for v in values])
 
     def __call__(self, logits, clean_logits, data):
         return self.function(data)(logits)
