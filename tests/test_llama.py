@@ -507,3 +507,27 @@ def test_weights_and_circuits_as_transformer_lens(family):
         assert_close(getattr(m.jp, name), tl.detach().numpy(), tol=0, what=name)
     assert_close(m.jp.OV.AB, m.tl.OV.AB.detach().numpy(), tol=1e-5, what="OV")
     assert_close(m.jp.QK.AB, m.tl.QK.AB.detach().numpy(), tol=1e-5, what="QK")
+
+
+def test_text_gets_bos_as_transformer_lens_defaults(family, tmp_path):
+    """to_tokens / generate prepend BOS by default for Llama and Mistral, not for Qwen 2 / 3
+    (TransformerLens's default_prepend_bos per family); ids from transformers' tokenizer on the file."""
+    import dataclasses
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["When Mary and John went to the store"] * 3, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<|begin_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>"}))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<|begin_of_text|>")
+    text = " Mary and John"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    for variant, bos in (("llama", True), ("qwen2", False)):
+        model = dataclasses.replace(family(variant).jp, tokenizer_file=str(tmp_path / "tokenizer.json"))
+        expected = [hf_tok.bos_token_id] * bos + ids
+        assert np.asarray(model.to_tokens(text)).tolist() == [expected]
+        assert model.to_str_tokens(text)[0] == ("<|begin_of_text|>" if bos else hf_tok.decode(ids[:1]))
