@@ -115,6 +115,10 @@ def test_cache_matches_transformer_lens(m):
     for name in cache.keys():
         assert_close(cache[name], tl_cache[name].numpy(), what=name)
     assert_close(logits, tl_logits.numpy(), what="logits")
+    ours, theirs = m.jp.named_parameters(), list(m.tl.named_parameters())  # (1 + w) norms, scaled W_E
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    for (name, w), (_, t) in zip(ours, theirs):
+        assert_close(w, t.detach().numpy(), tol=0, what=name)
 
 
 def test_greedy_generate_equals_transformers(m):

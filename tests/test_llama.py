@@ -506,6 +506,10 @@ def test_weights_and_circuits_as_transformer_lens(family):
         tl = torch.stack([getattr(b.attn, name) for b in m.tl.blocks]) if name.startswith("_") else getattr(m.tl, name)
         assert_close(getattr(m.jp, name), tl.detach().numpy(), tol=0, what=name)
     assert_close(m.jp.OV.AB, m.tl.OV.AB.detach().numpy(), tol=1e-5, what="OV")
+    ours, theirs = m.jp.named_parameters(), list(m.tl.named_parameters())
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    for (name, w), (_, t) in zip(ours, theirs):
+        assert_close(w, t.detach().numpy(), tol=0, what=name)
     assert_close(m.jp.QK.AB, m.tl.QK.AB.detach().numpy(), tol=1e-5, what="QK")
 
 

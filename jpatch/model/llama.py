@@ -222,6 +222,22 @@ class Llama(Transformer):
         """The RMS norms by TransformerLens's names (each block's as [n_layer, d_model] stacks)."""
         return {"ln1": self.blocks.ln1, "ln2": self.blocks.ln2, "ln_final": self.final_norm}
 
+    _TL_ATTN = ("W_Q", "W_O", "b_Q", "b_O", "_W_K", "_W_V", "_b_K", "_b_V")  # TransformerLens's order
+    _TL_MLP = ("W_in", "W_out", "W_gate", "b_in", "b_out")
+
+    def named_parameters(self):
+        """TransformerLens's listing (names, order, shapes, values): RMS norms have a weight only, k and
+        v are listed as their n_kv originals (_W_K ...), as its grouped-query attention lists them."""
+        norms = self.layer_norms()
+        attn = {name: getattr(self, name) for name in self._TL_ATTN}
+        mlp = {name: getattr(self, name) for name in self._TL_MLP}
+        out = [("embed.W_E", self.W_E)]
+        for l in range(self.config.n_layer):
+            out += [(f"blocks.{l}.{ln}.w", norm.weight[l]) for ln, norm in norms.items() if ln != "ln_final"]
+            out += [(f"blocks.{l}.attn.{name}", w[l]) for name, w in attn.items()]
+            out += [(f"blocks.{l}.mlp.{name}", w[l]) for name, w in mlp.items()]
+        return out + [("ln_final.w", norms["ln_final"].weight), ("unembed.W_U", self.W_U), ("unembed.b_U", self.b_U)]
+
     def ln_final(self, x):
         """The final RMSNorm with its weight: [..., d_model] -> [..., d_model] float32."""
         return self.final_norm(x.astype(jnp.float32), self.config.layer_norm_eps)
