@@ -345,9 +345,10 @@ def build_parser():
     add_html_flag(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
-    convert = sub.add_parser("convert", help="convert Hugging Face GPT-2 or GPT-NeoX (Pythia) weights",
-                             description="Convert a Hugging Face GPT-2 or GPT-NeoX (Pythia) checkpoint (folder or "
-                                         "hub id) to weights/<name>; a GPT-NeoX folder's tokenizer.json comes along.",
+    convert = sub.add_parser("convert", help="convert HF weights (GPT-2, NeoX, Llama, Qwen, Mistral, Gemma 2)",
+                             description="Convert a Hugging Face checkpoint (folder or hub id) of GPT-2, GPT-NeoX "
+                                         "(Pythia), Llama, Qwen 2 / 3, Mistral or Gemma 2 (config.json's model_type) "
+                                         "to weights/<name>; the folder's tokenizer.json comes along.",
                              formatter_class=_HelpWithDefaults)
     convert.add_argument("src")
     convert.add_argument("out")
