@@ -14,7 +14,8 @@ bundled toy model (jpatch.load("toy"): 4 layers, d_model 128, GPT-2's vocabulary
 
 Each is timed on its first call (compiling included; XLA's compile seconds counted beside it, and
 the process CPU seconds, which a loaded machine does not inflate as much as wall time) and warm
-(best of --repeat). The results must agree within 1e-4 (ln1's hook_scale gradient aside, which
+(best of --repeat); first calls are cold (jpatch's persistent compilation cache off unless
+JPATCH_COMPILE_CACHE is set). The results must agree within 1e-4 (ln1's hook_scale gradient aside, which
 TransformerLens's hooks take from one of ln1's three calls: attr_patch_head_path is compared on
 autograd's gradient there).
 """
@@ -119,6 +120,10 @@ def timed(fn, repeat, compiles):
 
 
 def main(json_path=None, repeat=3):
+    if "jpatch" in sys.modules and os.environ.get("JPATCH_COMPILE_CACHE") != "0":
+        print("note: jpatch was imported before with its compilation cache on: first calls may load from disk")
+    # First calls are cold: jpatch's persistent compilation cache off (JPATCH_COMPILE_CACHE=1 to time it warm)
+    os.environ.setdefault("JPATCH_COMPILE_CACHE", "0")
     import jax
     import jax.numpy as jnp
     import torch
