@@ -450,7 +450,17 @@ def main():
                         help="benchmark the Attribution_Patching_Demo's recipe instead (bench_attr_recipe.py)")
     parser.add_argument("--circuits", action="store_true",
                         help="benchmark path patching and ACDC instead (scripts/bench_circuits.py)")
+    parser.add_argument("--session", action="store_true",
+                        help="benchmark a notebook session of mixed calls instead (scripts/bench_session.py)")
+    parser.add_argument("--session-shape", default="small", choices=("small", "tiny"), help="--session: model shape")
+    parser.add_argument("--session-calls", type=int, default=24, help="--session: number of calls")
+    parser.add_argument("--session-max", default="60,16", help="--session: longest prompt, largest batch")
     args = parser.parse_args()
+    if args.session:
+        import bench_session
+
+        max_len, max_batch = map(int, args.session_max.split(","))
+        return bench_session.main(args.json, args.session_shape, args.session_calls, max_len, max_batch)
     global TL_DEVICE
     TL_DEVICE = args.tl_device
     if args.circuits:
