@@ -239,7 +239,9 @@ def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
     per_row = config.block_floats_per_row()
     window, per_step = attention_steps(rows, T, span, H)
     step_rows = window * per_step
-    own_keys = 2 * (rows + span + per_step * (window + span)) * d * itemsize  # padded keys/values, a step's windows
+    kv = H * config.d_head  # keys / values as attention reads them (grouped-query: repeated for every query head)
+    own_keys = 2 * (rows + span + per_step * (window + span)) * kv * itemsize  # padded keys/values, a step's windows
+    own_keys += 2 * T * kv * itemsize * (config.n_kv_head != H)  # the cached keys / values repeated
     scores = 3 * step_rows * H * (T + window + span) * 4  # scores, pattern and their exponentials
     final = n * n_read * d * itemsize + n * n_read * vocab_read * 4
     return 2 * (rows * per_row * itemsize + own_keys + scores + final)
