@@ -513,6 +513,20 @@ def test_weights_and_circuits_as_transformer_lens(family):
     assert_close(m.jp.QK.AB, m.tl.QK.AB.detach().numpy(), tol=1e-5, what="QK")
 
 
+def test_residual_decomposition_with_rms_norm_as_transformer_lens(family):
+    """apply_ln_to_stack divides by the cached RMS scale without centring (TransformerLens centres
+    for LayerNorm only): accumulated and decomposed residuals against TransformerLens's cache."""
+    m = with_tl(family("qwen3"))
+    tokens = reference.random_tokens(2, T, V, seed=1)
+    _, cache = m.jp.run_with_cache(tokens)
+    with torch.no_grad():
+        _, tl_cache = m.tl.run_with_cache(torch.tensor(tokens))
+        tl_acc = tl_cache.accumulated_resid(layer=1, apply_ln=True).numpy()
+        tl_dec = tl_cache.decompose_resid(apply_ln=True).numpy()
+    assert_close(cache.accumulated_resid(layer=1, apply_ln=True), tl_acc, what="accumulated_resid")
+    assert_close(cache.decompose_resid(apply_ln=True), tl_dec, what="decompose_resid")
+
+
 def test_text_gets_bos_as_transformer_lens_defaults(family, tmp_path):
     """to_tokens / generate prepend BOS by default for Llama and Mistral, not for Qwen 2 / 3
     (TransformerLens's default_prepend_bos per family); ids from transformers' tokenizer on the file."""

@@ -69,9 +69,10 @@ def decompose_resid(cache, layer=None, mlp_input=False, mode="all", apply_ln=Fal
         raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
     layer = _layer(cache, layer)
     parts, labels = [], []
-    if incl_embeds:
-        parts += [cache["hook_embed"], cache["hook_pos_embed"]]
-        labels += ["embed", "pos_embed"]
+    if incl_embeds:  # the position embedding for learned positions only, as TransformerLens
+        with_pos = "hook_pos_embed" in cache.table
+        parts += [cache["hook_embed"]] + ([cache["hook_pos_embed"]] if with_pos else [])
+        labels += ["embed"] + ["pos_embed"] * with_pos
     for l in range(layer):
         if mode != "mlp":
             parts.append(cache["attn_out", l])
@@ -131,7 +132,8 @@ def apply_ln_to_stack(cache, residual_stack, layer=None, mlp_input=False, pos_sl
     if recompute_ln and layer == cache.n_layer:
         model = _model(cache)
         return model.ln_final(stack)
-    stack = stack - stack.mean(-1, keepdims=True)
+    if getattr(getattr(cache.model, "config", None), "normalization", "LN") == "LN":  # RMS norms do not centre
+        stack = stack - stack.mean(-1, keepdims=True)
     name = "ln_final.hook_scale" if layer == cache.n_layer else f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
     scale = _pos(cache[name], pos_slice)
     if batch_slice is not None and has_batch_dim:

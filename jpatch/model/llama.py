@@ -53,6 +53,7 @@ class LlamaConfig(Config):
     default_prepend_bos: bool = True  # TransformerLens's for the family (Qwen: False)
     sites: ClassVar[object] = SITES
     parallel_block: ClassVar[bool] = False
+    normalization: ClassVar[str] = "RMS"  # TransformerLens's normalization_type (apply_ln_to_stack does not centre)
     family: ClassVar[str] = "llama"
 
     POSITIVE: ClassVar[tuple] = ("layer_norm_eps", "rotary_base")
