@@ -30,10 +30,11 @@ from jpatch import FactoredMatrix, utils  # noqa: F401  (cell 4: TransformerLens
 from jpatch.utils import einsum  # noqa: F401  (cell 3: fancy_einsum refuses JAX arrays)
 
 
-def cells(model):
+def cells(model, sample=True):
     """The notebook's cells on a jpatch `model` (GPT-2's vocabulary, loaded with TransformerLens's
     weight processing: `jpatch.load(..., fold_ln=True, center_writing_weights=True,
-    center_unembed=True, fold_value_biases=True)`)."""
+    center_unembed=True, fold_value_biases=True)`). sample=False leaves out cell 52 (sampling 50
+    tokens, whose text is random in both libraries)."""
     out = {}
     n = model.cfg.n_layers
 
@@ -318,11 +319,12 @@ To try the model out, let's find the loss on this text!"""  # noqa: E501
     out["48-50 full OV"] = [repr(full_OV_circuit), full_OV_circuit_eigenvalues.shape, full_OV_copying_score]
 
     # cell 52: sampling, whose text differs from run to run (NBVAL_IGNORE_OUTPUT): checked to run only
-    model.generate(
-        "(CNN) President Barack Obama caught in embarrassing new scandal\n",
-        max_new_tokens=50,
-        temperature=0.7,
-    )
+    if sample:
+        model.generate(
+            "(CNN) President Barack Obama caught in embarrassing new scandal\n",
+            max_new_tokens=50,
+            temperature=0.7,
+        )
     return out
 
 
@@ -502,10 +504,10 @@ To try the model out, let's find the loss on this text!"""  # noqa: E501
     return out
 
 
-def run(model, tl_model=None):
+def run(model, tl_model=None, sample=True):
     """{cell: numbers} of the ported cells on the jpatch `model`; with `tl_model` (TransformerLens,
-    the same weights), (jpatch's, TransformerLens's)."""
-    ours = cells(model)
+    the same weights), (jpatch's, TransformerLens's). sample: see `cells`."""
+    ours = cells(model, sample)
     return ours if tl_model is None else (ours, transformer_lens_cells(tl_model))
 
 

@@ -64,6 +64,14 @@ def assert_same(ours, theirs, where, atol=1e-4):
         for i, (a, b) in enumerate(zip(ours, theirs)):
             assert_same(a, b, f"{where}[{i}]", atol)
         return
+    if isinstance(theirs, dict):
+        assert list(ours) == list(theirs), where
+        for key in theirs:
+            assert_same(ours[key], theirs[key], f"{where}[{key}]", atol)
+        return
+    if theirs is None:
+        assert ours is None, where
+        return
     if isinstance(theirs, str):  # a FactoredMatrix's repr names torch.Size
         theirs = theirs.replace("torch.Size([", "(").replace("])", ")")
     if isinstance(theirs, (str, bool)) or (isinstance(theirs, tuple)):
@@ -104,7 +112,7 @@ def jp(models):
 
 
 def test_main_demo(models, jp):
-    ours, theirs = example("tl_main_demo").run(jp, models[1]())
+    ours, theirs = example("tl_main_demo").run(jp, models[1](), sample=False)  # sampling: test_tl_idioms
     # TransformerLens's folded layer norms (LayerNormPre) have no weights; jpatch lists them (ones, zeros)
     folded = [(name, shape) for name, shape in ours["23 params"] if name not in dict(theirs["23 params"])]
     assert [name for name, _ in folded] == [f"blocks.0.{ln}.{p}" for ln in ("ln1", "ln2") for p in "wb"] + \
@@ -123,3 +131,23 @@ def test_exploratory_demo(models, jp):
     matrices (which jpatch does not offer); no ported cell's number depends on it."""
     ours, theirs = example("tl_exploratory_demo").run(jp, models[1](refactor_factored_attn_matrices=True))
     compare(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def attribution_reference(models):
+    """TransformerLens's numbers of the attribution demo (without the activation patching sweeps of
+    cells 27 / 30 / 34, the notebook's NBVAL_SKIP, which jpatch's test_patching checks)."""
+    return example("tl_attribution_demo").transformer_lens_cells(models[1](), act_patching=False)
+
+
+@pytest.mark.parametrize("fast_api", [False, True])
+def test_attribution_demo(jp, attribution_reference, fast_api):
+    """The notebook's recipe (backward hooks) and, where the script marks it, one compiled forward and
+    backward per run (run_with_cache(incl_bwd=True)); TransformerLens's head path attribution with its
+    ln1 backward hook's three parts summed (see the script)."""
+    demo = example("tl_attribution_demo")
+    demo.FAST_API = fast_api
+    ours = demo.cells(jp, act_patching=False)
+    if fast_api:  # one cache holds the activations and their gradients (`<name>_grad`), as TransformerLens's
+        ours["11 values"][2] //= 2
+    compare(ours, attribution_reference)
