@@ -284,7 +284,8 @@ def test_block_module_paths(tl_tiny, jp_tiny):
         for part, names in [("attn", ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"]),
                             ("mlp", ["W_in", "b_in", "W_out", "b_out"]), ("ln1", ["w", "b"]), ("ln2", ["w", "b"])]:
             for name in names:
-                ours, theirs = getattr(getattr(jp_tiny.blocks[l], part), name), getattr(getattr(tl_tiny.blocks[l], part), name)
+                ours = getattr(getattr(jp_tiny.blocks[l], part), name)
+                theirs = getattr(getattr(tl_tiny.blocks[l], part), name)
                 assert ours.shape == tuple(theirs.shape), (l, part, name)
                 close(ours, theirs, atol=1e-6)
         close(jp_tiny.blocks[l].attn.OV.AB, tl_tiny.blocks[l].attn.OV.AB)
