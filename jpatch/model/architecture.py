@@ -7,7 +7,7 @@ A family (`jpatch.model.gpt2`, `jpatch.model.neox`) is a final subclass of `Tran
 - `embed(tokens, positions, edit)`, its stacked `Block`s called as
   `block(x, positions, config, attend, edit)`, and `unembed(x, edit)`: the only code that
   computes a layer. The plain forward, the patching engine, gradients and generation all run
-  through them, supplying `attend(q, k, v, window=None) -> z` (how positions mix) and `edit(site, act) -> act`
+  through them, supplying `attend(q, k, v, **options) -> z` (how positions mix) and `edit(site, act) -> act`
   (where overrides, caching and patches act);
 - `KEY_SITE`: the site whose values attention scores against (GPT-2's `attn.hook_k`; a rotary
   family's rotated `attn.hook_rot_k`), which the engine and generation cache;
@@ -374,7 +374,7 @@ class Transformer(TransformerLensViews, FrontDoor, eqx.Module):
             block, layer = per_layer
             layer_cache = {}
             edit = editor(overrides, layer_cache, record, layer)
-            attend = lambda q, k, v, window=None: causal_attention(q, k, v, key_mask, edit, window)
+            attend = lambda q, k, v, **options: causal_attention(q, k, v, key_mask, edit, **options)
             return block(x, positions, self.config, attend, edit), layer_cache
 
         # The residual stream is float32 whatever the weights' dtype: bfloat16 weights save memory,
