@@ -86,6 +86,11 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     if not whole and len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
     n_chunks = math.ceil(N / chunk)
+    # The same number of chunks, as even as they go: 8 prompts at 5 a chunk run as 4 + 4, not
+    # 5 + 5 with two padding prompts computed for nothing.
+    chunk = math.ceil(N / n_chunks)
+    if not whole and len(devices) > 1:
+        chunk = math.ceil(chunk / len(devices)) * len(devices)
     pad = n_chunks * chunk - N
     if whole and len(devices) > 1 and N % len(devices):
         mesh = Mesh(np.array(devices[:1]), ("batch",))  # a whole-batch metric needs the batch together
