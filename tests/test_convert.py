@@ -399,11 +399,11 @@ def test_convert_script(hf_dirs, tmp_path, capsys):
 
 
 def test_not_a_gpt2_config(hf_dirs, tmp_path):
-    for name, config in {"llama": {"model_type": "llama"}, "partial": {"model_type": "gpt2", "n_layer": 2}}.items():
+    for name, config in {"mamba": {"model_type": "mamba"}, "partial": {"model_type": "gpt2", "n_layer": 2}}.items():
         folder = tmp_path / name
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config))
-        with pytest.raises(ValueError, match=f"{folder / 'config.json'}.*(llama|missing n_head)"):
+        with pytest.raises(ValueError, match=f"{folder / 'config.json'}.*(mamba|missing n_head)"):
             load_hf_state_dict(folder)
 
 

@@ -68,8 +68,8 @@ def test_what_convert_refuses_is_refused(hf):
     wrong = dict(hf.state_dict(), **{"transformer.wpe.weight": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match="wpe.weight.*shape"):
         jpatch.from_hf(wrong, hf.config)
-    unsupported = dict(hf.config.to_dict(), model_type="llama")
-    with pytest.raises(ValueError, match="model_type='llama'"):
+    unsupported = dict(hf.config.to_dict(), model_type="mamba")  # not a family jpatch converts
+    with pytest.raises(ValueError, match="model_type='mamba'"):
         jpatch.from_hf(hf.state_dict(), unsupported)
     with pytest.raises(ValueError, match="needs its config"):
         jpatch.from_hf(hf.state_dict())
