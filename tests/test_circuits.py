@@ -5,6 +5,7 @@ faithfulness and ACDC on a random 3-layer model."""
 import json
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -178,6 +179,44 @@ def test_path_patching_sender_lists_and_groups(models, tokens):
     everything = [w for w in graph_names(jp.config)[0]]
     together = circuits.path_patch(jp, clean, corrupted, [everything], "logits", metric, freeze_mlps=True)
     np.testing.assert_allclose(together, [0.0], atol=1e-4)
+
+
+def compiles_of(call):
+    """call()'s result and the number of XLA compiles it caused."""
+    events = []
+    listener = lambda event, duration, **kw: (events.append(event) if event ==
+                                              "/jax/core/compile/backend_compile_duration" else None)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return call(), len(events)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_metric_closures_compile_once_in_path_patching_and_edge_scores(models, tokens):
+    """A notebook's `lambda logits: ...` defined anew per call, over new answer ids: path_patch and
+    mask_scorer reuse the first closure's program and give each closure's own numbers (TransformerLens
+    two-pass and hook references)."""
+    tl, jp = models
+    tl.cfg_jp = jp.config
+    clean, corrupted = tokens
+    rows = np.arange(B)
+    closure = lambda a, c: (lambda logits: (logits[rows, -1, a] - logits[rows, -1, c]).mean())
+    pairs = [(np.array(ANSWERS), np.array(CONTRASTS)), (np.array([4, 8, 12]), np.array([6, 10, 1]))]
+    senders, receivers = ["a0.h1", "a1.h3"], ["a2.h0", "logits"]
+    writers, readers, valid = graph_names(jp.config)
+    mask = (np.random.default_rng(0).random(valid.shape) < 0.5) * valid
+    src = tl_writes(tl, corrupted)
+    for i, (a, c) in enumerate(pairs):
+        got, n_path = compiles_of(lambda: circuits.path_patch(jp, clean, corrupted, senders, receivers, closure(a, c)))
+        scored, n_edges = compiles_of(lambda: circuits.edge_scores(jp, clean, corrupted, mask[None], closure(a, c)))
+        diff = lambda logits: (logits[rows, -1, a] - logits[rows, -1, c]).mean()
+        expected = [diff(reference.tl_path_patch(tl, clean, corrupted, tuple(int(x) for x in s[1:].split(".h")),
+                                                 receivers)) for s in senders]
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+        np.testing.assert_allclose(scored[0], diff(tl_edge_forward(tl, clean, mask, src)), atol=1e-4)
+        if i:  # the second closure: same form, new values, nothing compiled
+            assert (n_path, n_edges) == (0, 0)
 
 
 def test_path_patching_refusals(models, tokens):
