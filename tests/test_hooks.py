@@ -157,17 +157,28 @@ def test_backward_hooks_get_the_gradient_transformer_lens_does(jp_tiny, tl_tiny,
     grads, tl_grads = {}, {}
     store = lambda d: lambda g, hook: d.__setitem__(hook.name, np.asarray(g.detach() if isinstance(g, torch.Tensor)
                                                                           else g))
-    jp_tiny.run_with_hooks(corrupted, bwd_hooks=[(names, store(grads))], backward_of=metric)
+    acts, tl_acts = {}, {}  # forward hooks that read, beside the backward hooks (one forward and backward)
+    logits = jp_tiny.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_mlp_out", store(acts))],
+                                    bwd_hooks=[(names, store(grads))], backward_of=metric)
     tl_tiny.add_hook(names, store(tl_grads), dir="bwd")
+    tl_tiny.add_hook("blocks.1.hook_mlp_out", store(tl_acts))
     try:
-        metric(tl_tiny(torch.tensor(corrupted))).backward()
+        tl_logits = tl_tiny(torch.tensor(corrupted))
+        metric(tl_logits).backward()
     finally:
         tl_tiny.reset_hooks()
-    assert sorted(grads) == sorted(tl_grads) and len(grads) == 5
+    assert sorted(grads) == sorted(tl_grads) and len(grads) == 5 and list(acts) == ["blocks.1.hook_mlp_out"]
     for name in grads:
         close(grads[name], tl_grads[name], 1e-5)
+    close(acts["blocks.1.hook_mlp_out"], tl_acts["blocks.1.hook_mlp_out"], 1e-5)
+    close(logits, tl_logits.detach().numpy(), 1e-4)
+    with pytest.raises(ValueError, match="forward hooks changed"):
+        jp_tiny.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_mlp_out", lambda act, hook: 2 * act)],
+                               bwd_hooks=[(names, store(grads))], backward_of=metric)
     with pytest.raises(ValueError, match="backward_of"):
         jp_tiny.run_with_hooks(corrupted, bwd_hooks=[(names, store(grads))])
+    with pytest.raises(ValueError, match=r"backward_of must return a scalar, got shape \(3,\)"):
+        jp_tiny.run_with_hooks(corrupted, bwd_hooks=[(names, store(grads))], backward_of=lambda lg: lg[:, -1, 0])
 
 
 def test_torch_in_a_hook_says_what_to_write(jp_tiny, runs):

@@ -3,6 +3,7 @@ ActivationCache (a read-only mapping with its analysis helpers). `run_with_cache
 also be built from {full hook name: array} and a model."""
 
 import operator
+import weakref
 
 import equinox as eqx
 import jax
@@ -10,6 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import analysis, sites
+
+
+# id(cache) -> its {full name: activation}, while the cache lives (`Cache._entries`)
+_ENTRIES = {}
 
 
 class Cache(eqx.Module):
@@ -114,11 +119,22 @@ class Cache(eqx.Module):
         return Cache(stacks, self.n_layer, self.model, self.table, keep=self.keep, grads=grads,
                      **{"has_batch_dim": self.has_batch_dim, **changes})
 
+    def _entries(self):
+        """{full name: activation}, sliced once per cache: a notebook reads `cache.cache_dict[k]` in a
+        loop over k, and a Cache never changes (slicing anew each time was quadratic in the names)."""
+        found = _ENTRIES.get(id(self))
+        if found is None:
+            found = {name: self[name] for name in self.keys()}
+            if not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(self.stacks)):
+                _ENTRIES[id(self)] = found
+                weakref.finalize(self, _ENTRIES.pop, id(self), None)
+        return found
+
     def values(self):
-        return [self[name] for name in self.keys()]
+        return list(self._entries().values())
 
     def items(self):
-        return [(name, self[name]) for name in self.keys()]
+        return list(self._entries().items())
 
     def __iter__(self):
         return iter(self.keys())
@@ -132,7 +148,7 @@ class Cache(eqx.Module):
     @property
     def cache_dict(self):
         """{full hook name: activation}, as TransformerLens's `cache.cache_dict`."""
-        return dict(self.items())
+        return dict(self._entries())
 
     def stacked(self, site):
         """All layers of a site as one [n_layer, ...] array."""

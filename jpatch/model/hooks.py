@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.model import sites, views
-from jpatch.model.interventions import Add, Override
+from jpatch.model.interventions import Apply, Override
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -206,6 +206,8 @@ def run(model, tokens, attention_mask, fwd_hooks=(), bwd_hooks=(), *, backward_o
     if backward and backward_of is None:
         raise ValueError("backward hooks need backward_of=fn(logits) -> scalar: JAX has no .backward() to call "
                          "after the forward, so the gradient they receive is that of backward_of")
+    if backward and not record:  # one compiled forward and backward serves both kinds of hooks
+        return _read_only_forward_and_backward(model, tokens, attention_mask, forward, backward, backward_of), None
     # One forward records every pending hook point; a hook that changes its activation makes the later
     # points' records stale, so the rest are recorded again with its value in place.
     values, pending = {}, list(forward.items())
@@ -222,34 +224,44 @@ def run(model, tokens, attention_mask, fwd_hooks=(), bwd_hooks=(), *, backward_o
         else:
             pending = []
     if backward and values:
-        raise ValueError(f"forward hooks changed {sorted(values)[:3]} and backward hooks are given: gradients "
-                         "through a changed activation are not taken here; run the backward hooks with forward "
-                         "hooks that only read (return None)")
+        _refuse_changed(values)
     logits, cache = model._run(tokens, _overrides(model, values, Override), attention_mask, None, record=record,
                                hooks=False)
     if backward:
-        _run_backward(model, tokens, attention_mask, backward, backward_of)
+        _read_only_forward_and_backward(model, tokens, attention_mask, {}, backward, backward_of)
     return logits, cache
 
 
-def _run_backward(model, tokens, attention_mask, backward, backward_of):
+def _refuse_changed(names):
+    raise ValueError(f"forward hooks changed {sorted(names)[:3]} and backward hooks are given: gradients "
+                     "through a changed activation are not taken here; run the backward hooks with forward "
+                     "hooks that only read (return None)")
+
+
+def _read_only_forward_and_backward(model, tokens, attention_mask, forward, backward, backward_of):
+    """The logits of one compiled forward and backward (`backward.forward_backward`): each forward
+    hook is called with its activation (it may only read) and each backward hook with the gradient,
+    at its hook point, of backward_of(logits)."""
+    from jpatch.model.backward import forward_backward  # that module imports this one
+
     L = model.config.n_layer
-    # The sites' shapes only: `_record` traced, not run.
-    shapes = jax.eval_shape(lambda: _record(model, tokens, attention_mask, None, list(backward)))
-    zeros = {name: jnp.zeros(a.shape, a.dtype) for name, a in shapes.items()}
-
-    def value(eps):
-        logits, _ = model._run(tokens, _overrides(model, eps, lambda v, m: Add(v, m)), attention_mask, None,
-                               record=frozenset(), hooks=False)
-        out = jnp.asarray(backward_of(logits))
-        if out.shape != ():
-            raise ValueError(f"backward_of must return a scalar, got shape {tuple(out.shape)}")
-        return out
-
-    grads = jax.grad(value)(zeros)
-    for name, fns in backward.items():
+    record = frozenset(sites.resolve(name, L)[0] for name in list(forward) + list(backward))
+    value, logits, stacks, grads = forward_backward(model, tokens, attention_mask, None, record, Apply(backward_of))
+    if value.shape != ():
+        raise ValueError(f"backward_of must return a scalar, got shape {tuple(value.shape)}")
+    at = lambda tree, site, layer: tree[site] if site not in sites.LAYER_AXES else tree[site][layer]
+    for name, fns in forward.items():
+        site, layer = sites.resolve(name, L)
+        act = new = at(stacks, site, layer)
         for fn in fns:
-            _call(fn, grads[name], HookPoint(name, sites.resolve(name, L)[1]))
+            new = _call(fn, new, HookPoint(name, layer))
+        if new is not act:
+            _refuse_changed([name])
+    for name, fns in backward.items():
+        site, layer = sites.resolve(name, L)
+        for fn in fns:
+            _call(fn, at(grads, site, layer), HookPoint(name, layer))
+    return logits
 
 
 def lm_cross_entropy_loss(logits, tokens, attention_mask=None, per_token=False):
