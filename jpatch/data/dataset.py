@@ -130,6 +130,10 @@ def parse_examples(records, *, corruption="str", metric=None, n_ctx=None, source
                 bad(f"{field!r} must be a string, got {type(value).__name__}")
                 return None
             ids = np.asarray(tokenizer.encode(value), np.int32)
+            if tokenizer.decode(ids) != value:  # an unknown-word token, a normalizer: not the file's text
+                bad(f"the {field} prompt {value!r:.80} is not encoded exactly by this model's tokenizer (its tokens "
+                    f"decode to {tokenizer.decode(ids)!r:.80})")
+                return None
             if len(ids) == 0:
                 bad(f"the {field} prompt is empty")
                 return None
@@ -204,7 +208,8 @@ def read_dataset(path, *, corruption="str", metric=None, n_ctx=None, tokenizer=N
 
     Each line: {"clean": str, "corrupted": str (corruption "str"; ignored for "noise"),
     "answer": str, "contrast": str, "key_positions": [int] (required for "noise")}.
-    answer / contrast must be single GPT-2 tokens; `metric` says which are required
+    answer / contrast must be single tokens of `tokenizer` (default GPT-2's; a prompt it cannot
+    encode exactly is refused); `metric` says which are required
     (None: both). Blank lines are skipped; other fields are ignored. Raises
     ValueError listing each bad line ("line 7: ...") with its reason.
     """
@@ -212,7 +217,7 @@ def read_dataset(path, *, corruption="str", metric=None, n_ctx=None, tokenizer=N
                           source=str(path), tokenizer=tokenizer)
 
 
-def as_dataset(dataset, corruption, metric, n_ctx):
+def as_dataset(dataset, corruption, metric, n_ctx, tokenizer=None):
     if isinstance(dataset, Dataset):
         if dataset.corruption != corruption:
             raise ValueError(f"the dataset was read for corruption {dataset.corruption!r}, the sweep uses {corruption!r}")
@@ -224,9 +229,9 @@ def as_dataset(dataset, corruption, metric, n_ctx):
             raise ValueError(f"dataset {dataset.source}: line(s) {long[:MAX_ERRORS]} longer than the model's n_ctx={n_ctx}")
         return dataset
     if isinstance(dataset, (str, os.PathLike)):
-        return read_dataset(dataset, corruption=corruption, metric=metric, n_ctx=n_ctx)
+        return read_dataset(dataset, corruption=corruption, metric=metric, n_ctx=n_ctx, tokenizer=tokenizer)
     records = [(i, r) for i, r in enumerate(dataset, 1)]
-    return parse_examples(records, corruption=corruption, metric=metric, n_ctx=n_ctx)
+    return parse_examples(records, corruption=corruption, metric=metric, n_ctx=n_ctx, tokenizer=tokenizer)
 
 
 def key_token_std(model, dataset):

@@ -42,7 +42,7 @@ def main(args):
     cli.check_out(args.out, args.overwrite, "attribute")
     model = cli.load_model(args.model)
     cli.check_axes(model, site, axes)
-    task = cli.load_task(args.task, args.n_prompts, args.seed)
+    task = cli.load_task(args.task, args.n_prompts, args.seed, model)
     corrupted = cli.make_corruption(model, task, args.corruption, site, noise_samples=args.noise_samples,
                                     noise_seed=args.noise_seed)
     metric = cli.make_metric(task, args.metric)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from jpatch.data.dataset import FILE_CORRUPTIONS, read_dataset
+from jpatch.data.tasks.wording import for_model
 from jpatch.engine.inputs import DIRECTIONS
 from jpatch.engine.patching import SWEEPS
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
@@ -77,6 +78,17 @@ def add_arguments(parser):
     return parser
 
 
+def _family(name):
+    """The family of the model folder `name` from its config.json ("gpt2" when it cannot be read:
+    loading it then reports why)."""
+    from jpatch.model.checkpoint import read_config, resolve
+
+    try:
+        return read_config(resolve(name))[0].family
+    except (OSError, ValueError):
+        return "gpt2"
+
+
 def main(args):
     """Run `jpatch bulk` from parsed `args`; returns the exit status (refusals: `jpatch.face.cli.Fail`, status 2)."""
     from jpatch.model.checkpoint import load
@@ -108,13 +120,16 @@ def main(args):
             check_positive("--noise-scale", args.noise_scale)
             if args.noise_std is not None:
                 check_positive("--noise-std", args.noise_std)
-        # Validate the data before loading weights, so a bad line is reported at once.
-        dataset = read_dataset(args.data, corruption=corruption, metric=metric)
+        # Validate the data before loading weights, so a bad line is reported at once (GPT-2's tokenizer;
+        # another family's dataset is read with the model's own, once loaded).
+        gpt2 = _family(args.model) == "gpt2"
+        dataset = read_dataset(args.data, corruption=corruption, metric=metric) if gpt2 else None
         model = load(args.model, dtype=args.dtype)
+        if dataset is None:
+            dataset = read_dataset(args.data, corruption=corruption, metric=metric, tokenizer=for_model(model)[0])
         if args.break_locks:
             for path in safety.break_locks(args.out):
                 print(f"jpatch bulk: removed the lock {path}")
-        model.check_gpt2_ids(f"{args.data}'s prompts (read with GPT-2's tokenizer)")
         run = bulk_sweep(model, dataset, args.sites, corruption, metric, args.out, direction=args.direction,
                          window=args.window, shard_size=args.shard_size, memory_budget=memory_budget,
                          seed=args.seed, n_samples=args.n_samples, noise_scale=args.noise_scale,

@@ -142,14 +142,20 @@ def write_report(path, figures, header):
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def _ioi_one_length(n_prompts, seed):
+def _ioi_one_length(n_prompts, seed, model):
     """IOI prompts (held-out names and templates) of one token length: the length most held-out
-    templates share (ties: the shorter); the names still sit at different positions."""
+    templates share (ties: the shorter); the names still sit at different positions. In the
+    model's tokenizer (`jpatch.face.cli.task_text`)."""
     from jpatch.data.tasks import ioi
+    from jpatch.face import cli
 
-    lengths = ioi.template_lengths("test")
+    tokenizer, bos = cli.task_text(model)
+    lengths = ioi.template_lengths("test", bos, tokenizer)
     length = min(lengths, key=lambda n: (-len(lengths[n]), n))
-    return ioi.ioi_task(n_prompts, seed=seed, split="test", length=length)
+    try:
+        return ioi.ioi_task(n_prompts, seed=seed, split="test", length=length, tokenizer=tokenizer, bos=bos)
+    except ValueError as e:
+        raise cli.Fail(str(e)) from None
 
 
 def main(args):
@@ -161,8 +167,8 @@ def main(args):
     cli.check_out(args.out, args.overwrite, KIND)
     model = cli.load_model(args.model)
     # Circuits need prompts of one length: for IOI, the held-out templates of the most common length.
-    task = _ioi_one_length(args.n_prompts, args.seed) if args.task == "ioi" else cli.load_task(
-        args.task, args.n_prompts, args.seed)
+    task = _ioi_one_length(args.n_prompts, args.seed, model) if args.task == "ioi" else cli.load_task(
+        args.task, args.n_prompts, args.seed, model)
     if task.attention_mask is not None:
         raise cli.Fail(f"jpatch circuit: the {args.task} prompts have different lengths; circuits need prompts "
                        "of one length (choose --n-prompts or a task of equal-length prompts)")

@@ -80,13 +80,30 @@ def check_at_least(minimum, **options):
             raise Fail(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
 
 
-def load_task(name, n_prompts, seed):
-    """The task's first `n_prompts` prompts as one Task (prompts of several lengths padded together)."""
+def task_text(model):
+    """(tokenizer, bos) of `model`'s tasks (`jpatch.data.tasks.wording.for_model`: GPT-2's as before;
+    another family's own tokenizer.json and BOS convention); a model without a tokenizer is refused."""
+    from jpatch.data.tasks.wording import for_model
+
+    if model is None:
+        return None, False
+    try:
+        return for_model(model)
+    except ValueError as e:
+        raise Fail(f"the tasks need this model's tokenizer: {e}") from None
+
+
+def load_task(name, n_prompts, seed, model=None):
+    """The task's first `n_prompts` prompts as one Task (prompts of several lengths padded together),
+    in `model`'s tokenizer (None: GPT-2's)."""
     from jpatch.data.tasks import combine, get_task
 
     kw = {} if name not in ("ioi", "greater-than") else {"n_prompts": n_prompts, "seed": seed}
     if name == "ioi":
         kw["split"] = "test"  # names and templates the bundled toy model never saw in IOI prompts
+    tokenizer, bos = task_text(model)
+    if tokenizer is not None:
+        kw.update(tokenizer=tokenizer, bos=bos)
     try:
         task = get_task(name, **kw)
     except ValueError as e:
@@ -136,10 +153,6 @@ def load_model(name):
         model = jpatch.load(name)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise Fail(f"cannot load model {name!r}: {e}") from None
-    try:  # every command that loads a model here runs the bundled (GPT-2-tokenized) tasks
-        model.check_gpt2_ids("the command line's tasks")
-    except ValueError as e:
-        raise Fail(f"model {name!r}: {e}") from None
     return model
 
 
@@ -213,7 +226,7 @@ def cmd_demo(args):
     check_at_least(1, n_prompts=args.n_prompts)
     check_out(args.out, True, "demo")  # replaces only an earlier demo output
     model = load_model(args.model)
-    task = load_task("ioi", args.n_prompts, args.seed)
+    task = load_task("ioi", args.n_prompts, args.seed, model)
     tokens = longest_prompt_tokens(task)
     print(f"model {args.model}: {model.config.n_layer} layers x {model.config.n_head} heads; "
           f"IOI, {len(task)} prompts of {task.seq_len} tokens, e.g. {task.prompts[0]!r}")
@@ -258,7 +271,7 @@ def cmd_sweep(args):
     check_out(args.out, args.overwrite, "sweep")
     model = load_model(args.model)
     check_axes(model, site, axes, args.window)
-    task = load_task(args.task, args.n_prompts, args.seed)
+    task = load_task(args.task, args.n_prompts, args.seed, model)
     try:
         result = run_sweep(model, task, site, axes, corruption=args.corruption, metric=args.metric,
                            direction=args.direction, window=args.window, noise_samples=args.noise_samples,

@@ -35,7 +35,5 @@ def shown(result, direction):
 
 def longest_prompt_tokens(task):
     """The token strings of the task's longest prompt: labels for a position axis."""
-    from jpatch.model.tokenizer import get_tokenizer
-
     b = int(np.argmax(task.lengths))
-    return get_tokenizer().to_str_tokens(task.clean_tokens[b, : task.lengths[b]])
+    return task.text_tokenizer.to_str_tokens(task.clean_tokens[b, : task.lengths[b]])

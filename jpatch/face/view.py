@@ -67,15 +67,27 @@ class Prompts:
         ids, why = self.cache[key][0], self.cache[key][1]
         if ids is None:
             return None, None, why
-        from jpatch.model.tokenizer import get_tokenizer
+        from jpatch.data.tasks.wording import resolve
 
-        return [get_tokenizer().to_str_tokens(t) for t in ids], ids, None
+        tok = resolve(self.tokenizer(settings))
+        return [tok.to_str_tokens(t) for t in ids], ids, None
+
+    def tokenizer(self, settings):
+        """The tokenizer of the result's model (None: GPT-2's, also when the model cannot be loaded,
+        as the labels were before other families)."""
+        from jpatch.data.tasks.wording import for_model
+
+        try:
+            return for_model(self.model(settings["model"]))[0]
+        except (ValueError, OSError, KeyError):
+            return None
 
     def _ids(self, settings, bulk):
         if bulk:
             from jpatch.data.dataset import read_dataset
 
-            data = read_dataset(settings["dataset"], corruption=settings["corruption"], metric=settings["metric"])
+            data = read_dataset(settings["dataset"], corruption=settings["corruption"], metric=settings["metric"],
+                                tokenizer=self.tokenizer(settings))
             if data.content_hash != settings.get("dataset_hash"):
                 raise ValueError(f"the dataset {settings['dataset']} changed since the run")
             return [np.asarray(ex.clean) for ex in data.examples], None
@@ -83,7 +95,8 @@ class Prompts:
             raise ValueError("the settings name no task")
         from jpatch.face.cli import load_task
 
-        task = load_task(settings["task"], settings["n_prompts"], settings.get("seed", 0))
+        model = self.model(settings["model"]) if self.tokenizer(settings) is not None else None
+        task = load_task(settings["task"], settings["n_prompts"], settings.get("seed", 0), model)
         return [np.asarray(t[:n]) for t, n in zip(task.clean_tokens, task.lengths)], None
 
     def attention(self, settings, ids, labels, tokens):

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpatch.data.dataset import FILE_CORRUPTIONS, MAX_ERRORS, Dataset, as_dataset, key_token_std
+from jpatch.data.tasks.wording import for_model
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import Run, check_direction
 from jpatch.engine.patching import SWEEPS
@@ -149,10 +150,10 @@ def _sweep_batch(model, dataset, indices, specs, cfg, devices):
     ex = [dataset.examples[i] for i in indices]
     rows = _batch_rows(len(ex), cfg["shard_size"])
     take = [min(b, len(ex) - 1) for b in range(rows)]  # padding rows repeat the last prompt
-    clean, mask = padding.pad([ex[b].clean for b in take])
+    clean, mask = padding.pad([ex[b].clean for b in take], pad_id=model.pad_id)
     lengths = mask.sum(1)
     if cfg["corruption"] == "str":
-        corrupted = Run(padding.pad([ex[b].corrupted for b in take])[0], attention_mask=mask)
+        corrupted = Run(padding.pad([ex[b].corrupted for b in take], pad_id=model.pad_id)[0], attention_mask=mask)
     else:
         corrupted = noise_run(model, clean, [ex[b].key_positions for b in take], [indices[b] for b in take],
                               n_samples=cfg["n_samples"], std=cfg["noise_std"], scale=cfg["noise_scale"], seed=cfg["seed"],
@@ -268,9 +269,9 @@ def bulk_sweep(model, dataset, sites, corruption, metric, out_dir, *, direction=
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     specs = resolve_sites(sites, int(window))
-    if not isinstance(dataset, Dataset):  # read here, with GPT-2's tokenizer
-        model.check_gpt2_ids("the dataset's prompts")
-    dataset = as_dataset(dataset, corruption, metric, model.config.n_ctx)
+    # read here with the model's tokenizer (GPT-2's for GPT-2); a Dataset given was read with the caller's
+    tokenizer = None if isinstance(dataset, Dataset) else for_model(model)[0]
+    dataset = as_dataset(dataset, corruption, metric, model.config.n_ctx, tokenizer)
     out_dir = Path(out_dir).expanduser()
 
     cfg = dict(corruption=corruption, metric=metric, direction=direction, window=int(window), seed=int(seed),

@@ -41,6 +41,7 @@ class Task:
     metric_fn: `metric_fn(task, **kw) -> Metric` for tasks whose default metric is
         not the normalized logit difference of answers vs contrasts.
     info: per-prompt arrays with a leading N axis (template ids, years, ...).
+    tokenizer: what made the tokens (None: GPT-2's), for their text (`text_tokenizer`).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Task:
     metric_fn: Optional[Callable] = None
     info: dict = dataclasses.field(default_factory=dict)
     attention_mask: Optional[np.ndarray] = None
+    tokenizer: Optional[object] = None
 
     def __post_init__(self):
         as_int = lambda name: object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int32))
@@ -154,9 +156,14 @@ class Task:
         the CLI, bulk and the report all measure the std this way)."""
         return np.take_along_axis(self.clean_tokens, self.key_positions, axis=1).ravel()
 
+    @property
+    def text_tokenizer(self):
+        """The tokenizer of the tokens: `tokenizer`, or GPT-2's."""
+        return get_tokenizer() if self.tokenizer is None else self.tokenizer
+
     def examples(self):
         """One dict per prompt, in the `to_jsonl` format."""
-        tok = get_tokenizer()
+        tok = self.text_tokenizer
         answers = tok.to_str_tokens(self.answers)
         contrasts = tok.to_str_tokens(self.contrasts)
         return [
@@ -189,8 +196,9 @@ def combine(tasks, name=None):
     if len({t.metric_fn for t in tasks}) > 1:
         raise ValueError("combine: the tasks have different metrics")
     rows = lambda field: [row[: n] for t in tasks for row, n in zip(getattr(t, field), t.lengths)]
-    clean, mask = padding.pad(rows("clean_tokens"))
-    corrupted, _ = padding.pad(rows("corrupted_tokens"))
+    pad_id = wording.pad_id(tasks[0].text_tokenizer)
+    clean, mask = padding.pad(rows("clean_tokens"), pad_id=pad_id)
+    corrupted, _ = padding.pad(rows("corrupted_tokens"), pad_id=pad_id)
     k = max(t.key_positions.shape[1] for t in tasks)
     counts = np.concatenate([t.key_counts() for t in tasks])
     last = np.concatenate([t.last_key_position for t in tasks])
@@ -206,11 +214,11 @@ def combine(tasks, name=None):
         answers=cat("answers"), contrasts=cat("contrasts"), key_positions=np.array(keys).reshape(len(clean), k),
         last_key_position=cat("last_key_position"), prompts=[p for t in tasks for p in t.prompts],
         corrupted_prompts=[p for t in tasks for p in t.corrupted_prompts], metric_fn=tasks[0].metric_fn,
-        info=info, attention_mask=mask if not mask.all() else None,
+        info=info, attention_mask=mask if not mask.all() else None, tokenizer=tasks[0].tokenizer,
     )
 
 
-def length_buckets(examples, name, *, metric_fn=None):
+def length_buckets(examples, name, *, metric_fn=None, tokenizer=None):
     """Tasks from examples (dicts with clean/corrupted texts and ids, answer/contrast
     ids, key_positions, last_key_position, info), one per (T, k), sorted by (T, k)."""
     groups = {}
@@ -231,21 +239,24 @@ def length_buckets(examples, name, *, metric_fn=None):
             corrupted_prompts=[ex["corrupted"] for ex in group],
             metric_fn=metric_fn,
             info={key: np.array([ex["info"][key] for ex in group]) for key in info_keys},
+            tokenizer=tokenizer,
         ))
     return tasks
 
 
-def read_jsonl(path):
+def read_jsonl(path, tokenizer=None):
     """Tasks from a file in the dataset format of `Task.to_jsonl` and `jpatch bulk`,
     one per (token length, number of key positions), sorted by those.
 
     Validation is `jpatch.data.dataset.read_dataset`'s (a ValueError names each bad line:
     malformed JSON, prompt pairs of unequal token lengths, answers that are not one
     token, key positions out of range); this adds the optional "last_key_position".
+    The prompts are tokenized as written (no BOS added: key positions are the file's), with
+    `tokenizer` (default GPT-2's).
     """
     from jpatch.data.dataset import jsonl_records, read_dataset
 
-    dataset = read_dataset(path)
+    dataset = read_dataset(path, tokenizer=tokenizer)
     lines = {n: json.loads(raw.decode("utf-8", errors="replace")) for n, raw in jsonl_records(path) if raw.strip()}
     examples = []
     for ex in dataset.examples:
@@ -259,9 +270,10 @@ def read_jsonl(path):
                          "key_positions": keys, "last_key_position": last, "info": {"line": ex.line}})
     if not examples:
         raise ValueError(f"{path}: no examples")
-    return length_buckets(examples, os.path.splitext(os.path.basename(str(path)))[0])
+    return length_buckets(examples, os.path.splitext(os.path.basename(str(path)))[0], tokenizer=tokenizer)
 
 
+from jpatch.data.tasks import wording  # noqa: E402
 from jpatch.data.tasks.ioi import ioi_task  # noqa: E402
 from jpatch.data.tasks.factual import factual_task  # noqa: E402
 from jpatch.data.tasks.greater_than import greater_than_task  # noqa: E402
@@ -288,19 +300,24 @@ def _sniff(path):
                      f"nor a task file ({{\"clean\": ..., \"corrupted\": ..., ...}} per line)")
 
 
-def get_task(name_or_path, **kw):
+def get_task(name_or_path, *, tokenizer=None, **kw):
     """The task `name_or_path` names: a key of `TASKS` (keyword arguments go to its
     loader; "factual" returns a list of Tasks, one per token-length bucket), or the
     path of a paired-facts JSONL file (-> `factual_task(path, **kw)`) or of a
-    `Task.to_jsonl` file (-> `read_jsonl(path)`, a list of Tasks)."""
+    `Task.to_jsonl` file (-> `read_jsonl(path)`, a list of Tasks). tokenizer: the
+    prompts' (default GPT-2's; a model's own: `model.tokenizer`)."""
+    if tokenizer is not None:
+        kw["tokenizer"] = tokenizer
     if name_or_path in TASKS:
         return TASKS[name_or_path](**kw)
     if isinstance(name_or_path, (str, os.PathLike)) and os.path.isfile(name_or_path):
         if _sniff(name_or_path) == "pairs":
             return factual_task(name_or_path, **kw)
+        kw.pop("tokenizer", None)
+        kw.pop("bos", None)  # a task file's prompts are tokenized as written: its key positions are the file's
         if kw:
-            raise TypeError(f"reading a task file takes no options, got {sorted(kw)}")
-        return read_jsonl(name_or_path)
+            raise TypeError(f"reading a task file takes no options but tokenizer, got {sorted(kw)}")
+        return read_jsonl(name_or_path, tokenizer)
     raise ValueError(f"unknown task {name_or_path!r}: valid names are {', '.join(TASKS)}, "
                      "or the path of an existing .jsonl file (paired facts or Task.to_jsonl output)")
 

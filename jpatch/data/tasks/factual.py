@@ -22,7 +22,7 @@ import dataclasses
 import importlib.resources
 import json
 
-from jpatch.model.tokenizer import get_tokenizer
+from jpatch.data.tasks import wording
 
 
 def default_path():
@@ -66,17 +66,14 @@ def _check_line(obj, tok, where):
         if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{where}: {key!r} must be a list of two strings, got {value!r:.100}")
     prompts, answers = tuple(obj["pair"]), tuple(obj["answer"])
-    answer_ids = []
-    for a in answers:
-        ids = tok.encode(a)
-        if len(ids) != 1:
-            raise ValueError(f"{where}: answer {a!r} is not a single GPT-2 token (it splits into "
-                             f"{tok.to_str_tokens(ids)!r}); answers usually need a leading space, e.g. ' Paris'")
-        answer_ids.append(ids[0])
+    hint = "; answers usually need a leading space, e.g. ' Paris'"
+    answer_ids = [wording.single_token(tok, a, where, hint=hint) for a in answers]
     if answer_ids[0] == answer_ids[1]:
         raise ValueError(f"{where}: the two answers must be distinct, both are {answers[0]!r}")
     if prompts[0] == prompts[1]:
         raise ValueError(f"{where}: the two prompts are identical")
+    for p in prompts:
+        wording.encode_exact(tok, p, where)
     encodings = [tok.backend.encode(p, add_special_tokens=False) for p in prompts]
     tokens = [e.ids for e in encodings]
     if len(tokens[0]) != len(tokens[1]):
@@ -107,16 +104,16 @@ def _check_line(obj, tok, where):
     return FactPair(prompts, answers, tuple(tuple(t) for t in tokens), tuple(answer_ids), span, 0)
 
 
-def load_pairs(path=None):
+def load_pairs(path=None, tokenizer=None):
     """Validated `FactPair`s from a paired-facts JSONL file (default: the bundled one).
 
     Blank lines are skipped. Raises ValueError "<path>, line <n>: <reason>" for a
     line that is not JSON, lacks "pair"/"answer" as two strings each, has an answer
     that is not one token or two equal answers, or whose prompts differ in token
-    length (subjects of unequal token length).
+    length (subjects of unequal token length). tokenizer: the prompts' (default GPT-2's).
     """
     path = default_path() if path is None else path
-    tok = get_tokenizer()
+    tok = wording.resolve(tokenizer)
     try:
         text = path.read_text(encoding="utf-8") if hasattr(path, "read_text") else open(path, encoding="utf-8").read()
     except OSError as e:
@@ -136,15 +133,15 @@ def load_pairs(path=None):
     return pairs
 
 
-def _examples(pairs):
-    """Two STR examples per pair (each prompt clean once)."""
-    examples = []
+def _examples(pairs, start_ids=(), start_text=""):
+    """Two STR examples per pair (each prompt clean once), each prompt after `start_ids` (a BOS)."""
+    examples, shift = [], len(start_ids)
     for index, p in enumerate(pairs):
-        start, stop = p.subject
+        start, stop = p.subject[0] + shift, p.subject[1] + shift
         for clean, corrupt in ((0, 1), (1, 0)):
             examples.append({
-                "clean": p.prompts[clean], "corrupted": p.prompts[corrupt],
-                "clean_ids": list(p.tokens[clean]), "corrupted_ids": list(p.tokens[corrupt]),
+                "clean": start_text + p.prompts[clean], "corrupted": start_text + p.prompts[corrupt],
+                "clean_ids": [*start_ids, *p.tokens[clean]], "corrupted_ids": [*start_ids, *p.tokens[corrupt]],
                 "answer": p.answer_ids[clean], "contrast": p.answer_ids[corrupt],
                 "key_positions": list(range(start, stop)), "last_key_position": stop - 1,
                 "info": {"line": p.line, "pair": index, "side": clean},
@@ -152,7 +149,7 @@ def _examples(pairs):
     return examples
 
 
-def factual_task(path=None, *, length=None, subject_length=None):
+def factual_task(path=None, *, length=None, subject_length=None, tokenizer=None, bos=False):
     """Factual-recall Tasks from a paired-facts file (default: the bundled one).
 
     Prompts are grouped by (token length T, subject token length k), since a Task's
@@ -162,10 +159,14 @@ def factual_task(path=None, *, length=None, subject_length=None):
     the available buckets if none or several match).
     key_positions = the subject tokens; last_key_position = the last subject token;
     info: "line" (of the file), "pair" (index), "side" (which prompt of the pair is clean).
+    tokenizer: the prompts' (default GPT-2's); bos: start every prompt with its BOS token.
     """
     from jpatch.data.tasks import length_buckets
 
-    tasks = length_buckets(_examples(load_pairs(path)), "factual")
+    tok = wording.resolve(tokenizer)
+    start = wording.bos_ids(tok, bos, "factual")
+    tasks = length_buckets(_examples(load_pairs(path, tokenizer), start, wording.bos_text(tok, bos)), "factual",
+                           tokenizer=tokenizer)
     if length is None and subject_length is None:
         return tasks
     chosen = [t for t in tasks

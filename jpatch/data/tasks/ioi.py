@@ -25,8 +25,8 @@ places and objects) holds 8 more whose words, names aside, no train prompt uses
 
 import numpy as np
 
+from jpatch.data.tasks import wording
 from jpatch.model import padding
-from jpatch.model.tokenizer import get_tokenizer
 
 # BABA form: [B] is the subject (named twice), [A] the indirect object; the answer
 # (IO) follows the final " to". The first 15 are Wang et al.'s BABA templates
@@ -163,13 +163,17 @@ def _check_split(split):
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
-def _pool(names, split):
+def _pool(names, split, tok=None):
     _check_split(split)
     names = tuple(NAMES if names is None else names)
-    tok = get_tokenizer()
+    tok = wording.resolve(tok)
     bad = [n for n in names if not isinstance(n, str) or not tok.is_single_token(" " + n.strip())]
     if bad:
-        raise ValueError(f"IOI names must be single GPT-2 tokens with a leading space; not single tokens: {bad}")
+        first = bad[0] if isinstance(bad[0], str) else ""
+        pieces = tok.to_str_tokens(" " + first.strip())
+        raise ValueError(f"IOI: answer {' ' + first.strip()!r} is {len(pieces)} tokens in this model's tokenizer "
+                         f"({pieces!r}); IOI names are answers and must be single tokens with a leading space "
+                         f"({tok.single_token}); not single tokens: {bad}")
     names = tuple(dict.fromkeys(n.strip() for n in names))
     if split != "all":
         names = split_names(names)[split in ("test", "novel")]
@@ -178,7 +182,7 @@ def _pool(names, split):
     return names
 
 
-def _templates(split, length=None, bos=False):
+def _templates(split, length=None, bos=False, tok=None):
     _check_split(split)
     if split == "novel":
         templates = NOVEL_TEMPLATES
@@ -186,17 +190,18 @@ def _templates(split, length=None, bos=False):
         templates = tuple(range(len(BABA_TEMPLATES))) if split == "all" else split_templates()[split == "test"]
     if length is None:
         return templates
-    by_length = template_lengths(split, bos)
+    by_length = template_lengths(split, bos, tok)
     if length not in by_length:
         raise ValueError(f"no {split!r} IOI template has {length!r} tokens{' with the BOS' if bos else ''}; "
                          f"lengths: {sorted(by_length)}")
     return by_length[length]
 
 
-def template_lengths(split="all", bos=False):
-    """{token length: template indices} of the `split`'s templates (with the BOS when `bos`);
-    names, places and objects are single tokens, so a template has one length."""
-    tok = get_tokenizer()
+def template_lengths(split="all", bos=False, tokenizer=None):
+    """{token length: template indices} of the `split`'s templates (with the BOS when `bos`) in
+    `tokenizer` (default GPT-2's); names, places and objects are single tokens, so a template has
+    one length."""
+    tok = wording.resolve(tokenizer)
     out = {}
     for i in _templates(split):
         places, objects = _fillers(split)
@@ -215,11 +220,11 @@ def _render(template, a, b, place, obj):
     return template.replace("[A]", a).replace("[B]", b).replace("[PLACE]", place).replace("[OBJECT]", obj)
 
 
-def _sample(n_prompts, seed, names, split, length=None, bos=False):
+def _sample(n_prompts, seed, names, split, length=None, bos=False, tok=None):
     """Per prompt: (template index, abba, io, s, place, object, (c, d, e) corrupted names)."""
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
         raise ValueError(f"n_prompts must be a positive int, got {n_prompts!r}")
-    pool, templates = _pool(names, split), _templates(split, length, bos)
+    pool, templates = _pool(names, split, tok), _templates(split, length, bos, tok)
     places, objects = _fillers(split)
     rng = np.random.default_rng(seed)
     rows = []
@@ -254,7 +259,7 @@ def _name_positions(ids, io, s, prompt):
     return int(io_at[0]), int(s_at[0]), int(s_at[1])
 
 
-def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, length=None):
+def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, length=None, tokenizer=None):
     """`n_prompts` IOI prompts (half ABBA, half BABA, random templates, places,
     objects and names) with the ABC corruption (same token length per prompt).
 
@@ -265,7 +270,9 @@ def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, lengt
     "novel": test names in `FILLER_HELD_OUT_TEMPLATES` with `FILLER_HELD_OUT_PLACES`
     / `_OBJECTS`, sentences none of whose other words a train prompt uses ("all"
     is the 28 `BABA_TEMPLATES` only).
-    bos: start every prompt with <|endoftext|> (as TransformerLens does).
+    bos: start every prompt with the tokenizer's BOS (GPT-2's <|endoftext|>, as TransformerLens does).
+    tokenizer: the prompts' tokenizer (default GPT-2's; a model's own: `model.tokenizer`); text it
+    cannot encode exactly and names that are not single tokens in it are refused by name.
     Prompts have different lengths: the batch is right-padded with an
     `attention_mask` (None when all prompts have one length). length: only the
     templates of this many tokens (`template_lengths`), for code that needs one
@@ -279,24 +286,24 @@ def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, lengt
 
     if not isinstance(bos, (bool, np.bool_)):
         raise ValueError(f"bos must be True or False, got {bos!r}")
-    tok = get_tokenizer()
-    rows = _sample(n_prompts, seed, names, split, length, bos)
+    tok = wording.resolve(tokenizer)
+    rows = _sample(n_prompts, seed, names, split, length, bos, tok)
     prompts = [_prompt(t, abba, io, s, place, obj) for t, abba, io, s, place, obj, _ in rows]
     corrupted = [_abc_prompt(t, abba, c, d, e, place, obj) for t, abba, io, s, place, obj, (c, d, e) in rows]
-    start = [BOS_ID] if bos else []
-    clean_ids = [start + tok.encode(p) for p in prompts]
-    corrupted_ids = [start + tok.encode(p) for p in corrupted]
+    start = wording.bos_ids(tok, bos, "IOI")
+    clean_ids = [start + wording.encode_exact(tok, p, "IOI") for p in prompts]
+    corrupted_ids = [start + wording.encode_exact(tok, p, "IOI") for p in corrupted]
     if any(len(a) != len(b) for a, b in zip(clean_ids, corrupted_ids)):
         raise AssertionError("an IOI prompt and its ABC corruption tokenized to different lengths")
     answers = [tok.token_id(" " + r[2]) for r in rows]
     contrasts = [tok.token_id(" " + r[3]) for r in rows]
     pos = np.array([_name_positions(ids, a, c, p) for ids, a, c, p in zip(clean_ids, answers, contrasts, prompts)])
-    clean_tokens, mask = padding.pad(clean_ids)
-    corrupted_tokens, _ = padding.pad(corrupted_ids)
+    clean_tokens, mask = padding.pad(clean_ids, pad_id=wording.pad_id(tok))
+    corrupted_tokens, _ = padding.pad(corrupted_ids, pad_id=wording.pad_id(tok))
     abba = np.array([r[1] for r in rows])
     first = np.where(abba, pos[:, 0], pos[:, 1])
     second = np.where(abba, pos[:, 1], pos[:, 0])
-    prefix = "<|endoftext|>" if bos else ""
+    prefix = wording.bos_text(tok, bos)
     return Task(
         name=(f"ioi-{split}" if split != "all" else "ioi") + ("-bos" if bos else ""),
         clean_tokens=clean_tokens,
@@ -311,6 +318,7 @@ def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, lengt
               "io_position": pos[:, 0], "s1_position": pos[:, 1], "s2_position": pos[:, 2],
               "end_position": mask.sum(1) - 1},
         attention_mask=None if mask.all() else mask,
+        tokenizer=tokenizer,
     )
 
 

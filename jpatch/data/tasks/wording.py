@@ -1,0 +1,60 @@
+"""The tokenizer a built-in task's text goes through: GPT-2's by default, or a model's own
+(`tokenizer=model.tokenizer`, e.g. a converted Llama or Pythia folder's tokenizer.json), and the
+checks that keep a task exact in any vocabulary: text that does not decode back to itself and
+answers that are not single tokens are refused by name, never approximated."""
+
+from jpatch.model.tokenizer import get_tokenizer
+
+
+def resolve(tokenizer):
+    """`tokenizer`, or GPT-2's when None."""
+    return get_tokenizer() if tokenizer is None else tokenizer
+
+
+def for_model(model):
+    """(tokenizer, bos) for a model's tasks: (None, False) for GPT-2 (its tasks as they always were:
+    GPT-2's tokenizer, no BOS), else the model's own tokenizer and its family's BOS convention
+    (`default_prepend_bos`, as TransformerLens). A model without a tokenizer raises ValueError."""
+    if model.config.family == "gpt2":
+        return None, False
+    return model.tokenizer, bool(model.default_prepend_bos)
+
+
+def encode_exact(tok, text, task):
+    """`text`'s token ids, refused when they do not decode back to `text` (an unknown-word token,
+    a normalizer that changes the text): the prompts would not be the task's."""
+    ids = tok.encode(text)
+    back = tok.decode(ids)
+    if back != text:
+        raise ValueError(f"{task}: this model's tokenizer cannot encode {text!r} exactly (its {len(ids)} tokens "
+                         f"decode to {back!r})")
+    return ids
+
+
+def single_token(tok, word, task, what="answer", hint=""):
+    """The id of `word` when it is one token of `tok`; else ValueError naming it and its pieces."""
+    ids = tok.encode(word)
+    if len(ids) != 1:
+        raise ValueError(f"{task}: {what} {word!r} is {len(ids)} tokens in this model's tokenizer "
+                         f"({tok.to_str_tokens(ids)!r}), not {tok.single_token}{hint}")
+    return ids[0]
+
+
+def bos_ids(tok, bos, task):
+    """[BOS id] when `bos`, else []; refused for a tokenizer without a BOS token."""
+    if not bos:
+        return []
+    if tok.bos_id is None:
+        raise ValueError(f"{task}: this model's tokenizer has no BOS token to start the prompts with")
+    return [tok.bos_id]
+
+
+def bos_text(tok, bos):
+    """The BOS token's text ("<|endoftext|>", "<s>", ...) that a prompt's text starts with, or ""."""
+    return tok.to_str_tokens([tok.bos_id])[0] if bos else ""
+
+
+def pad_id(tok):
+    """The id padded prompts are filled with: the tokenizer's pad id (any id when it has none:
+    a task's padding always comes with its attention mask)."""
+    return 0 if tok.pad_id is None else tok.pad_id
