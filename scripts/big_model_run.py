@@ -1,0 +1,286 @@
+"""A random model with Llama-3.2-1B's (or Gemma-2-2B's) shape patched on this CPU, the way a user gets
+there: transformers builds it (random weights, norms perturbed), saves it in bfloat16 to a temporary
+folder, `jpatch.convert_hf` converts it, `jpatch.load` loads it in bfloat16, and then, timed:
+
+- a `resid_pre` sweep (every layer x 8 positions), a heads sweep (`z` over layer x head, all positions:
+  TransformerLens's attn_head_out_all_pos) and `attribute` for z, at the default memory budgets;
+- exactness: a few resid_pre patches re-run in float32 by jpatch (the same bfloat16-rounded weights,
+  upcast) and by transformers with a forward pre-hook on the decoder layer replacing the residual at one
+  position; raw per-prompt logit differences compared (tolerance --tol). The bfloat16 sweep's values
+  at those patches are compared with the same float32 reference, in units of the clean - corrupted gap.
+
+Peak memory per phase is /proc/self/status VmHWM, reset between phases through /proc/self/clear_refs;
+ru_maxrss is the whole process's peak. Only one copy of the weights is held at a time.
+
+    nice -n 10 .venv/bin/python scripts/big_model_run.py --family llama          # the 1B shape
+    .venv/bin/python scripts/big_model_run.py --family llama --layers 2 --d-model 256 --vocab 512  # quick
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    # Llama-3.2-1B's config.json (random weights)
+    "llama": dict(layers=16, d_model=2048, heads=32, kv_heads=8, head_dim=64, d_mlp=8192, vocab=128256),
+    # Gemma-2-2B's config.json
+    "gemma2": dict(layers=26, d_model=2304, heads=8, kv_heads=4, head_dim=256, d_mlp=9216, vocab=256000),
+}
+PROMPTS, TOKENS = 8, 32
+CORRUPT = (3, 11)  # the corrupted prompts differ from the clean ones at these positions
+
+
+def hf_config(family, s):
+    """The transformers config of `s` (a SHAPES entry), eager attention."""
+    import transformers
+
+    last = s["vocab"] - 1
+    common = dict(num_hidden_layers=s["layers"], hidden_size=s["d_model"], num_attention_heads=s["heads"],
+                  num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], intermediate_size=s["d_mlp"],
+                  vocab_size=s["vocab"], bos_token_id=last, eos_token_id=last, pad_token_id=last,
+                  tie_word_embeddings=True, attn_implementation="eager")
+    if family == "llama":
+        return transformers.LlamaConfig(
+            **common, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+            rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=8192))
+    return transformers.Gemma2Config(
+        **common, max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256)
+
+
+def hf_class(family):
+    import transformers
+
+    return transformers.LlamaForCausalLM if family == "llama" else transformers.Gemma2ForCausalLM
+
+
+def build_hf_folder(family, s, folder, seed):
+    """A random model built directly in bfloat16 (norm weights perturbed so that they matter), saved."""
+    import torch
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = hf_class(family)(hf_config(family, s)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+
+
+def inputs(vocab, seed, prompts, tokens):
+    """Random clean prompts, corrupted ones differing at CORRUPT, and (answer, contrast) ids."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, vocab - 1, (prompts, tokens))
+    corrupted = clean.copy()
+    for p in CORRUPT:
+        corrupted[:, p] = (clean[:, p] + 1 + rng.integers(0, vocab - 2, prompts)) % (vocab - 1)
+    answer, contrast = rng.choice(vocab - 1, (2, prompts), replace=False)
+    return clean, corrupted, answer, contrast
+
+
+def check_patches(layers, tokens):
+    """(layer, position) pairs checked against transformers: a corrupted position at layer 0, a later
+    position mid-stack, the last position at the last layer."""
+    return [(0, CORRUPT[0]), (layers // 2, CORRUPT[1] + 4), (layers - 1, tokens - 1)]
+
+
+class Phases:
+    """Wall time and peak RSS (VmHWM, reset per phase) of each phase."""
+
+    def __init__(self):
+        self.rows = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        reset_peak()
+        rss_start = vm_hwm()
+        start = time.perf_counter()
+        yield
+        self.rows[name] = dict(seconds=round(time.perf_counter() - start, 1), rss_start_gb=round(rss_start / 2**30, 2),
+                               peak_rss_gb=round(vm_hwm() / 2**30, 2))
+        print(f"{name}: {self.rows[name]}", flush=True)
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def vm_hwm():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def swap_total():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("SwapTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def hf_patched_logit_diffs(hf, tokens, answer, contrast, patch=None, cache=None):
+    """Per-prompt logit(answer) - logit(contrast) at the last position of transformers' model; `cache`
+    {layer: resid_pre} collects a run's decoder inputs, `patch` = (layer, position, clean resid_pre)
+    replaces one position's residual through a forward pre-hook on that decoder layer."""
+    import torch
+
+    def hook(layer):
+        def fn(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if cache is not None:
+                cache[layer] = x.detach().clone()
+            if patch is not None and patch[0] == layer:
+                x = x.clone()
+                x[:, patch[1]] = patch[2][:, patch[1]]
+            return ((x,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        return fn
+
+    handles = [block.register_forward_pre_hook(hook(l), with_kwargs=True) for l, block in enumerate(hf.model.layers)]
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor(tokens)).logits[:, -1].double().numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    rows = np.arange(len(tokens))
+    return logits[rows, answer] - logits[rows, contrast]
+
+
+def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=1e-4, out=None, heads=True,
+        attribute=True, heads_prompts=None, sweeps=True):
+    """Build, convert, sweep and check; returns the report (a dict). `shape` overrides SHAPES[family];
+    sweeps=False skips the bfloat16 model and its sweeps (only the float32 exactness check)."""
+    import jax
+    import torch
+
+    import jpatch
+    from jpatch.engine.plan import default_memory_budget
+
+    s = {**SHAPES[family], **(shape or {})}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    heads_prompts = heads_prompts or prompts
+    report = dict(family=family, shape=s, prompts=prompts, heads_prompts=heads_prompts, tokens=tokens,
+                  swap_total_bytes=swap_total(),
+                  memory_budget_bytes=default_memory_budget())
+    phases = Phases()
+    clean, corrupted, answer, contrast = inputs(s["vocab"], seed, prompts, tokens)
+    metric = jpatch.metrics.logit_diff(answer, contrast)
+    checks = check_patches(s["layers"], tokens)
+    with contextlib.ExitStack() as stack:
+        root = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jpatch_big_")))
+        root.mkdir(parents=True, exist_ok=True)
+        hf_dir, jp_dir = root / "hf_bf16", root / "jpatch_bf16"
+        with phases("build transformers model (bf16) + save_pretrained"):
+            build_hf_folder(family, s, hf_dir, seed)
+        with phases("jpatch.convert_hf (bf16)"):
+            jpatch.convert_hf(hf_dir, jp_dir, dtype="bfloat16")
+        positions = list(range(3, tokens, max(1, tokens // 8)))[:8]
+        resid, model = None, None
+        if sweeps:
+            with phases("jpatch.load (bf16)"):
+                model = jpatch.load(jp_dir, dtype="bfloat16")
+            with phases("resid_pre sweep (bf16)"):
+                resid = jpatch.sweep(model, clean, corrupted, "resid_pre", metric, positions=positions, progress=False)
+            report["resid_pre_grid"] = list(resid.shape)
+        if sweeps and attribute:
+            with phases("attribute z (bf16)"):
+                atp = jpatch.attribute(model, clean, corrupted, "z", metric)
+            report["attribute_grid"] = list(atp.shape)
+            report["attribute_finite"] = bool(np.isfinite(np.asarray(atp)).all())
+        if sweeps and heads:  # last: the longest (every layer's heads recompute every position downstream)
+            n = heads_prompts
+            z_metric = jpatch.metrics.logit_diff(answer[:n], contrast[:n])
+            with phases(f"heads sweep z all positions, {n} prompts (bf16)"):
+                z = jpatch.sweep(model, clean[:n], corrupted[:n], "z", z_metric, axes=("layer", "head"), progress=False)
+            report["heads_grid"] = list(z.shape)
+            report["heads_finite"] = bool(np.isfinite(np.asarray(z)).all())
+        del model
+        gc.collect()
+        jax.clear_caches()
+
+        # exactness: the same patches in float32 on both sides
+        check_layers = sorted({l for l, _ in checks})
+        check_pos = sorted({p for _, p in checks})
+        with phases("jpatch float32: load + the checked patches"):
+            model = jpatch.load(jp_dir, dtype="float32")
+            f32 = jpatch.sweep(model, clean, corrupted, "resid_pre", metric, layers=check_layers,
+                               positions=check_pos, progress=False)
+            del model
+            gc.collect()
+            jax.clear_caches()
+        with phases("transformers float32: load + the checked patches with hooks"):
+            hf = hf_class(family).from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+            clean_cache = {}
+            hf_clean = hf_patched_logit_diffs(hf, clean, answer, contrast, cache=clean_cache)
+            hf_corrupted = hf_patched_logit_diffs(hf, corrupted, answer, contrast)
+            rows = []
+            for layer, pos in checks:
+                expected = hf_patched_logit_diffs(hf, corrupted, answer, contrast, (layer, pos, clean_cache[layer]))
+                got32 = np.asarray(f32.raw)[:, check_layers.index(layer), check_pos.index(pos)]
+                got16 = None if resid is None else np.asarray(resid.raw)[:, layer, positions.index(pos)]
+                gap = np.abs(hf_clean - hf_corrupted).mean()
+                rows.append(dict(layer=layer, pos=pos, float32_max_abs_err=float(np.abs(got32 - expected).max()),
+                                 patch_effect=float(np.abs(expected - hf_corrupted).max()),
+                                 bf16_max_abs_err_over_gap=None if got16 is None
+                                 else float(np.abs(got16 - expected).max() / gap)))
+            del hf, clean_cache
+            gc.collect()
+        base_err = max(float(np.abs(np.asarray(f32.clean_per_prompt) - hf_clean).max()),
+                       float(np.abs(np.asarray(f32.corrupted_per_prompt) - hf_corrupted).max()))
+        report["exactness"] = dict(patches=rows, baselines_float32_max_abs_err=base_err, tol=tol,
+                                   clean_minus_corrupted_mean_abs=float(np.abs(hf_clean - hf_corrupted).mean()))
+        report["exact"] = base_err <= tol and all(r["float32_max_abs_err"] <= tol for r in rows)
+    report["phases"] = phases.rows
+    report["ru_maxrss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(SHAPES), default="llama")
+    for key in SHAPES["llama"]:
+        p.add_argument("--" + key.replace("_", "-"), type=int, help=f"override the shape's {key}")
+    p.add_argument("--prompts", type=int, default=PROMPTS)
+    p.add_argument("--tokens", type=int, default=TOKENS)
+    p.add_argument("--tol", type=float, default=1e-4, help="float32 max abs error of raw logit differences")
+    p.add_argument("--out", help="a new folder for the converted models (default: a temporary one)")
+    p.add_argument("--heads-prompts", type=int, help="prompts in the heads sweep (default: all)")
+    p.add_argument("--no-heads", action="store_true")
+    p.add_argument("--check-only", action="store_true", help="no bfloat16 sweeps: only the float32 exactness check")
+    p.add_argument("--no-attribute", action="store_true")
+    args = p.parse_args(argv)
+    shape = {k: getattr(args, k) for k in SHAPES["llama"] if getattr(args, k) is not None}
+    if args.out and Path(args.out).exists():
+        p.error(f"--out {args.out} exists; give a new folder")
+    report = run(args.family, shape, args.prompts, args.tokens, tol=args.tol, out=args.out,
+                 heads=not args.no_heads, attribute=not args.no_attribute, heads_prompts=args.heads_prompts,
+                 sweeps=not args.check_only)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["exact"] else 1)
