@@ -210,16 +210,10 @@ def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=
                 atp = jpatch.attribute(model, clean, corrupted, "z", metric)
             report["attribute_grid"] = list(atp.shape)
             report["attribute_finite"] = bool(np.isfinite(np.asarray(atp)).all())
-        if sweeps and heads:  # last: the longest (every layer's heads recompute every position downstream)
-            n = heads_prompts
-            z_metric = jpatch.metrics.logit_diff(answer[:n], contrast[:n])
-            with phases(f"heads sweep z all positions, {n} prompts (bf16)"):
-                z = jpatch.sweep(model, clean[:n], corrupted[:n], "z", z_metric, axes=("layer", "head"), progress=False)
-            report["heads_grid"] = list(z.shape)
-            report["heads_finite"] = bool(np.isfinite(np.asarray(z)).all())
         del model
         gc.collect()
         jax.clear_caches()
+        print(json.dumps(report), flush=True)  # what is in so far
 
         # exactness: the same patches in float32 on both sides
         check_layers = sorted({l for l, _ in checks})
@@ -253,6 +247,16 @@ def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=
         report["exactness"] = dict(patches=rows, baselines_float32_max_abs_err=base_err, tol=tol,
                                    clean_minus_corrupted_mean_abs=float(np.abs(hf_clean - hf_corrupted).mean()))
         report["exact"] = base_err <= tol and all(r["float32_max_abs_err"] <= tol for r in rows)
+        if sweeps and heads:  # last, the bfloat16 model loaded again: the longest sweep (a head's patch recomputes
+            n = heads_prompts  # every position of every later layer), so the check above is in before it
+            z_metric = jpatch.metrics.logit_diff(answer[:n], contrast[:n])
+            with phases("jpatch.load (bf16) again"):
+                model = jpatch.load(jp_dir, dtype="bfloat16")
+            with phases(f"heads sweep z all positions, {n} prompts (bf16)"):
+                z = jpatch.sweep(model, clean[:n], corrupted[:n], "z", z_metric, axes=("layer", "head"), progress=False)
+            report["heads_grid"] = list(z.shape)
+            report["heads_finite"] = bool(np.isfinite(np.asarray(z)).all())
+            del model
     report["phases"] = phases.rows
     report["ru_maxrss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
     return report
