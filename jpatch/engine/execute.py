@@ -118,14 +118,16 @@ def _matches(chosen, index):
     return (chosen == ALL) | (chosen == index)
 
 
-@functools.partial(jax.jit, static_argnames=("score", "site", "stages", "read_all"))
-def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, stages, read_all):
-    """Patched runs of every patch for a chunk of prompts: raw metric scores [n, B] (or [n]).
+@functools.partial(jax.jit, static_argnames=("site", "stages", "read_all"))
+def run_layout(model, base, source, slots, rows, metric_inputs, *, site, stages, read_all):
+    """Patched runs of every patch for a chunk of prompts: the final residual [B, n, K, d] at the K
+    positions the metric reads (`score_rows` scores them).
 
     base: BaseCache of the base run; source: the patched site's stack [L, B, ...] from the
     source run; slots: SlotPatches, the patch in each of the layout's n slots; rows: the
-    layout's Rows; metric_inputs: MetricInputs. Static: score(logits, clean_logits, data),
-    the patched site, the layout's stages, and read_all (the metric reads every position).
+    layout's Rows; metric_inputs: MetricInputs, only its read positions used (the rest None, so the
+    program does not depend on the metric's data). Static: the patched site,
+    the layout's stages, and read_all (the metric reads every position).
     """
     cfg = model.config
     B, T = base.final.shape[:2]
@@ -181,9 +183,29 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, score, site, 
     row = jnp.moveaxis(rows.at[:, read], 0, 1)  # [B, n, K]
     own = jnp.take_along_axis(x, jnp.maximum(row, 0).reshape(B, -1, 1), axis=1).reshape(row.shape + (-1,))
     cached = jnp.take_along_axis(base.final, read[..., None], axis=1)[:, None]  # [B, 1, K, d]
-    resid = jnp.where((row >= 0)[..., None], own, cached)  # [B, n, K, d]
+    return jnp.where((row >= 0)[..., None], own, cached)  # [B, n, K, d]
+
+
+def _first(tree, rows):
+    return tree if rows is None else jax.tree_util.tree_map(lambda a: a[:rows], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("score", "rows"))
+def score_rows(model, resid, metric_inputs, *, score, rows=None):
+    """`run_layout`'s final residuals [B, n, K, d] of n patches -> raw scores [n, B] (or [n]), in a
+    program of their own: the patching program is the same for any metric and for a bucket's real
+    prompts. rows: score only the first `rows` prompts (a padded batch's real ones), None: all."""
+    resid, inputs = _first((resid, metric_inputs), rows)
     logits = model.unembed(resid)
-    return jax.vmap(lambda lg: score(lg, metric_inputs.clean_logits, metric_inputs.data), in_axes=1)(logits)
+    return jax.vmap(lambda lg: score(lg, inputs.clean_logits, inputs.data), in_axes=1)(logits)
+
+
+@functools.partial(jax.jit, static_argnames=("score", "rows"))
+def score_logits(logits, clean_logits, data, *, score, rows=None):
+    """A metric's score of one run's logits (a sweep's baselines) as one compiled call, on the first
+    `rows` prompts (None: all)."""
+    logits, clean_logits, data = _first((logits, clean_logits, data), rows)
+    return score(logits, clean_logits, data)
 
 
 # What a patched run reads of the base run (BaseCache's fields), with the keys as GPT-2 names them.

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float
 
-from jpatch.engine import execute as engine
+from jpatch.engine import buckets as bucketing
 from jpatch.engine import plan
+from jpatch.engine import execute as engine
 from jpatch.engine.inputs import check_base, checked_inputs, prompt_lengths
 from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import applies, with_exact_no_ops, patch_scores
 from jpatch.engine.inputs import Run  # jpatch 0.1 had jpatch.patching.Run and .sweep
-from jpatch.engine.sweep import check_memory_budget, finish, make_patches, sweep  # noqa: F401 (jpatch.patching.sweep)
+from jpatch.engine.sweep import baseline_scores, check_memory_budget, finish, make_patches, sweep  # noqa: F401 (jpatch.patching.sweep)
 from jpatch.model.gpt2 import Cache
 from jpatch.model.types import Tokens
 
@@ -68,6 +69,7 @@ def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mas
 def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, **kwargs):
     """The `get_act_patch_<name>` sweep (`SWEEPS[name]`: its site and result axes)."""
     site, axes = SWEEPS[name]
+    bucket = kwargs.pop("buckets", None)
     corrupted, mask, metric, read, clean_logits = read_clean_cache(model, corrupted_tokens, clean_cache, metric,
                                                                    attention_mask)
     N, T = corrupted.tokens.shape
@@ -76,14 +78,30 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     if kwargs.get("memory_budget") is not None:
         check_memory_budget(kwargs["memory_budget"])
     budget = kwargs.get("memory_budget") or plan.default_memory_budget()
+    source = clean_cache.stacked(site)
+    site_axes = model.sites[site].axes
+    # The corrupted run and the clean cache's site padded to their shape bucket (`buckets`).
+    NB, TB = bucketing.shape(model, (corrupted,), N, T, bucket)
+    run_patches, run_shape, base, padded = patches, shape, corrupted, Cache({site: source}, model.config.n_layer,
+                                                                           table=model.sites)
+    if (NB, TB) != (N, T):
+        run_patches, run_shape = make_patches(model.config, site, axes, TB, NB)
+        base = bucketing.pad_run(corrupted, NB, TB, bucketing.pad_id(model))
+        metric = bucketing.pad_metric(metric, N, NB, T)
+        read = metric.read_positions(NB, TB)
+        clean_logits = jnp.asarray(bucketing.rows(clean_logits, NB))
+        padded = Cache({site: jnp.asarray(bucketing.pad_stack(source, site_axes, NB, TB))}, model.config.n_layer,
+                       table=model.sites)
     # The corrupted run's one forward: the engine's base stacks, the patched site, the logits.
-    base_stacks, corrupted_logits = engine.cached_run(model, corrupted, engine.base_sites(model) + (site,), budget,
+    base_stacks, corrupted_logits = engine.cached_run(model, base, engine.base_sites(model) + (site,), budget,
                                                       read=read)
-    raw = patch_scores(model, corrupted, clean_cache, patches, metric, clean_logits, base_stacks=base_stacks, **kwargs)
-    data = metric.batch_data(N)
-    clean_score = np.asarray(metric.score(clean_logits, clean_logits, data))
-    corrupted_score = np.asarray(metric.score(corrupted_logits, clean_logits, data))
-    raw = with_exact_no_ops(raw, patches, base_stacks[site], clean_cache.stacked(site), corrupted_score)
+    raw = patch_scores(model, base, padded, run_patches, metric, clean_logits, base_stacks=base_stacks, prompts=N,
+                       **kwargs)
+    raw = bucketing.kept_scores(raw, run_shape, shape, N)
+    clean_score = baseline_scores(metric, clean_logits, clean_logits, N)
+    corrupted_score = baseline_scores(metric, corrupted_logits, clean_logits, N)
+    raw = with_exact_no_ops(raw, patches, bucketing.cut_stack(base_stacks[site], site_axes, N, T),
+                            np.asarray(source), corrupted_score)
     defined = applies(patches, prompt_lengths(mask, N, T))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score,
                   axes, shape, direction="denoise")

@@ -27,14 +27,17 @@ def _sharding(mesh, ndim, axis):
 
 
 def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, memory_budget=None,
-                 skip_layers=True, skip_positions=True, progress=True, devices=None, base_stacks=None):
+                 skip_layers=True, skip_positions=True, progress=True, devices=None, base_stacks=None, prompts=None):
     """Raw metric scores [n_patches, rows] (or [n_patches] for a scalar metric) of
     every patch applied to the `base` Run with values from `source_cache`.
     memory_budget: bytes per compiled call (None: from the device's free memory).
     base_stacks: the base run's `execute.base_sites` stacks when the caller has them (its one
-    cached forward, `execute.cached_run`); None computes them."""
+    cached forward, `execute.cached_run`); None computes them.
+    prompts: how many of the base run's prompts are real (the rest pad a shape bucket, see
+    `jpatch.engine.buckets`): a metric on the whole batch scores only those; None: all."""
     cfg = model.config
     N, T = base.tokens.shape
+    prompts = N if prompts is None else prompts
     check_base(base)
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
     metric = checked_metric(metric, model.config.d_vocab)
@@ -56,13 +59,16 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     base_arrays = {k: base_stacks[k] for k in engine.base_sites(model)}
 
     n_read = T if read_all else read_pos.shape[1]
+    seen = prompts if is_user_callable(metric) else N  # a callable never sees a padding prompt
     score_shape = jax.eval_shape(
-        lambda lg: metric.score(lg, clean_logits, data), jax.ShapeDtypeStruct((N, n_read, cfg.d_vocab), jnp.float32)
+        lambda lg, cl, d: metric.score(lg, cl, d), jax.ShapeDtypeStruct((seen, n_read, cfg.d_vocab), jnp.float32),
+        *jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((seen,) + a.shape[1:], a.dtype), (clean_logits, data))
     ).shape
-    if score_shape not in ((), (N,)):
-        raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({N}), got shape {score_shape}")
+    if score_shape not in ((), (seen,)):
+        raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({seen}), got shape "
+                         f"{score_shape}")
     scalar = score_shape == ()
-    # A scalar metric, or any user callable (written for the whole batch), sees every prompt at once.
+    # A scalar metric, or any user callable (written for the whole batch), sees every (real) prompt at once.
     whole = scalar or is_user_callable(metric)
 
     devices = list(devices or jax.local_devices())
@@ -127,18 +133,19 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 put(source, 1),
                 slot_patches._replace(pos=put(pos_slots, 1)),
                 jax.tree_util.tree_map(jnp.asarray, lay.rows()),
-                engine.MetricInputs(put(read_pos, 0), put(clean_logits, 0),
-                                    jax.tree_util.tree_map(lambda a: put(a, 0), data)),
-                score=metric.score,
+                engine.MetricInputs(put(read_pos, 0), None, None),
                 site=patches.site,
                 stages=lay.stages,
                 read_all=read_all,
             )
+            scores = engine.score_rows(model, scores, engine.MetricInputs(
+                None, put(clean_logits, 0), jax.tree_util.tree_map(lambda a: put(a, 0), data)),
+                score=metric.score, rows=prompts if whole and prompts < N else None)
             scores = np.asarray(scores)[real]
             if scalar:
                 out[slots[real]] = scores
             else:
-                out[slots[real], rows] = scores
+                out[slots[real], rows.start : rows.start + scores.shape[1]] = scores  # whole: the real prompts
             bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
     bar.close()
     return out if scalar else out[:, :N]

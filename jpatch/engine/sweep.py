@@ -11,11 +11,12 @@ from typing import Union
 import numpy as np
 
 from jpatch.engine import aggregate
+from jpatch.engine import buckets as bucketing
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
 from jpatch.engine.plan import ALL, Patches
 from jpatch.engine.inputs import Run, check_base, check_baselines, check_direction, checked_inputs, prompt_lengths
-from jpatch.engine.readout import prepare_metric
+from jpatch.engine.readout import is_user_callable, prepare_metric
 from jpatch.engine.scores import applies, patch_scores, with_exact_no_ops
 from jpatch.model import families, sites
 from jpatch.model.gpt2 import Cache
@@ -163,6 +164,18 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, d
             direction, clean_score, corrupted_score, raw=np.moveaxis(raw, -1, 0).reshape((-1,) + tuple(shape))))
 
 
+def baseline_scores(metric, logits, clean_logits, prompts):
+    """A metric's score of one run's logits [rows, ...] (rows past `prompts` pad a shape bucket) on the
+    real prompts, as NumPy, in one compiled call (not an eager op per step of a callable)."""
+    n, user = logits.shape[0], is_user_callable(metric)
+    score = lambda rows: np.asarray(engine.score_logits(logits, clean_logits, metric.batch_data(n),
+                                                        score=metric.score, rows=rows))
+    out = score(prompts if user and n > prompts else None)
+    if out.ndim == 0 and n > prompts and not user:  # a Metric reduced over the batch: the real prompts only
+        out = score(prompts)
+    return out if out.ndim == 0 else out[:prompts]
+
+
 def check_memory_budget(memory_budget):
     """Refuse a memory budget that is not a positive number of bytes (0 would divide by zero)."""
     if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, np.number))
@@ -174,7 +187,7 @@ def check_memory_budget(memory_budget):
 def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site: str, metric, *, direction="denoise",
           window=1, layers=None, positions=None, heads=None, prompt_positions=None, axes=None, per_prompt=False,
           attention_mask: Mask = None, memory_budget=None, progress=True, skip_layers=True, skip_positions=True,
-          devices=None, check_finite=True) -> Grid:
+          devices=None, check_finite=True, buckets=None) -> Grid:
     """Patch `site` at every layer x position (x head) and measure `metric`.
 
     clean, corrupted: [batch, pos] tokens or `Run`s (`jpatch.corrupt` makes them;
@@ -192,6 +205,8 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     for the pattern; choose `axes` e.g. ("layer", "head").
     check_finite: raise FloatingPointError naming the first patch whose value is not finite
     (False returns NaN there, e.g. for bulk runs that report undefined prompts themselves).
+    buckets: pad the prompts to a shape bucket so that other shapes reuse compiled programs, with the
+    same results (`jpatch.engine.buckets`); None: on unless JPATCH_BUCKETS=0.
     """
     site = sites.canonical(site, model.config.n_layer)
     if memory_budget is not None:
@@ -214,24 +229,38 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     base, source = (corrupted, clean.tiled(S)) if direction == "denoise" else (clean.tiled(S), corrupted)
     check_base(base)
     memory_budget = plan.default_memory_budget() if memory_budget is None else memory_budget
+    # The runs padded to their shape bucket (`buckets`), the grid over the bucket's positions.
+    NB, TB = bucketing.shape(model, (base, source), S * B, T, buckets)
+    if (NB, TB) != (S * B, T):
+        pp = None if prompt_positions is None else bucketing.rows(prompt_positions, NB)
+        run_patches, run_shape = make_patches(model.config, site, axes, TB, NB, window=window, layers=layers,
+                                              positions=positions, heads=heads, prompt_positions=pp)
+        pad = bucketing.pad_id(model)
+        base, source = (bucketing.pad_run(r, NB, TB, pad) for r in (base, source))
+        metric = bucketing.pad_metric(metric, S * B, NB, T)
+    else:
+        run_patches, run_shape = patches, shape
     # One forward per run: the base run's stacks the engine starts from (and its patched site, for the
     # exact no-ops), the source's patched site only (not every site, e.g. the [L, B, H, T, T] pattern),
     # and both runs' logits at the positions the metric reads.
-    read = metric.read_positions(S * B, T)
+    read = metric.read_positions(NB, TB)
     base_stacks, base_logits = engine.cached_run(model, base, engine.base_sites(model) + (site,), memory_budget,
                                                  read=read)
     source_stacks, source_logits = engine.cached_run(model, source, (site,), memory_budget, read=read)
     source_cache = Cache(source_stacks, model.config.n_layer, table=model.sites)
     clean_logits, corrupted_logits = ((source_logits, base_logits) if direction == "denoise"
                                       else (base_logits, source_logits))
-    baseline = lambda logits: np.asarray(metric.score(logits, clean_logits, metric.batch_data(S * B)))
-    clean_score, corrupted_score = baseline(clean_logits), baseline(corrupted_logits)
+    clean_score, corrupted_score = (baseline_scores(metric, logits, clean_logits, S * B)
+                                    for logits in (clean_logits, corrupted_logits))
     if per_prompt and clean_score.ndim == 0:
         raise ValueError(f"per_prompt=True needs a metric with one value per prompt; {metric.name!r} returns a scalar")
-    raw = patch_scores(model, base, source_cache, patches, metric, clean_logits, memory_budget=memory_budget,
+    raw = patch_scores(model, base, source_cache, run_patches, metric, clean_logits, memory_budget=memory_budget,
                        skip_layers=skip_layers, skip_positions=skip_positions, progress=progress, devices=devices,
-                       base_stacks=base_stacks)
-    raw = with_exact_no_ops(raw, patches, base_stacks[site], source_cache.stacked(site),
+                       base_stacks=base_stacks, prompts=S * B)
+    raw = bucketing.kept_scores(raw, run_shape, shape, S * B)
+    axes_of = model.sites[site].axes
+    raw = with_exact_no_ops(raw, patches, bucketing.cut_stack(base_stacks[site], axes_of, S * B, T),
+                            bucketing.cut_stack(source_cache.stacked(site), axes_of, S * B, T),
                             corrupted_score if direction == "denoise" else clean_score)
     defined = applies(patches, np.tile(lengths, S))
     return finish(raw, defined if raw.ndim > 1 else defined.all(1), metric, clean_score, corrupted_score, axes,
