@@ -12,6 +12,7 @@ a reader costs one call per switch between keeping and removing, not one per edg
 """
 
 import dataclasses
+import re
 import json
 import warnings
 
@@ -83,6 +84,11 @@ class Circuit:
             for h in range(n_head):
                 pos[f"a{l}.h{h}"] = (h, 2 * l + 1)
             pos[f"m{l}"] = (n_head, 2 * l + 2)  # MLPs in a column of their own, right of the heads
+        kv = {r.split("<")[0] for r in self.readers if ".kv" in r}  # grouped-query: a key-value head reads k / v
+        group = n_head // max(1, len({n.split(".kv")[1] for n in kv}))
+        for name in kv:  # drawn at the centre of its query group
+            l, g = (int(x) for x in re.fullmatch(r"a(\d+)\.kv(\d+)", name).groups())
+            pos[name] = (g * group + (group - 1) / 2, 2 * l + 1)
         fig, ax = plt.subplots(figsize=(max(5, 0.8 * n_head + 2), max(4, 0.7 * n_layer + 2)))
         colours = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange"}
         edges = self.edges()

@@ -167,16 +167,17 @@ def _pool(names, split, tok=None):
     _check_split(split)
     names = tuple(NAMES if names is None else names)
     tok = wording.resolve(tok)
-    bad = [n for n in names if not isinstance(n, str) or not tok.is_single_token(" " + n.strip())]
-    if bad:
-        first = bad[0] if isinstance(bad[0], str) else ""
-        pieces = tok.to_str_tokens(" " + first.strip())
-        raise ValueError(f"IOI: answer {' ' + first.strip()!r} is {len(pieces)} tokens in this model's tokenizer "
-                         f"({pieces!r}); IOI names are answers and must be single tokens with a leading space "
-                         f"({tok.single_token}); not single tokens: {bad}")
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"IOI names must be strings, got {[n for n in names if not isinstance(n, str)]!r:.200}")
     names = tuple(dict.fromkeys(n.strip() for n in names))
     if split != "all":
         names = split_names(names)[split in ("test", "novel")]
+    bad = [n for n in names if not wording.is_one_token(tok, " " + n)]
+    if bad:  # the names are the answers (and contrasts): each one token with its leading space
+        pieces = tok.to_str_tokens(" " + bad[0])
+        raise ValueError(f"IOI: answer {' ' + bad[0]!r} is {len(pieces)} tokens in this model's tokenizer "
+                         f"({pieces!r}), not {tok.single_token}; IOI names must be single tokens with a leading "
+                         f"space ({len(bad)} of the {split!r} split's are not: {bad[:10]}{' ...' * (len(bad) > 10)})")
     if len(names) < 5:
         raise ValueError(f"the IOI ABC corruption needs at least 5 distinct names, the {split!r} split has {len(names)}")
     return names
@@ -202,17 +203,23 @@ def template_lengths(split="all", bos=False, tokenizer=None):
     `tokenizer` (default GPT-2's); names, places and objects are single tokens, so a template has
     one length."""
     tok = wording.resolve(tokenizer)
-    out = {}
+    names, out = _pool(None, split, tok)[:2], {}
     for i in _templates(split):
-        places, objects = _fillers(split)
-        n = len(tok.encode(_prompt(i, False, "Mary", "John", places[0], objects[0]))) + bool(bos)
+        places, objects = _fillers(split, tok)
+        n = len(tok.encode(_prompt(i, False, *names, places[0], objects[0]))) + bool(bos)
         out[n] = out.get(n, ()) + (i,)
     return out
 
 
-def _fillers(split):
-    """(places, objects) of a split's prompts."""
-    return (FILLER_HELD_OUT_PLACES, FILLER_HELD_OUT_OBJECTS) if split == "novel" else (PLACES, OBJECTS)
+def _fillers(split, tok):
+    """(places, objects) of a split's prompts: those that are single tokens (with their space) in
+    `tok` (all of them in GPT-2's), so that a template has one token length."""
+    places, objects = (FILLER_HELD_OUT_PLACES, FILLER_HELD_OUT_OBJECTS) if split == "novel" else (PLACES, OBJECTS)
+    places, objects = ([w for w in words if wording.is_one_token(tok, " " + w)] for words in (places, objects))
+    if not places or not objects:
+        raise ValueError(f"IOI: no {'place' if not places else 'object'} of the {split!r} split is a single token "
+                         "in this model's tokenizer")
+    return places, objects
 
 
 def _render(template, a, b, place, obj):
@@ -225,7 +232,7 @@ def _sample(n_prompts, seed, names, split, length=None, bos=False, tok=None):
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
         raise ValueError(f"n_prompts must be a positive int, got {n_prompts!r}")
     pool, templates = _pool(names, split, tok), _templates(split, length, bos, tok)
-    places, objects = _fillers(split)
+    places, objects = _fillers(split, wording.resolve(tok))
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(int(n_prompts)):

@@ -31,10 +31,17 @@ def encode_exact(tok, text, task):
     return ids
 
 
+def is_one_token(tok, word):
+    """Whether `word` is exactly one token of `tok` (one id that decodes back to `word`, not an
+    unknown-word token)."""
+    ids = tok.encode(word)
+    return len(ids) == 1 and tok.decode(ids) == word
+
+
 def single_token(tok, word, task, what="answer", hint=""):
     """The id of `word` when it is one token of `tok`; else ValueError naming it and its pieces."""
     ids = tok.encode(word)
-    if len(ids) != 1:
+    if not is_one_token(tok, word):
         raise ValueError(f"{task}: {what} {word!r} is {len(ids)} tokens in this model's tokenizer "
                          f"({tok.to_str_tokens(ids)!r}), not {tok.single_token}{hint}")
     return ids[0]
