@@ -331,18 +331,12 @@ def test_hidden_padding_is_refused_with_the_tokenizers_pad_id(files, model, tmp_
     assert bare.pad_id == bare.config.d_vocab - 1
 
 
-def test_gpt2_tokenized_tasks_are_refused_on_neox(converted, model, tmp_path):
-    """The bundled tasks and text datasets read here are GPT-2 token ids: valid ids of the wrong
-    tokens on NeoX, so every way they would meet a NeoX model refuses, naming the family."""
-    from jpatch.face import cli
+def test_gpt2_tokenized_paper_tasks_are_refused_on_neox(converted, model, tmp_path):
+    """The paper rerun's tasks are GPT-2 token ids: valid ids of the wrong tokens on NeoX, so it
+    refuses, naming the family. (The command line's tasks and bulk datasets are read with the
+    model's own tokenizer: tests/test_family_cli.py.)"""
     from jpatch.face.report import run_paper
 
-    with pytest.raises(cli.Fail, match="GPT-2's tokenizer, and this is a GPT-NeoX model"):
-        cli.load_model(str(converted))
     with pytest.raises(ValueError, match="GPT-2's tokenizer, and this is a GPT-NeoX model"):
         run_paper(model, tmp_path / "paper")
-    example = {"clean": "When Mary and John", "corrupted": "When Anne and Tom", "answer": " Mary",
-               "contrast": " John"}
-    with pytest.raises(ValueError, match="GPT-2's tokenizer, and this is a GPT-NeoX model"):
-        jpatch.bulk_sweep(model, [example], "resid_pre", "str", "logit-diff", tmp_path / "bulk")
-    assert not (tmp_path / "paper").exists() and not (tmp_path / "bulk").exists()
+    assert not (tmp_path / "paper").exists()
