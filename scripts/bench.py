@@ -8,6 +8,9 @@ the cold time (first call in a fresh process, compilation included) beside
 TransformerLens's. The two results must agree within 1e-4.
 
     python scripts/bench.py [--json out.json] [--family neox]   (neox: Pythia-160M's shape)
+    python scripts/bench.py --family llama | gemma2 [--n-prompts 8 --n-pos 16]
+        (llama: SmolLM-135M's shape, grouped-query; gemma2: a small Gemma 2 with soft caps and
+        sliding-window layers; random prompts, since the vocabulary is not GPT-2's)
     python scripts/bench.py --bulk [--bulk-prompts 1000] [--json out.json]
     python scripts/bench.py --attribution [--json out.json]   (see bench_attribution.py)
     python scripts/bench.py --circuits [--json out.json]      (see bench_circuits.py)
@@ -87,21 +90,60 @@ def tt(array):
 # --family neox: Pythia-160M's shape.
 PYTHIA_160M = dict(num_hidden_layers=12, num_attention_heads=12, hidden_size=768, intermediate_size=3072,
                    vocab_size=50304, max_position_embeddings=2048)
+# --family llama: SmolLM-135M's shape (Llama architecture, 9 query / 3 key-value heads, tied embeddings).
+SMOLLM_135M = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                   intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                   tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+# --family gemma2: Gemma-2-2B's structure scaled down (2B: 26 layers, d 2304, 8 / 4 heads of 256, vocab 256,000):
+# alternating sliding-window (64) and global layers, attention and final-logit soft caps, (1 + w) norms.
+GEMMA2_SMALL = dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                    intermediate_size=2048, vocab_size=32768, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                    query_pre_attn_scalar=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                    sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 4)
+FAMILY_SHAPES = {"neox": PYTHIA_160M, "llama": SMOLLM_135M, "gemma2": GEMMA2_SMALL}
+RANDOM_PROMPTS = {"n": 8, "pos": 16}  # --n-prompts / --n-pos: the llama / gemma2 batch
+
+
+def random_batch(vocab, n, pos, seed=0):
+    """n random prompts of `pos` tokens, corrupted at three positions (as IOI's three names), with
+    random distinct answer / contrast ids: for the families whose vocabulary is not GPT-2's."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, vocab, (n, pos))
+    corrupted = clean.copy()
+    for p in (pos // 4, pos // 2, pos - 3):
+        corrupted[:, p] = (clean[:, p] + rng.integers(1, vocab, n)) % vocab
+    answers, contrasts = rng.choice(vocab, 2 * n, replace=False).reshape(2, n)
+    return clean, corrupted, answers, contrasts
+
+
+def batch_for(family, n=None, pos=None):
+    """The bench's prompts: IOI in GPT-2's tokenizer (GPT-2, Pythia), else random ones."""
+    if family in ("gpt2", "neox"):
+        return ioi_batch()
+    return random_batch(FAMILY_SHAPES[family]["vocab_size"], n or RANDOM_PROMPTS["n"], pos or RANDOM_PROMPTS["pos"])
 
 
 def build_models(tmp, family="gpt2"):
-    """Random weights of GPT-2 small's shape (or, family "neox", Pythia-160M's) in transformers,
+    """Random weights of GPT-2 small's shape (or `FAMILY_SHAPES[family]`) in transformers,
     TransformerLens and jpatch (converted from the saved Hugging Face folder, as users do)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from reference import neox_hf_model, neox_tl_model, tl_model
+    from reference import gemma2_hf_model, gemma2_tl_model, llama_tl_model, neox_hf_model, neox_tl_model, tl_model
 
     import jpatch
 
     torch.manual_seed(0)
-    if family == "neox":
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M, initializer_range=0.05, attn_implementation="eager")).eval()
+        tl = llama_tl_model(hf)
+    elif family == "gemma2":
+        hf = gemma2_hf_model(seed=0, initializer_range=0.05, **GEMMA2_SMALL)
+        tl = gemma2_tl_model(hf)
+    elif family == "neox":
         hf = neox_hf_model(seed=0, rotary_pct=0.25, initializer_range=0.05, **PYTHIA_160M)
         tl = neox_tl_model(hf)
     else:
@@ -192,7 +234,7 @@ def jp_callable(answers, contrasts, clean_ld, corrupted_ld):
     return lambda logits: ((logits[rows, -1, a] - logits[rows, -1, c]).mean() - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
-def cold_jpatch(model_dir, name, cache_dir):
+def cold_jpatch(model_dir, name, cache_dir, family="gpt2"):
     """Time the first jpatch sweep in a fresh process (compilation included), with
     JAX's persistent compilation cache in `cache_dir`."""
     code = f"""
@@ -205,7 +247,8 @@ from jpatch.engine.patching import SWEEPS
 from jpatch.engine.sweep import make_patches, sweep
 from jpatch.methods import metrics
 model = jpatch.load({model_dir!r})
-clean, corrupted, answers, contrasts = bench.ioi_batch()
+bench.RANDOM_PROMPTS.update({RANDOM_PROMPTS!r})
+clean, corrupted, answers, contrasts = bench.batch_for({family!r})
 _, cache = model.run_with_cache(clean)
 count = bench.Compiles()
 t = time.perf_counter()
@@ -432,8 +475,12 @@ def main():
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--tl-device", default="cpu", help="TransformerLens's torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated: " + ", ".join(SWEEPS))
-    parser.add_argument("--family", default="gpt2", choices=("gpt2", "neox"),
-                        help="the sweeps' model: GPT-2 small's shape, or neox: Pythia-160M's (12 layers, d 768)")
+    parser.add_argument("--n-prompts", type=int, default=8, help="--family llama / gemma2: random prompts")
+    parser.add_argument("--n-pos", type=int, default=16, help="--family llama / gemma2: tokens per prompt")
+    parser.add_argument("--family", default="gpt2", choices=("gpt2", "neox", "llama", "gemma2"),
+                        help="the sweeps' model: GPT-2 small's shape, or neox: Pythia-160M's (12 layers, d 768), "
+                             "llama: SmolLM-135M's (30 layers, d 576, 9 / 3 heads), gemma2: a small Gemma 2 "
+                             "(8 layers, d 512, 8 / 4 heads, window 64, soft caps)")
     parser.add_argument("--bulk", action="store_true", help="benchmark a bulk dataset sweep instead")
     parser.add_argument("--bulk-prompts", type=int, default=1000)
     parser.add_argument("--attribution", action="store_true",
@@ -500,7 +547,9 @@ def main():
         if args.scaling:
             bench_scaling(tmp, tl, args, figures)
             args.sweeps = ""
-        clean, corrupted, answers, contrasts = ioi_batch()
+        RANDOM_PROMPTS.update(n=args.n_prompts, pos=args.n_pos)
+        clean, corrupted, answers, contrasts = batch_for(args.family)
+        figures["prompts"] = {"n": len(clean), "pos": int(clean.shape[1])}
         peak_flops = matmul_flops()
         figures["machine"]["matmul_gflops"] = peak_flops / 1e9
         print(f"device: {jax.devices()[0]}, measured dense matmul: {peak_flops / 1e9:.0f} GFLOP/s")
@@ -515,8 +564,8 @@ def main():
         _, jp_cache = model.run_with_cache(clean)
         for name in filter(None, args.sweeps.split(",")):
             cache_dir = os.path.join(tmp, f"jax-cache-{name}")
-            cold = cold_jpatch(os.path.join(tmp, "jp"), name, cache_dir)  # empty compilation cache
-            cached = cold_jpatch(os.path.join(tmp, "jp"), name, cache_dir)  # a second fresh process
+            cold = cold_jpatch(os.path.join(tmp, "jp"), name, cache_dir, args.family)  # empty compilation cache
+            cached = cold_jpatch(os.path.join(tmp, "jp"), name, cache_dir, args.family)  # a second fresh process
             jp_fn = getattr(patching, f"get_act_patch_{name}")
             tl_fn = getattr(tl_patching, f"get_act_patch_{name}")
 
