@@ -22,13 +22,15 @@ class FrontDoor:
         return get_tokenizer()
 
     def check_gpt2_ids(self, what):
-        """Refuse `what` (token ids made by GPT-2's tokenizer: the bundled tasks, a text dataset read
-        without this model's tokenizer) on a family with another vocabulary: they would be valid ids
-        of the wrong tokens, and every number computed from them wrong."""
+        """Refuse `what` (token ids made by GPT-2's tokenizer: the paper rerun's tasks) on a family with
+        another vocabulary: they would be valid ids of the wrong tokens, and every number computed from
+        them wrong. (The command line's tasks and datasets are read with the model's own tokenizer.)"""
         if self.config.family != "gpt2":
             raise ValueError(f"{what} are tokenized with GPT-2's tokenizer, and this is a {self.sites.family} model "
                              "with its own vocabulary: build prompts with model.to_tokens (or read a dataset with "
-                             "jpatch.data.dataset.read_dataset(path, tokenizer=model.tokenizer)) and use the Python API")
+                             "jpatch.data.dataset.read_dataset(path, tokenizer=model.tokenizer)) and use the Python API, "
+                             "or the command line's tasks (jpatch sweep / demo / attribute / circuit / bulk), which use "
+                             "the model's own tokenizer")
 
     @property
     def pad_id(self):
