@@ -21,36 +21,22 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
+import family_reference
 import jpatch
 import reference
+from family_reference import assert_close, assert_nontrivial
 from jpatch import patching
 from jpatch.methods import attribution, metrics
 from jpatch.model.convert import convert_hf
 from jpatch.model.gemma2 import Gemma2
 from jpatch.model.gemma2_hf import config_from_hf, from_hf_state_dict
 
-TOL = 1e-4
 TINY = reference.GEMMA2_TINY
 V, L, KV = TINY["vocab_size"], TINY["num_hidden_layers"], TINY["num_key_value_heads"]
 WINDOW = TINY["sliding_window"]
 B, T, LONG, CHANGED = 3, WINDOW, 2 * WINDOW, 2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def assert_close(actual, expected, tol=TOL, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
-    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
-    err = float(np.abs(actual - expected).max())
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
-
-
-def assert_nontrivial(result, what="", size=1e-3):
-    result = np.asarray(result)
-    assert np.isfinite(result).all(), what
-    assert np.ptp(result) > size, f"{what}: all results are equal"
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +49,12 @@ def m():
 
 
 def prompts(n_pos, seed=5):
-    clean = reference.random_tokens(B, n_pos, V - 1, seed=seed)
-    corrupted = clean.copy()
-    corrupted[:, CHANGED:] = (clean[:, CHANGED:] + 17) % (V - 1)
-    return clean, corrupted
+    return family_reference.prompts(B, n_pos, V, CHANGED, seed)
 
 
 @pytest.fixture(scope="module")
 def s(m):
-    import types
-
-    clean, corrupted = prompts(T)
-    with torch.no_grad():
-        clean_logits, clean_cache = m.tl.run_with_cache(torch.tensor(clean))
-        corr_logits, corr_cache = m.tl.run_with_cache(torch.tensor(corrupted))
-    gap = (clean_logits[:, -1] - corr_logits[:, -1]).numpy()
-    ans, con, rows = gap.argmax(-1), gap.argmin(-1), np.arange(B)
-    return types.SimpleNamespace(
-        clean=clean, corrupted=corrupted, ans=ans, con=con, tl_cache={"clean": clean_cache, "corrupted": corr_cache},
-        metric=lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean(),
-        jp_cache={"clean": m.jp.run_with_cache(clean)[1], "corrupted": m.jp.run_with_cache(corrupted)[1]})
+    return family_reference.patching_setup(m, *prompts(T))
 
 
 def test_config(m):
@@ -122,12 +94,7 @@ def test_cache_matches_transformer_lens(m):
 
 
 def test_greedy_generate_equals_transformers(m):
-    prompt = reference.random_tokens(2, 5, V - 1, seed=11)
-    with torch.no_grad():
-        expected = m.hf.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, eos_token_id=V - 1,
-                                 pad_token_id=V - 1, attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
-    out = np.asarray(m.jp.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=V - 1))
-    np.testing.assert_array_equal(out, expected)
+    family_reference.check_greedy_generate(m, V - 1)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -147,65 +114,11 @@ def test_get_act_patch_matches_transformer_lens(m, s, name, direction):
 def test_sweeps_past_the_window_match_transformers(m, direction):
     """resid_pre by (layer, pos) and k by (layer, pos, key-value head), prompts twice the window,
     per prompt: transformers (local layer masked to its window) patched by torch hooks."""
-    clean, corrupted = prompts(LONG, seed=8)
-    with torch.no_grad():
-        out = {n: m.hf(torch.tensor(t), output_hidden_states=True) for n, t in (("clean", clean), ("corrupted", corrupted))}
-    gap = (out["clean"].logits[:, -1] - out["corrupted"].logits[:, -1]).numpy()
-    ans, con, rows = gap.argmax(-1), gap.argmin(-1), np.arange(B)
-    ld = {n: (o.logits[rows, -1, ans] - o.logits[rows, -1, con]).double().numpy() for n, o in out.items()}
-    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
-    tokens = corrupted if base == "corrupted" else clean
-    keys, e = {}, m.jp.config.d_head
-    hooks = [m.hf.model.layers[l].self_attn.k_proj.register_forward_hook(
-        lambda mod, args, o, l=l: keys.__setitem__(l, o.clone())) for l in range(L)]
-    with torch.no_grad():
-        m.hf(torch.tensor(clean if source == "clean" else corrupted))
-    for h in hooks:
-        h.remove()
-
-    def set_at(src, pos, cols=slice(None)):
-        def fn(act):
-            act = act.clone()
-            act[:, pos, cols] = src[:, pos, cols]
-            return act
-        return fn
-
-    normalize = lambda raw: (raw - ld["corrupted"]) / (ld["clean"] - ld["corrupted"])
-    resid, k = np.zeros((B, L, LONG)), np.zeros((B, L, LONG, KV))
-    for l, p in np.ndindex(L, LONG):
-        resid[:, l, p] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
-                                                           (l, "resid_pre", set_at(out[source].hidden_states[l], p))))
-        for g in range(KV):
-            k[:, l, p, g] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
-                                                              (l, "k", set_at(keys[l], p, slice(g * e, (g + 1) * e)))))
-    metric = metrics.logit_diff(ans, con)
-    for site, expected in (("resid_pre", resid), ("k", k)):
-        assert_nontrivial(expected, site)
-        got = np.asarray(patching.sweep(m.jp, clean, corrupted, site, metric, direction=direction, per_prompt=True,
-                                        progress=False))
-        assert_close(got, expected, what=f"{site} {direction}")
-        assert (got[:, :, :CHANGED] == (0.0 if direction == "denoise" else 1.0)).all(), f"{site}: a no-op moved"
+    family_reference.check_sweeps_past_the_window(m, direction, *prompts(LONG, seed=8), CHANGED)
 
 
 def test_attribute_k_matches_torch_autograd(m, s):
-    store, names = {}, [f"blocks.{l}.attn.hook_k" for l in range(L)]
-
-    def keep(act, hook):
-        act.retain_grad()
-        store[hook.name] = act
-        return act
-
-    rows, ans, con = torch.arange(B), torch.tensor(s.ans), torch.tensor(s.con)
-    with torch.enable_grad():
-        logits = m.tl.run_with_hooks(torch.tensor(s.corrupted), fwd_hooks=[(n, keep) for n in names])
-        ld = logits[rows, -1, ans] - logits[rows, -1, con]
-        ld.sum().backward()
-    with torch.no_grad():
-        clean = m.tl(torch.tensor(s.clean))
-    gap = (clean[rows, -1, ans] - clean[rows, -1, con] - ld.detach()).double().numpy()
-    delta = np.stack([((s.tl_cache["clean"][n] - store[n].detach()) * store[n].grad).sum(-1).double().numpy()
-                      for n in names], 1)
-    expected = delta / gap[:, None, None, None]
+    expected = family_reference.tl_k_attribution(m, s)
     assert_nontrivial(expected, "k")
     got = attribution.attribute(m.jp, s.clean, s.corrupted, "k", metrics.logit_diff(s.ans, s.con), per_prompt=True)
     assert_close(got, expected, what="k attribution")

@@ -26,15 +26,16 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
+import family_reference
 import jpatch
 import reference
+from family_reference import assert_close, assert_nontrivial
 from jpatch import patching
 from jpatch.methods import attribution, metrics
 from jpatch.model.convert import convert_hf
 from jpatch.model.llama import Llama
 from jpatch.model.llama_hf import config_from_hf, from_hf_state_dict
 
-TOL = 1e-4
 VARIANTS = tuple(reference.LLAMA_VARIANTS)
 V, L = reference.LLAMA_TINY["vocab_size"], reference.LLAMA_TINY["num_hidden_layers"]
 H, KV = reference.LLAMA_TINY["num_attention_heads"], reference.LLAMA_TINY["num_key_value_heads"]
@@ -47,21 +48,6 @@ CHANGED = 2  # the corrupted prompts differ from the clean ones from this positi
 TL_ONLY = ("attn.q_norm.", "attn.k_norm.")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def assert_close(actual, expected, tol=TOL, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
-    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
-    err = float(np.abs(actual - expected).max())
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
-
-
-def assert_nontrivial(result, what="", size=1e-3):
-    result = np.asarray(result)
-    assert np.isfinite(result).all(), what
-    assert np.ptp(result) > size, f"{what}: all results are equal"
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +74,7 @@ def with_tl(m):
 
 
 def prompts(n_pos, seed=5):
-    clean = reference.random_tokens(B, n_pos, V - 1, seed=seed)  # V - 1 pads
-    corrupted = clean.copy()
-    corrupted[:, CHANGED:] = (clean[:, CHANGED:] + 17) % (V - 1)
-    return clean, corrupted
-
-
-def answers(last_clean, last_corrupted):
-    """Answer / contrast tokens that the corruption moves most apart, per prompt."""
-    gap = last_clean - last_corrupted
-    return gap.argmax(-1), gap.argmin(-1)
+    return family_reference.prompts(B, n_pos, V, CHANGED, seed)
 
 
 # --- forward, cache, generation ----------------------------------------------------------------------
@@ -146,13 +123,7 @@ def test_cache_matches_transformer_lens(family, variant):
 
 @pytest.mark.parametrize("variant", ["llama", "mistral"])  # Mistral's runs past its window
 def test_greedy_generate_equals_transformers(family, variant):
-    m = family(variant)
-    prompt = reference.random_tokens(2, 5, V - 1, seed=11)
-    with torch.no_grad():
-        expected = m.hf.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, eos_token_id=V - 1,
-                                 pad_token_id=V - 1, attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
-    out = np.asarray(m.jp.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=V - 1))
-    np.testing.assert_array_equal(out, expected)
+    family_reference.check_greedy_generate(family(variant), V - 1)
 
 
 # --- TransformerLens's patching functions (prompts within the window) -----------------------------------
@@ -169,19 +140,7 @@ def setups(family):
 
     def get(variant):
         if variant not in memo:
-            m = with_tl(family(variant))
-            clean, corrupted = prompts(T)
-            with torch.no_grad():
-                clean_logits, clean_cache = m.tl.run_with_cache(torch.tensor(clean))
-                corr_logits, corr_cache = m.tl.run_with_cache(torch.tensor(corrupted))
-            ans, con = answers(clean_logits[:, -1].numpy(), corr_logits[:, -1].numpy())
-            rows = np.arange(B)
-            tl_metric = lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean()
-            jp_metric = lambda logits: (logits[rows, -1, ans] - logits[rows, -1, con]).mean()
-            memo[variant] = types.SimpleNamespace(
-                clean=clean, corrupted=corrupted, ans=ans, con=con, tl_metric=tl_metric, jp_metric=jp_metric,
-                tl_cache={"clean": clean_cache, "corrupted": corr_cache},
-                jp_cache={"clean": m.jp.run_with_cache(clean)[1], "corrupted": m.jp.run_with_cache(corrupted)[1]})
+            memo[variant] = family_reference.patching_setup(with_tl(family(variant)), *prompts(T))
         return memo[variant]
 
     return get
@@ -194,11 +153,11 @@ def test_get_act_patch_matches_transformer_lens(family, setups, variant, name, d
     base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     with torch.no_grad():
         expected = getattr(tl_patching, f"get_act_patch_{name}")(
-            m.tl, torch.tensor(getattr(s, base)), s.tl_cache[source], s.tl_metric).double().numpy()
+            m.tl, torch.tensor(getattr(s, base)), s.tl_cache[source], s.metric).double().numpy()
     assert_nontrivial(expected, f"TransformerLens {name}")
     if "_k_" in name or "_v_" in name:
         assert expected.shape[-1] == KV  # one entry per key-value head, shared by its query group
-    got = getattr(patching, f"get_act_patch_{name}")(m.jp, getattr(s, base), s.jp_cache[source], s.jp_metric,
+    got = getattr(patching, f"get_act_patch_{name}")(m.jp, getattr(s, base), s.jp_cache[source], s.metric,
                                                      progress=False)
     assert_close(got, expected, what=f"{variant} {name} {direction}")
 
@@ -211,49 +170,7 @@ def test_mistral_sweeps_past_the_window_match_transformers(family, direction):
     """resid_pre by (layer, pos) and k by (layer, pos, key-value head) on prompts twice the window:
     each patch's normalized logit difference as transformers (sliding window mask) computes it;
     patches before the first changed position score exactly the base run."""
-    m = family("mistral")
-    clean, corrupted = prompts(LONG, seed=8)
-    with torch.no_grad():
-        out = {name: m.hf(torch.tensor(t), output_hidden_states=True) for name, t in
-               (("clean", clean), ("corrupted", corrupted))}
-    ans, con = answers(out["clean"].logits[:, -1].numpy(), out["corrupted"].logits[:, -1].numpy())
-    rows = np.arange(B)
-    ld = {n: (o.logits[rows, -1, ans] - o.logits[rows, -1, con]).double().numpy() for n, o in out.items()}
-    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
-    tokens = corrupted if base == "corrupted" else clean
-    e = m.jp.config.d_head
-    k_source = {}
-    for l in range(L):  # the source run's pre-rotary keys per layer (TransformerLens's hook_k)
-        h = m.hf.model.layers[l].self_attn.k_proj.register_forward_hook(
-            lambda mod, args, o, l=l: k_source.__setitem__(l, o.clone()))
-        with torch.no_grad():
-            m.hf(torch.tensor(clean if source == "clean" else corrupted))
-        h.remove()
-
-    def set_at(src, pos, cols=slice(None)):
-        def fn(act):
-            act = act.clone()
-            act[:, pos, cols] = src[:, pos, cols]
-            return act
-        return fn
-
-    metric = metrics.logit_diff(ans, con)  # per prompt, clean 1, corrupted 0
-    normalize = lambda raw: (raw - ld["corrupted"]) / (ld["clean"] - ld["corrupted"])
-    resid = np.zeros((B, L, LONG))
-    keys = np.zeros((B, L, LONG, KV))
-    for l, p in np.ndindex(L, LONG):
-        resid[:, l, p] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
-                                                 (l, "resid_pre", set_at(out[source].hidden_states[l], p))))
-        for g in range(KV):
-            keys[:, l, p, g] = normalize(reference.hf_patched_ld(m.hf, tokens, ans, con,
-                                                       (l, "k", set_at(k_source[l], p, slice(g * e, (g + 1) * e)))))
-    for site, expected in (("resid_pre", resid), ("k", keys)):
-        assert_nontrivial(expected, site)
-        got = np.asarray(patching.sweep(m.jp, clean, corrupted, site, metric, direction=direction, per_prompt=True,
-                                        progress=False))
-        assert_close(got, expected, what=f"{site} {direction}")
-        no_op = 0.0 if direction == "denoise" else 1.0
-        assert (got[:, :, :CHANGED] == no_op).all(), f"{site}: a patch that changes nothing moved the score"
+    family_reference.check_sweeps_past_the_window(family("mistral"), direction, *prompts(LONG, seed=8), CHANGED)
 
 
 # --- attribution vs torch autograd -------------------------------------------------------------------
@@ -263,28 +180,8 @@ def test_mistral_sweeps_past_the_window_match_transformers(family, direction):
 def test_attribute_k_matches_torch_autograd(family, setups, variant):
     """AtP of k per (layer, pos, key-value head): (clean k - corrupted k) . d(logit diff)/dk on the
     corrupted run, by torch autograd through TransformerLens's hook_k, per prompt normalized."""
-    m, s = family(variant), setups(variant)
-    store = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        store[hook.name] = act
-        return act
-
-    names = [f"blocks.{l}.attn.hook_k" for l in range(L)]
-    with torch.enable_grad():
-        m.tl.zero_grad()
-        logits = m.tl.run_with_hooks(torch.tensor(s.corrupted), fwd_hooks=[(n, keep) for n in names])
-        rows = torch.arange(B)
-        ld = logits[rows, -1, torch.tensor(s.ans)] - logits[rows, -1, torch.tensor(s.con)]
-        ld.sum().backward()
-    with torch.no_grad():
-        clean_ld = (lambda lg: lg[rows, -1, torch.tensor(s.ans)] - lg[rows, -1, torch.tensor(s.con)])(
-            m.tl(torch.tensor(s.clean)))
-    gap = (clean_ld - ld.detach()).double().numpy()
-    delta = np.stack([((s.tl_cache["clean"][n] - store[n].detach()) * store[n].grad).sum(-1).double().numpy()
-                      for n in names], 1)  # [B, L, T, KV]
-    expected = delta / gap[:, None, None, None]
+    m, s = with_tl(family(variant)), setups(variant)
+    expected = family_reference.tl_k_attribution(m, s)
     assert_nontrivial(expected, "k")
     got = attribution.attribute(m.jp, s.clean, s.corrupted, "k", metrics.logit_diff(s.ans, s.con), per_prompt=True)
     assert_close(got, expected, what=f"{variant} k attribution")

@@ -27,11 +27,11 @@ import torch
 import transformer_lens.patching as tl_patching
 
 import reference
+from family_reference import assert_close
 from jpatch import patching
 from jpatch.methods import attribution, metrics
 from jpatch.model.neox_hf import config_from_hf, from_hf_state_dict
 
-TOL = 1e-4
 V = reference.NEOX_TINY["vocab_size"]
 L, H = reference.NEOX_TINY["num_hidden_layers"], reference.NEOX_TINY["num_attention_heads"]
 B, T = 3, 10
@@ -64,16 +64,6 @@ NEOX_LAYER_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "
                     "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def assert_close(actual, expected, tol=TOL, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
-    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
-    err = float(np.abs(actual - expected).max()) if actual.size else 0.0
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
-    return err
 
 
 def assert_nontrivial(result, what="", size=5e-3):

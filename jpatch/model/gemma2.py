@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jpatch.model import sites
-from jpatch.model.layers import RMSNorm, no_edit, soft_cap, split_inputs
-from jpatch.model.llama import KV, Attention, Llama, LlamaConfig, MLP, position_qk
+from jpatch.model.layers import RMSNorm, no_edit, soft_cap
+from jpatch.model.llama import KV, Attention, Llama, LlamaConfig, MLP, attention_qkv
 
 SITES = sites.SiteTable(
     "Gemma 2", tuple(s for s in sites.VOCABULARY if s != "hook_pos_embed"),
@@ -73,15 +73,7 @@ class Block(eqx.Module):
     def __call__(self, x, positions, config, attend, edit=no_edit):
         """One block on rows x [..., d] at `positions`: attention and MLP each between two norms."""
         eps = config.layer_norm_eps
-        x = edit("hook_resid_pre", x)
-        split = split_inputs(x, (config.n_head, config.n_kv_head, config.n_kv_head), edit)
-        if split is None:
-            q, k, v = self.attn.qkv(self.ln1(x, eps, edit, "ln1"))
-        else:
-            q, k, v = self.attn.qkv_per_head(*(self.ln1(t, eps, edit, "ln1") for t in split))
-        q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
-        q, k = position_qk(config, q, k, positions)
-        q, k = edit("attn.hook_rot_q", q), edit("attn.hook_rot_k", k)
+        x, q, k, v = attention_qkv(self, x, positions, config, edit)
         # attend divides by sqrt(d_head): scaling q makes it sqrt(query_pre_attn_scalar)
         q_scaled = q * jnp.asarray(math.sqrt(config.d_head / config.query_pre_attn_scalar), q.dtype)
         z = edit("attn.hook_z", attend(q_scaled, k, v, window=self.window, softcap=config.attn_softcap))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from jpatch.model.gemma2 import LAYER_TYPES, Block, Gemma2, Gemma2Config
 from jpatch.model.layers import RMSNorm
-from jpatch.model.llama_hf import HF_CONFIG_KEYS, attention_from_hf, mlp_from_hf, tensor_reader  # noqa: F401
+from jpatch.model.hf_tensors import tensor_reader
+from jpatch.model.llama_hf import HF_CONFIG_KEYS, attention_from_hf, mlp_from_hf
 
 HF_MODEL_TYPES = ("gemma2",)
 
@@ -50,7 +51,7 @@ def config_from_hf(hf):
 def from_hf_state_dict(state, config, dtype=jnp.float32, tied=True):
     """Build a `Gemma2` from a Hugging Face Gemma2ForCausalLM state dict of NumPy arrays (missing,
     misshapen or non-finite tensors refused by name). tied: the unembedding is the embedding."""
-    get, stack = tensor_reader(state, config, dtype)
+    get, stack = tensor_reader(state, config.n_layer, dtype, "model.")
     d, V = config.d_model, config.d_vocab
     norm = lambda name: RMSNorm(stack(f"{name}.weight", (d,), lambda w: 1 + w))  # (1 + w), in float32 as HF
     blocks = Block(norm("input_layernorm"), attention_from_hf(stack, config, dtype), norm("post_attention_layernorm"),

@@ -77,6 +77,42 @@ def split_inputs(x, n_head, edit):
     return tuple(edit(name, copies(n)) for name, n in zip(sites.SPLIT_INPUT_SITES, counts))
 
 
+def attention_inputs(x, ln, attn, n_head, eps, edit):
+    """A block's start: x through hook_resid_pre, its first norm `ln` (hook points ln1.*) and
+    `attn`'s q, k, v projections (hook_q / hook_k / hook_v), from each head's own input when `edit`
+    splits them (`split_inputs`, n_head as there): (x, q, k, v)."""
+    x = edit("hook_resid_pre", x)
+    split = split_inputs(x, n_head, edit)
+    if split is None:
+        q, k, v = attn.qkv(ln(x, eps, edit, "ln1"))
+    else:
+        q, k, v = attn.qkv_per_head(*(ln(t, eps, edit, "ln1") for t in split))
+    return x, edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
+
+
+class HeadProjections(eqx.Module):
+    """The q, k, v and output projections of a family's `Attention`, whose fields are w_q, w_k, w_v
+    [d_model, heads, d_head], b_q, b_k, b_v [heads, d_head] and w_o [n_head, d_head, d_model]
+    (heads: n_head, or n_kv_head for k and v under grouped-query attention)."""
+
+    def qkv(self, x):
+        """x [..., d] -> q, k, v each [..., heads, d_head]."""
+        project = lambda w, b: jnp.einsum("...d,dhe->...he", x, w) + b
+        return project(self.w_q, self.b_q), project(self.w_k, self.b_k), project(self.w_v, self.b_v)
+
+    def qkv_per_head(self, xq, xk, xv):
+        """Each head's own inputs [..., heads, d] -> q, k, v each [..., heads, d_head]."""
+        project = lambda x, w, b: jnp.einsum("...hd,dhe->...he", x, w) + b
+        return project(xq, self.w_q, self.b_q), project(xk, self.w_k, self.b_k), project(xv, self.w_v, self.b_v)
+
+    def out(self, z, edit=no_edit):
+        """z [..., n_head, d_head] -> [..., d] without an output bias; per-head attn.hook_result
+        [..., n_head, d] when `edit` wants it."""
+        if not getattr(edit, "wants_result", False):
+            return jnp.einsum("...he,hed->...d", z, self.w_o)
+        return edit("attn.hook_result", jnp.einsum("...he,hed->...hd", z, self.w_o)).sum(-2)
+
+
 def expand_kv(q, k):
     """Keys or values [..., K, n_kv, d] repeated to q's [..., n_head] heads: grouped-query
     attention's query head h reads key-value head h // (n_head / n_kv) (torch.repeat_interleave)."""

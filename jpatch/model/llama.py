@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jpatch.model import sites
 from jpatch.model.architecture import Config, Transformer
-from jpatch.model.layers import ACTIVATIONS, RMSNorm, no_edit, rms_hooked, rotate, split_inputs
+from jpatch.model.layers import ACTIVATIONS, HeadProjections, RMSNorm, attention_inputs, no_edit, rms_hooked, rotate
 
 KV = ("batch", "pos", "kv_head", "d_head")
 # TransformerLens's hook points of a Llama block (hook_pre: the gate's, hook_pre_linear: the up
@@ -85,7 +85,7 @@ class LlamaConfig(Config):
     n_key_value_heads = property(lambda self: self.n_kv_head)  # TransformerLens's name
 
 
-class Attention(eqx.Module):
+class Attention(HeadProjections):
     w_q: jax.Array  # [d_model, n_head, d_head]
     w_k: jax.Array  # [d_model, n_kv_head, d_head]
     w_v: jax.Array
@@ -95,20 +95,6 @@ class Attention(eqx.Module):
     w_o: jax.Array  # [n_head, d_head, d_model]
     q_norm: Optional[jax.Array]  # [d_head] with qk_norm, else None
     k_norm: Optional[jax.Array]
-
-    def qkv(self, x):
-        project = lambda w, b: jnp.einsum("...d,dhe->...he", x, w) + b
-        return project(self.w_q, self.b_q), project(self.w_k, self.b_k), project(self.w_v, self.b_v)
-
-    def qkv_per_head(self, xq, xk, xv):
-        """Each head's own inputs (q: [..., n_head, d], k, v: [..., n_kv_head, d])."""
-        project = lambda x, w, b: jnp.einsum("...hd,dhe->...he", x, w) + b
-        return project(xq, self.w_q, self.b_q), project(xk, self.w_k, self.b_k), project(xv, self.w_v, self.b_v)
-
-    def out(self, z, edit=no_edit):
-        if not getattr(edit, "wants_result", False):
-            return jnp.einsum("...he,hed->...d", z, self.w_o)
-        return edit("attn.hook_result", jnp.einsum("...he,hed->...hd", z, self.w_o)).sum(-2)
 
 
 class MLP(eqx.Module):
@@ -134,6 +120,18 @@ def head_norm(x, weight, eps):
     return (rms_hooked(x, eps, no_edit, "") * weight).astype(x.dtype)
 
 
+def attention_qkv(block, x, positions, config, edit):
+    """A block's start (`attention_inputs`), then Qwen 3's q / k norms and the rotation, through
+    attn.hook_rot_q / hook_rot_k: (x, q, k, v), k and v per key-value head. Gemma 2's blocks too."""
+    heads = (config.n_head, config.n_kv_head, config.n_kv_head)
+    x, q, k, v = attention_inputs(x, block.ln1, block.attn, heads, config.layer_norm_eps, edit)
+    if config.qk_norm:
+        eps = config.layer_norm_eps
+        q, k = head_norm(q, block.attn.q_norm, eps), head_norm(k, block.attn.k_norm, eps)
+    q, k = position_qk(config, q, k, positions)
+    return x, edit("attn.hook_rot_q", q), edit("attn.hook_rot_k", k), v
+
+
 class Block(eqx.Module):
     ln1: RMSNorm
     attn: Attention
@@ -143,17 +141,7 @@ class Block(eqx.Module):
     def __call__(self, x, positions, config, attend, edit=no_edit):
         """One sequential block on rows x [..., d] at `positions`."""
         eps = config.layer_norm_eps
-        x = edit("hook_resid_pre", x)
-        split = split_inputs(x, (config.n_head, config.n_kv_head, config.n_kv_head), edit)
-        if split is None:
-            q, k, v = self.attn.qkv(self.ln1(x, eps, edit, "ln1"))
-        else:
-            q, k, v = self.attn.qkv_per_head(*(self.ln1(t, eps, edit, "ln1") for t in split))
-        q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
-        if config.qk_norm:
-            q, k = head_norm(q, self.attn.q_norm, eps), head_norm(k, self.attn.k_norm, eps)
-        q, k = position_qk(config, q, k, positions)
-        q, k = edit("attn.hook_rot_q", q), edit("attn.hook_rot_k", k)
+        x, q, k, v = attention_qkv(self, x, positions, config, edit)
         z = edit("attn.hook_z", attend(q, k, v, window=config.sliding_window))
         x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z, edit)))
         mlp_in = edit("hook_mlp_in", x)

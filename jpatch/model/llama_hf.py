@@ -5,6 +5,7 @@ by field name where jpatch cannot reproduce it exactly, and the weights, from th
 import numpy as np
 import jax.numpy as jnp
 
+from jpatch.model.hf_tensors import tensor_reader
 from jpatch.model.llama import Attention, Block, Llama, LlamaConfig, MLP, RMSNorm
 
 HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -92,30 +93,6 @@ def config_from_hf(hf):
     )
 
 
-def tensor_reader(state, config, dtype):
-    """(get(name, shape) -> float32 NumPy, stack(suffix, shape, layout) -> [n_layer, ...] in `dtype`)
-    over a state dict without its "model." prefix; a missing tensor is a KeyError naming it, a
-    wrong shape or a non-finite value a ValueError naming it."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-
-    def get(name, shape):
-        if name not in state:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint")
-        array = np.asarray(state[name], np.float32)
-        if array.shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {array.shape}, but the config needs {shape}")
-        if not np.isfinite(array).all():
-            bad = int(array.size - np.isfinite(array).sum())
-            raise ValueError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf): a damaged checkpoint")
-        return array
-
-    def stack(suffix, shape, layout=lambda a: a):
-        return jnp.asarray(np.stack([layout(get(f"layers.{i}.{suffix}", shape)) for i in range(config.n_layer)]),
-                           dtype)
-
-    return get, stack
-
-
 def attention_from_hf(stack, config, dtype):
     """q/k/v/o projections (and Qwen 2's biases, Qwen 3's q/k norms) in TransformerLens's per-head shapes."""
     L, d, H, G, e = config.n_layer, config.d_model, config.n_head, config.n_kv_head, config.d_head
@@ -142,7 +119,7 @@ def from_hf_state_dict(state, config, dtype=jnp.float32, tied=False):
     Raises KeyError naming a missing tensor and ValueError naming a tensor whose shape does not
     match `config` or that holds non-finite values. tied: the unembedding is the embedding
     (`tie_word_embeddings`, as transformers reads it: lm_head.weight is then not used)."""
-    get, stack = tensor_reader(state, config, dtype)
+    get, stack = tensor_reader(state, config.n_layer, dtype, "model.")
     d, V = config.d_model, config.d_vocab
     blocks = Block(
         ln1=RMSNorm(stack("input_layernorm.weight", (d,))),

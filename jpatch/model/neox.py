@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from jpatch.model import sites, views
 from jpatch.model.architecture import Config, Transformer
-from jpatch.model.layers import ACTIVATIONS, LayerNorm, no_edit, normalize_hooked, rotate, split_inputs
+from jpatch.model.layers import (ACTIVATIONS, HeadProjections, LayerNorm, attention_inputs, no_edit, normalize_hooked,
+                                 rotate)
 
 # TransformerLens's NeoX hook points: GPT-2's without hook_pos_embed and hook_resid_mid (the block
 # is parallel), with the rotated attn.hook_rot_q / attn.hook_rot_k.
@@ -55,7 +56,7 @@ class NeoXConfig(Config):
         return int(self.d_head * self.rotary_pct)
 
 
-class Attention(eqx.Module):
+class Attention(HeadProjections):
     w_q: jax.Array  # [d_model, n_head, d_head]
     w_k: jax.Array
     w_v: jax.Array
@@ -65,22 +66,9 @@ class Attention(eqx.Module):
     w_o: jax.Array  # [n_head, d_head, d_model]
     b_o: jax.Array  # [d_model]
 
-    def qkv(self, x):
-        """x [..., d] -> q, k, v each [..., n_head, d_head]."""
-        project = lambda w, b: jnp.einsum("...d,dhe->...he", x, w) + b
-        return project(self.w_q, self.b_q), project(self.w_k, self.b_k), project(self.w_v, self.b_v)
-
-    def qkv_per_head(self, xq, xk, xv):
-        """Each head's own inputs [..., n_head, d] -> q, k, v each [..., n_head, d_head]."""
-        project = lambda x, w, b: jnp.einsum("...hd,dhe->...he", x, w) + b
-        return project(xq, self.w_q, self.b_q), project(xk, self.w_k, self.b_k), project(xv, self.w_v, self.b_v)
-
     def out(self, z, edit=no_edit):
-        """z [..., n_head, d_head] -> [..., d]; per-head attn.hook_result [..., n_head, d] when `edit` wants it."""
-        if not getattr(edit, "wants_result", False):
-            return jnp.einsum("...he,hed->...d", z, self.w_o) + self.b_o
-        result = edit("attn.hook_result", jnp.einsum("...he,hed->...hd", z, self.w_o))
-        return result.sum(-2) + self.b_o
+        """The heads' outputs summed (`HeadProjections.out`) plus the output bias."""
+        return super().out(z, edit) + self.b_o
 
 
 class MLP(eqx.Module):
@@ -110,13 +98,7 @@ class Block(eqx.Module):
         """One parallel block on rows x [..., d] at `positions` (broadcastable to x's [...]):
         attention and MLP both read the block's input, and both write to its output."""
         eps = config.layer_norm_eps
-        x = edit("hook_resid_pre", x)
-        split = split_inputs(x, config.n_head, edit)
-        if split is None:
-            q, k, v = self.attn.qkv(self.ln1(x, eps, edit, "ln1"))
-        else:
-            q, k, v = self.attn.qkv_per_head(*(self.ln1(t, eps, edit, "ln1") for t in split))
-        q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
+        x, q, k, v = attention_inputs(x, self.ln1, self.attn, config.n_head, eps, edit)
         q, k = position_qk(config, q, k, positions)
         q, k = edit("attn.hook_rot_q", q), edit("attn.hook_rot_k", k)
         z = edit("attn.hook_z", attend(q, k, v))

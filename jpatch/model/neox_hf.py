@@ -5,6 +5,7 @@ TransformerLens's per-head shapes."""
 import numpy as np
 import jax.numpy as jnp
 
+from jpatch.model.hf_tensors import tensor_reader
 from jpatch.model.layers import ACTIVATIONS
 from jpatch.model.neox import NeoX, NeoXConfig, Attention, Block, LayerNorm, MLP
 
@@ -58,19 +59,7 @@ def from_hf_state_dict(state, config, dtype=jnp.float32, tied=False):
     L, d, m, V, H, e = (config.n_layer, config.d_model, config.d_mlp, config.d_vocab, config.n_head,
                         config.d_head)
 
-    def get(name, shape):
-        if name not in state:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint")
-        array = np.asarray(state[name], np.float32)
-        if array.shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {array.shape}, but the config needs {shape}")
-        if not np.isfinite(array).all():
-            bad = int(array.size - np.isfinite(array).sum())
-            raise ValueError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf): a damaged checkpoint")
-        return array
-
-    def stack(suffix, shape, layout=lambda a: a):
-        return jnp.asarray(np.stack([layout(get(f"layers.{i}.{suffix}", shape)) for i in range(L)]), dtype)
+    get, stack = tensor_reader(state, L, dtype)
 
     # query_key_value rows are laid out per head: [head, (q, k, v), d_head] x d_model.
     qkv_w = lambda j: lambda w: w.reshape(H, 3, e, d)[:, j].transpose(2, 0, 1)  # -> [d_model, H, d_head]
