@@ -194,6 +194,12 @@ def report(f):
     lines.append(f"jpatch total: {f['jpatch_empty_s']:.1f} s with an empty cache "
                  f"({sum(f['empty']['compiles'])} compiles), {f['jpatch_warm_s']:.1f} s warm "
                  f"({sum(f['warm']['cache_hits'])} of {sum(f['warm']['compiles'])} compiles from the cache)")
+    from jpatch.engine.buckets import size  # the shape buckets' padding (JPATCH_BUCKETS=0: none)
+    on = os.environ.get("JPATCH_BUCKETS", "1").strip() != "0"
+    ratio = lambda power: (sum((size(c[1]) if on else c[1]) * (size(c[2]) if on else c[2]) ** power for c in f["calls"])
+                           / sum(c[1] * c[2] ** power for c in f["calls"]))
+    lines.append(f"shape buckets {'on' if on else 'off'}: {ratio(1):.3f}x the prompt-token rows, {ratio(2):.3f}x the "
+                 "rows of a by-position sweep (rows ~ batch x tokens^2)")
     if f["tl_s"] is not None:
         lines.append(f"TransformerLens total: {f['tl_s']:.1f} s; TransformerLens time / jpatch time without path_patch "
                      f"(no TransformerLens function): {f['speedup_empty']:.2f}x with an empty cache, "
