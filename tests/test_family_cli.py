@@ -218,5 +218,5 @@ def test_a_tokenizer_that_cannot_encode_the_text_exactly_is_refused(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     words = HFTokenizer(tmp_path / "tokenizer.json")
-    with pytest.raises(ValueError, match="IOI: this model's tokenizer cannot encode .* exactly"):
+    with pytest.raises(ValueError, match="IOI: .*encode.* exactly"):  # its names after "Then," already
         get_task("ioi", n_prompts=2, split="test", tokenizer=words, bos=True)

@@ -67,7 +67,7 @@ def _check_line(obj, tok, where):
             raise ValueError(f"{where}: {key!r} must be a list of two strings, got {value!r:.100}")
     prompts, answers = tuple(obj["pair"]), tuple(obj["answer"])
     hint = "; answers usually need a leading space, e.g. ' Paris'"
-    answer_ids = [wording.single_token(tok, a, where, hint=hint) for a in answers]
+    answer_ids = [wording.single_token(tok, a, where, hint=hint, after=p) for p, a in zip(prompts, answers)]
     if answer_ids[0] == answer_ids[1]:
         raise ValueError(f"{where}: the two answers must be distinct, both are {answers[0]!r}")
     if prompts[0] == prompts[1]:

@@ -82,7 +82,7 @@ def year_token_ids(tokenizer=None):
     A year that is not one token of `tokenizer` is refused by name: it is an answer."""
     if tokenizer is None:
         return YEAR_TOKEN_IDS
-    return np.array([wording.single_token(tokenizer, f"{y:02d}", "greater-than", "year answer")
+    return np.array([wording.single_token(tokenizer, f"{y:02d}", "greater-than", "year answer", after="")
                      for y in range(100)], dtype=np.int32)
 
 

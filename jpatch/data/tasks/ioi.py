@@ -174,10 +174,8 @@ def _pool(names, split, tok=None):
         names = split_names(names)[split in ("test", "novel")]
     bad = [n for n in names if not wording.is_one_token(tok, " " + n)]
     if bad:  # the names are the answers (and contrasts): each one token with its leading space
-        pieces = tok.to_str_tokens(" " + bad[0])
-        raise ValueError(f"IOI: answer {' ' + bad[0]!r} is {len(pieces)} tokens in this model's tokenizer "
-                         f"({pieces!r}), not {tok.single_token}; IOI names must be single tokens with a leading "
-                         f"space ({len(bad)} of the {split!r} split's are not: {bad[:10]}{' ...' * (len(bad) > 10)})")
+        wording.single_token(tok, " " + bad[0], "IOI", hint=f"; IOI names must be single tokens with a leading "
+                             f"space ({len(bad)} of the {split!r} split's are not: {bad[:10]}{' ...' * (len(bad) > 10)})")
     if len(names) < 5:
         raise ValueError(f"the IOI ABC corruption needs at least 5 distinct names, the {split!r} split has {len(names)}")
     return names
@@ -302,8 +300,8 @@ def ioi_task(n_prompts=100, *, seed=0, names=None, split="all", bos=False, lengt
     corrupted_ids = [start + wording.encode_exact(tok, p, "IOI") for p in corrupted]
     if any(len(a) != len(b) for a, b in zip(clean_ids, corrupted_ids)):
         raise AssertionError("an IOI prompt and its ABC corruption tokenized to different lengths")
-    answers = [tok.token_id(" " + r[2]) for r in rows]
-    contrasts = [tok.token_id(" " + r[3]) for r in rows]
+    answers = [wording.single_token(tok, " " + r[2], "IOI") for r in rows]
+    contrasts = [wording.single_token(tok, " " + r[3], "IOI") for r in rows]
     pos = np.array([_name_positions(ids, a, c, p) for ids, a, c, p in zip(clean_ids, answers, contrasts, prompts)])
     clean_tokens, mask = padding.pad(clean_ids, pad_id=wording.pad_id(tok))
     corrupted_tokens, _ = padding.pad(corrupted_ids, pad_id=wording.pad_id(tok))

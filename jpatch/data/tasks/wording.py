@@ -31,17 +31,33 @@ def encode_exact(tok, text, task):
     return ids
 
 
-def is_one_token(tok, word):
-    """Whether `word` is exactly one token of `tok` (one id that decodes back to `word`, not an
-    unknown-word token)."""
-    ids = tok.encode(word)
-    return len(ids) == 1 and tok.decode(ids) == word
+# What an answer follows when its tokens are checked: a word is tokenized as it continues a text (a
+# SentencePiece tokenizer that prefixes "▁" encodes " Mary" alone as two tokens, after a word as one).
+CONTEXT = "Then,"
 
 
-def single_token(tok, word, task, what="answer", hint=""):
-    """The id of `word` when it is one token of `tok`; else ValueError naming it and its pieces."""
-    ids = tok.encode(word)
-    if not is_one_token(tok, word):
+def answer_ids(tok, word, after=CONTEXT):
+    """The ids `word` adds when it follows `after` (exactly: the longer text's ids extend the shorter's
+    and decode back to it), or None when it merges into `after` or does not encode exactly."""
+    head, ids = tok.encode(after), tok.encode(after + word)
+    if ids[: len(head)] != head or tok.decode(ids) != after + word:
+        return None
+    return ids[len(head):]
+
+
+def is_one_token(tok, word, after=CONTEXT):
+    """Whether `word` is exactly one token of `tok` after `after` (not an unknown-word token)."""
+    ids = answer_ids(tok, word, after)
+    return ids is not None and len(ids) == 1
+
+
+def single_token(tok, word, task, what="answer", hint="", after=CONTEXT):
+    """The id of `word` when it is one token of `tok` after `after`; else ValueError naming it and its pieces."""
+    ids = answer_ids(tok, word, after)
+    if ids is None:
+        raise ValueError(f"{task}: {what} {word!r} does not encode exactly as its own tokens after {after!r} in this "
+                         f"model's tokenizer, not {tok.single_token}{hint}")
+    if len(ids) != 1:
         raise ValueError(f"{task}: {what} {word!r} is {len(ids)} tokens in this model's tokenizer "
                          f"({tok.to_str_tokens(ids)!r}), not {tok.single_token}{hint}")
     return ids[0]
