@@ -9,8 +9,8 @@ folder, `jpatch.convert_hf` converts it, `jpatch.load` loads it in bfloat16, and
   position; raw per-prompt logit differences compared (tolerance --tol). The bfloat16 sweep's values
   at those patches are compared with the same float32 reference, in units of the clean - corrupted gap.
 
-Peak memory per phase is /proc/self/status VmHWM, reset between phases through /proc/self/clear_refs;
-ru_maxrss is the whole process's peak. Only one copy of the weights is held at a time.
+Peak memory per phase is /proc/self/status VmHWM, reset between phases through /proc/self/clear_refs (which
+resets what ru_maxrss reads too: the process's peak is the largest phase's). One copy of the weights at a time.
 
     nice -n 10 .venv/bin/python scripts/big_model_run.py --family llama          # the 1B shape
     .venv/bin/python scripts/big_model_run.py --family llama --layers 2 --d-model 256 --vocab 512  # quick
@@ -258,7 +258,9 @@ def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=
             report["heads_finite"] = bool(np.isfinite(np.asarray(z)).all())
             del model
     report["phases"] = phases.rows
-    report["ru_maxrss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
+    # the process's peak: the largest phase's (clear_refs resets the high-water mark that ru_maxrss reads too)
+    report["peak_rss_gb"] = max(p["peak_rss_gb"] for p in phases.rows.values())
+    report["ru_maxrss_gb_since_last_reset"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
     return report
 
 
