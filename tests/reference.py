@@ -350,3 +350,17 @@ def hf_patched_ld(hf, tokens, ans, con, patch):
         handle.remove()
     rows = np.arange(len(tokens))
     return logits[rows, ans] - logits[rows, con]
+
+
+def count_compiles(fn):
+    """(fn(), the number of XLA compiles it caused), from JAX's compile events."""
+    import jax
+
+    events = []
+    listener = lambda event, secs, **kw: (events.append(event) if event ==
+                                          "/jax/core/compile/backend_compile_duration" else None)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), len(events)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

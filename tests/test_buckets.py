@@ -3,7 +3,6 @@ equals the same sweep unbucketed and TransformerLens 3.9 (its patching functions
 prompt by prompt), for every site family, both directions, a callable and a `Metric`; and a new
 shape inside a bucket compiles nothing."""
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -41,18 +40,6 @@ def data():
 def mean_ld(answers, contrasts, rows):
     """TransformerLens's style: the mean logit difference at the last position, over `rows`."""
     return lambda logits: (logits[rows, -1, answers] - logits[rows, -1, contrasts]).mean()
-
-
-def compiles(fn):
-    events = []
-    listener = lambda event, secs, **kw: (events.append(event) if event ==
-                                          "/jax/core/compile/backend_compile_duration" else None)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, len(events)
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -119,9 +106,9 @@ def test_a_new_shape_inside_a_bucket_compiles_nothing(jp_tiny, data):
     run = lambda n, t: patching.sweep(jp_tiny, clean[:n, :t], corrupted[:n, :t], "z",
                                       metrics.logit_diff(answers[:n], contrasts[:n]), progress=False)
     run(9, 9)
-    _, count = compiles(lambda: run(10, 10))  # (10, 10): the bucket of (9, 9)
+    _, count = reference.count_compiles(lambda: run(10, 10))  # (10, 10): the bucket of (9, 9)
     assert count == 0
-    _, count = compiles(lambda: run(9, 10))
+    _, count = reference.count_compiles(lambda: run(9, 10))
     assert count == 0
-    _, count = compiles(lambda: run(10, 9))
+    _, count = reference.count_compiles(lambda: run(10, 9))
     assert count == 0

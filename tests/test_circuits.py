@@ -5,7 +5,6 @@ faithfulness and ACDC on a random 3-layer model."""
 import json
 import warnings
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -181,18 +180,6 @@ def test_path_patching_sender_lists_and_groups(models, tokens):
     np.testing.assert_allclose(together, [0.0], atol=1e-4)
 
 
-def compiles_of(call):
-    """call()'s result and the number of XLA compiles it caused."""
-    events = []
-    listener = lambda event, duration, **kw: (events.append(event) if event ==
-                                              "/jax/core/compile/backend_compile_duration" else None)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        return call(), len(events)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_metric_closures_compile_once_in_path_patching_and_edge_scores(models, tokens):
     """A notebook's `lambda logits: ...` defined anew per call, over new answer ids: path_patch and
     mask_scorer reuse the first closure's program and give each closure's own numbers (TransformerLens
@@ -208,8 +195,8 @@ def test_metric_closures_compile_once_in_path_patching_and_edge_scores(models, t
     mask = (np.random.default_rng(0).random(valid.shape) < 0.5) * valid
     src = tl_writes(tl, corrupted)
     for i, (a, c) in enumerate(pairs):
-        got, n_path = compiles_of(lambda: circuits.path_patch(jp, clean, corrupted, senders, receivers, closure(a, c)))
-        scored, n_edges = compiles_of(lambda: circuits.edge_scores(jp, clean, corrupted, mask[None], closure(a, c)))
+        got, n_path = reference.count_compiles(lambda: circuits.path_patch(jp, clean, corrupted, senders, receivers, closure(a, c)))
+        scored, n_edges = reference.count_compiles(lambda: circuits.edge_scores(jp, clean, corrupted, mask[None], closure(a, c)))
         diff = lambda logits: (logits[rows, -1, a] - logits[rows, -1, c]).mean()
         expected = [diff(reference.tl_path_patch(tl, clean, corrupted, tuple(int(x) for x in s[1:].split(".h")),
                                                  receivers)) for s in senders]

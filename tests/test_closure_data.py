@@ -4,7 +4,6 @@ each gives its own numbers (TransformerLens's patching on the same weights as th
 cannot be passed exactly (float64 values, a value the callable needs concrete, a bound method of an
 object) is keyed by its values instead: it recompiles and still gives its own numbers."""
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -39,15 +38,8 @@ def tl_expected(tl_tiny, runs, metric):
 def sweep(jp_tiny, runs, metric):
     """get_act_patch_resid_pre and the number of XLA compiles it caused."""
     corrupted, cache, _ = runs
-    compiles = []
-    listener = lambda event, duration, **kw: (compiles.append(event) if event ==
-                                               "/jax/core/compile/backend_compile_duration" else None)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = np.asarray(patching.get_act_patch_resid_pre(jp_tiny, corrupted, cache, metric, progress=False))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, len(compiles)
+    return reference.count_compiles(lambda: np.asarray(
+        patching.get_act_patch_resid_pre(jp_tiny, corrupted, cache, metric, progress=False)))
 
 
 def logit_diff(a, b, baseline):
