@@ -75,36 +75,3 @@ def test_lifted_and_narrowed_callables_split_with_their_data():
         np.testing.assert_allclose(chunked(split, read, [[0, 2], [1, 3]]), np.asarray(fn(logits)), rtol=1e-6)
         scores.append(split.score)
     assert scores[0] == scores[1] and hash(scores[0]) == hash(scores[1])  # one compiled program for both
-
-
-@pytest.mark.parametrize("form", ["split", "not_split"])
-def test_sweeps_with_callables_split_or_not_equal_transformer_lens(jp_tiny, tl_tiny, one_torch_thread, form,
-                                                                    monkeypatch):
-    """A sweep with a callable that splits runs in prompt chunks (a budget of one prompt), one that
-    does not runs the whole batch; both equal TransformerLens's patching with the same callable."""
-    import torch
-    import transformer_lens.patching as tl_patching
-
-    import reference
-    from jpatch import patching
-
-    B, T, V = 4, 6, reference.TINY["vocab_size"]
-    clean = reference.random_tokens(B, T, V, seed=21)
-    corrupted = clean.copy()
-    corrupted[:, 2] = (clean[:, 2] + 7) % V
-    x, y, r = rng.integers(0, V, B), rng.integers(0, V, B), np.arange(B)
-    forms = {"split": lambda xp, x, y, r: (lambda lg: (lg[r, -1, x] - lg[r, -1, y]).mean()),
-             "not_split": lambda xp, x, y, r: (lambda lg: lg[r, -1, x].mean() - lg[r, -1, y].mean())}
-    made = []
-    real_split = metric_split.split
-    monkeypatch.setattr(metric_split, "split", lambda *a, **k: made.append(real_split(*a, **k)) or made[-1])
-    with torch.no_grad():
-        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(clean))
-        tl_fn = forms[form](torch, torch.tensor(x), torch.tensor(y), torch.arange(B))
-        expected = tl_patching.get_act_patch_attn_head_out_by_pos(tl_tiny, torch.tensor(corrupted), tl_cache, tl_fn).numpy()
-    _, cache = jp_tiny.run_with_cache(clean)
-    got = patching.get_act_patch_attn_head_out_by_pos(jp_tiny, corrupted, cache, forms[form](jnp, x, y, r),
-                                                      progress=False, memory_budget=2_000_000)
-    assert np.ptp(expected) > 0.01
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
-    assert made and (made[-1] is not None) == (form == "split")

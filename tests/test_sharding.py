@@ -36,19 +36,10 @@ def inputs(batch):
 def mean_ld_callable(answers, contrasts):
     answers, contrasts, rows = jnp.asarray(answers), jnp.asarray(contrasts), jnp.arange(len(answers))
 
-    def mean_ld(logits):  # a scalar metric: split at its per-prompt logit difference (engine.metric_split)
+    def mean_ld(logits):  # a scalar metric: the whole batch must be reduced together
         return (logits[rows, -1, answers] - logits[rows, -1, contrasts]).mean()
 
     return mean_ld
-
-
-def two_means_callable(answers, contrasts):
-    answers, contrasts, rows = jnp.asarray(answers), jnp.asarray(contrasts), jnp.arange(len(answers))
-
-    def two_means(logits):  # two per-prompt values mixed: not split, the whole batch is reduced together
-        return logits[rows, -1, answers].mean() - logits[rows, -1, contrasts].mean()
-
-    return two_means
 
 
 def cases():
@@ -68,8 +59,6 @@ def cases():
             memory_budget=1 << 20))
         out[f"scalar_callable_{batch}"] = (batch, dict(
             common, site="attn_out", metric=metrics.from_callable(mean_ld_callable(ans, con))))
-        out[f"whole_batch_callable_{batch}"] = (batch, dict(
-            common, site="attn_out", metric=metrics.from_callable(two_means_callable(ans, con))))
     return out
 
 
@@ -134,8 +123,8 @@ def test_sharded_sweeps_match_one_device(tmp_path, jp_tiny):
         assert err <= 1e-5, f"{name}: sharded vs one device, max abs error {err:.3g}"
         used = sharded[f"used/{name}"]
         assert (used_single[name] == 1).all()
-        if name.startswith("whole_batch_callable") and batch % N_DEVICES:
-            assert (used == 1).all(), f"{name}: a whole-batch metric on {batch} prompts runs on one device"
+        if name.startswith("scalar_callable") and batch % N_DEVICES:
+            assert (used == 1).all(), f"{name}: a scalar metric on {batch} prompts runs on one device"
         else:
             assert len(used) and (used == N_DEVICES).all(), f"{name}: engine calls ran on {used.tolist()} devices"
         if name.startswith("mlp_window_chunked"):

@@ -218,16 +218,13 @@ class Split:
 
     def combine(self, values):
         """[patches, batch] split values -> the metric's raw scores [patches] or [patches, batch]."""
-        values = np.asarray(values)[:, : self.score.batch]
         return np.asarray(_combine_patches(self.score, jnp.asarray(values, jnp.float32), self._leaves))
 
 
-def split(score, data, shape, rows=None):
+def split(score, data, shape):
     """A `Split` of `score(logits, clean, data)` on logits `shape` [batch, K, vocab] at its one
-    per-prompt value mixed over prompts, or None where there is no such exact split. rows: the
-    engine's rows (at least batch; those past it pad a shape bucket and are scored for nothing)."""
+    per-prompt value mixed over prompts, or None where there is no such exact split."""
     batch = shape[0]
-    rows = batch if rows is None else rows
     if np.prod(shape) > MAX_MAP_ENTRIES:
         return None
     leaves, tree = jax.tree_util.tree_flatten(data)
@@ -265,7 +262,6 @@ def split(score, data, shape, rows=None):
             if v is jaxpr.invars[0] or (v is not cut and isinstance(env.get(v), _Rows) and env[v].per_row):
                 return None
     row_score = RowScore(score, closed, cut, batch)
-    full = [np.broadcast_to(np.asarray(a), (rows,) + np.shape(a)) for a in leaves]
-    # Rows past the batch are dropped when set into it (JAX drops out-of-range scatters).
-    split_data = {"split.rows": np.arange(rows, dtype=np.int32), "split.full": full}
+    full = [np.broadcast_to(np.asarray(a), (batch,) + np.shape(a)) for a in leaves]
+    split_data = {"split.rows": np.arange(batch, dtype=np.int32), "split.full": full}
     return Split(row_score, split_data, [jnp.asarray(a) for a in leaves])

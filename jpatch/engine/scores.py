@@ -12,7 +12,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jpatch.engine import execute as engine
-from jpatch.engine import metric_split
 from jpatch.engine.inputs import check_base
 from jpatch.engine.plan import ALL, bytes_per_prompt, cheap_row_layers, default_memory_budget, plan_groups
 from jpatch.engine.readout import checked_metric, is_user_callable, narrowed
@@ -69,16 +68,8 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({seen}), got shape "
                          f"{score_shape}")
     scalar = score_shape == ()
-    # A scalar metric, or any user callable (written for the whole batch), sees every (real) prompt at once,
-    # unless it splits into a value per prompt and a part mixing them: then prompts run in chunks.
+    # A scalar metric, or any user callable (written for the whole batch), sees every (real) prompt at once.
     whole = scalar or is_user_callable(metric)
-    split = None
-    if is_user_callable(metric):
-        split = metric_split.split(metric.score, jax.tree_util.tree_map(lambda a: a[:seen], data),
-                                   (seen, n_read, cfg.d_vocab), rows=N)
-    score, per_prompt_out = metric.score, not scalar
-    if split is not None:
-        score, data, whole, per_prompt_out = split.score, split.data, False, True
 
     devices = list(devices or jax.local_devices())
     mesh = Mesh(np.array(devices), ("batch",))
@@ -124,7 +115,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     pos_all = np.asarray(patches.pos).reshape(len(patches), -1)
     pos_all = padded(jnp.asarray(np.broadcast_to(pos_all, (len(patches), N))), 1)
 
-    out = np.zeros((len(patches), N + pad) if per_prompt_out else (len(patches),), np.float32)
+    out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
     bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit=" runs")
     for slots, lay in planned:
         real = slots >= 0
@@ -149,16 +140,14 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
             )
             scores = engine.score_rows(model, scores, engine.MetricInputs(
                 None, put(clean_logits, 0), jax.tree_util.tree_map(lambda a: put(a, 0), data)),
-                score=score, rows=prompts if whole and prompts < N else None)
+                score=metric.score, rows=prompts if whole and prompts < N else None)
             scores = np.asarray(scores)[real]
-            if not per_prompt_out:
+            if scalar:
                 out[slots[real]] = scores
             else:
                 out[slots[real], rows.start : rows.start + scores.shape[1]] = scores  # whole: the real prompts
             bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
     bar.close()
-    if split is not None:
-        return split.combine(out)
     return out if scalar else out[:, :N]
 
 
