@@ -8,21 +8,11 @@ import pytest
 import torch
 
 import reference
+from family_reference import assert_close
 from jpatch.model import sites
 from jpatch.model.gpt2 import Override, override_from_cache
 
-TOL = 1e-4
 V = reference.TINY["vocab_size"]
-
-
-def assert_close(actual, expected, tol=TOL, what=""):
-    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    # masked attention scores are -inf in both
-    assert (np.isneginf(actual) == np.isneginf(expected)).all(), f"{what}: -inf at different entries"
-    actual, expected = np.where(np.isneginf(actual), 0, actual), np.where(np.isneginf(expected), 0, expected)
-    err = float(np.abs(actual - expected).max()) if actual.size else 0.0
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
 # --- cache parity -----------------------------------------------------------------------
