@@ -322,6 +322,38 @@ def test_small_memory_budget_gives_the_same_result(jp_tiny, setup, tl_results, m
     assert_close(small, tl_results("resid_pre", "denoise"), what="chunked vs TransformerLens")
 
 
+def test_callable_metric_runs_in_prompt_chunks(jp_tiny, setup, tl_results, monkeypatch):
+    """A whole-batch callable (a mean over the prompts) under a budget below one call of every prompt:
+    its patched runs go in prompt chunks, as a `Metric`'s do, and it is scored on all prompts at
+    once after them; the numbers are TransformerLens's."""
+    calls = count_calls(monkeypatch)
+    patches, _ = make_patches(jp_tiny.config, "hook_resid_pre", ("layer", "pos"), T, B)
+    per_prompt = plan.bytes_per_prompt(jp_tiny.config, plan.plan_layout(patches, 2, T), 1, V)
+    got = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", setup.jp_callable, progress=False,
+                         memory_budget=per_prompt // 3, buckets=False)
+    assert max(b for b, _ in calls) < B, f"no prompt chunks: {calls}"
+    assert_close(got, tl_results("resid_pre", "denoise"), what="chunked callable vs TransformerLens")
+
+
+def test_whole_batch_scoring_in_patch_chunks(jp_tiny, setup):
+    """`score_whole` scores 7 patches' final residuals in chunks of 3 (the last overlapping) and on
+    the real prompts only: equal to the logits and metric computed by hand in NumPy."""
+    from jpatch.engine.scores import score_whole
+
+    rng = np.random.default_rng(0)
+    resid = rng.normal(size=(B + 2, 7, 1, jp_tiny.config.d_model)).astype(np.float32)  # 2 padding prompts
+    x = resid[:B, :, 0].astype(np.float64)  # GPT-2's final layer norm and tied unembedding, by hand
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + jp_tiny.config.layer_norm_eps)
+    logits = (x * np.asarray(jp_tiny.ln_f.weight) + np.asarray(jp_tiny.ln_f.bias)) @ np.asarray(jp_tiny.wte).T
+    rows = np.arange(B)
+    expected = (logits[rows, :, setup.answers] - logits[rows, :, setup.contrasts]).mean(0)
+    expected = (expected - setup.CO) / (setup.CL - setup.CO)
+    inputs = engine.MetricInputs(None, jnp.zeros((B + 2, 1, V)), {})
+    per_patch = 3 * B * 1 * V * 4
+    got = score_whole(jp_tiny, jnp.asarray(resid), inputs, setup.jp_callable.score, B, 3 * per_patch)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_tiny_memory_budget_still_runs(jp_tiny, setup, tl_results):
     """A budget far below one patch of one prompt: the sweep must still run, in pieces."""
     got = patching.sweep(jp_tiny, setup.clean, setup.corrupted, "resid_pre", setup.jp_metric, progress=False,

@@ -190,12 +190,15 @@ def _first(tree, rows):
     return tree if rows is None else jax.tree_util.tree_map(lambda a: a[:rows], tree)
 
 
-@functools.partial(jax.jit, static_argnames=("score", "rows"))
-def score_rows(model, resid, metric_inputs, *, score, rows=None):
+@functools.partial(jax.jit, static_argnames=("score", "rows", "n_slots"))
+def score_rows(model, resid, metric_inputs, *, score, rows=None, first_slot=0, n_slots=None):
     """`run_layout`'s final residuals [B, n, K, d] of n patches -> raw scores [n, B] (or [n]), in a
     program of their own: the patching program is the same for any metric and for a bucket's real
-    prompts. rows: score only the first `rows` prompts (a padded batch's real ones), None: all."""
+    prompts. rows: score only the first `rows` prompts (a padded batch's real ones), None: all.
+    n_slots: score only the patches first_slot .. first_slot + n_slots (None: all)."""
     resid, inputs = _first((resid, metric_inputs), rows)
+    if n_slots is not None:
+        resid = jax.lax.dynamic_slice_in_dim(resid, first_slot, n_slots, axis=1)
     logits = model.unembed(resid)
     return jax.vmap(lambda lg: score(lg, inputs.clean_logits, inputs.data), in_axes=1)(logits)
 

@@ -68,7 +68,9 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({seen}), got shape "
                          f"{score_shape}")
     scalar = score_shape == ()
-    # A scalar metric, or any user callable (written for the whole batch), sees every (real) prompt at once.
+    # A scalar metric, or any user callable (written for the whole batch), is scored on every (real)
+    # prompt at once; the patched runs still go in prompt chunks: their final residuals are kept
+    # and scored together after the last chunk (`score_whole`).
     whole = scalar or is_user_callable(metric)
 
     devices = list(devices or jax.local_devices())
@@ -77,7 +79,11 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     # group has one static layout, so the sweep compiles one program whatever its size.
     plan = lambda g: plan_groups(patches, cfg.n_layer, T, g, skip_layers=skip_layers,
                                  skip_positions=skip_positions, merge_below=cheap_row_layers(cfg, N))
-    need = lambda layout: bytes_per_prompt(cfg, layout, n_read, cfg.d_vocab) * (N if whole else 1)
+    # A whole-batch metric's logits are made in `score_whole`'s patch chunks, not in the patching call.
+    # It keeps every prompt's final residuals of a group until then (`stored`).
+    stored = lambda layout: N * len(layout.order) * n_read * cfg.d_model * 4 if whole else 0
+    per_prompt = lambda layout: bytes_per_prompt(cfg, layout, n_read, 0 if whole else cfg.d_vocab)
+    need = lambda layout: per_prompt(layout) + stored(layout)  # one prompt's call
     groups = 1
     planned = plan(groups)
     while need(planned[0][1]) > memory_budget and groups < len(patches):
@@ -87,19 +93,16 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         warnings.warn(f"memory_budget={memory_budget} bytes splits this sweep into {groups} patch groups, run one "
                       f"after another (slow); {need(plan(1)[0][1])} bytes would run it in one", RuntimeWarning,
                       stacklevel=3)
-    per_prompt = need(planned[0][1]) // (N if whole else 1)
-    chunk = N if whole else max(1, min(N, memory_budget // per_prompt))
-    if not whole and len(devices) > 1:
+    chunk = max(1, min(N, (memory_budget - stored(planned[0][1])) // per_prompt(planned[0][1])))
+    if len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
     n_chunks = math.ceil(N / chunk)
     # The same number of chunks, as even as they go: 8 prompts at 5 a chunk run as 4 + 4, not
     # 5 + 5 with two padding prompts computed for nothing.
     chunk = math.ceil(N / n_chunks)
-    if not whole and len(devices) > 1:
+    if len(devices) > 1:
         chunk = math.ceil(chunk / len(devices)) * len(devices)
     pad = n_chunks * chunk - N
-    if whole and len(devices) > 1 and N % len(devices):
-        mesh = Mesh(np.array(devices[:1]), ("batch",))  # a whole-batch metric needs the batch together
 
     def padded(a, axis):
         if not pad:
@@ -114,6 +117,8 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     data = jax.tree_util.tree_map(lambda a: padded(a, 0), data)
     pos_all = np.asarray(patches.pos).reshape(len(patches), -1)
     pos_all = padded(jnp.asarray(np.broadcast_to(pos_all, (len(patches), N))), 1)
+    score_inputs = lambda put: engine.MetricInputs(None, put(clean_logits, 0),
+                                                   jax.tree_util.tree_map(lambda a: put(a, 0), data))
 
     out = np.zeros((len(patches),) if scalar else (len(patches), N + pad), np.float32)
     bar = tqdm(total=len(patches) * N, disable=not progress, desc=f"patching {patches.site}", unit=" runs")
@@ -124,10 +129,11 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         slot_patches = engine.SlotPatches(layer_lo=take(patches.layer_lo, 0), layer_hi=take(patches.layer_hi, 0),
                                           pos=None, head=take(patches.head, 0), src=take(patches.src, 0))
         pos_slots = jnp.where(jnp.asarray(real)[:, None], pos_all[np.maximum(slots, 0)], 0)
+        finals = []
         for c in range(n_chunks):
             rows = slice(c * chunk, (c + 1) * chunk)
             put = lambda a, axis: jax.device_put(a[(slice(None),) * axis + (rows,)], _sharding(mesh, a.ndim, axis))
-            scores = engine.run_layout(
+            resid = engine.run_layout(
                 model,
                 engine.BaseCache.from_sites({k: put(v, 0 if k == "final" else 1) for k, v in base_arrays.items()}, model),
                 put(source, 1),
@@ -138,15 +144,20 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
                 stages=lay.stages,
                 read_all=read_all,
             )
-            scores = engine.score_rows(model, scores, engine.MetricInputs(
-                None, put(clean_logits, 0), jax.tree_util.tree_map(lambda a: put(a, 0), data)),
-                score=metric.score, rows=prompts if whole and prompts < N else None)
-            scores = np.asarray(scores)[real]
+            if whole:
+                finals.append(resid)
+            else:
+                scores = np.asarray(engine.score_rows(model, resid, score_inputs(put), score=metric.score))[real]
+                out[slots[real], rows] = scores
+            bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
+        if whole:
+            put = lambda a, axis: jax.device_put(a, _sharding(mesh, a.ndim, axis))
+            resid = finals[0] if n_chunks == 1 else jnp.concatenate(finals, axis=0)
+            scores = score_whole(model, resid, score_inputs(put), metric.score, prompts, memory_budget)[real]
             if scalar:
                 out[slots[real]] = scores
             else:
-                out[slots[real], rows.start : rows.start + scores.shape[1]] = scores  # whole: the real prompts
-            bar.update(int(real.sum()) * (min(rows.stop, N) - rows.start))
+                out[slots[real], :prompts] = scores  # the real prompts
     bar.close()
     return out if scalar else out[:, :N]
 
@@ -157,6 +168,23 @@ def applies(patches, lengths):
     within = (pos == ALL) | (pos < lengths[None, :])
     src = patches.src[:, None]
     return within & ((src == ALL) | (src < lengths[None, :]))
+
+
+def score_whole(model, resid, inputs, score, prompts, memory_budget):
+    """A whole-batch metric's raw scores [n] (or [n, prompts]) of one patch group, from every prompt's
+    final residuals [rows, n, K, d] (rows past `prompts` pad), in patch chunks whose logits fit the
+    memory budget; the chunks have one size (the last overlaps the one before), so one program."""
+    n_rows, n, K = resid.shape[:3]
+    per_patch = 3 * prompts * K * model.config.d_vocab * 4  # the logits and a callable's temporaries like them
+    size = max(1, min(n, memory_budget // per_patch))
+    rows = prompts if prompts < n_rows else None
+    out = []
+    for start in range(0, n, size):
+        first = min(start, n - size)
+        got = engine.score_rows(model, resid, inputs, score=score, rows=rows, first_slot=first,
+                                n_slots=None if size == n else size)
+        out.append(np.asarray(got)[start - first :])
+    return np.concatenate(out)
 
 
 def with_exact_no_ops(raw, patches, base_stack, source_stack, base_score):
