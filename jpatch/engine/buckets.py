@@ -50,6 +50,16 @@ def shape(model, runs, batch, pos, buckets=None):
     return size(batch), max(pos, min(size(pos), model.config.n_ctx))
 
 
+def padded(model, runs, metric, batch, pos, buckets=None):
+    """A sweep's runs and metric (bound to `batch` prompts of `pos` tokens) at their shape bucket:
+    (bucket batch, bucket pos, runs, metric), all unchanged when the shape is its own bucket."""
+    NB, TB = shape(model, runs, batch, pos, buckets)
+    if (NB, TB) == (batch, pos):
+        return NB, TB, runs, metric
+    pad = pad_id(model)
+    return NB, TB, tuple(pad_run(r, NB, TB, pad) for r in runs), pad_metric(metric, batch, NB, pos)
+
+
 def pad_id(model):
     """A token id to pad prompts with that the model accepts: its pad id, else its last id."""
     pid = model.pad_id

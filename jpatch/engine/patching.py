@@ -81,13 +81,10 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     source = clean_cache.stacked(site)
     site_axes = model.sites[site].axes
     # The corrupted run and the clean cache's site padded to their shape bucket (`buckets`).
-    NB, TB = bucketing.shape(model, (corrupted,), N, T, bucket)
-    run_patches, run_shape, base, padded = patches, shape, corrupted, Cache({site: source}, model.config.n_layer,
-                                                                           table=model.sites)
+    NB, TB, (base,), metric = bucketing.padded(model, (corrupted,), metric, N, T, bucket)
+    run_patches, run_shape, padded = patches, shape, Cache({site: source}, model.config.n_layer, table=model.sites)
     if (NB, TB) != (N, T):
         run_patches, run_shape = make_patches(model.config, site, axes, TB, NB)
-        base = bucketing.pad_run(corrupted, NB, TB, bucketing.pad_id(model))
-        metric = bucketing.pad_metric(metric, N, NB, T)
         read = metric.read_positions(NB, TB)
         clean_logits = jnp.asarray(bucketing.rows(clean_logits, NB))
         padded = Cache({site: jnp.asarray(bucketing.pad_stack(source, site_axes, NB, TB))}, model.config.n_layer,

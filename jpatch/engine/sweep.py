@@ -230,14 +230,11 @@ def sweep(model, clean: Union[Tokens, Run], corrupted: Union[Tokens, Run], site:
     check_base(base)
     memory_budget = plan.default_memory_budget() if memory_budget is None else memory_budget
     # The runs padded to their shape bucket (`buckets`), the grid over the bucket's positions.
-    NB, TB = bucketing.shape(model, (base, source), S * B, T, buckets)
+    NB, TB, (base, source), metric = bucketing.padded(model, (base, source), metric, S * B, T, buckets)
     if (NB, TB) != (S * B, T):
         pp = None if prompt_positions is None else bucketing.rows(prompt_positions, NB)
         run_patches, run_shape = make_patches(model.config, site, axes, TB, NB, window=window, layers=layers,
                                               positions=positions, heads=heads, prompt_positions=pp)
-        pad = bucketing.pad_id(model)
-        base, source = (bucketing.pad_run(r, NB, TB, pad) for r in (base, source))
-        metric = bucketing.pad_metric(metric, S * B, NB, T)
     else:
         run_patches, run_shape = patches, shape
     # One forward per run: the base run's stacks the engine starts from (and its patched site, for the
