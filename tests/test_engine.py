@@ -1,7 +1,8 @@
 """The engine's economies against TransformerLens 3.9: callable metrics evaluated only at
 the logit positions they read, one compiled program per sweep whatever the memory budget,
 base/source caches in prompt chunks, and models deeper than the 12 layer stages
-(24 layers: its 24 start layers thinned to 12 stages of two and three layers). References are TransformerLens's patching functions or hooks, with
+(16 layers: its 16 start layers thinned to 12 stages of one and two layers, so that patches start
+inside a stage). References are TransformerLens's patching functions or hooks, with
 metrics written by hand in torch."""
 
 import types
@@ -213,7 +214,7 @@ def test_cheap_stages_merge_cheapest_first(merge_below, starts):
 # --- deeper than the 12 layer stages ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[24])
+@pytest.fixture(scope="module", params=[16])
 def deep(request, data):
     tl, jp = tiny(request.param, seed=request.param)
     with torch.no_grad():
