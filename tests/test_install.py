@@ -67,6 +67,7 @@ def test_installed_package_loads_the_toy_and_runs_the_demo(fresh_install, tmp_pa
     where = _run([str(python), "-c", "import jpatch; m = jpatch.load('toy'); print(jpatch.__file__); "
                   "print(m.config.n_layer)"], cwd=tmp_path).stdout.split()
     assert Path(where[0]).is_relative_to(venv), f"jpatch imported from {where[0]}, not the fresh install"
-    demo = _run([str(jpatch_cli), "demo", "--out", "demo-out"], cwd=tmp_path)
+    # 4 prompts instead of the default 32: what is checked is the installed package, not the sweep
+    demo = _run([str(jpatch_cli), "demo", "--n-prompts", "4", "--out", "demo-out"], cwd=tmp_path)
     assert "top hook_resid_pre components" in demo.stdout
     assert (tmp_path / "demo-out" / "resid_pre.png").is_file()
