@@ -13,7 +13,9 @@ from jpatch.methods import metrics
 from jpatch.model import padding
 from jpatch import patching
 V = reference.TINY["vocab_size"]
-LENGTHS = (7, 4, 6, 3)
+# Three distinct lengths (each prompt swept alone compiles one program per length): positions 0-3,
+# 4-5 and 6 are reached by different sets of prompts, and two prompts share a padded length.
+LENGTHS = (7, 4, 6, 6)
 PAD = V - 1  # <|endoftext|> of the tiny vocabulary; the corrupted prompts pad with another id
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,8 +127,8 @@ def test_gaussian_noise_on_a_ragged_batch(jp_tiny, prompts):
         own = patching.sweep(jp_tiny, clean[b : b + 1, :n], own_run, "attn_out", alone(prompts, b)[2],
                              per_prompt=True, progress=False)
         np.testing.assert_allclose(np.asarray(together[b])[:, :n], np.asarray(own)[0], atol=1e-5)
-    with pytest.raises(ValueError, match="prompt 3 gets noise at position 3, which is padding"):
-        corrupt.gaussian_noise(jp_tiny, clean, [[0, 3]] * B, std=0.5, attention_mask=mask)
+    with pytest.raises(ValueError, match="prompt 1 gets noise at position 4, which is padding"):
+        corrupt.gaussian_noise(jp_tiny, clean, [[0, 4]] * B, std=0.5, attention_mask=mask)
 
 
 def test_padding_without_a_mask_or_that_cannot_be_exact_is_refused(jp_tiny, prompts):
