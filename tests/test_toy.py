@@ -129,7 +129,8 @@ def _train_toy():
 def test_filler_held_out_words_never_in_ioi_training():
     """No word of the "novel" templates, places and objects (names aside) is a word of the train
     templates or word lists, nor of any token an IOI training prompt of scripts/train_toy.py can
-    hold (template words, broad-list and untrained filler words, punctuation, pool names)."""
+    hold (template words, broad-list and untrained filler words, the other tasks' words as fillers,
+    punctuation, pool names)."""
     held_out = ioi.filler_held_out_words()
     assert len(held_out) >= 40 and not held_out & ioi.train_words()
     tok = jpatch.get_tokenizer()
@@ -141,7 +142,7 @@ def test_filler_held_out_words_never_in_ioi_training():
     assert not novel_ids & train_ids
     toy = _train_toy()
     data = toy.build_data(0, n_ioi=200, n_gt=200, wide=True)  # asserts the same over everything it samples from
-    pools = ("ioi_words", "broad", "unknown", "punctuation", "name_pool")
+    pools = ("ioi_words", "broad", "unknown", "punctuation", "name_pool", "task_words")
     sampled = {int(t) for key in pools for t in data[key]}
     assert len(data["broad"]) == toy.N_BROAD and len(data["unknown"]) == toy.N_UNKNOWN
     assert not sampled & novel_ids
