@@ -3,6 +3,7 @@ equals the same sweep unbucketed and TransformerLens 3.9 (its patching functions
 prompt by prompt), for every site family, both directions, a callable and a `Metric`; and a new
 shape inside a bucket compiles nothing."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -112,3 +113,25 @@ def test_a_new_shape_inside_a_bucket_compiles_nothing(jp_tiny, data):
     assert count == 0
     _, count = reference.count_compiles(lambda: run(10, 9))
     assert count == 0
+
+
+def test_get_act_patch_inside_a_bucket_compiles_nothing_with_a_metric(jp_tiny, data):
+    """The TransformerLens-shaped sweeps too (their clean logits are read from the cache on the host
+    and unembedded at the bucket's shape); a plain callable, written for its own shape, compiles its
+    three small programs (which logits it reads, its scoring of the patched runs and of the baselines)."""
+    clean, corrupted, answers, contrasts = data
+    caches = {(n, t): jp_tiny.run_with_cache(clean[:n, :t])[1] for n, t in ((9, 9), (10, 10), (9, 10))}
+
+    def run(n, t, metric):
+        return patching.get_act_patch_resid_pre(jp_tiny, corrupted[:n, :t], caches[n, t], metric, progress=False)
+
+    def ld_callable(n):
+        rows, a, c = jnp.arange(n), jnp.asarray(answers[:n]), jnp.asarray(contrasts[:n])
+        return lambda logits: (logits[rows, -1, a] - logits[rows, -1, c]).mean()
+
+    run(9, 9, metrics.logit_diff(answers[:9], contrasts[:9]))
+    run(9, 9, ld_callable(9))
+    _, count = reference.count_compiles(lambda: run(10, 10, metrics.logit_diff(answers[:10], contrasts[:10])))
+    assert count == 0
+    _, count = reference.count_compiles(lambda: run(9, 10, ld_callable(9)))
+    assert count <= 3

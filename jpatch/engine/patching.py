@@ -12,6 +12,7 @@ devices, ...) go to `jpatch.engine.scores.patch_scores`.
 
 from typing import Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float
@@ -48,22 +49,32 @@ SWEEPS = {
 }
 
 
-def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mask=None):
+def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mask=None, buckets=False):
     """The common start of TransformerLens-shaped functions: the corrupted Run, its padding mask,
     the metric bound to the batch, the positions it reads and the clean logits there, taken from
-    the clean cache's last residual stream (no clean forward)."""
+    the clean cache's last residual stream (no clean forward). buckets: as `sweep`'s (False: none);
+    when on, the clean logits have the shape bucket's rows (the last prompt's repeated)."""
     _, corrupted, mask = checked_inputs(model, None, corrupted_tokens, attention_mask)
     N, T = corrupted.tokens.shape
     metric = prepare_metric(metric, model.config.d_vocab, N, T, mask)
     read = metric.read_positions(N, T)
-    final = clean_cache.stacked("hook_resid_post")[-1]
-    if final.shape[:2] != (N, T):
-        raise ValueError(f"clean_cache holds activations of {tuple(final.shape[:2])} tokens, "
+    stack = clean_cache.stacked("hook_resid_post")
+    if stack.shape[1:3] != (N, T):
+        raise ValueError(f"clean_cache holds activations of {tuple(stack.shape[1:3])} tokens, "
                          f"corrupted_tokens are {(N, T)}: they must have the same [batch, pos] shape")
+    # Read on the host and unembedded in one compiled call of the bucket's shape: a new prompt shape
+    # compiles no eager slicing or layer-norm steps.
+    final = np.asarray(stack)[-1]
     if read is not None:
-        final = jnp.take_along_axis(final, jnp.asarray(read)[..., None], axis=1)
-    clean_logits = model.unembed(final)
+        final = np.take_along_axis(final, np.asarray(read)[..., None], axis=1)
+    rows = bucketing.shape(model, (corrupted,), N, T, buckets)[0] if buckets is not False else N
+    clean_logits = _unembed(model, jnp.asarray(bucketing.rows(final, rows)))
     return corrupted, mask, metric, read, clean_logits
+
+
+@jax.jit
+def _unembed(model, x):
+    return model.unembed(x)
 
 
 def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, **kwargs):
@@ -71,7 +82,7 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     site, axes = SWEEPS[name]
     bucket = kwargs.pop("buckets", None)
     corrupted, mask, metric, read, clean_logits = read_clean_cache(model, corrupted_tokens, clean_cache, metric,
-                                                                   attention_mask)
+                                                                   attention_mask, buckets=bucket)
     N, T = corrupted.tokens.shape
     patches, shape = make_patches(model.config, site, axes, T, N)
     check_base(corrupted)
@@ -86,7 +97,6 @@ def tl_sweep(name, model, corrupted_tokens, clean_cache, metric, *, attention_ma
     if (NB, TB) != (N, T):
         run_patches, run_shape = make_patches(model.config, site, axes, TB, NB)
         read = metric.read_positions(NB, TB)
-        clean_logits = jnp.asarray(bucketing.rows(clean_logits, NB))
         padded = Cache({site: jnp.asarray(bucketing.pad_stack(source, site_axes, NB, TB))}, model.config.n_layer,
                        table=model.sites)
     # The corrupted run's one forward: the engine's base stacks, the patched site, the logits.

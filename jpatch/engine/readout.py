@@ -210,7 +210,7 @@ def _interpret(jaxpr, consts, args, n):
             if ins[0].ids is _LOGITS:  # the logits' own map, [B, T] broadcast over the vocabulary
                 shape = eqn.invars[0].aval.shape
                 ids = _move_logits_map(eqn.primitive, tuple(params.items()), shape,
-                                       jnp.arange(n, dtype=jnp.int32).reshape(shape[:2]), *ins[1:])
+                                       np.arange(n, dtype=np.int32).reshape(shape[:2]), *ins[1:])
             else:
                 ids = eqn.primitive.bind(ins[0].ids, *ins[1:], **params)
             outs = _Origin(ids=ids)

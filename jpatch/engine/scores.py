@@ -175,7 +175,10 @@ def score_whole(model, resid, inputs, score, prompts, memory_budget):
     final residuals [rows, n, K, d] (rows past `prompts` pad), in patch chunks whose logits fit the
     memory budget; the chunks have one size (the last overlaps the one before), so one program."""
     n_rows, n, K = resid.shape[:3]
-    per_patch = 3 * prompts * K * model.config.d_vocab * 4  # the logits and a callable's temporaries like them
+    # A callable fed its read logits sees them spread back to its [batch, pos, vocab] shape
+    # (`readout.narrowed`'s "slot"): that array, and its temporaries like it, per patch.
+    seen = inputs.data["slot"].shape[1] if "slot" in inputs.data else K
+    per_patch = 3 * prompts * seen * model.config.d_vocab * 4
     size = max(1, min(n, memory_budget // per_patch))
     rows = prompts if prompts < n_rows else None
     out = []
