@@ -19,6 +19,7 @@ import transformer_lens.patching as tl_patching
 import reference
 from jpatch.engine import execute as engine
 from jpatch.engine import plan
+from jpatch.engine.scores import score_whole
 from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
 from jpatch import patching
@@ -338,8 +339,6 @@ def test_callable_metric_runs_in_prompt_chunks(jp_tiny, setup, tl_results, monke
 def test_whole_batch_scoring_in_patch_chunks(jp_tiny, setup):
     """`score_whole` scores 7 patches' final residuals in chunks of 3 (the last overlapping) and on
     the real prompts only: equal to the logits and metric computed by hand in NumPy."""
-    from jpatch.engine.scores import score_whole
-
     rng = np.random.default_rng(0)
     resid = rng.normal(size=(B + 2, 7, 1, jp_tiny.config.d_model)).astype(np.float32)  # 2 padding prompts
     x = resid[:B, :, 0].astype(np.float64)  # GPT-2's final layer norm and tied unembedding, by hand

@@ -67,7 +67,7 @@ def read_clean_cache(model, corrupted_tokens, clean_cache, metric, attention_mas
     final = np.asarray(stack)[-1]
     if read is not None:
         final = np.take_along_axis(final, np.asarray(read)[..., None], axis=1)
-    rows = bucketing.shape(model, (corrupted,), N, T, buckets)[0] if buckets is not False else N
+    rows = bucketing.shape(model, (corrupted,), N, T, buckets)[0]  # N when buckets are off
     clean_logits = _unembed(model, jnp.asarray(bucketing.rows(final, rows)))
     return corrupted, mask, metric, read, clean_logits
 
