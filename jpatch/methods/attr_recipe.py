@@ -5,11 +5,13 @@ and the gradient of the metric at every hook point but the q / k / v inputs), th
 attribution read off three caches (clean, corrupted, the corrupted run's gradients):
 attribution = corrupted_grad * (clean - corrupted), summed as each function says.
 
-`get_caches_fwd_and_bwd` runs both prompts' forwards and backwards as ONE compiled program (the
-two runs stacked in one batch); the metric is traced once for the logit positions it reads, so
-only those are unembedded (the final norm's hook points are then not cached). Every function
-below reads those caches, so the demo's attributions and its `get_attr_patch_*_every` share that
-one forward and backward. Shapes and labels are the notebook's; arrays are jax arrays.
+`get_caches_fwd_and_bwd` runs the clean and the corrupted prompts through ONE compiled forward and
+backward, called once per run (stacking the runs in one batch would add the concatenation and a
+split of every cached array to the program: more to compile, no faster warm); the metric is traced
+once for the logit positions it reads, so only those are unembedded (the final norm's hook points
+are then not cached). Every function below reads those caches, so the demo's attributions and its
+`get_attr_patch_*_every` share that one forward and backward. Shapes and labels are the notebook's;
+arrays are jax arrays.
 
 As in the notebook, `attr_patch_head_path` scales each head's input gradient by the *gradient*
 at ln1.hook_scale (`grad_cache["scale", layer, "ln1"]`), not by the forward scale.
@@ -35,16 +37,15 @@ def filter_not_qkv_input(name):
 _FINAL = ("ln_final.", "unembed.")
 
 
-class _Runs(eqx.Module):
-    """The metric of each of `runs` stacked runs (their logits concatenated along the batch)."""
+class _Metric(eqx.Module):
+    """The prepared metric as forward_backward's `value_of`: its data are arguments of the
+    compiled program, its score part of the compile key."""
 
     score: object = eqx.field(static=True)  # the prepared metric's score: equal while it reads the same values
     data: dict
-    runs: int = eqx.field(static=True)
 
     def fn(self, logits):
-        parts = jnp.split(logits, self.runs)
-        return jnp.stack([self.score(lg, lg, self.data) for lg in parts])
+        return self.score(logits, logits, self.data)
 
 
 def _prepared(model, metric, batch, pos):
@@ -74,31 +75,23 @@ def _run_caches(model, tokens_list, metric, names_filter):
         raise ValueError(f"the runs' tokens must have one shape, got {sorted(shapes)}")
     for t in tokens_list:
         model.check_tokens(t)
-    (batch, pos), runs = shapes.pop(), len(tokens_list)
+    batch, pos = shapes.pop()
     prepared = _prepared(model, metric, batch, pos)
     n = model.config.n_layer
     record = frozenset(s for s in record_sites(names_filter, model.sites, n) if not s.startswith(_FINAL))
-    read = None if isinstance(prepared.positions, str) else jnp.asarray(  # str: it reads every position
-        np.tile(np.asarray(prepared.positions), (runs, 1)), jnp.int32)
-    value, stacks, grads = _split_runs(model, jnp.concatenate(tokens_list), read, record,
-                                       _Runs(prepared.score, prepared.data, runs))
+    read = None if isinstance(prepared.positions, str) else jnp.asarray(prepared.positions, jnp.int32)  # str: all
     keep = None
     if callable(names_filter):
         names = [sites.full_name(s, l) for s in record for l in (range(n) if s in sites.LAYER_AXES else [None])]
         keep = {name for name in names if names_filter(name)}
-    caches = [Cache(stacks[i], n, model, model.sites, keep=keep) for i in range(runs)]
-    grad_caches = [Cache(grads[i], n, model, model.sites, keep=keep) for i in range(runs)]
-    return [float(v) for v in np.asarray(value)], caches, grad_caches
-
-
-@eqx.filter_jit
-def _split_runs(model, tokens, read, record, runs):
-    """forward_backward of the stacked runs, its stacks split back into one dict per run (in the
-    same program: slicing outside it would dispatch and compile one small program per array)."""
-    value, _, stacks, grads = backward.forward_backward(model, tokens, None, read, record, runs)
-    part = lambda tree: [{s: jnp.split(v, runs.runs, axis=1 if s in sites.LAYER_AXES else 0)[i]
-                          for s, v in tree.items()} for i in range(runs.runs)]
-    return value, part(stacks), part(grads)
+    values, caches, grad_caches = [], [], []
+    for tokens in tokens_list:
+        value, _, stacks, grads = backward.forward_backward(model, tokens, None, read, record,
+                                                            _Metric(prepared.score, prepared.data))
+        values.append(value)  # read after both runs are dispatched
+        caches.append(Cache(stacks, n, model, model.sites, keep=keep))
+        grad_caches.append(Cache(grads, n, model, model.sites, keep=keep))
+    return [float(v) for v in values], caches, grad_caches
 
 
 def get_cache_fwd_and_bwd(model, tokens, metric, names_filter=filter_not_qkv_input):
@@ -123,8 +116,8 @@ class AttrCaches(tuple):
 
 
 def get_caches_fwd_and_bwd(model, clean_tokens, corrupted_tokens, metric, names_filter=filter_not_qkv_input):
-    """get_cache_fwd_and_bwd of the clean and of the corrupted tokens, both in one compiled
-    forward and backward: an `AttrCaches` (clean_value, clean_cache, clean_grad_cache,
+    """get_cache_fwd_and_bwd of the clean and of the corrupted tokens (one compiled forward and
+    backward, called for each): an `AttrCaches` (clean_value, clean_cache, clean_grad_cache,
     corrupted_value, corrupted_cache, corrupted_grad_cache)."""
     values, caches, grads = _run_caches(model, [clean_tokens, corrupted_tokens], metric, names_filter)
     return AttrCaches((values[0], caches[0], grads[0], values[1], caches[1], grads[1]))
