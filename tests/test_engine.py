@@ -181,11 +181,15 @@ def test_caches_in_prompt_chunks_equal_the_whole_batch(jp_tiny, data):
             np.testing.assert_allclose(got[site], want, atol=1e-5, err_msg=f"{site} budget {budget}")
 
 
-def test_default_memory_budget_is_a_share_of_free_memory():
+def test_default_memory_budget_is_a_share_of_free_memory(monkeypatch):
     budget = plan.default_memory_budget()
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    assert 0.15 * available < budget < 0.35 * available
+    assert 0.1 * available < budget < 0.3 * available and budget & (budget - 1) == 0
+    # A quarter, rounded down to a power of two: free memory that moves a little gives one budget.
+    for free, expected in ((21.0e9, 4 << 30), (17.2e9, 4 << 30), (34.4e9, 8 << 30), (16.0e9, 2 << 30), (1e6, 64 << 20)):
+        monkeypatch.setattr(plan, "_available_ram", lambda: int(free))
+        assert plan.default_memory_budget() == expected, free
 
 
 @pytest.mark.parametrize("value, expected", [("0", 0.0), ("2.5e9", 2.5e9), ("-1", None), ("many", None), ("inf", None)])

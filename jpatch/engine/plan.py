@@ -249,14 +249,16 @@ def bytes_per_prompt(config, layout, n_read, vocab_read, itemsize=4):
 
 def default_memory_budget(device=None, fraction=0.25):
     """A quarter of the memory free on `device` (default: the first local device):
-    `memory_stats()` on an accelerator, available RAM (/proc/meminfo) on CPU."""
+    `memory_stats()` on an accelerator, available RAM (/proc/meminfo) on CPU, rounded down to a
+    power of two (so between an eighth and a quarter). Free memory moves between calls; rounded,
+    a session's calls of one shape plan the same chunks and reuse their compiled programs."""
     device = device or jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     else:
         free = _available_ram()
-    return int(max(free * fraction, 64 << 20))
+    return 1 << max(int(free * fraction).bit_length() - 1, 26)  # at least 64 MiB
 
 
 def _available_ram():
