@@ -172,13 +172,18 @@ def _heads_first(stack):
     return stack.reshape((-1,) + stack.shape[2:])
 
 
-@eqx.filter_jit
 def attr_patch_head_vector(clean_cache, corrupted_cache, corrupted_grad_cache, activation_name):
     """([layer * head, pos], HEAD_NAMES): a head's q, k, v or z ("q" / "k" / "v" / "z")."""
     if activation_name not in ("q", "k", "v", "z"):
         raise ValueError(f"activation_name must be 'q', 'k', 'v' or 'z', got {activation_name!r}")
-    stacks = [_heads_first(c.stacked(activation_name)) for c in (clean_cache, corrupted_cache, corrupted_grad_cache)]
-    return _attr(*stacks).sum((1, 3)), head_names(clean_cache)
+    stacks = [c.stacked(activation_name) for c in (clean_cache, corrupted_cache, corrupted_grad_cache)]
+    return _head_vector_attr(*stacks), head_names(clean_cache)
+
+
+@eqx.filter_jit
+def _head_vector_attr(clean, corrupted, grad):
+    """Keyed by the stacks' shapes, not the name: q, k, v and z of equal shapes share one compile."""
+    return _attr(*map(_heads_first, (clean, corrupted, grad))).sum((1, 3))
 
 
 @eqx.filter_jit
