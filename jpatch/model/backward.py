@@ -22,13 +22,7 @@ from jpatch.model.interventions import Add, Apply
 from jpatch.model.views import attn_result_sites
 
 
-# XLA's CPU loop emitters instead of its MLIR fusion emitters (the default): a forward and backward
-# exposing every hook point is ~150 small kernels, compiled one by one, and these compile them in
-# about 2/3 of the time, with bit-identical outputs (the toy's). Backends other than CPU ignore it.
-FEW_KERNEL_COMPILE = {"xla_cpu_use_fusion_emitters": False}
-
-
-@functools.partial(eqx.filter_jit, compiler_options=FEW_KERNEL_COMPILE)
+@eqx.filter_jit
 def forward_backward(model, tokens, attention_mask, logits_at, record, value_of):
     """(value, logits, activation stacks, gradient stacks) of one forward and backward:
     value = value_of.fn(logits) (any shape; the gradients are those of its sum), or the next-token
