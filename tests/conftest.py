@@ -56,6 +56,15 @@ def one_torch_thread():
 
 
 @pytest.fixture(autouse=True, scope="module")
+def restore_torch_grad_mode():
+    """TransformerLens notebooks call torch.set_grad_enabled(False) at module level, and so do their
+    ports' reference runs (examples/tl_*_demo.py): keep that from reaching the next test module."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
+@pytest.fixture(autouse=True, scope="module")
 def release_compiled_programs():
     """Drop JAX's compiled programs after each test module. The suite compiles thousands of
     programs in one process; kept alive by the jit caches, they once made XLA's CPU compiler
