@@ -56,7 +56,7 @@ def _prepared(model, metric, batch, pos):
                         f"demo's ioi_metric, got {type(metric).__name__}")
     k = pos if isinstance(prepared.positions, str) else np.shape(prepared.positions)[1]
     logits = jax.ShapeDtypeStruct((batch, k, model.config.d_vocab), jnp.float32)
-    value = jax.eval_shape(lambda lg: prepared.score(lg, lg, prepared.data), logits).shape
+    value = jax.eval_shape(_Metric(prepared.score, prepared.data).fn, logits).shape
     if value != ():
         raise ValueError(f"the metric must return a scalar (the demo's metric averages over prompts), got shape {value}")
     return prepared
@@ -84,10 +84,10 @@ def _run_caches(model, tokens_list, metric, names_filter):
     if callable(names_filter):
         names = [sites.full_name(s, l) for s in record for l in (range(n) if s in sites.LAYER_AXES else [None])]
         keep = {name for name in names if names_filter(name)}
+    value_of = _Metric(prepared.score, prepared.data)
     values, caches, grad_caches = [], [], []
     for tokens in tokens_list:
-        value, _, stacks, grads = backward.forward_backward(model, tokens, None, read, record,
-                                                            _Metric(prepared.score, prepared.data))
+        value, _, stacks, grads = backward.forward_backward(model, tokens, None, read, record, value_of)
         values.append(value)  # read after both runs are dispatched
         caches.append(Cache(stacks, n, model, model.sites, keep=keep))
         grad_caches.append(Cache(grads, n, model, model.sites, keep=keep))
