@@ -500,7 +500,7 @@ def main():
     parser.add_argument("--session", action="store_true",
                         help="benchmark a notebook session of mixed calls instead (scripts/bench_session.py)")
     parser.add_argument("--session-shape", default="small", choices=("small", "tiny"), help="--session: model shape")
-    parser.add_argument("--session-calls", type=int, default=24, help="--session: number of calls")
+    parser.add_argument("--session-calls", type=int, default=20, help="--session: number of calls")
     parser.add_argument("--session-max", default="60,16", help="--session: longest prompt, largest batch")
     args = parser.parse_args()
     if args.session:

@@ -1,6 +1,6 @@
 """A scripted notebook session (issue 23 item 5): `python scripts/bench.py --session`.
 
-Twenty-odd calls mixing get_act_patch_resid_pre / attn_head_out_all_pos / attn_head_out_by_pos /
+Twenty calls (by default) mixing get_act_patch_resid_pre / attn_head_out_all_pos / attn_head_out_by_pos /
 mlp_out, attribute and path_patch on prompts of 10-60 tokens and batches of 1-16, each with a
 fresh TransformerLens-style callable metric over new answer ids, in both directions. The jpatch
 session runs in a fresh process with an empty persistent compilation cache, then in another with
@@ -22,14 +22,34 @@ import numpy as np
 
 SHAPES = {"small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
           "tiny": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512)}
-KINDS = ("resid_pre", "attn_head_out_all_pos", "mlp_out", "attn_head_out_by_pos", "attribute", "path_patch")
+KINDS = ("resid_pre", "attn_head_out_all_pos", "mlp_out", "attribute", "path_patch")
+BY_POS = "attn_head_out_by_pos"  # one call in 20: TransformerLens runs 144 x tokens forwards for it
 
 
-def session_calls(n, seed=0, max_len=60, max_batch=16):
-    """The session's calls: (kind, batch, tokens, direction), kinds in turn, shapes at random."""
+def tl_seconds(kind, batch, tokens, n_layers=12, n_heads=12):
+    """TransformerLens 3.9's time for a call on GPT-2 small's shape on this project's 2-core CPU, estimated
+    from its measured forward (0.3 s + batch x tokens / 340 s, 2026-12-07): bounds the session's length."""
+    forwards = {"resid_pre": n_layers * tokens, "mlp_out": n_layers * tokens, "attribute": 3, "path_patch": 0,
+                "attn_head_out_all_pos": n_layers * n_heads, BY_POS: n_layers * n_heads * tokens}[kind]
+    return forwards * (0.3 + batch * tokens / 340)
+
+
+def session_calls(n, seed=0, max_len=60, max_batch=16, max_tl_s=120.0):
+    """The session's calls: (kind, batch, tokens, direction). Kinds in turn, with a by-position heads sweep
+    as the 4th of every 20 calls; shapes at random in 1..max_batch x 10..max_len, drawn again while
+    TransformerLens's estimated time for the call is over max_tl_s (by-position: 4x that), as a notebook
+    on a CPU keeps its sweeps to what finishes in minutes."""
     rng = np.random.default_rng(seed)
-    return [(KINDS[i % len(KINDS)], int(rng.integers(1, max_batch + 1)), int(rng.integers(10, max_len + 1)),
-             ("denoise", "noise")[(i // len(KINDS)) % 2]) for i in range(n)]
+    calls = []
+    for i in range(n):
+        kind = BY_POS if i % 20 == 3 else KINDS[(i - (i + 16) // 20) % len(KINDS)]
+        cap = max_tl_s * (4 if kind == BY_POS else 1)
+        while True:
+            batch, tokens = int(rng.integers(1, max_batch + 1)), int(rng.integers(10, max_len + 1))
+            if tl_seconds(kind, batch, tokens) <= cap or (batch, tokens) == (1, 10):
+                break
+        calls.append((kind, batch, tokens, ("denoise", "noise")[i % 2]))
+    return calls
 
 
 def models(shape, seed=0):
@@ -114,6 +134,10 @@ def tl_call(tl, call, clean, corrupted, a, b):
         return getattr(tl_patching, f"get_act_patch_{kind}")(tl, base, cache, metric).numpy()
 
 
+def progress(line):
+    print(line, file=sys.stderr, flush=True)  # the parent passes stderr through: a long run shows where it is
+
+
 def child(spec):
     """One session in this fresh process: jpatch's calls, then (spec["tl"]) TransformerLens's."""
     import jax
@@ -140,6 +164,7 @@ def child(spec):
         out["jpatch_s"].append(time.perf_counter() - t)
         out["compiles"].append(len(requests) - n)
         out["cache_hits"].append(len(hits) - h)
+        progress(f"jpatch {i + 1}/{len(calls)} {call}: {out['jpatch_s'][-1]:.2f} s, {out['compiles'][-1]} compiles")
     if spec["tl"]:
         tl = tl_model(hf)
         for i, call in enumerate(calls):
@@ -147,6 +172,7 @@ def child(spec):
             t = time.perf_counter()
             expected = tl_call(tl, call, *data)
             out["tl_s"].append(time.perf_counter() - t)
+            progress(f"TransformerLens {i + 1}/{len(calls)} {call}: {out['tl_s'][-1]:.2f} s")
             if expected is not None and call[0] != "attribute":  # get_act_patch_*: the same numbers
                 out["max_abs_diff"] = max(out["max_abs_diff"], float(np.abs(results[i] - expected).max()))
     return out
@@ -157,13 +183,13 @@ def run(spec, cache_home):
            "XDG_CACHE_HOME": cache_home, "JPATCH_COMPILE_CACHE": "1"}
     code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import bench_session; print(json.dumps(bench_session.child(json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode:
-        raise SystemExit(f"session process failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit("session process failed (its error is above)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_session(shape="small", n_calls=24, tl=True, max_len=60, max_batch=16):
+def bench_session(shape="small", n_calls=20, tl=True, max_len=60, max_batch=16):
     """The session with an empty then a warm persistent cache; returns the figures."""
     calls = session_calls(n_calls, max_len=max_len, max_batch=max_batch)
     spec = {"shape": shape, "calls": calls, "tl": tl}
@@ -208,7 +234,7 @@ def report(f):
     return lines
 
 
-def main(json_path=None, shape="small", n_calls=24, max_len=60, max_batch=16):
+def main(json_path=None, shape="small", n_calls=20, max_len=60, max_batch=16):
     figures = bench_session(shape, n_calls, max_len=max_len, max_batch=max_batch)
     print("\n".join(report(figures)))
     if json_path:
