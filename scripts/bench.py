@@ -502,12 +502,15 @@ def main():
     parser.add_argument("--session-shape", default="small", choices=("small", "tiny"), help="--session: model shape")
     parser.add_argument("--session-calls", type=int, default=20, help="--session: number of calls")
     parser.add_argument("--session-max", default="60,16", help="--session: longest prompt, largest batch")
+    parser.add_argument("--session-no-tl", action="store_true",
+                        help="--session: jpatch's calls only (to compare jpatch settings; no ratios printed)")
     args = parser.parse_args()
     if args.session:
         import bench_session
 
         max_len, max_batch = map(int, args.session_max.split(","))
-        return bench_session.main(args.json, args.session_shape, args.session_calls, max_len, max_batch)
+        return bench_session.main(args.json, args.session_shape, args.session_calls, max_len, max_batch,
+                                  tl=not args.session_no_tl)
     global TL_DEVICE
     TL_DEVICE = args.tl_device
     if args.circuits:

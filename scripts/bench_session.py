@@ -234,8 +234,8 @@ def report(f):
     return lines
 
 
-def main(json_path=None, shape="small", n_calls=20, max_len=60, max_batch=16):
-    figures = bench_session(shape, n_calls, max_len=max_len, max_batch=max_batch)
+def main(json_path=None, shape="small", n_calls=20, max_len=60, max_batch=16, tl=True):
+    figures = bench_session(shape, n_calls, tl=tl, max_len=max_len, max_batch=max_batch)
     print("\n".join(report(figures)))
     if json_path:
         with open(json_path, "w") as f:
