@@ -206,6 +206,25 @@ def test_metric_closures_compile_once_in_path_patching_and_edge_scores(models, t
             assert (n_path, n_edges) == (0, 0)
 
 
+@pytest.mark.parametrize("reads", ["last position", "every position"])
+def test_path_patching_to_logits_with_a_callable_matches_transformerlens(models, tokens, reads):
+    """A plain callable is narrowed to the logit positions it reads, as in sweeps, so path patching
+    to the logits runs both passes there alone (it ran them at every position before): TransformerLens's
+    two passes give the same numbers, for a callable reading the last position and one reading all."""
+    tl, jp = models
+    clean, corrupted = tokens
+    rows, a, c = np.arange(B), np.array(ANSWERS), np.array(CONTRASTS)
+    if reads == "last position":
+        metric = lambda logits: (logits[rows, -1, a] - logits[rows, -1, c]).mean()
+    else:
+        metric = lambda logits: (logits[:, :, a[0]] - logits[:, :, c[0]]).mean()
+    senders = ["a0.h1", "a1.h3", "a2.h2"]
+    got = circuits.path_patch(jp, clean, corrupted, senders, "logits", metric)
+    expected = [metric(reference.tl_path_patch(tl, clean, corrupted, tuple(int(x) for x in s[1:].split(".h")),
+                                               ["logits"])) for s in senders]
+    np.testing.assert_allclose(np.asarray(got), [float(e) for e in expected], atol=1e-4)
+
+
 def test_path_patching_refusals(models, tokens):
     _, jp = models
     clean, corrupted = tokens

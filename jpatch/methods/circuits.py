@@ -27,7 +27,7 @@ from jpatch.model.layers import causal_attention
 from jpatch.model.sites import SPLIT_INPUT_SITES
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import as_run, check_baselines, checked_inputs, rounding_equal
-from jpatch.engine.readout import checked_metric, lifted
+from jpatch.engine.readout import prepare_metric
 from jpatch.engine.scores import DEFAULT_MEMORY_BUDGET
 
 ABLATIONS = ("corrupted", "mean")
@@ -173,9 +173,9 @@ def mask_scorer(model, clean, corrupted, metric, *, ablation="corrupted", memory
     A bfloat16 model runs in float32."""
     model = float32_model(model)
     clean, corrupted = pair_tokens(model, clean, corrupted)
-    # A plain callable keyed by its structure, its captured arrays as data: a new closure reuses the compile.
-    metric = lifted(checked_metric(metric, model.config.d_vocab), clean.shape + (model.config.d_vocab,),
-                    clean.shape[0])
+    # A plain callable keyed by its structure, its captured arrays as data (a new closure reuses the
+    # compile), narrowed to the logit positions it reads: only those are unembedded.
+    metric = prepare_metric(metric, model.config.d_vocab, *clean.shape, None)
     read_pos = metric.read_positions(*clean.shape)
     read_pos = None if read_pos is None else jnp.asarray(read_pos)
     clean_logits = model(clean, logits_at=read_pos)

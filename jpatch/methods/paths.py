@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpatch.engine.inputs import check_baselines, check_direction
-from jpatch.engine.readout import checked_metric, lifted
+from jpatch.engine.readout import prepare_metric
 from jpatch.engine.sweep import finish
 from jpatch.methods.circuits import (float32_model, layer_writes, pair_tokens, reader_indices, run_writes,
                                      writer_index)
@@ -181,8 +181,9 @@ def path_patch(model, clean, corrupted, senders, receivers, metric, *, direction
     onehots, shape = _sender_onehots(cfg, senders)
     receive = _receiver_flags(cfg, receivers)
     B, T = clean.shape
-    # A plain callable keyed by its structure, its captured arrays as data: a new closure reuses the compile.
-    metric = lifted(checked_metric(metric, cfg.d_vocab), (B, T, cfg.d_vocab), B)
+    # A plain callable keyed by its structure, its captured arrays as data (a new closure reuses the
+    # compile), narrowed to the logit positions it reads: both passes then run at those positions only.
+    metric = prepare_metric(metric, cfg.d_vocab, B, T, None)
     read_pos = metric.read_positions(B, T)
     base, source = (clean, corrupted) if direction == "noise" else (corrupted, clean)
     raw, clean_score, corrupted_score = jax.device_get(_path_scores_jit(
