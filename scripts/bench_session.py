@@ -11,6 +11,7 @@ Printed: each side's total wall time (compiles included), jpatch's compiles (XLA
 and how many the cache served), and the empty- and warm-cache totals.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -40,9 +41,10 @@ def session_calls(n, seed=0, max_len=60, max_batch=16, max_tl_s=120.0):
     TransformerLens's estimated time for the call is over max_tl_s (by-position: 4x that), as a notebook
     on a CPU keeps its sweeps to what finishes in minutes."""
     rng = np.random.default_rng(seed)
+    others = itertools.cycle(KINDS)  # in turn, the by-position calls taking no turn
     calls = []
     for i in range(n):
-        kind = BY_POS if i % 20 == 3 else KINDS[(i - (i + 16) // 20) % len(KINDS)]
+        kind = BY_POS if i % 20 == 3 else next(others)
         cap = max_tl_s * (4 if kind == BY_POS else 1)
         while True:
             batch, tokens = int(rng.integers(1, max_batch + 1)), int(rng.integers(10, max_len + 1))
