@@ -10,9 +10,11 @@ folder, `jpatch.convert_hf` converts it, `jpatch.load` loads it in bfloat16, and
   at those patches are compared with the same float32 reference, in units of the clean - corrupted gap.
 
 Peak memory per phase is /proc/self/status VmHWM, reset between phases through /proc/self/clear_refs (which
-resets what ru_maxrss reads too: the process's peak is the largest phase's). One copy of the weights at a time.
+resets what ru_maxrss reads too: the process's peak is the largest phase's). One copy of the weights at a time;
+with --fresh-check each side of the float32 check runs in a new process (its peak is that process's own).
 
     nice -n 10 .venv/bin/python scripts/big_model_run.py --family llama          # the 1B shape
+    .venv/bin/python scripts/big_model_run.py --family gemma2 --fresh-check      # the Gemma-2-2B shape
     .venv/bin/python scripts/big_model_run.py --family llama --layers 2 --d-model 256 --vocab 512  # quick
 """
 
@@ -78,9 +80,30 @@ def build_hf_folder(family, s, folder, seed):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+        if family == "gemma2":
+            bfloat16_exact_gemma(model, s["d_model"])
     model.save_pretrained(folder)
     del model
     gc.collect()
+
+
+def bfloat16_exact_gemma(model, d_model):
+    """Gemma 2's weights drawn so that what a jpatch folder stores of them, (1 + w) norms and the embedding
+    times sqrt(d_model), is exact in bfloat16 (the embedding keeps 6 significant bits, so a product with
+    sqrt(2304) = 3 x 16 fits bfloat16's 8): the float32 check then compares the engine with transformers on
+    the same weights. A bfloat16 folder of an arbitrary bfloat16 Gemma checkpoint rounds those two (README)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_((1 + p.float()).bfloat16().float() - 1)
+    embed = model.model.embed_tokens.weight
+    mantissa, exponent = torch.frexp(embed.float())
+    embed.copy_(torch.ldexp(torch.round(mantissa * 64) / 64, exponent))
+    scale = torch.tensor(d_model ** 0.5)
+    for a in [1 + p.float() for n, p in model.named_parameters() if "norm" in n] + [embed.float() * scale]:
+        if not torch.equal(a.bfloat16().float(), a):
+            raise ValueError(f"d_model={d_model}: Gemma's stored tensors are not exact in bfloat16 here")
 
 
 def inputs(vocab, seed, prompts, tokens):
@@ -169,10 +192,61 @@ def hf_patched_logit_diffs(hf, tokens, answer, contrast, patch=None, cache=None)
     return logits[rows, answer] - logits[rows, contrast]
 
 
+def jpatch_float32_check(jp_dir, clean, corrupted, answer, contrast, layers, positions):
+    """jpatch's float32 resid_pre patches at `layers` x `positions`: raw scores and baselines (NumPy)."""
+    import jpatch
+
+    model = jpatch.load(jp_dir, dtype="float32")
+    f32 = jpatch.sweep(model, clean, corrupted, "resid_pre", jpatch.metrics.logit_diff(answer, contrast),
+                       layers=layers, positions=positions, progress=False)
+    return dict(raw=np.asarray(f32.raw), clean=np.asarray(f32.clean_per_prompt),
+                corrupted=np.asarray(f32.corrupted_per_prompt))
+
+
+def hf_float32_check(family, hf_dir, clean, corrupted, answer, contrast, checks):
+    """transformers' float32 clean and corrupted logit differences and each checked patch's."""
+    import torch
+
+    hf = hf_class(family).from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    clean_cache = {}
+    hf_clean = hf_patched_logit_diffs(hf, clean, answer, contrast, cache=clean_cache)
+    hf_corrupted = hf_patched_logit_diffs(hf, corrupted, answer, contrast)
+    return hf_clean, hf_corrupted, [hf_patched_logit_diffs(hf, corrupted, answer, contrast, (l, p, clean_cache[l]))
+                                    for l, p in checks]
+
+
+def in_process(fn, *args):
+    """(fn(*args), its phase row: wall time and peak RSS, VmHWM reset first) in this process."""
+    reset_peak()
+    rss_start, start = vm_hwm(), time.perf_counter()
+    out = fn(*args)
+    gc.collect()
+    import jax
+
+    jax.clear_caches()
+    row = dict(seconds=round(time.perf_counter() - start, 1), rss_start_gb=round(rss_start / 2**30, 2),
+               peak_rss_gb=round(vm_hwm() / 2**30, 2))
+    print(f"{fn.__name__}: {row}", flush=True)
+    return out, row
+
+
+def fresh_process(fn, *args):
+    """in_process(fn, *args) in a new spawned process: the bfloat16 steps' memory, freed but kept by this
+    process's allocator, is not under its peak, and what it allocates goes when it ends."""
+    import concurrent.futures
+    import multiprocessing
+
+    sys.path.insert(0, str(Path(__file__).parent))  # the child imports this module by name
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out, row = pool.submit(in_process, fn, *args).result()
+    return out, {**row, "process": "fresh"}
+
+
 def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=1e-4, out=None, heads=True,
-        attribute=True, heads_prompts=None, sweeps=True):
+        attribute=True, heads_prompts=None, sweeps=True, fresh_check=False):
     """Build, convert, sweep and check; returns the report (a dict). `shape` overrides SHAPES[family];
-    sweeps=False skips the bfloat16 model and its sweeps (only the float32 exactness check)."""
+    sweeps=False skips the bfloat16 model and its sweeps (only the float32 exactness check); fresh_check runs
+    each side of that check in a process of its own (a model whose float32 copy does not fit beside them)."""
     import jax
     import torch
 
@@ -218,32 +292,21 @@ def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=
         # exactness: the same patches in float32 on both sides
         check_layers = sorted({l for l, _ in checks})
         check_pos = sorted({p for _, p in checks})
-        with phases("jpatch float32: load + the checked patches"):
-            model = jpatch.load(jp_dir, dtype="float32")
-            f32 = jpatch.sweep(model, clean, corrupted, "resid_pre", metric, layers=check_layers,
-                               positions=check_pos, progress=False)
-            del model
-            gc.collect()
-            jax.clear_caches()
-        with phases("transformers float32: load + the checked patches with hooks"):
-            hf = hf_class(family).from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-            clean_cache = {}
-            hf_clean = hf_patched_logit_diffs(hf, clean, answer, contrast, cache=clean_cache)
-            hf_corrupted = hf_patched_logit_diffs(hf, corrupted, answer, contrast)
-            rows = []
-            for layer, pos in checks:
-                expected = hf_patched_logit_diffs(hf, corrupted, answer, contrast, (layer, pos, clean_cache[layer]))
-                got32 = np.asarray(f32.raw)[:, check_layers.index(layer), check_pos.index(pos)]
-                got16 = None if resid is None else np.asarray(resid.raw)[:, layer, positions.index(pos)]
-                gap = np.abs(hf_clean - hf_corrupted).mean()
-                rows.append(dict(layer=layer, pos=pos, float32_max_abs_err=float(np.abs(got32 - expected).max()),
-                                 patch_effect=float(np.abs(expected - hf_corrupted).max()),
-                                 bf16_max_abs_err_over_gap=None if got16 is None
-                                 else float(np.abs(got16 - expected).max() / gap)))
-            del hf, clean_cache
-            gc.collect()
-        base_err = max(float(np.abs(np.asarray(f32.clean_per_prompt) - hf_clean).max()),
-                       float(np.abs(np.asarray(f32.corrupted_per_prompt) - hf_corrupted).max()))
+        phase = fresh_process if fresh_check else in_process
+        f32, phases.rows["jpatch float32: load + the checked patches"] = phase(
+            jpatch_float32_check, str(jp_dir), clean, corrupted, answer, contrast, check_layers, check_pos)
+        (hf_clean, hf_corrupted, expected), phases.rows["transformers float32: load + the checked patches with hooks"] = \
+            phase(hf_float32_check, family, str(hf_dir), clean, corrupted, answer, contrast, checks)
+        rows = []
+        for (layer, pos), want in zip(checks, expected):
+            got32 = f32["raw"][:, check_layers.index(layer), check_pos.index(pos)]
+            got16 = None if resid is None else np.asarray(resid.raw)[:, layer, positions.index(pos)]
+            gap = np.abs(hf_clean - hf_corrupted).mean()
+            rows.append(dict(layer=layer, pos=pos, float32_max_abs_err=float(np.abs(got32 - want).max()),
+                             patch_effect=float(np.abs(want - hf_corrupted).max()),
+                             bf16_max_abs_err_over_gap=None if got16 is None
+                             else float(np.abs(got16 - want).max() / gap)))
+        base_err = max(float(np.abs(f32["clean"] - hf_clean).max()), float(np.abs(f32["corrupted"] - hf_corrupted).max()))
         report["exactness"] = dict(patches=rows, baselines_float32_max_abs_err=base_err, tol=tol,
                                    clean_minus_corrupted_mean_abs=float(np.abs(hf_clean - hf_corrupted).mean()))
         report["exact"] = base_err <= tol and all(r["float32_max_abs_err"] <= tol for r in rows)
@@ -277,13 +340,15 @@ def main(argv=None):
     p.add_argument("--no-heads", action="store_true")
     p.add_argument("--check-only", action="store_true", help="no bfloat16 sweeps: only the float32 exactness check")
     p.add_argument("--no-attribute", action="store_true")
+    p.add_argument("--fresh-check", action="store_true",
+                   help="run each side of the float32 check in a new process (lower peak RSS: Gemma-2-2B's shape)")
     args = p.parse_args(argv)
     shape = {k: getattr(args, k) for k in SHAPES["llama"] if getattr(args, k) is not None}
     if args.out and Path(args.out).exists():
         p.error(f"--out {args.out} exists; give a new folder")
     report = run(args.family, shape, args.prompts, args.tokens, tol=args.tol, out=args.out,
                  heads=not args.no_heads, attribute=not args.no_attribute, heads_prompts=args.heads_prompts,
-                 sweeps=not args.check_only)
+                 sweeps=not args.check_only, fresh_check=args.fresh_check)
     print(json.dumps(report, indent=1))
     return report
 
