@@ -8,7 +8,8 @@ the cache it left (warm); TransformerLens 3.9 runs the same calls in the first p
 weights (get_act_patch_* with its own functions, attribute as attribution patching through its hooks
 and torch autograd; path_patch has no TransformerLens function and is timed for jpatch only).
 Printed: each side's total wall time (compiles included), jpatch's compiles (XLA compile requests,
-and how many the cache served), and the empty- and warm-cache totals.
+and how many the cache served), the empty- and warm-cache totals, and the arithmetic ceiling: the
+get_act_patch_* calls' planned FLOPs at this machine's matmul speed, against TransformerLens's time for them.
 """
 
 import itertools
@@ -20,6 +21,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import bench  # scripts/bench.py: matmul_flops, engine_flops
 
 SHAPES = {"small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
           "tiny": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512)}
@@ -140,6 +143,15 @@ def progress(line):
     print(line, file=sys.stderr, flush=True)  # the parent passes stderr through: a long run shows where it is
 
 
+def planned_flops(model, calls):
+    """The engine's planned arithmetic (bench.engine_flops) of each get_act_patch_* call at the shape it
+    runs at (its bucket unless JPATCH_BUCKETS=0); None for attribute and path_patch."""
+    from jpatch.engine import buckets
+
+    return [bench.engine_flops(model, kind, *(buckets.size(n) if buckets.enabled() else n for n in (batch, tokens)))
+            if kind.startswith(("resid", "mlp", "attn")) else None for kind, batch, tokens, _ in calls]
+
+
 def child(spec):
     """One session in this fresh process: jpatch's calls, then (spec["tl"]) TransformerLens's."""
     import jax
@@ -167,6 +179,7 @@ def child(spec):
         out["compiles"].append(len(requests) - n)
         out["cache_hits"].append(len(hits) - h)
         progress(f"jpatch {i + 1}/{len(calls)} {call}: {out['jpatch_s'][-1]:.2f} s, {out['compiles'][-1]} compiles")
+    out["planned_flops"], out["matmul_flops"] = planned_flops(model, calls), bench.matmul_flops()
     if spec["tl"]:
         tl = tl_model(hf)
         for i, call in enumerate(calls):
@@ -233,6 +246,14 @@ def report(f):
                      f"(no TransformerLens function): {f['speedup_empty']:.2f}x with an empty cache, "
                      f"{f['speedup_warm']:.2f}x warm; "
                      f"get_act_patch_* max |diff| {f['empty']['max_abs_diff']:.1e}")
+        swept = [i for i, fl in enumerate(f["empty"]["planned_flops"]) if fl is not None]
+        flops, peak = sum(f["empty"]["planned_flops"][i] for i in swept), f["empty"]["matmul_flops"]
+        tl_swept = sum(f["empty"]["tl_s"][i] for i in swept)
+        lines.append(f"arithmetic ceiling: the {len(swept)} get_act_patch_* calls plan {flops / 1e12:.2f} TFLOP, "
+                     f"{flops / peak:.1f} s at this machine's dense matmul speed ({peak / 1e9:.0f} GFLOP/s): at most "
+                     f"{tl_swept * peak / flops:.1f}x TransformerLens's {tl_swept:.1f} s for them with no compiling, "
+                     f"tracing or host work (measured: {tl_swept / sum(f['empty']['jpatch_s'][i] for i in swept):.2f}x "
+                     f"empty, {tl_swept / sum(f['warm']['jpatch_s'][i] for i in swept):.2f}x warm)")
     return lines
 
 
