@@ -243,10 +243,11 @@ def fresh_process(fn, *args):
 
 
 def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=1e-4, out=None, heads=True,
-        attribute=True, heads_prompts=None, sweeps=True, fresh_check=False):
+        attribute=True, heads_prompts=None, sweeps=True, fresh_check=False, resid_sweep=True, check=True):
     """Build, convert, sweep and check; returns the report (a dict). `shape` overrides SHAPES[family];
     sweeps=False skips the bfloat16 model and its sweeps (only the float32 exactness check); fresh_check runs
-    each side of that check in a process of its own (a model whose float32 copy does not fit beside them)."""
+    each side of that check in a process of its own (a model whose float32 copy does not fit beside them);
+    resid_sweep=False, attribute=False, check=False leave those steps out (report["exact"] is then None)."""
     import jax
     import torch
 
@@ -273,9 +274,10 @@ def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=
             jpatch.convert_hf(hf_dir, jp_dir, dtype="bfloat16")
         positions = list(range(3, tokens, max(1, tokens // 8)))[:8]
         resid, model = None, None
-        if sweeps:
+        if sweeps and (resid_sweep or attribute):
             with phases("jpatch.load (bf16)"):
                 model = jpatch.load(jp_dir, dtype="bfloat16")
+        if sweeps and resid_sweep:
             with phases("resid_pre sweep (bf16)"):
                 resid = jpatch.sweep(model, clean, corrupted, "resid_pre", metric, positions=positions, progress=False)
             report["resid_pre_grid"] = list(resid.shape)
@@ -289,27 +291,29 @@ def run(family="llama", shape=None, prompts=PROMPTS, tokens=TOKENS, seed=0, tol=
         jax.clear_caches()
         print(json.dumps(report), flush=True)  # what is in so far
 
-        # exactness: the same patches in float32 on both sides
-        check_layers = sorted({l for l, _ in checks})
-        check_pos = sorted({p for _, p in checks})
-        phase = fresh_process if fresh_check else in_process
-        f32, phases.rows["jpatch float32: load + the checked patches"] = phase(
-            jpatch_float32_check, str(jp_dir), clean, corrupted, answer, contrast, check_layers, check_pos)
-        (hf_clean, hf_corrupted, expected), phases.rows["transformers float32: load + the checked patches with hooks"] = \
-            phase(hf_float32_check, family, str(hf_dir), clean, corrupted, answer, contrast, checks)
-        rows = []
-        for (layer, pos), want in zip(checks, expected):
-            got32 = f32["raw"][:, check_layers.index(layer), check_pos.index(pos)]
-            got16 = None if resid is None else np.asarray(resid.raw)[:, layer, positions.index(pos)]
-            gap = np.abs(hf_clean - hf_corrupted).mean()
-            rows.append(dict(layer=layer, pos=pos, float32_max_abs_err=float(np.abs(got32 - want).max()),
-                             patch_effect=float(np.abs(want - hf_corrupted).max()),
-                             bf16_max_abs_err_over_gap=None if got16 is None
-                             else float(np.abs(got16 - want).max() / gap)))
-        base_err = max(float(np.abs(f32["clean"] - hf_clean).max()), float(np.abs(f32["corrupted"] - hf_corrupted).max()))
-        report["exactness"] = dict(patches=rows, baselines_float32_max_abs_err=base_err, tol=tol,
-                                   clean_minus_corrupted_mean_abs=float(np.abs(hf_clean - hf_corrupted).mean()))
-        report["exact"] = base_err <= tol and all(r["float32_max_abs_err"] <= tol for r in rows)
+        report["exact"] = None
+        if check:
+            # exactness: the same patches in float32 on both sides
+            check_layers = sorted({l for l, _ in checks})
+            check_pos = sorted({p for _, p in checks})
+            phase = fresh_process if fresh_check else in_process
+            f32, phases.rows["jpatch float32: load + the checked patches"] = phase(
+                jpatch_float32_check, str(jp_dir), clean, corrupted, answer, contrast, check_layers, check_pos)
+            (hf_clean, hf_corrupted, expected), phases.rows["transformers float32: load + the checked patches with hooks"] = \
+                phase(hf_float32_check, family, str(hf_dir), clean, corrupted, answer, contrast, checks)
+            rows = []
+            for (layer, pos), want in zip(checks, expected):
+                got32 = f32["raw"][:, check_layers.index(layer), check_pos.index(pos)]
+                got16 = None if resid is None else np.asarray(resid.raw)[:, layer, positions.index(pos)]
+                gap = np.abs(hf_clean - hf_corrupted).mean()
+                rows.append(dict(layer=layer, pos=pos, float32_max_abs_err=float(np.abs(got32 - want).max()),
+                                 patch_effect=float(np.abs(want - hf_corrupted).max()),
+                                 bf16_max_abs_err_over_gap=None if got16 is None
+                                 else float(np.abs(got16 - want).max() / gap)))
+            base_err = max(float(np.abs(f32["clean"] - hf_clean).max()), float(np.abs(f32["corrupted"] - hf_corrupted).max()))
+            report["exactness"] = dict(patches=rows, baselines_float32_max_abs_err=base_err, tol=tol,
+                                       clean_minus_corrupted_mean_abs=float(np.abs(hf_clean - hf_corrupted).mean()))
+            report["exact"] = base_err <= tol and all(r["float32_max_abs_err"] <= tol for r in rows)
         if sweeps and heads:  # last, the bfloat16 model loaded again: the longest sweep (a head's patch recomputes
             n = heads_prompts  # every position of every later layer), so the check above is in before it
             z_metric = jpatch.metrics.logit_diff(answer[:n], contrast[:n])
@@ -340,6 +344,7 @@ def main(argv=None):
     p.add_argument("--no-heads", action="store_true")
     p.add_argument("--check-only", action="store_true", help="no bfloat16 sweeps: only the float32 exactness check")
     p.add_argument("--no-attribute", action="store_true")
+    p.add_argument("--heads-only", action="store_true", help="build, convert and the heads sweep only")
     p.add_argument("--fresh-check", action="store_true",
                    help="run each side of the float32 check in a new process (lower peak RSS: Gemma-2-2B's shape)")
     args = p.parse_args(argv)
@@ -347,11 +352,12 @@ def main(argv=None):
     if args.out and Path(args.out).exists():
         p.error(f"--out {args.out} exists; give a new folder")
     report = run(args.family, shape, args.prompts, args.tokens, tol=args.tol, out=args.out,
-                 heads=not args.no_heads, attribute=not args.no_attribute, heads_prompts=args.heads_prompts,
-                 sweeps=not args.check_only, fresh_check=args.fresh_check)
+                 heads=not args.no_heads, attribute=not (args.no_attribute or args.heads_only),
+                 heads_prompts=args.heads_prompts, sweeps=not args.check_only, fresh_check=args.fresh_check,
+                 resid_sweep=not args.heads_only, check=not args.heads_only)
     print(json.dumps(report, indent=1))
     return report
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["exact"] else 1)
+    sys.exit(0 if main()["exact"] in (True, None) else 1)  # None: no check run
