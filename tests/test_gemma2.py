@@ -157,3 +157,21 @@ def test_edge_methods_refuse_post_norms(m, s):
                  lambda: acdc.acdc(m.jp, s.clean, s.corrupted, threshold=0.1)):
         with pytest.raises(ValueError, match="Gemma 2: its attention and MLP outputs are normalized"):
             call()
+
+
+def test_a_bfloat16_load_keeps_each_layers_window(m, tmp_path):
+    """A layer's window is an integer array: loading in bfloat16 keeps it exact (it was cast with the
+    weights, so a window of 4095 became 4096, and a key one position too far was seen)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jpatch.model.checkpoint import save
+
+    config = dataclasses.replace(m.jp.config, sliding_window=4095, n_ctx=4099)  # neither exact in bfloat16
+    save(Gemma2.init(config, key=jax.random.key(0)), tmp_path / "m")
+    for dtype in ("bfloat16", "float32", None):
+        loaded = jpatch.load(tmp_path / "m", dtype=dtype)
+        assert loaded.blocks.window.dtype == jnp.int32 and loaded.blocks.window.tolist() == [4095, 4099], dtype
+    assert loaded.dtype == jnp.float32 and jpatch.load(tmp_path / "m", dtype="bfloat16").dtype == jnp.bfloat16
