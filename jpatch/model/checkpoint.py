@@ -314,7 +314,7 @@ def load(path_or_name, *, dtype="float32", fold_ln=False, center_writing_weights
             checkpointer.close()
     for name in list(restored):  # widened one array at a time, each narrow copy freed as the next is cast
         if dtype and jnp.issubdtype(restored[name].dtype, jnp.floating) and restored[name].dtype != jnp.dtype(dtype):
-            restored[name] = restored[name].astype(dtype)
+            restored[name] = restored[name].astype(dtype).block_until_ready()  # done before the next: one copy at a time
     refuse_non_finite(restored, f"model {folder}")
     treedef = jax.tree_util.tree_structure(abstract)
     model = jax.tree_util.tree_unflatten(treedef, [restored[name] for name in expected])
