@@ -216,18 +216,15 @@ def hf_float32_check(family, hf_dir, clean, corrupted, answer, contrast, checks)
 
 
 def in_process(fn, *args):
-    """(fn(*args), its phase row: wall time and peak RSS, VmHWM reset first) in this process."""
-    reset_peak()
-    rss_start, start = vm_hwm(), time.perf_counter()
-    out = fn(*args)
-    gc.collect()
+    """(fn(*args), its Phases row: wall time and peak RSS) in this process, its arrays dropped after."""
     import jax
 
-    jax.clear_caches()
-    row = dict(seconds=round(time.perf_counter() - start, 1), rss_start_gb=round(rss_start / 2**30, 2),
-               peak_rss_gb=round(vm_hwm() / 2**30, 2))
-    print(f"{fn.__name__}: {row}", flush=True)
-    return out, row
+    phases = Phases()
+    with phases(fn.__name__):
+        out = fn(*args)
+        gc.collect()
+        jax.clear_caches()
+    return out, phases.rows[fn.__name__]
 
 
 def fresh_process(fn, *args):
