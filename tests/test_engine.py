@@ -16,7 +16,7 @@ import transformer_lens.patching as tl_patching
 
 import reference
 from jpatch.engine import execute as engine
-from jpatch.engine import plan
+from jpatch.engine import plan, reads
 from jpatch.engine.inputs import Run
 from jpatch.engine.sweep import make_patches
 from jpatch.methods import metrics
@@ -94,6 +94,58 @@ def test_callable_reads_the_positions_it_indexes():
             assert got is None, name
         else:
             assert got is not None and (got == expected).all(), f"{name}: {got}"
+
+
+def test_callable_reads_the_columns_it_indexes():
+    shape = (3, 7, 11)
+    rows, a, c = jnp.arange(3), jnp.array([1, 2, 3]), jnp.array([4, 5, 3])
+    ids = lambda *i: np.isin(np.arange(11), i)
+    cases = {  # callable -> the vocabulary ids it reads, by hand (None: every id / cannot tell)
+        "TransformerLens mean LD": (lambda l: (l[rows, -1, a] - l[rows, -1, c]).mean(), ids(1, 2, 3, 4, 5)),
+        "slices, a negative id": (lambda l: l[:, -1, 2] - l[:, 0, -1], ids(2, 10)),
+        "a range of ids": (lambda l: l[:, -1, 4:7].sum(-1), ids(4, 5, 6)),
+        "take_along_axis": (lambda l: jnp.take_along_axis(l[:, -1], a[:, None], 1)[:, 0], ids(1, 2, 3)),
+        "log_softmax": (lambda l: jax.nn.log_softmax(l[:, -1])[:, 3], None),
+        "a max over the vocabulary": (lambda l: l[:, -1].max(-1) - l[:, -1, 0], None),
+        "an id from the logits": (lambda l: l[:, -1, jnp.argmax(l[0, -1])], None),
+    }
+    for name, (fn, expected) in cases.items():
+        got = reads.read_logits(fn, shape)[1]
+        if expected is None:
+            assert got is None, name
+        else:
+            assert got is not None and (got == expected).all(), f"{name}: {np.flatnonzero(got)}"
+
+
+def test_only_the_vocabulary_ids_a_metric_reads_are_unembedded(jp_tiny, tl_tiny, data, monkeypatch):
+    """A logit difference (Metric or callable) is fed the logits of its ids only, padded to a power of
+    two: the same numbers as TransformerLens computing every logit, for ids given by arrays and by a
+    negative index; a callable summing over the vocabulary reads every id (nothing narrowed)."""
+    rows, a, c = np.arange(B), data.answers, data.contrasts
+    cases = [  # (metric on [B, T, V] logits, in numpy or torch, ids the engine unembeds: None for all)
+        (lambda l: (l[rows, -1, a] - l[rows, -1, c]).mean(), 8),
+        (lambda l: (l[:, -1, -1] - l[:, -1, 5]).mean(), 8),
+        (lambda l: (l[:, -1] - l[:, -1, :1]).sum(-1).mean(), None),
+    ]
+    _, cache = jp_tiny.run_with_cache(data.clean)
+    with torch.no_grad():
+        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(data.clean))
+    score_rows = engine.score_rows
+    for i, (fn, n_ids) in enumerate(cases + [("Metric", 8)]):
+        seen = []
+        monkeypatch.setattr(engine, "score_rows", lambda model, resid, inputs, **kw: seen.append(
+            inputs.data.get("columns")) or score_rows(model, resid, inputs, **kw))
+        if fn == "Metric":
+            metric, tl_fn = metrics.logit_diff(a, c, normalize=False), lambda l: (l[rows, -1, a] - l[rows, -1, c]).mean()
+            got = patching.get_act_patch_resid_pre(jp_tiny, data.corrupted, cache, metric, progress=False).patched
+            # (the mean over prompts of the raw logit differences)
+        else:
+            metric, tl_fn = fn, lambda l: fn(l.double())
+            got = patching.get_act_patch_resid_pre(jp_tiny, data.corrupted, cache, metric, progress=False)
+        expected = tl_patching.get_act_patch_resid_pre(tl_tiny, torch.tensor(data.corrupted), tl_cache, tl_fn).numpy()
+        close(got, expected, what=f"case {i}")
+        assert seen and all((s is None) if n_ids is None else s.shape == (B, n_ids) for s in seen), (i, seen)
+        monkeypatch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jpatch.engine import plan
 from jpatch.engine.plan import ALL
+from jpatch.engine.readout import COLUMNS
 from jpatch.model import sites
 from jpatch.model.layers import expand_kv, in_window, soft_cap
 
@@ -133,6 +134,12 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, site, stages,
     B, T = base.final.shape[:2]
     prompt = jnp.arange(B)[:, None]
     has_heads = model.sites.has_heads(site)
+    # The final residual is read at K positions of each patch: [B, n, K] rows (-1: not recomputed,
+    # the base run's). Where those are few, the last layer computes attention output and MLP for
+    # them only (its keys and values still come from every row).
+    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if read_all else metric_inputs.read_pos  # [B, K]
+    read_row = jnp.moveaxis(rows.at[:, read], 0, 1)  # [B, n, K]
+    last_rows = jnp.maximum(read_row, 0).reshape(B, -1) if 2 * read_row[0].size <= stages[-1].n_rows else None
     x = jnp.zeros((B, 0, cfg.d_model), jnp.float32)  # the residual stream is float32 (see GPT2._forward)
     for stage in stages:
         new_pos = rows.pos[x.shape[1] : stage.n_rows]
@@ -142,18 +149,23 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, site, stages,
         patch = jax.tree_util.tree_map(lambda a: a[: stage.n_patches], slots)
 
         def layer(x, per_layer, row_patch=row_patch, row_pos=row_pos, row_start=row_start, patch=patch,
-                  span=stage.span):
+                  span=stage.span, kept=None):
             block, j, k_cached, v_cached, source_j = per_layer
             patched = _mask_at(j, patch.layer_lo, patch.layer_hi)[row_patch]  # [R]: the row's patch patches layer j
             at_row = _matches(patch.pos[row_patch].T, row_pos)  # [B, R]: ... and the row's position
+            # per row of each prompt: patched here, its position, its patch's head
+            all_rows = (patched[None, :] & at_row, jnp.broadcast_to(row_pos, at_row.shape),
+                        jnp.broadcast_to(patch.head[row_patch], at_row.shape))
+            kept_rows = None if kept is None else tuple(jnp.take_along_axis(a, kept, axis=1) for a in all_rows)
 
             def edit(name, act):
                 if name != site or name == "attn.hook_pattern":
                     return act
-                row_on = patched[None, :] & at_row  # [B, R]
-                value = source_j[prompt, row_pos[None, :]]  # [B, R, ...]
+                # sites after attention in a layer that keeps only `kept` rows have those rows
+                row_on, pos, head = all_rows if kept is None or act.shape[1] == len(row_pos) else kept_rows
+                value = source_j[prompt, pos]  # [B, R, ...]
                 if has_heads:  # query heads, or key-value heads (k, v under grouped-query attention)
-                    heads = _matches(patch.head[row_patch][None, :, None], jnp.arange(act.shape[-2]))
+                    heads = _matches(head[..., None], jnp.arange(act.shape[-2]))
                     row_on = (row_on[..., None] & heads)[..., None]  # [B, R, H, 1]
                 else:
                     row_on = row_on[..., None]
@@ -170,20 +182,22 @@ def run_layout(model, base, source, slots, rows, metric_inputs, *, site, stages,
 
             attend = lambda q, k, v, **options: rows_attention(q, k, v, k_cached, v_cached, row_pos, row_start,
                                                                span, edit_pattern, **options)
-            return block(x, row_pos, cfg, attend, edit), None
+            return block(x, row_pos, cfg, attend, edit, rows=kept), None
 
-        blocks = jax.tree_util.tree_map(lambda a: a[stage.first_layer : stage.end_layer], model.blocks)
-        layers = slice(stage.first_layer, stage.end_layer)
-        xs = (blocks, jnp.arange(stage.first_layer, stage.end_layer), base.k[layers], base.v[layers], source[layers])
-        x, _ = jax.lax.scan(layer, x, xs)
+        # every layer of the stage in one loop body, but the last layer that keeps only the read rows
+        end = stage.end_layer - (last_rows is not None and stage.end_layer == cfg.n_layer)
+        per_layer = lambda lo, hi: (jax.tree_util.tree_map(lambda a: a[lo:hi], model.blocks), jnp.arange(lo, hi),
+                                    base.k[lo:hi], base.v[lo:hi], source[lo:hi])
+        if end > stage.first_layer:
+            x, _ = jax.lax.scan(layer, x, per_layer(stage.first_layer, end))
+        if end < stage.end_layer:
+            x, _ = layer(x, jax.tree_util.tree_map(lambda a: a[0], per_layer(end, end + 1)), kept=last_rows)
 
     # The final residual at the read positions: a patch's own row where it was
     # recomputed, else the base run's (positions before the patch never change).
-    read = jnp.broadcast_to(jnp.arange(T), (B, T)) if read_all else metric_inputs.read_pos  # [B, K]
-    row = jnp.moveaxis(rows.at[:, read], 0, 1)  # [B, n, K]
-    own = jnp.take_along_axis(x, jnp.maximum(row, 0).reshape(B, -1, 1), axis=1).reshape(row.shape + (-1,))
+    own = x if last_rows is not None else jnp.take_along_axis(x, jnp.maximum(read_row, 0).reshape(B, -1, 1), axis=1)
     cached = jnp.take_along_axis(base.final, read[..., None], axis=1)[:, None]  # [B, 1, K, d]
-    return jnp.where((row >= 0)[..., None], own, cached)  # [B, n, K, d]
+    return jnp.where((read_row >= 0)[..., None], own.reshape(read_row.shape + (-1,)), cached)  # [B, n, K, d]
 
 
 def _first(tree, rows):
@@ -195,11 +209,13 @@ def score_rows(model, resid, metric_inputs, *, score, rows=None, first_slot=0, n
     """`run_layout`'s final residuals [B, n, K, d] of n patches -> raw scores [n, B] (or [n]), in a
     program of their own: the patching program is the same for any metric and for a bucket's real
     prompts. rows: score only the first `rows` prompts (a padded batch's real ones), None: all.
-    n_slots: score only the patches first_slot .. first_slot + n_slots (None: all)."""
+    n_slots: score only the patches first_slot .. first_slot + n_slots (None: all).
+    A metric fed only some vocabulary ids (`readout.on_columns`) gets the logits at those."""
     resid, inputs = _first((resid, metric_inputs), rows)
     if n_slots is not None:
         resid = jax.lax.dynamic_slice_in_dim(resid, first_slot, n_slots, axis=1)
-    logits = model.unembed(resid)
+    columns = inputs.data.get(COLUMNS)
+    logits = model.unembed(resid, columns=None if columns is None else columns[0])
     return jax.vmap(lambda lg: score(lg, inputs.clean_logits, inputs.data), in_axes=1)(logits)
 
 

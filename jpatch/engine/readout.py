@@ -2,13 +2,12 @@
 the logit positions it reads, its normalization), and plain callables made into Metrics.
 
 A callable written TransformerLens's way (`lambda logits: logits[:, -1, ...]`) sees full
-logits; its program is traced to find the positions it reads (`callable_reads`), so the
-engine unembeds only those (`narrowed`). Concrete metrics live in `jpatch.methods.metrics`.
+logits; its program is traced to find the positions and vocabulary columns it reads
+(`jpatch.engine.reads`), so the engine unembeds only those (`narrowed`, `on_columns`). Concrete
+metrics live in `jpatch.methods.metrics`.
 """
 
 import dataclasses
-import functools
-import warnings
 from typing import Callable, Union
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from jpatch.engine import aggregate
 from jpatch.engine.inputs import prompt_lengths
+from jpatch.engine.reads import callable_reads, read_logits  # noqa: F401 (callable_reads: the API)
 from jpatch.model.captured import MAX_LIFTED, captured_state, lift
 
 NORMALIZATIONS = ("none", "baseline", "range")
@@ -26,13 +26,16 @@ NORMALIZATIONS = ("none", "baseline", "range")
 class Metric:
     """score(logits [B, K, V], clean_logits [B, K, V], data) -> [B]; `data` holds
     per-prompt arrays (answer ids, ...) with a leading batch axis, so a sweep can
-    chunk prompts and reuse one compiled `score` for new data."""
+    chunk prompts and reuse one compiled `score` for new data.
+    vocab_keys: the data keys holding every vocabulary id `score` reads (its logits at other ids
+    never matter, so a sweep computes only those: `on_columns`); () when it may read any."""
 
     name: str
     score: Callable
     data: dict = dataclasses.field(default_factory=dict)
     positions: Union[None, str, np.ndarray] = None
     normalize: str = "range"
+    vocab_keys: tuple = ()
 
     def __post_init__(self):
         if self.normalize not in NORMALIZATIONS:
@@ -151,102 +154,6 @@ def lifted(metric, shape, rows):
     return dataclasses.replace(metric, score=_CallOnLogits(score.fn, split), data={**metric.data, **data})
 
 
-# Primitives that only move or select entries: applied to a map of where each entry came
-# from, they give where each entry of their output came from.
-_MOVES = {"slice", "squeeze", "reshape", "gather", "dynamic_slice", "transpose", "broadcast_in_dim",
-          "expand_dims", "rev", "copy", "copy_p", "convert_element_type"}
-_LOGITS = "logits"  # the map of the metric's input itself
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
-
-
-class _Origin:
-    """A traced value that depends on the logits: `ids` maps each of its entries to the
-    flat (prompt, position) of the logit it is, or `reads` [B * T] bool marks the positions
-    it may depend on (after any computation that mixes entries)."""
-
-    def __init__(self, ids=None, reads=None):
-        self.ids, self.reads = ids, reads
-
-    def positions(self, n):
-        if self.reads is not None:
-            return self.reads
-        if self.ids is _LOGITS:
-            return np.ones(n, bool)
-        out = np.zeros(n, bool)
-        out[np.unique(np.asarray(self.ids))] = True
-        return out
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _move_logits_map(primitive, params, shape, base, *rest):
-    """`primitive` applied to the [B, T] map broadcast to the logits' shape, inside one
-    compiled call, so the [B, T, V] map is never materialized."""
-    return primitive.bind(jnp.broadcast_to(base[..., None], shape), *rest, **dict(params))
-
-
-def _interpret(jaxpr, consts, args, n):
-    """Evaluate `jaxpr` on constants, following which logit positions each value depends on."""
-    env = {}
-    read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        traced = [isinstance(x, _Origin) for x in ins]
-        name = eqn.primitive.name
-        if not any(traced):
-            outs = eqn.primitive.bind(*ins, **eqn.params)
-        elif name in _CALLS and _CALLS[name] in eqn.params:
-            inner = eqn.params[_CALLS[name]]
-            inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
-            outs = _interpret(inner_jaxpr, inner_consts, ins, n)
-        elif name in _MOVES and traced[0] and not any(traced[1:]) and ins[0].ids is not None:
-            params = dict(eqn.params)
-            if name == "convert_element_type":
-                params["new_dtype"] = jnp.int32
-            if ins[0].ids is _LOGITS:  # the logits' own map, [B, T] broadcast over the vocabulary
-                shape = eqn.invars[0].aval.shape
-                ids = _move_logits_map(eqn.primitive, tuple(params.items()), shape,
-                                       np.arange(n, dtype=np.int32).reshape(shape[:2]), *ins[1:])
-            else:
-                ids = eqn.primitive.bind(ins[0].ids, *ins[1:], **params)
-            outs = _Origin(ids=ids)
-        else:  # any other computation: its outputs may depend on every position its inputs do
-            reads = np.zeros(n, bool)
-            for x in ins:
-                if isinstance(x, _Origin):
-                    reads |= x.positions(n)
-            outs = [_Origin(reads=reads) for _ in eqn.outvars]
-        outs = outs if eqn.primitive.multiple_results or isinstance(outs, list) else [outs]
-        for var, val in zip(eqn.outvars, outs):
-            env[var] = val
-    return [read(v) for v in jaxpr.outvars]
-
-
-def callable_reads(fn, shape):
-    """The [batch, pos] logit positions a callable metric on logits `shape`
-    ([batch, pos, vocab]) can read, from its traced program: positions it selects by
-    slicing or indexing with indices that do not depend on the logits. None when it
-    reads every position, or when the program cannot show which (then all are computed)."""
-    batch, pos = shape[:2]
-    try:
-        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
-        with warnings.catch_warnings():  # casts of the program's constants while evaluating it
-            warnings.simplefilter("ignore", RuntimeWarning)
-            outs = _interpret(closed.jaxpr, closed.consts, [_Origin(ids=_LOGITS)], batch * pos)
-    except Exception:  # a primitive this reading does not know how to follow: compute every position
-        return None
-    reads = np.zeros(batch * pos, bool)
-    for out in outs:
-        if isinstance(out, _Origin):
-            reads |= out.positions(batch * pos)
-    reads = reads.reshape(batch, pos)
-    return None if reads.all() else reads
-
-
 class _OnReadLogits:
     """A user callable (`_CallOnLogits`) fed only the logits it reads: [B, K, V] logits at its read
     positions are spread back to [B, T, V] by `data["slot"]` (the K index of each
@@ -270,9 +177,65 @@ class _OnReadLogits:
         return isinstance(other, _OnReadLogits) and other.inner == self.inner
 
 
+class _OnColumns:
+    """A user callable (`_CallOnLogits` or `_OnReadLogits`) fed only the vocabulary columns it reads:
+    logits [B, K, C] at the ids `data[COLUMNS]` ([B, C], every row the same) are spread back to
+    [B, K, vocab] (an unread column repeats a read one), which the callable indexes."""
+
+    def __init__(self, inner, vocab):
+        self.inner, self.vocab = inner, vocab
+
+    @property
+    def fn(self):
+        return self.inner.fn
+
+    def __call__(self, logits, clean_logits, data):
+        columns = data[COLUMNS][0]
+        slot = jnp.zeros(self.vocab, jnp.int32).at[columns].set(jnp.arange(columns.shape[0], dtype=jnp.int32))
+        return self.inner(jnp.take(logits, slot, axis=-1), clean_logits, data)
+
+    def __hash__(self):
+        return hash((_OnColumns, self.inner, self.vocab))
+
+    def __eq__(self, other):
+        return isinstance(other, _OnColumns) and other.inner == self.inner and other.vocab == self.vocab
+
+
 def is_user_callable(metric):
     """Whether `metric` wraps a plain callable (written for the whole batch, narrowed or not)."""
-    return isinstance(metric.score, (_CallOnLogits, _OnReadLogits))
+    return isinstance(metric.score, (_CallOnLogits, _OnReadLogits, _OnColumns))
+
+
+COLUMNS = "columns"  # data key: the vocabulary ids whose logits a column-narrowed metric is fed
+CALLABLE_COLUMNS = "callable_columns"  # data key: the ids a plain callable was traced to read
+
+
+def _id_rows(ids, rows):
+    """Distinct vocabulary ids [n] as [rows, C], each row the same: C a power of two, at least two per
+    row (the first id repeated), so that new ids, two per prompt at most, keep the shape (and so the
+    compiled programs that take them). None when there are none."""
+    if not len(ids):
+        return None
+    size = 1 << (max(len(ids), 2 * rows) - 1).bit_length()
+    return np.broadcast_to(np.concatenate([ids, np.full(size - len(ids), ids[0])]), (rows, size))
+
+
+def on_columns(metric, vocab):
+    """(`metric` fed only the logits of the vocabulary ids it reads, those ids [C]): a Metric's ids in
+    `vocab_keys` become positions among them, a plain callable sees them spread back; C as `_id_rows`
+    pads it. (metric, None) when it may read any id, or C would be over half the vocabulary."""
+    if not metric.vocab_keys or any(k not in metric.data for k in metric.vocab_keys):
+        return metric, None
+    ids = np.unique(np.concatenate([np.asarray(metric.data[k]).ravel() for k in metric.vocab_keys]))
+    rows = len(metric.data[metric.vocab_keys[0]])
+    columns = _id_rows(ids, rows)
+    if columns is None or 2 * columns.shape[1] > vocab:
+        return metric, None
+    data = {**metric.data, COLUMNS: columns}
+    if is_user_callable(metric):
+        return dataclasses.replace(metric, score=_OnColumns(metric.score, vocab), data=data), columns
+    data.update({k: np.searchsorted(ids, metric.data[k]) for k in metric.vocab_keys})
+    return dataclasses.replace(metric, data=data), columns
 
 
 def narrowed(metric, shape, read=False):
@@ -311,15 +274,16 @@ def checked_metric(metric, d_vocab):
 def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     """The metric checked and bound to this batch: its data and read positions (each prompt's
     last real token unless told otherwise) tiled over `samples` noise samples. A plain callable
-    is traced once, here, for the positions it reads, and narrowed to them (`narrowed`); its
-    captured arrays become data, so a new closure of the same form reuses its program (`lifted`)."""
+    is traced once, here, for the positions and vocabulary ids it reads, and narrowed to those
+    positions (`narrowed`; the ids go in its data for `on_columns`); its captured arrays become
+    data, so a new closure of the same form reuses its program (`lifted`)."""
     metric = checked_metric(metric, d_vocab)
     if isinstance(metric.positions, str):  # a plain callable: its captured arrays as data, when it can
         metric = lifted(metric, (samples * batch, pos, d_vocab), batch)
     lengths = prompt_lengths(mask, batch, pos)
-    reads = False  # not traced
+    reads, columns = False, None  # not traced
     if isinstance(metric.positions, str) and hasattr(metric.score, "fn"):
-        reads = callable_reads(metric.score.fn, (samples * batch, pos, d_vocab))
+        reads, columns = read_logits(metric.score.fn, (samples * batch, pos, d_vocab))
     if isinstance(metric.positions, str) and mask is not None and (lengths < pos).any():
         # A plain callable on a padded batch: allowed only where it provably reads no padding.
         padded = np.tile(np.arange(pos) >= lengths[:, None], (samples, 1))
@@ -333,5 +297,8 @@ def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     read = metric.read_positions(batch, pos, None if mask is None else lengths)
     tile = lambda a: np.tile(np.asarray(a), (samples,) + (1,) * (np.ndim(a) - 1))
     data = {k: tile(v) for k, v in metric.batch_data(batch).items()}
+    if columns is not None:  # the same ids for every prompt row
+        data[CALLABLE_COLUMNS] = _id_rows(np.flatnonzero(columns), samples * batch)
+        metric = dataclasses.replace(metric, vocab_keys=(CALLABLE_COLUMNS,))
     metric = dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
     return narrowed(metric, (samples * batch, pos, d_vocab), reads)

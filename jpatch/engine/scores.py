@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from jpatch.engine import execute as engine
 from jpatch.engine.inputs import check_base
 from jpatch.engine.plan import ALL, bytes_per_prompt, cheap_row_layers, default_memory_budget, plan_groups
-from jpatch.engine.readout import checked_metric, is_user_callable, narrowed
+from jpatch.engine.readout import checked_metric, is_user_callable, narrowed, on_columns
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
 MANY_GROUPS = 8  # more patch groups than this (a tiny memory budget) is warned about
@@ -68,6 +68,13 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         raise ValueError(f"metric {metric.name!r} must return a scalar or one value per prompt ({seen}), got shape "
                          f"{score_shape}")
     scalar = score_shape == ()
+    # Only the logits of the vocabulary ids the metric reads are computed (logit differences: two).
+    metric, columns = on_columns(metric, cfg.d_vocab)
+    if columns is not None:
+        clean_logits = jnp.take(jnp.asarray(clean_logits), jnp.asarray(columns), axis=-1)
+        data = metric.batch_data(N)
+    # the logits' width per patch and prompt: a callable sees its ids spread back to the vocabulary
+    vocab = cfg.d_vocab if columns is None or is_user_callable(metric) else len(columns)
     # A scalar metric, or any user callable (written for the whole batch), is scored on every (real)
     # prompt at once; the patched runs still go in prompt chunks: their final residuals are kept
     # and scored together after the last chunk (`score_whole`).
@@ -82,7 +89,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
     # A whole-batch metric's logits are made in `score_whole`'s patch chunks, not in the patching call.
     # It keeps every prompt's final residuals of a group until then (`stored`).
     stored = lambda layout: N * len(layout.order) * n_read * cfg.d_model * 4 if whole else 0
-    per_prompt = lambda layout: bytes_per_prompt(cfg, layout, n_read, 0 if whole else cfg.d_vocab)
+    per_prompt = lambda layout: bytes_per_prompt(cfg, layout, n_read, 0 if whole else vocab)
     need = lambda layout: per_prompt(layout) + stored(layout)  # one prompt's call
     groups = 1
     planned = plan(groups)
@@ -153,7 +160,7 @@ def patch_scores(model, base, source_cache, patches, metric, clean_logits, *, me
         if whole:
             put = lambda a, axis: jax.device_put(a, _sharding(mesh, a.ndim, axis))
             resid = finals[0] if n_chunks == 1 else jnp.concatenate(finals, axis=0)
-            scores = score_whole(model, resid, score_inputs(put), metric.score, prompts, memory_budget)[real]
+            scores = score_whole(model, resid, score_inputs(put), metric.score, prompts, memory_budget, vocab)[real]
             if scalar:
                 out[slots[real]] = scores
             else:
@@ -170,15 +177,16 @@ def applies(patches, lengths):
     return within & ((src == ALL) | (src < lengths[None, :]))
 
 
-def score_whole(model, resid, inputs, score, prompts, memory_budget):
+def score_whole(model, resid, inputs, score, prompts, memory_budget, vocab=None):
     """A whole-batch metric's raw scores [n] (or [n, prompts]) of one patch group, from every prompt's
-    final residuals [rows, n, K, d] (rows past `prompts` pad), in patch chunks whose logits fit the
-    memory budget; the chunks have one size (the last overlaps the one before), so one program."""
+    final residuals [rows, n, K, d] (rows past `prompts` pad), in patch chunks whose logits (`vocab`
+    wide, None: the model's vocabulary) fit the memory budget; the chunks have one size (the last overlaps the one before), so one
+    program."""
     n_rows, n, K = resid.shape[:3]
     # A callable fed its read logits sees them spread back to its [batch, pos, vocab] shape
     # (`readout.narrowed`'s "slot"): that array, and its temporaries like it, per patch.
     seen = inputs.data["slot"].shape[1] if "slot" in inputs.data else K
-    per_patch = 3 * prompts * seen * model.config.d_vocab * 4
+    per_patch = 3 * prompts * seen * (vocab or model.config.d_vocab) * 4
     size = max(1, min(n, memory_budget // per_patch))
     rows = prompts if prompts < n_rows else None
     out = []

@@ -61,7 +61,8 @@ def logit_diff(answers: Ids, contrasts: Ids, *, positions=None, normalize=True) 
     """LD = logit(answer) - logit(contrast) at the last read position; normalized
     (LD_pt - LD_*) / (LD_cl - LD_*) by default, as the paper recommends."""
     data = {"answer": _ids(answers, "answers"), "contrast": _ids(contrasts, "contrasts")}
-    return Metric("logit_diff", _logit_diff, data, positions, "range" if normalize else "baseline")
+    return Metric("logit_diff", _logit_diff, data, positions, "range" if normalize else "baseline",
+                  vocab_keys=("answer", "contrast"))
 
 
 def probability(answers: Ids, *, positions=None, normalize=False) -> Metric:

@@ -4,11 +4,12 @@ A family (`jpatch.model.gpt2`, `jpatch.model.neox`) is a final subclass of `Tran
 
 - its config (a frozen dataclass with `n_layer, n_head, d_head, d_model, d_mlp, d_vocab, n_ctx`)
   whose `sites` is the family's `SiteTable`: every hook point and its axes;
-- `embed(tokens, positions, edit)`, its stacked `Block`s called as
-  `block(x, positions, config, attend, edit)`, and `unembed(x, edit)`: the only code that
-  computes a layer. The plain forward, the patching engine, gradients and generation all run
-  through them, supplying `attend(q, k, v, **options) -> z` (how positions mix) and `edit(site, act) -> act`
-  (where overrides, caching and patches act);
+- `embed(tokens, positions, edit)`, its stacked `Block`s called as `block(x, positions, config,
+  attend, edit, rows=None)`, and `unembed(x, edit, columns=None)`: the only code that computes a
+  layer. The plain forward, the patching engine, gradients and generation all run through them,
+  supplying `attend(q, k, v, **options) -> z` (how positions mix) and `edit(site, act) -> act` (where
+  overrides, caching and patches act); `rows` keeps only those rows after attention
+  (`layers.take_rows`), `columns` computes only those vocabulary ids' logits;
 - `KEY_SITE`: the site whose values attention scores against (GPT-2's `attn.hook_k`; a rotary
   family's rotated `attn.hook_rot_k`), which the engine and generation cache;
 - the weights in TransformerLens's shapes (`W_E`, `W_U`, `W_Q`, ...), its Hugging Face conversion
@@ -156,8 +157,8 @@ class Transformer(TransformerLensViews, FrontDoor, eqx.Module):
         """tokens [batch, pos], positions [batch, pos] -> the residual stream's start [batch, pos, d_model]."""
 
     @abc.abstractmethod
-    def unembed(self, x, edit=no_edit):
-        """The final norm and unembedding: [..., d_model] -> float32 logits [..., d_vocab]."""
+    def unembed(self, x, edit=no_edit, columns=None):
+        """The final norm and unembedding: [..., d_model] -> float32 logits [..., d_vocab] (or [..., C])."""
 
     def position_qk(self, q, k, positions):
         """q, k [..., T, H, d_head] (attn.hook_q / hook_k) -> the q, k attention scores (the family's

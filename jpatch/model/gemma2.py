@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jpatch.model import sites
-from jpatch.model.layers import RMSNorm, no_edit, soft_cap
+from jpatch.model.layers import RMSNorm, no_edit, soft_cap, take_rows
 from jpatch.model.llama import KV, Attention, Llama, LlamaConfig, MLP, attention_qkv
 
 SITES = sites.SiteTable(
@@ -70,13 +70,15 @@ class Block(eqx.Module):
     ln2_post: RMSNorm
     window: jax.Array  # int32 scalar per layer: local layers' sliding window, n_ctx for global ones
 
-    def __call__(self, x, positions, config, attend, edit=no_edit):
-        """One block on rows x [..., d] at `positions`: attention and MLP each between two norms."""
+    def __call__(self, x, positions, config, attend, edit=no_edit, rows=None):
+        """One block on rows x [..., d] at `positions`: attention and MLP each between two norms; only
+        the rows `rows` after attention."""
         eps = config.layer_norm_eps
         x, q, k, v = attention_qkv(self, x, positions, config, edit)
         # attend divides by sqrt(d_head): scaling q makes it sqrt(query_pre_attn_scalar)
         q_scaled = q * jnp.asarray(math.sqrt(config.d_head / config.query_pre_attn_scalar), q.dtype)
         z = edit("attn.hook_z", attend(q_scaled, k, v, window=self.window, softcap=config.attn_softcap))
+        x, z = take_rows(x, rows), take_rows(z, rows)
         attn_out = edit("hook_attn_out", self.ln1_post(self.attn.out(z, edit), eps, edit, "ln1_post"))
         x = edit("hook_resid_mid", x + attn_out)
         mlp_in = edit("hook_mlp_in", x)
@@ -101,9 +103,10 @@ class Gemma2(Llama):
                        jnp.asarray(config.windows(), jnp.int32))
         return cls(config, base.embed_in, blocks, base.final_norm, base.unembed_w)
 
-    def unembed(self, x, edit=no_edit):
-        """Final RMSNorm, the unembedding (unembed.hook_out) and the final soft cap: float32 logits."""
-        return soft_cap(super().unembed(x, edit), self.config.final_softcap)
+    def unembed(self, x, edit=no_edit, columns=None):
+        """Final RMSNorm, the unembedding (unembed.hook_out) and the final soft cap: float32 logits
+        (at the ids `columns` when given)."""
+        return soft_cap(super().unembed(x, edit, columns), self.config.final_softcap)
 
     def position_qk(self, q, k, positions):
         raise ValueError("the QK fix (atp-qk, atp*) of q / k recomputes plain causal patterns: not implemented for "

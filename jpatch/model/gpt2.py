@@ -18,7 +18,7 @@ from jpatch.model import sites, views
 from jpatch.model.architecture import Cache, Config, Transformer, editor, override_from_cache, record_sites  # noqa: F401
 from jpatch.model.interventions import Override  # noqa: F401  (re-exported: jpatch.model.Override)
 from jpatch.model.layers import (ACTIVATIONS, LayerNorm, causal_attention, no_edit, normalize,  # noqa: F401
-                                 normalize_hooked, split_inputs)
+                                 normalize_hooked, split_inputs, take_rows, unembedding)
 
 # Every hook point of TransformerLens's GPT-2, and the ones the engine sweeps.
 SITES = sites.SiteTable(
@@ -89,9 +89,10 @@ class Block(eqx.Module):
     ln_2: LayerNorm
     mlp: MLP
 
-    def __call__(self, x, positions, config, attend, edit=no_edit):
+    def __call__(self, x, positions, config, attend, edit=no_edit, rows=None):
         """One block on rows x [..., d] at `positions` (broadcastable to x's [...]; GPT-2's
-        positions enter through the embedding, so its block does not read them).
+        positions enter through the embedding, so its block does not read them); only the
+        rows `rows` after attention (`layers.take_rows`).
 
         attend(q, k, v) -> z mixes positions (and applies the pattern edit);
         edit(site, activation) -> activation is where overrides and caching happen.
@@ -107,6 +108,7 @@ class Block(eqx.Module):
             q, k, v = self.attn.qkv_per_head(*(self.ln_1(t, eps, edit, "ln1") for t in split))
         q, k, v = edit("attn.hook_q", q), edit("attn.hook_k", k), edit("attn.hook_v", v)
         z = edit("attn.hook_z", attend(q, k, v))
+        x, z = take_rows(x, rows), take_rows(z, rows)
         x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z, edit)))
         mlp_in = edit("hook_mlp_in", x)
         mlp_out = edit("hook_mlp_out", self.mlp(self.ln_2(mlp_in, eps, edit, "ln2"), config.activation, edit))
@@ -146,12 +148,12 @@ class GPT2(Transformer):
         return edit("hook_embed", self.wte[tokens]) + edit("hook_pos_embed", self.wpe[positions])
 
     @views.carries(W_U=lambda m: m.W_U, b_U=lambda m: m.b_U)
-    def unembed(self, x, edit=no_edit):
-        """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab]."""
+    def unembed(self, x, edit=no_edit, columns=None):
+        """Final layer norm and tied unembedding: [..., d] -> float32 logits [..., d_vocab] (or [..., C]
+        at the ids `columns`)."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", normalized * self.ln_f.weight + self.ln_f.bias)
-        logits = jnp.matmul(x, self.W_U, preferred_element_type=jnp.float32)
-        return edit("unembed.hook_out", logits if self.b_u is None else logits + self.b_u.astype(jnp.float32))
+        return edit("unembed.hook_out", unembedding(x, self.W_U, self.b_u, columns))
 
     # --- weights in TransformerLens's shapes -------------------------------------------
 

@@ -126,6 +126,19 @@ def in_window(query_pos, key_pos, window):
     return seen if window is None else seen & (query_pos - key_pos < window)
 
 
+def take_rows(a, rows):
+    """a [batch, R, ...] at the rows `rows` [batch, r] of each prompt (None: a unchanged)."""
+    return a if rows is None else jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def unembedding(x, w, bias, columns=None):
+    """x [..., d] @ w [d, vocab] (+ bias) as float32 logits, or only at the vocabulary ids `columns`."""
+    if columns is not None:
+        w, bias = jnp.take(w, columns, axis=1), None if bias is None else jnp.take(bias, columns)
+    logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    return logits if bias is None else logits + bias.astype(jnp.float32)
+
+
 def soft_cap(scores, cap):
     """cap * tanh(scores / cap) (Gemma 2's attention and final logits); None: unchanged."""
     return scores if cap is None else jnp.tanh(scores / cap) * cap

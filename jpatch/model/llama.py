@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jpatch.model import sites
 from jpatch.model.architecture import Config, Transformer
-from jpatch.model.layers import ACTIVATIONS, HeadProjections, RMSNorm, attention_inputs, no_edit, rms_hooked, rotate
+from jpatch.model.layers import (ACTIVATIONS, HeadProjections, RMSNorm, attention_inputs, no_edit, rms_hooked, rotate,
+                                 take_rows, unembedding)
 
 KV = ("batch", "pos", "kv_head", "d_head")
 # TransformerLens's hook points of a Llama block (hook_pre: the gate's, hook_pre_linear: the up
@@ -138,11 +139,12 @@ class Block(eqx.Module):
     ln2: RMSNorm
     mlp: MLP
 
-    def __call__(self, x, positions, config, attend, edit=no_edit):
-        """One sequential block on rows x [..., d] at `positions`."""
+    def __call__(self, x, positions, config, attend, edit=no_edit, rows=None):
+        """One sequential block on rows x [..., d] at `positions`; only the rows `rows` after attention."""
         eps = config.layer_norm_eps
         x, q, k, v = attention_qkv(self, x, positions, config, edit)
         z = edit("attn.hook_z", attend(q, k, v, window=config.sliding_window))
+        x, z = take_rows(x, rows), take_rows(z, rows)
         x = edit("hook_resid_mid", x + edit("hook_attn_out", self.attn.out(z, edit)))
         mlp_in = edit("hook_mlp_in", x)
         mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(mlp_in, eps, edit, "ln2"), config.activation, edit))
@@ -190,11 +192,12 @@ class Llama(Transformer):
     def embed(self, tokens, positions, edit=no_edit):
         return edit("hook_embed", self.embed_in[tokens])
 
-    def unembed(self, x, edit=no_edit):
-        """Final RMSNorm and the unembedding: [..., d] -> float32 logits [..., d_vocab]."""
+    def unembed(self, x, edit=no_edit, columns=None):
+        """Final RMSNorm and the unembedding: [..., d] -> float32 logits [..., d_vocab] (or [..., C] at
+        the ids `columns`)."""
         normalized = rms_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", (normalized * self.final_norm.weight).astype(self.unembed_w.dtype))
-        return edit("unembed.hook_out", jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32))
+        return edit("unembed.hook_out", unembedding(x, self.unembed_w, None, columns))
 
     def position_qk(self, q, k, positions):
         """q, k as attention scores them, for AtP*'s QK fix (which recomputes a full causal pattern)."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jpatch.model import sites, views
 from jpatch.model.architecture import Config, Transformer
 from jpatch.model.layers import (ACTIVATIONS, HeadProjections, LayerNorm, attention_inputs, no_edit, normalize_hooked,
-                                 rotate)
+                                 rotate, take_rows, unembedding)
 
 # TransformerLens's NeoX hook points: GPT-2's without hook_pos_embed and hook_resid_mid (the block
 # is parallel), with the rotated attn.hook_rot_q / attn.hook_rot_k.
@@ -94,14 +94,16 @@ class Block(eqx.Module):
     ln2: LayerNorm
     mlp: MLP
 
-    def __call__(self, x, positions, config, attend, edit=no_edit):
+    def __call__(self, x, positions, config, attend, edit=no_edit, rows=None):
         """One parallel block on rows x [..., d] at `positions` (broadcastable to x's [...]):
-        attention and MLP both read the block's input, and both write to its output."""
+        attention and MLP both read the block's input, and both write to its output; only the rows
+        `rows` after attention."""
         eps = config.layer_norm_eps
         x, q, k, v = attention_inputs(x, self.ln1, self.attn, config.n_head, eps, edit)
         q, k = position_qk(config, q, k, positions)
         q, k = edit("attn.hook_rot_q", q), edit("attn.hook_rot_k", k)
         z = edit("attn.hook_z", attend(q, k, v))
+        x, z = take_rows(x, rows), take_rows(z, rows)
         attn_out = edit("hook_attn_out", self.attn.out(z, edit))
         mlp_in = edit("hook_mlp_in", x)
         mlp_out = edit("hook_mlp_out", self.mlp(self.ln2(mlp_in, eps, edit, "ln2"), config.activation, edit))
@@ -154,12 +156,12 @@ class NeoX(Transformer):
         return edit("hook_embed", self.embed_in[tokens])
 
     @views.carries(W_U=lambda m: m.W_U, b_U=lambda m: m.b_U)
-    def unembed(self, x, edit=no_edit):
-        """Final layer norm and the unembedding: [..., d] -> float32 logits [..., d_vocab]."""
+    def unembed(self, x, edit=no_edit, columns=None):
+        """Final layer norm and the unembedding: [..., d] -> float32 logits [..., d_vocab] (or [..., C]
+        at the ids `columns`)."""
         normalized = normalize_hooked(x, self.config.layer_norm_eps, edit, "ln_final")
         x = edit("unembed.hook_in", normalized * self.final_norm.weight + self.final_norm.bias)
-        logits = jnp.matmul(x, self.unembed_w, preferred_element_type=jnp.float32)
-        return edit("unembed.hook_out", logits if self.b_u is None else logits + self.b_u.astype(jnp.float32))
+        return edit("unembed.hook_out", unembedding(x, self.unembed_w, self.b_u, columns))
 
     def position_qk(self, q, k, positions):
         return position_qk(self.config, q, k, positions)
