@@ -171,10 +171,11 @@ def matmul_flops():
     return 2 * 8192 * 768 * 3072 / best
 
 
-def engine_flops(model, name, n_prompts, pos):
-    """FLOPs the engine performs for a sweep: block matmuls on every recomputed row,
-    attention of each row over the cached keys and its window's own keys, and the
-    unembedding at the read position."""
+def engine_flops(model, name, n_prompts, pos, vocab_ids=None):
+    """FLOPs the engine performs for a sweep: block matmuls on every recomputed row (in the last
+    layer, attention output and MLP on the read rows only), attention of each row over the cached
+    keys and its window's own keys, and the unembedding at the read position of `vocab_ids` ids
+    (None: the whole vocabulary; a logit difference: `readout.on_columns`'s count)."""
     from jpatch.engine import plan
     from jpatch.engine.patching import SWEEPS
     from jpatch.engine.sweep import make_patches
@@ -190,7 +191,11 @@ def engine_flops(model, name, n_prompts, pos):
         window, _ = plan.attention_steps(stage.n_rows, pos, stage.span, H)
         keys = pos + window + stage.span - 1  # see rows_attention
         total += layers * n_prompts * stage.n_rows * (per_row + 4 * H * keys * cfg.d_head)
-    return total + n_prompts * len(patches) * 2 * d * cfg.d_vocab
+    last_rows, read_rows = layout.stages[-1].n_rows, len(layout.order)  # one read position per patch slot
+    if 2 * read_rows <= last_rows:  # as execute.run_layout: the rest skip attention output and MLP
+        after_attention = per_row - 2 * d * cfg.d_head * (H + 2 * cfg.n_kv_head)
+        total -= n_prompts * (last_rows - read_rows) * after_attention
+    return total + n_prompts * len(patches) * 2 * d * (vocab_ids or cfg.d_vocab)
 
 
 def tl_metric_fn(tl, clean, corrupted, answers, contrasts):
@@ -534,6 +539,7 @@ def main():
     import torch
     from transformer_lens import patching as tl_patching
 
+    from jpatch.engine.readout import on_columns
     from jpatch.methods import metrics
 
     from jpatch import patching
@@ -558,6 +564,7 @@ def main():
         print(f"device: {jax.devices()[0]}, measured dense matmul: {peak_flops / 1e9:.0f} GFLOP/s")
 
         jp_metric = metrics.logit_diff(answers, contrasts)
+        n_vocab_ids = len(on_columns(jp_metric, model.config.d_vocab)[1])  # the ids the engine unembeds
         rows = np.arange(len(answers))
         lds = [model(t, logits_at=np.full((len(t), 1), t.shape[1] - 1))[rows, 0] for t in (clean, corrupted)]
         clean_ld, corrupted_ld = (float((np.asarray(l)[rows, answers] - np.asarray(l)[rows, contrasts]).mean()) for l in lds)
@@ -589,7 +596,7 @@ def main():
 
             diff = float(np.abs(jp_result - tl_result).max())
             diff = max(diff, float(np.abs(callable_result - tl_result).max()))
-            flops = engine_flops(model, name, len(clean), clean.shape[1])
+            flops = engine_flops(model, name, len(clean), clean.shape[1], n_vocab_ids)
             row = {
                 "patches": int(np.prod(tl_result.shape)),
                 "tl_s": tl_s,

@@ -145,11 +145,16 @@ def progress(line):
 
 def planned_flops(model, calls):
     """The engine's planned arithmetic (bench.engine_flops) of each get_act_patch_* call at the shape it
-    runs at (its bucket unless JPATCH_BUCKETS=0); None for attribute and path_patch."""
+    runs at (its bucket unless JPATCH_BUCKETS=0), its metric's logits at two ids per prompt (a power of
+    two, `readout.on_columns`); None for attribute and path_patch."""
     from jpatch.engine import buckets
 
-    return [bench.engine_flops(model, kind, *(buckets.size(n) if buckets.enabled() else n for n in (batch, tokens)))
-            if kind.startswith(("resid", "mlp", "attn")) else None for kind, batch, tokens, _ in calls]
+    out = []
+    for kind, batch, tokens, _ in calls:
+        rows, pos = (buckets.size(n) if buckets.enabled() else n for n in (batch, tokens))
+        sweeps = kind.startswith(("resid", "mlp", "attn"))
+        out.append(bench.engine_flops(model, kind, rows, pos, 1 << (2 * rows - 1).bit_length()) if sweeps else None)
+    return out
 
 
 def child(spec):
