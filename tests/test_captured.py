@@ -47,6 +47,32 @@ def test_a_reused_metric_reads_the_rebound_global(jp_tiny, tl_tiny):
     assert not compiles  # nothing it reads changed: the compiled programs are reused
 
 
+position = -1  # rebound by the test below, read by its metric as a global
+
+
+def metric_at(logits):
+    return logits[ROWS, position, 4].mean()
+
+
+def test_a_reused_metric_reads_the_rebound_position(jp_tiny, tl_tiny):
+    """The logit positions (and vocabulary ids) a callable reads are traced anew for each call: JAX's
+    cached trace of the function kept the global of the first (fails before that)."""
+    global position
+    clean = reference.random_tokens(B, T, V, seed=5)
+    corrupted = clean.copy()
+    corrupted[:, 1] = (corrupted[:, 1] + 7) % V
+    _, cache = jp_tiny.run_with_cache(clean)
+    with torch.no_grad():
+        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(clean))
+    for position in (-1, 3):
+        got = np.asarray(patching.get_act_patch_resid_pre(jp_tiny, corrupted, cache, metric_at, progress=False))
+        with torch.no_grad():
+            expected = tl_patching.get_act_patch_resid_pre(
+                tl_tiny, torch.tensor(corrupted), tl_cache, lambda logits: logits[torch.tensor(ROWS), position, 4].mean()
+            ).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"position {position}")
+
+
 def test_apply_reads_the_changed_vector(jp_tiny):
     tokens = reference.random_tokens(B, T, V, seed=6)
     v = np.zeros(reference.TINY["n_embd"], np.float32)

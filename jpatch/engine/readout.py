@@ -233,9 +233,9 @@ def on_columns(metric, vocab):
         return metric, None
     data = {**metric.data, COLUMNS: columns}
     if is_user_callable(metric):
-        return dataclasses.replace(metric, score=_OnColumns(metric.score, vocab), data=data), columns
+        return dataclasses.replace(metric, score=_OnColumns(metric.score, vocab), data=data), columns[0]
     data.update({k: np.searchsorted(ids, metric.data[k]) for k in metric.vocab_keys})
-    return dataclasses.replace(metric, data=data), columns
+    return dataclasses.replace(metric, data=data), columns[0]
 
 
 def narrowed(metric, shape, read=False):

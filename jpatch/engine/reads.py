@@ -97,7 +97,8 @@ def read_logits(fn, shape):
     cannot show which (then all are computed)."""
     batch, pos, vocab = shape
     try:
-        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+        # through a new function: JAX caches a function's trace, which keeps the globals it read then
+        closed = jax.make_jaxpr(lambda logits: fn(logits))(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
         with warnings.catch_warnings():  # casts of the program's constants while evaluating it
             warnings.simplefilter("ignore", RuntimeWarning)
             outs = _interpret(closed.jaxpr, closed.consts, [_Origin(ids=_LOGITS, cols=_LOGITS)], batch * pos, vocab)

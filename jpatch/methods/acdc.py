@@ -29,9 +29,9 @@ class Circuit:
     """keep [n_writers, n_readers]: the edges ACDC kept; scores: each tested edge's cost increase
     when it was tried (NaN where never tested); n_forwards: edge-patched forwards evaluated,
     n_calls: compiled calls they ran in, n_tested: edges decided (the sequential algorithm's
-    forwards); noise: the float32 error of a cost, measured as how far the all-kept graph's
-    per-prompt scores are from the clean run's (zero in exact arithmetic). A tested edge whose
-    score lies within `noise` of the threshold was kept or removed by rounding (warned)."""
+    forwards); noise: the float32 error of an edge's score, a difference of two costs: twice how far
+    the all-kept graph's per-prompt scores are from the clean run's (zero in exact arithmetic). A
+    tested edge whose score lies within `noise` of the threshold was kept or removed by rounding (warned)."""
 
     keep: np.ndarray
     scores: np.ndarray
@@ -161,7 +161,7 @@ def acdc(model, clean, corrupted, *, threshold, metric="kl", ablation="corrupted
     mask = valid.astype(np.float32)
     scores = np.full(valid.shape, np.nan)
     raw = score(np.stack([mask, np.zeros_like(mask)]))
-    noise = float(np.max(np.abs(raw[0] - score.clean)))
+    noise = 2 * float(np.max(np.abs(raw[0] - score.clean)))  # each of a score's two costs is off by up to half
     current, baseline = -raw.reshape(2, -1).mean(-1)
     n_forwards, n_calls, n_tested = 2, 1, 0
     for r in reversed(range(len(readers))):
