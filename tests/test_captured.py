@@ -21,14 +21,20 @@ def metric(logits):
     return logits[ROWS, -1, answers].mean()
 
 
-def test_a_reused_metric_reads_the_rebound_global(jp_tiny, tl_tiny):
-    global answers
+def swept(jp_tiny, tl_tiny, position):
+    """Corrupted tokens (changed at `position`) and both tools' clean caches."""
     clean = reference.random_tokens(B, T, V, seed=5)
     corrupted = clean.copy()
-    corrupted[:, 2] = (corrupted[:, 2] + 7) % V
+    corrupted[:, position] = (corrupted[:, position] + 7) % V
     _, cache = jp_tiny.run_with_cache(clean)
     with torch.no_grad():
         _, tl_cache = tl_tiny.run_with_cache(torch.tensor(clean))
+    return corrupted, cache, tl_cache
+
+
+def test_a_reused_metric_reads_the_rebound_global(jp_tiny, tl_tiny):
+    global answers
+    corrupted, cache, tl_cache = swept(jp_tiny, tl_tiny, 2)
     for ids in ([3, 5, 7], [9, 11, 13]):
         answers = np.array(ids)
         got = np.asarray(patching.get_act_patch_resid_pre(jp_tiny, corrupted, cache, metric, progress=False))
@@ -58,12 +64,7 @@ def test_a_reused_metric_reads_the_rebound_position(jp_tiny, tl_tiny):
     """The logit positions (and vocabulary ids) a callable reads are traced anew for each call: JAX's
     cached trace of the function kept the global of the first (fails before that)."""
     global position
-    clean = reference.random_tokens(B, T, V, seed=5)
-    corrupted = clean.copy()
-    corrupted[:, 1] = (corrupted[:, 1] + 7) % V
-    _, cache = jp_tiny.run_with_cache(clean)
-    with torch.no_grad():
-        _, tl_cache = tl_tiny.run_with_cache(torch.tensor(clean))
+    corrupted, cache, tl_cache = swept(jp_tiny, tl_tiny, 1)
     for position in (-1, 3):
         got = np.asarray(patching.get_act_patch_resid_pre(jp_tiny, corrupted, cache, metric_at, progress=False))
         with torch.no_grad():
