@@ -9,7 +9,8 @@ Only work that can change is done:
 - under causal attention positions before the first patched position p never
   change, so only positions p..T-1 are recomputed (the earlier keys and values
   come from the cache);
-- logits are computed only at the positions the metric reads.
+- logits are computed only at the positions the metric reads, for the vocabulary ids it reads
+  (`readout.on_columns`), and the last layer finishes only those rows (`execute.run_layout`).
 
 Layout: the recomputed (patch, position) pairs of all patches are packed as
 *rows* [batch, R, d_model], so the block matmuls are one dense matmul over every

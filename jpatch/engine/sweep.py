@@ -133,9 +133,9 @@ def finish(raw, defined, metric, clean_score, corrupted_score, axes, shape, *, d
     baselines = (clean_score, corrupted_score, raw.shape[-1] if raw.ndim > 1 else 1)
 
     def _check(*args):
-        if check:  # what the baselines refuse first (a zero gap makes every patch 0 / 0), then a non-finite patch
-            check_baselines(metric, *baselines, per_prompt=per_prompt, samples=samples)
+        if check:  # a non-finite patch first (it names the patch), then what the baselines refuse
             _check_finite(*args)
+            check_baselines(metric, *baselines, per_prompt=per_prompt, samples=samples)
 
     info = dict(axes=tuple(axes), normalization=metric.normalize, direction=direction, method=method)
     if raw.ndim == 1:  # a scalar metric: already reduced over prompts and samples
