@@ -117,6 +117,14 @@ def test_callable_reads_the_columns_it_indexes():
             assert got is not None and (got == expected).all(), f"{name}: {np.flatnonzero(got)}"
 
 
+def test_vocab_keys_must_name_token_ids_in_the_data():
+    score = lambda logits, clean_logits, data: logits[:, -1, 0]
+    for keys, data in ((("answer",), {}), ("answer", {"answer": np.arange(3)}),
+                       (("answer",), {"answer": np.array([0.5, 1.0, 2.0])})):
+        with pytest.raises(ValueError, match="vocab_keys"):
+            metrics.Metric("mine", score, data, vocab_keys=keys)
+
+
 def test_only_the_vocabulary_ids_a_metric_reads_are_unembedded(jp_tiny, tl_tiny, data, monkeypatch):
     """A logit difference (Metric or callable) is fed the logits of its ids only, padded to a power of
     two: the same numbers as TransformerLens computing every logit, for ids given by arrays and by a

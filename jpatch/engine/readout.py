@@ -40,6 +40,14 @@ class Metric:
     def __post_init__(self):
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"unknown normalize={self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+        if not isinstance(self.vocab_keys, tuple):
+            raise ValueError(f"metric {self.name!r}: vocab_keys must be a tuple of data keys, got {self.vocab_keys!r}")
+        for key in self.vocab_keys:  # a sweep computes only the logits at these ids: they must be ids
+            value = self.data.get(key)
+            dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype  # no device copy
+            if value is None or not np.issubdtype(dtype, np.integer):
+                raise ValueError(f"metric {self.name!r}: vocab_keys names {key!r}, which is not an array of token ids "
+                                 f"in its data (keys: {', '.join(map(repr, self.data)) or 'none'})")
 
     def read_positions(self, batch, pos, lengths=None):
         """The [batch, K] positions this metric reads for [batch, pos] tokens (None: all).
@@ -224,7 +232,7 @@ def on_columns(metric, vocab):
     """(`metric` fed only the logits of the vocabulary ids it reads, those ids [C]): a Metric's ids in
     `vocab_keys` become positions among them, a plain callable sees them spread back; C as `_id_rows`
     pads it. (metric, None) when it may read any id, or C would be over half the vocabulary."""
-    if not metric.vocab_keys or any(k not in metric.data for k in metric.vocab_keys):
+    if not metric.vocab_keys:
         return metric, None
     ids = np.unique(np.concatenate([np.asarray(metric.data[k]).ravel() for k in metric.vocab_keys]))
     rows = len(metric.data[metric.vocab_keys[0]])
@@ -299,6 +307,6 @@ def prepare_metric(metric, d_vocab, batch, pos, mask, samples=1):
     data = {k: tile(v) for k, v in metric.batch_data(batch).items()}
     if columns is not None:  # the same ids for every prompt row
         data[CALLABLE_COLUMNS] = _id_rows(np.flatnonzero(columns), samples * batch)
-        metric = dataclasses.replace(metric, vocab_keys=(CALLABLE_COLUMNS,))
-    metric = dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read))
+    metric = dataclasses.replace(metric, data=data, positions="all" if read is None else tile(read),
+                                 vocab_keys=metric.vocab_keys if columns is None else (CALLABLE_COLUMNS,))
     return narrowed(metric, (samples * batch, pos, d_vocab), reads)

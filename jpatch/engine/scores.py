@@ -180,8 +180,8 @@ def applies(patches, lengths):
 def score_whole(model, resid, inputs, score, prompts, memory_budget, vocab=None):
     """A whole-batch metric's raw scores [n] (or [n, prompts]) of one patch group, from every prompt's
     final residuals [rows, n, K, d] (rows past `prompts` pad), in patch chunks whose logits (`vocab`
-    wide, None: the model's vocabulary) fit the memory budget; the chunks have one size (the last overlaps the one before), so one
-    program."""
+    wide, None: the model's vocabulary) fit the memory budget; the chunks have one size (the last
+    overlaps the one before), so one program."""
     n_rows, n, K = resid.shape[:3]
     # A callable fed its read logits sees them spread back to its [batch, pos, vocab] shape
     # (`readout.narrowed`'s "slot"): that array, and its temporaries like it, per patch.
